@@ -1,0 +1,108 @@
+"""What a segment task is, as the rest of the reconciler sees it.
+
+A task is named by its identity (``AppId``, ``RoomId``, ``TaskId``). The desired
+side (:class:`DesiredTask`) comes from a file in the desired tree and carries the
+*managed fields*: the subset of ``Identifier``, ``Handle`` and ``Duration`` that
+the file sets. The recorded side (:class:`AppliedRecord`) comes from the state
+store and carries the values the server last confirmed with ``Result: "ok"``.
+
+These are plain immutable values so the loader, the planner and the store can
+pass them around, compare and hash them without any I/O. Field names are the
+API's own spelling everywhere, so a body can be built without translation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NamedTuple
+
+#: The fields UpdateSegment can change, in the order bodies and plans list them.
+MANAGED_FIELDS: tuple[str, ...] = ("Identifier", "Handle", "Duration")
+#: The keys that name a task, in API spelling.
+IDENTITY_FIELDS: tuple[str, ...] = ("AppId", "RoomId", "TaskId")
+#: Every key a task may carry in a desired file.
+TASK_KEYS: tuple[str, ...] = ("AppId", "BusinessId", "RoomId", "TaskId", *MANAGED_FIELDS)
+#: Keys whose value is an id string.
+ID_KEYS: tuple[str, ...] = ("AppId", "BusinessId", "RoomId", "TaskId", "Identifier")
+
+DURATION_MIN = 1
+DURATION_MAX = 600
+
+FieldValue = str | bool | int
+
+
+class TaskKey(NamedTuple):
+    """The identity of a task; sorts by app, room, task."""
+
+    app_id: str
+    room_id: str
+    task_id: str
+
+    def __str__(self) -> str:
+        return f"{self.app_id}/{self.room_id}/{self.task_id}"
+
+    def identity(self) -> dict[str, str]:
+        """The identity as API body keys."""
+        return {"AppId": self.app_id, "RoomId": self.room_id, "TaskId": self.task_id}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where something was declared: a path relative to the tree root, 1-based."""
+
+    path: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredTask:
+    """One task as the desired tree declares it (after ``defaults``)."""
+
+    key: TaskKey
+    business_id: str | None
+    #: Managed fields only, in :data:`MANAGED_FIELDS` order.
+    fields: Mapping[str, FieldValue]
+    source: Source
+
+    def spec_hash(self) -> str:
+        """A stable digest of everything the task asks for.
+
+        A task that failed for its own bad input waits until this changes.
+        """
+        return spec_hash(self.business_id, self.fields)
+
+
+def spec_hash(business_id: str | None, fields: Mapping[str, FieldValue]) -> str:
+    """Digest of a desired spec; equal specs give equal digests across runs."""
+    doc = json.dumps([business_id, sorted(fields.items())], separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+class SyncStatus(StrEnum):
+    """Where a task stands, as ``status`` shows it."""
+
+    SYNCED = "Synced"
+    PENDING = "Pending"
+    NOT_RUNNING = "NotRunning"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedRecord:
+    """What the state store knows was last applied to a task.
+
+    ``fields`` is ``None`` when no call for the task has ever succeeded: the
+    planner then sends every managed field once.
+    """
+
+    key: TaskKey
+    business_id: str | None
+    fields: Mapping[str, FieldValue] | None
