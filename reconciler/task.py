@@ -100,9 +100,16 @@ class AppliedRecord:
     """What the state store knows was last applied to a task.
 
     ``fields`` is ``None`` when no call for the task has ever succeeded: the
-    planner then sends every managed field once.
+    planner then sends every managed field once. A record may exist with
+    ``fields`` ``None`` (a first call is pending, not running, or failed).
     """
 
     key: TaskKey
     business_id: str | None
     fields: Mapping[str, FieldValue] | None
+    #: Path (relative to the tree root) of the file that last declared the task.
+    #: While that file is invalid the task is held as it is, never forgotten.
+    source: str | None = None
+    #: :func:`spec_hash` of a spec the server refused as bad input; the task is
+    #: not tried again until its desired spec hashes differently.
+    failed_spec: str | None = None
