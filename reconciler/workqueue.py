@@ -1,0 +1,158 @@
+"""A keyed work queue in the manner of client-go's ``workqueue``.
+
+Guarantees the daemon relies on:
+
+- **Dedupe**: a key queued twice is one item. Workers look up the latest
+  desired spec when they take a key, so the item always carries it.
+- **No concurrent processing of one key**: a key added while a worker holds it
+  is marked dirty and queued again when that worker calls :meth:`done`.
+- **Delays**: :meth:`add_after` schedules a key; the earlier of two schedules
+  wins. :meth:`add_rate_limited` schedules with per-key capped exponential
+  backoff; :meth:`forget` resets it once the key succeeds.
+- **Shutdown**: after :meth:`shutdown`, :meth:`get` returns ``None`` so workers
+  finish what they hold and stop (graceful drain).
+
+It is single-threaded asyncio code: no locks, one wake-up event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class WorkQueue(Generic[K]):
+    def __init__(
+        self,
+        *,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._base = backoff_base
+        self._cap = backoff_cap
+        self._ready: deque[K] = deque()
+        self._queued: set[K] = set()
+        self._processing: set[K] = set()
+        self._dirty: set[K] = set()
+        self._delayed: list[tuple[float, int, K]] = []
+        self._due: dict[K, float] = {}
+        self._seq = itertools.count()
+        self._failures: dict[K, int] = {}
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    # --- adding ---------------------------------------------------------------
+
+    def add(self, key: K) -> None:
+        """Queue ``key`` now (no-op if already queued; deferred if being processed)."""
+        if self._closed:
+            return
+        if key in self._processing:
+            self._dirty.add(key)
+            return
+        if key in self._queued:
+            return
+        self._due.pop(key, None)  # a ready item supersedes a scheduled one
+        self._queued.add(key)
+        self._ready.append(key)
+        self._wake.set()
+
+    def add_after(self, key: K, delay: float) -> None:
+        """Queue ``key`` after ``delay`` seconds, unless it is due sooner anyway."""
+        if self._closed:
+            return
+        if delay <= 0:
+            self.add(key)
+            return
+        if key in self._queued:
+            return
+        when = self._clock() + delay
+        current = self._due.get(key)
+        if current is not None and current <= when:
+            return
+        self._due[key] = when
+        heapq.heappush(self._delayed, (when, next(self._seq), key))
+        self._wake.set()
+
+    def add_rate_limited(self, key: K) -> float:
+        """Schedule ``key`` with its next backoff delay; return that delay."""
+        n = self._failures.get(key, 0)
+        self._failures[key] = n + 1
+        delay: float = min(self._cap, self._base * 2.0**n)
+        self.add_after(key, delay)
+        return delay
+
+    def forget(self, key: K) -> None:
+        """Reset ``key``'s backoff after a success."""
+        self._failures.pop(key, None)
+
+    def failures(self, key: K) -> int:
+        return self._failures.get(key, 0)
+
+    def is_scheduled(self, key: K) -> bool:
+        """Queued, delayed or being processed."""
+        return key in self._queued or key in self._due or key in self._processing
+
+    # --- taking -----------------------------------------------------------------
+
+    async def get(self) -> K | None:
+        """The next ready key, waiting as needed; ``None`` once shut down."""
+        while True:
+            if self._closed:
+                return None
+            self._promote_due()
+            if self._ready:
+                key = self._ready.popleft()
+                self._queued.discard(key)
+                self._processing.add(key)
+                return key
+            self._wake.clear()
+            timeout = None
+            if self._delayed:
+                timeout = max(0.0, self._delayed[0][0] - self._clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def done(self, key: K) -> None:
+        """A worker finished ``key``; re-queue it if it was added meanwhile."""
+        self._processing.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    # --- introspection ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Depth: keys ready or scheduled, not counting those being processed."""
+        return len(self._queued) + len(self._due)
+
+    @property
+    def processing(self) -> int:
+        return len(self._processing)
+
+    def _promote_due(self) -> None:
+        now = self._clock()
+        while self._delayed and self._delayed[0][0] <= now:
+            when, _, key = heapq.heappop(self._delayed)
+            if self._due.get(key) != when:
+                continue  # superseded by a sooner schedule or an immediate add
+            del self._due[key]
+            if key in self._processing:
+                self._dirty.add(key)
+            elif key not in self._queued:
+                self._queued.add(key)
+                self._ready.append(key)
