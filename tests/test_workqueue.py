@@ -15,8 +15,8 @@ def run(coro: object) -> object:
 def test_a_key_queued_twice_is_one_item() -> None:
     async def go() -> list[str | None]:
         q: WorkQueue[str] = WorkQueue()
-        for k in ["a", "b", "a", "a", "c", "b"]:
-            q.add(k)
+        for name in ["a", "b", "a", "a", "c", "b"]:
+            q.add(name)
         assert len(q) == 3
         got = [await q.get() for _ in range(3)]
         for k in got:
