@@ -1,0 +1,796 @@
+"""The state store: what the server last confirmed for each task, in SQLite.
+
+One row per task (``app_id``, ``room_id``, ``task_id``) holds the last-applied
+managed values the server accepted with ``Result: "ok"`` (JSON text; ``NULL``
+means no call ever succeeded, which is not the same as ``{}``, "nothing to
+manage"), where the task stands (:class:`~reconciler.task.SyncStatus`), the
+last call and error, and where the task was declared. The planner reads the
+rows as :class:`~reconciler.task.AppliedRecord` values; ``apply`` and the
+daemon write one result at a time; ``reconciler status`` lists them.
+
+Durability. Every writer is one transaction, committed before it returns, so
+a process killed mid-run loses nothing already recorded. The database runs in
+WAL mode with ``synchronous=NORMAL``: a commit is appended to the write-ahead
+log before the writer returns, and the log survives the process being killed
+(only a power loss or OS crash can roll back the last few commits, never
+corrupt the file). :meth:`StateStore.bulk` groups many writes into one
+transaction when that matters for speed (a first sync of 100k in-sync tasks).
+
+Files. The store and its ``-wal``/``-shm`` companions are created owner-only
+(0600), a missing parent directory 0700: the rows name tasks and ids, never
+secrets, but nothing here is for other users. No column holds headers, raw
+requests or credentials.
+
+Schema. ``PRAGMA user_version`` is the schema version; :data:`MIGRATIONS` are
+forward steps, each applied in its own transaction together with the version
+bump. A store written by a newer reconciler, a file that is not a database, a
+foreign SQLite database or a corrupt one is a :class:`StateError` naming the
+path and what is wrong: the store is never silently reset or re-created.
+
+Concurrency. A :class:`StateStore` keeps one connection and is meant for one
+asyncio program: callers make one call at a time (it may come from a worker
+thread, hence ``check_same_thread=False``). Other processes may read
+concurrently (``status`` while the daemon runs); writers from two processes
+wait on each other up to the busy timeout.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from reconciler.events import get_logger
+from reconciler.task import MANAGED_FIELDS, AppliedRecord, FieldValue, Source, SyncStatus, TaskKey
+
+#: Marks a SQLite file as a reconciler state store (``PRAGMA application_id``).
+APPLICATION_ID: Final = 0x52435354
+#: Default location, relative to the current folder.
+DEFAULT_PATH: Final = Path(".reconciler") / "state.db"
+#: How long a writer waits for another process holding the write lock.
+BUSY_TIMEOUT_S: Final = 5.0
+
+log = get_logger()
+
+
+class StateError(Exception):
+    """The state store cannot be used: missing, unreadable, corrupt, too new, closed."""
+
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _v1_base(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE tasks (
+            app_id          TEXT NOT NULL,
+            room_id         TEXT NOT NULL,
+            task_id         TEXT NOT NULL,
+            business_id     TEXT,
+            applied_fields  TEXT,
+            applied_at      TEXT,
+            request_id      TEXT,
+            status          TEXT NOT NULL
+                CHECK (status IN ('Synced', 'Pending', 'NotRunning', 'Failed')),
+            attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            last_call_at    TEXT,
+            last_error      TEXT,
+            last_error_code TEXT,
+            source          TEXT,
+            updated_at      TEXT NOT NULL,
+            PRIMARY KEY (app_id, room_id, task_id)
+        ) WITHOUT ROWID
+        """
+    )
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
+def _path_of_source(text: str | None) -> str | None:
+    """``"a/b.yaml:3:5"`` → ``"a/b.yaml"``; text without a position is kept whole."""
+    if text is None:
+        return None
+    parts = text.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return parts[0]
+    return text
+
+
+def _v2_source_path_and_refusals(conn: sqlite3.Connection) -> None:
+    # The planner holds tasks of an invalid file by path, and blocks a refused
+    # spec by hash; v1 kept only the "file:line:column" text and no hash. The
+    # request id of a failed call gets its own column so that ``request_id``
+    # stays the one of the last success.
+    conn.execute("ALTER TABLE tasks ADD COLUMN source_path TEXT")
+    conn.execute("ALTER TABLE tasks ADD COLUMN failed_spec TEXT")
+    conn.execute("ALTER TABLE tasks ADD COLUMN last_error_request_id TEXT")
+    conn.create_function("_path_of_source", 1, _path_of_source, deterministic=True)
+    conn.execute("UPDATE tasks SET source_path = _path_of_source(source)")
+
+
+#: Forward schema steps; step ``i`` takes a store from version ``i`` to ``i + 1``.
+MIGRATIONS: Final[tuple[Migration, ...]] = (_v1_base, _v2_source_path_and_refusals)
+#: The schema version this code writes.
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """One task's row, as ``reconciler status`` shows it."""
+
+    key: TaskKey
+    status: SyncStatus
+    business_id: str | None
+    #: Last-applied managed values; ``None`` when no call ever succeeded.
+    fields: Mapping[str, FieldValue] | None
+    applied_at: datetime | None
+    #: The server's request id of the last successful call.
+    request_id: str | None
+    #: Calls made since the last success.
+    attempts: int
+    last_call_at: datetime | None
+    last_error: str | None
+    last_error_code: str | None
+    #: ``file:line:column`` where the task was last declared.
+    source: str | None
+    source_path: str | None
+    failed_spec: str | None
+    updated_at: datetime
+    #: The server's request id of the call that produced ``last_error``.
+    last_error_request_id: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """A stable, JSON-ready shape: snake_case keys, ISO-8601 UTC times, nulls kept."""
+        return {
+            "app_id": self.key.app_id,
+            "room_id": self.key.room_id,
+            "task_id": self.key.task_id,
+            "business_id": self.business_id,
+            "status": str(self.status),
+            "fields": None if self.fields is None else dict(self.fields),
+            "applied_at": _format_time(self.applied_at),
+            "request_id": self.request_id,
+            "attempts": self.attempts,
+            "last_call_at": _format_time(self.last_call_at),
+            "last_error": self.last_error,
+            "last_error_code": self.last_error_code,
+            "last_error_request_id": self.last_error_request_id,
+            "source": self.source,
+            "source_path": self.source_path,
+            "failed_spec": self.failed_spec,
+            "updated_at": _format_time(self.updated_at),
+        }
+
+
+def _format_time(at: datetime | None) -> str | None:
+    if at is None:
+        return None
+    return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _stamp(at: datetime | None) -> str:
+    """The text stored for ``at`` (now when ``None``); naive times are ambiguous, refused."""
+    if at is None:
+        at = datetime.now(UTC)
+    elif at.tzinfo is None:
+        raise ValueError(f"timestamp {at.isoformat()} has no timezone")
+    stamp = _format_time(at)
+    assert stamp is not None
+    return stamp
+
+
+def _encode_fields(fields: Mapping[str, FieldValue]) -> str:
+    """Canonical JSON (API field order, compact) so equal values give equal text."""
+    unknown = sorted(set(fields) - set(MANAGED_FIELDS))
+    if unknown:
+        raise ValueError(f"not managed fields: {', '.join(unknown)}")
+    for name, value in fields.items():
+        if not isinstance(value, str | bool | int):
+            raise ValueError(f"field {name} has a {type(value).__name__}, not str/bool/int")
+    ordered = {name: fields[name] for name in MANAGED_FIELDS if name in fields}
+    return json.dumps(ordered, separators=(",", ":"), ensure_ascii=False)
+
+
+_COLUMNS: Final = (
+    "app_id, room_id, task_id, status, business_id, applied_fields, applied_at, request_id,"
+    " attempts, last_call_at, last_error, last_error_code, source, source_path, failed_spec,"
+    " updated_at, last_error_request_id"
+)
+
+
+def _row_to_state(row: Sequence[Any]) -> TaskState:
+    return TaskState(
+        key=TaskKey(row[0], row[1], row[2]),
+        status=SyncStatus(row[3]),
+        business_id=row[4],
+        fields=None if row[5] is None else json.loads(row[5]),
+        applied_at=_parse_time(row[6]),
+        request_id=row[7],
+        attempts=row[8],
+        last_call_at=_parse_time(row[9]),
+        last_error=row[10],
+        last_error_code=row[11],
+        source=row[12],
+        source_path=row[13],
+        failed_spec=row[14],
+        updated_at=datetime.fromisoformat(row[15]),
+        last_error_request_id=row[16],
+    )
+
+
+# Writers are upserts: a result for a task with no row creates it with no
+# last-applied values, so a caller that skipped mark_pending loses nothing.
+_MARK_PENDING: Final = """
+INSERT INTO tasks (app_id, room_id, task_id, business_id, status, attempts,
+                   last_call_at, source, source_path, updated_at)
+VALUES (?, ?, ?, ?, 'Pending', 1, ?, ?, ?, ?)
+ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
+    status = 'Pending',
+    attempts = attempts + 1,
+    last_call_at = excluded.last_call_at,
+    -- business_id belongs to the last-applied record once there is one
+    business_id = CASE WHEN applied_fields IS NULL
+                       THEN excluded.business_id ELSE business_id END,
+    source = excluded.source,
+    source_path = excluded.source_path,
+    updated_at = excluded.updated_at
+"""
+
+_RECORD_SUCCESS: Final = """
+INSERT INTO tasks (app_id, room_id, task_id, business_id, applied_fields, applied_at,
+                   request_id, status, attempts, last_call_at, source, source_path, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, 'Synced', 0, ?, ?, ?, ?)
+ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
+    business_id = excluded.business_id,
+    applied_fields = excluded.applied_fields,
+    applied_at = excluded.applied_at,
+    request_id = excluded.request_id,
+    status = 'Synced',
+    attempts = 0,
+    last_call_at = COALESCE(last_call_at, excluded.last_call_at),
+    last_error = NULL,
+    last_error_code = NULL,
+    last_error_request_id = NULL,
+    failed_spec = NULL,
+    source = excluded.source,
+    source_path = excluded.source_path,
+    updated_at = excluded.updated_at
+"""
+
+_RECORD_PROBLEM: Final = """
+INSERT INTO tasks (app_id, room_id, task_id, status, attempts, last_call_at, last_error,
+                   last_error_code, last_error_request_id, failed_spec, source, source_path,
+                   updated_at)
+VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
+    status = excluded.status,
+    last_call_at = COALESCE(last_call_at, excluded.last_call_at),
+    last_error = excluded.last_error,
+    last_error_code = excluded.last_error_code,
+    last_error_request_id = excluded.last_error_request_id,
+    failed_spec = excluded.failed_spec,
+    source = excluded.source,
+    source_path = excluded.source_path,
+    updated_at = excluded.updated_at
+"""
+
+_RECORD_IN_SYNC: Final = """
+INSERT INTO tasks (app_id, room_id, task_id, business_id, applied_fields, status, attempts,
+                   source, source_path, updated_at)
+VALUES (?, ?, ?, ?, ?, 'Synced', 0, ?, ?, ?)
+ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
+    business_id = excluded.business_id,
+    applied_fields = excluded.applied_fields,
+    status = 'Synced',
+    attempts = 0,
+    last_error = NULL,
+    last_error_code = NULL,
+    last_error_request_id = NULL,
+    failed_spec = NULL,
+    source = excluded.source,
+    source_path = excluded.source_path,
+    updated_at = excluded.updated_at
+-- a resync of an unchanged tree rewrites nothing, so updated_at stays meaningful
+WHERE business_id IS NOT excluded.business_id
+   OR applied_fields IS NOT excluded.applied_fields
+   OR status != 'Synced' OR attempts != 0
+   OR last_error IS NOT NULL OR last_error_code IS NOT NULL
+   OR last_error_request_id IS NOT NULL OR failed_spec IS NOT NULL
+   OR source IS NOT excluded.source OR source_path IS NOT excluded.source_path
+"""
+
+
+class StateStore:
+    """The SQLite state store at :attr:`path`; open with :meth:`open`."""
+
+    path: Path
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        # Use StateStore.open: it prepares the file, pragmas and schema.
+        self.path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._depth = 0
+
+    def __repr__(self) -> str:
+        return f"StateStore(path={str(self.path)!r})"
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True) -> StateStore:
+        """Open (and, with ``create``, create) the store, migrating it forward.
+
+        With ``create=False`` a missing file is a :class:`StateError` (``status``
+        reports on a store, it never makes one).
+        """
+        path = Path(path)
+        # Process-wide, so set only while the files are made: WAL and SHM files
+        # appear on the first access, and must come out owner-only too.
+        old_umask = os.umask(0o077)
+        try:
+            _prepare_file(path, create=create)
+            conn = _connect(path)
+        finally:
+            os.umask(old_umask)
+        return cls(path, conn)
+
+    def close(self) -> None:
+        """Close the connection; further use is a :class:`StateError`. Idempotent."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------
+
+    def applied(self) -> dict[TaskKey, AppliedRecord]:
+        """Every row as the planner sees it."""
+        rows = self._query(
+            "SELECT app_id, room_id, task_id, business_id, applied_fields, source_path,"
+            " failed_spec FROM tasks"
+        )
+        loads = json.loads
+        out: dict[TaskKey, AppliedRecord] = {}
+        with _gc_paused():
+            for app_id, room_id, task_id, business_id, text, source_path, failed_spec in rows:
+                key = TaskKey(app_id, room_id, task_id)
+                fields = None if text is None else loads(text)
+                out[key] = AppliedRecord(key, business_id, fields, source_path, failed_spec)
+        return out
+
+    def get(self, key: TaskKey) -> TaskState | None:
+        """The row of ``key``, if any."""
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM tasks WHERE app_id = ? AND room_id = ? AND task_id = ?",
+            tuple(key),
+        )
+        return _row_to_state(rows[0]) if rows else None
+
+    def all(self) -> list[TaskState]:
+        """Every row, sorted by key."""
+        rows = self._query(f"SELECT {_COLUMNS} FROM tasks ORDER BY app_id, room_id, task_id")
+        with _gc_paused():
+            return [_row_to_state(row) for row in rows]
+
+    def counts(self) -> dict[SyncStatus, int]:
+        """How many tasks are in each status (every status present, zero or not)."""
+        out = dict.fromkeys(SyncStatus, 0)
+        for status, n in self._query("SELECT status, COUNT(*) FROM tasks GROUP BY status"):
+            out[SyncStatus(status)] = n
+        return out
+
+    # -- writing -------------------------------------------------------------
+
+    @contextmanager
+    def bulk(self) -> Iterator[None]:
+        """Group the writer calls made inside into one transaction.
+
+        All or nothing: an exception inside rolls every write of the block
+        back. Nested blocks join the outermost one.
+        """
+        with self._transaction("bulk write"):
+            yield
+
+    def mark_pending(
+        self,
+        key: TaskKey,
+        *,
+        source: Source,
+        business_id: str | None,
+        at: datetime | None = None,
+    ) -> None:
+        """A call for ``key`` is about to be sent: Pending, one more attempt.
+
+        Creates the row (no last-applied values) if missing. ``business_id``
+        is written only while the task has no last-applied record.
+        """
+        now = _stamp(at)
+        self._execute(
+            "mark pending",
+            _MARK_PENDING,
+            (*key, business_id, now, str(source), source.path, now),
+        )
+
+    def record_success(
+        self,
+        key: TaskKey,
+        *,
+        fields: Mapping[str, FieldValue],
+        business_id: str | None,
+        request_id: str,
+        source: Source,
+        at: datetime | None = None,
+    ) -> None:
+        """The server answered ``ok``: last-applied := ``fields`` (the task's full
+        desired managed fields), Synced, attempts and errors cleared."""
+        now = _stamp(at)
+        self._execute(
+            "record success",
+            _RECORD_SUCCESS,
+            (
+                *key,
+                business_id,
+                _encode_fields(fields),
+                now,
+                request_id,
+                now,
+                str(source),
+                source.path,
+                now,
+            ),
+        )
+
+    def record_not_running(
+        self,
+        key: TaskKey,
+        *,
+        message: str,
+        code: str,
+        request_id: str | None,
+        source: Source,
+        at: datetime | None = None,
+    ) -> None:
+        """The task is not running on the server: NotRunning, last-applied unchanged."""
+        self._record_problem(
+            "record not running",
+            key,
+            status=SyncStatus.NOT_RUNNING,
+            message=message,
+            code=code,
+            request_id=request_id,
+            source=source,
+            failed_spec=None,
+            at=at,
+        )
+
+    def record_failure(
+        self,
+        key: TaskKey,
+        *,
+        message: str,
+        code: str | None,
+        request_id: str | None,
+        source: Source,
+        failed_spec: str | None,
+        at: datetime | None = None,
+    ) -> None:
+        """The call failed: Failed, last-applied unchanged.
+
+        ``failed_spec`` is the spec hash of a spec refused as bad input (the
+        task waits until it changes); ``None`` for a retryable failure.
+        """
+        self._record_problem(
+            "record failure",
+            key,
+            status=SyncStatus.FAILED,
+            message=message,
+            code=code,
+            request_id=request_id,
+            source=source,
+            failed_spec=failed_spec,
+            at=at,
+        )
+
+    def record_release(
+        self, key: TaskKey, *, fields: Mapping[str, FieldValue], at: datetime | None = None
+    ) -> None:
+        """Released fields are dropped: last-applied := ``fields``, what remains.
+
+        No call was made, so ``fields`` must be part of the current last-applied
+        values (a :class:`ValueError` otherwise: recording values the server
+        never confirmed would hide a needed call). A task with no last-applied
+        record has nothing to release: :class:`StateError`.
+        """
+        text = _encode_fields(fields)
+        now = _stamp(at)
+        with self._transaction("record release") as conn:
+            row = conn.execute(
+                "SELECT applied_fields FROM tasks WHERE app_id = ? AND room_id = ? AND task_id = ?",
+                tuple(key),
+            ).fetchone()
+            if row is None or row[0] is None:
+                raise StateError(f"task {key} has no last-applied values to release from")
+            current: dict[str, FieldValue] = json.loads(row[0])
+            strays = sorted(
+                name for name, value in fields.items() if current.get(name, _MISSING) != value
+            )
+            if strays:
+                raise ValueError(
+                    f"task {key}: releasing cannot record values not last applied: "
+                    + ", ".join(strays)
+                )
+            conn.execute(
+                "UPDATE tasks SET applied_fields = ?, updated_at = ?"
+                " WHERE app_id = ? AND room_id = ? AND task_id = ?",
+                (text, now, *key),
+            )
+
+    def record_in_sync(
+        self,
+        key: TaskKey,
+        *,
+        business_id: str | None,
+        source: Source,
+        fields: Mapping[str, FieldValue],
+        at: datetime | None = None,
+    ) -> None:
+        """The plan found nothing to send: Synced, last-applied := ``fields``.
+
+        Creates the row if missing. A row already saying exactly this is left
+        untouched (its ``updated_at`` too).
+        """
+        self._execute(
+            "record in sync",
+            _RECORD_IN_SYNC,
+            (*key, business_id, _encode_fields(fields), str(source), source.path, _stamp(at)),
+        )
+
+    def forget(self, key: TaskKey) -> None:
+        """Drop the row of a task removed from the tree; no row, no error."""
+        self._execute(
+            "forget",
+            "DELETE FROM tasks WHERE app_id = ? AND room_id = ? AND task_id = ?",
+            tuple(key),
+        )
+
+    # -- internals -----------------------------------------------------------
+
+    def _record_problem(
+        self,
+        what: str,
+        key: TaskKey,
+        *,
+        status: SyncStatus,
+        message: str,
+        code: str | None,
+        request_id: str | None,
+        source: Source,
+        failed_spec: str | None,
+        at: datetime | None,
+    ) -> None:
+        now = _stamp(at)
+        self._execute(
+            what,
+            _RECORD_PROBLEM,
+            (
+                *key,
+                str(status),
+                now,
+                message,
+                code,
+                request_id,
+                failed_spec,
+                str(source),
+                source.path,
+                now,
+            ),
+        )
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StateError(f"state store {self.path} is closed")
+        return self._conn
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"state store {self.path}: cannot read: {exc}") from exc
+
+    def _execute(self, what: str, sql: str, params: Sequence[object]) -> None:
+        with self._transaction(what) as conn:
+            conn.execute(sql, params)
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        if self._depth:
+            # Inside bulk(): the outer block commits.
+            self._depth += 1
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise StateError(f"state store {self.path}: cannot {what}: {exc}") from exc
+            finally:
+                self._depth -= 1
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StateError(f"state store {self.path}: cannot {what}: {exc}") from exc
+        self._depth = 1
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            _rollback(conn)
+            if isinstance(exc, sqlite3.Error):
+                raise StateError(f"state store {self.path}: cannot {what}: {exc}") from exc
+            raise
+        finally:
+            self._depth = 0
+
+
+_MISSING: Final = object()
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold the cycle collector while building many acyclic objects.
+
+    Reading 100k rows makes ~400k small objects; the collector's repeated
+    passes over them cost about a fifth of the time and can free nothing.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite may already have rolled back on its own (e.g. SQLITE_FULL).
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _prepare_file(path: Path, *, create: bool) -> None:
+    """Make sure ``path`` is a regular file, creating it (0600) if allowed."""
+    try:
+        if path.exists() or path.is_symlink():
+            if not path.is_file():
+                kind = "a directory" if path.is_dir() else "not a regular file"
+                raise StateError(f"state store {path} is {kind}")
+            return
+        if not create:
+            raise StateError(f"state store {path} does not exist")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            return  # another process made it first; it is checked like any other
+        os.close(fd)
+    except OSError as exc:
+        raise StateError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Connect, set pragmas, check the file is ours, and migrate it forward."""
+    try:
+        conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise StateError(f"state store {path}: cannot open: {exc}") from exc
+    try:
+        _configure(conn, path)
+        _migrate(conn, path)
+        _check_integrity(conn, path)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StateError(f"state store {path} {_describe(exc)}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    """What an error while opening says about the file, for a message."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return f"is locked by another process: {exc}"
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_IOERR")):
+        return f"cannot be read and written: {exc}"
+    return f"is not a usable SQLite database: {exc}"
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    if str(mode).lower() != "wal":
+        raise StateError(
+            f"state store {path}: the file system does not support WAL mode (got {mode})"
+        )
+    conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    started: int | None = None
+    while True:
+        # Version read and step applied under one write lock, so two processes
+        # opening an old store at once cannot both apply a step.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if started is None:
+                started = version
+                _check_identity(conn, path, version)
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"state store {path} was written by a newer reconciler "
+                    f"(schema {version}, this one knows up to {SCHEMA_VERSION})"
+                )
+            if version == SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                break
+            MIGRATIONS[version](conn)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        if started:  # an existing store upgraded, not a new one built
+            log.info("state.migrated", path=str(path), from_schema=version, to_schema=version + 1)
+    if started == 0:
+        log.info("state.created", path=str(path), schema=SCHEMA_VERSION)
+
+
+def _check_identity(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Refuse a SQLite file that some other program wrote."""
+    if version == 0:
+        (objects,) = conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
+        if objects:
+            raise StateError(
+                f"state store {path} is a SQLite database of something else "
+                "(it has tables but no reconciler schema version)"
+            )
+        return
+    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+    if app_id != APPLICATION_ID:
+        raise StateError(
+            f"state store {path} is a SQLite database of something else "
+            f"(application id {app_id:#x}, expected {APPLICATION_ID:#x})"
+        )
+
+
+def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
+    if problems != ["ok"]:
+        details = "; ".join(problems).replace("\n", "; ")
+        raise StateError(f"state store {path} is corrupt: {details}")

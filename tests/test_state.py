@@ -1,0 +1,712 @@
+"""The SQLite state store, exercised on real files under ``tmp_path``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from reconciler.state import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    StateError,
+    StateStore,
+    TaskState,
+)
+from reconciler.task import AppliedRecord, FieldValue, Source, SyncStatus, TaskKey
+
+KEY = TaskKey("app1", "room1", "task1")
+SRC = Source("rooms/a.yaml", 3, 5)
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+T1 = T0 + timedelta(seconds=1)
+T2 = T0 + timedelta(seconds=2)
+T3 = T0 + timedelta(seconds=3)
+FIELDS: dict[str, FieldValue] = {"Identifier": "slice_1", "Handle": True, "Duration": 30}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "state.db"
+
+
+def open_store(path: Path) -> StateStore:
+    return StateStore.open(path)
+
+
+def reopened(path: Path, key: TaskKey = KEY) -> TaskState:
+    """The row as a fresh process would see it: proves the write was committed."""
+    with StateStore.open(path, create=False) as store:
+        state = store.get(key)
+    assert state is not None
+    return state
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# -- files and permissions -----------------------------------------------------
+
+
+def test_new_store_is_owner_only_and_umask_is_restored(tmp_path: Path) -> None:
+    db = tmp_path / "outer" / "inner" / "state.db"
+    old = os.umask(0o022)
+    try:
+        with open_store(db) as store:
+            store.mark_pending(KEY, source=SRC, business_id=None)
+            # WAL companions exist while the connection is open.
+            wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
+            assert wal.exists() and shm.exists()
+            assert mode(wal) == 0o600
+            assert mode(shm) == 0o600
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(old)
+    assert mode(db) == 0o600
+    assert mode(db.parent) == 0o700
+    assert mode(db.parent.parent) == 0o700
+
+
+def test_existing_parent_directory_keeps_its_mode(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    with open_store(tmp_path / "state.db"):
+        pass
+    assert mode(tmp_path) == 0o755
+    assert mode(tmp_path / "state.db") == 0o600
+
+
+def test_create_false_refuses_a_missing_store(db: Path) -> None:
+    with pytest.raises(StateError, match=f"state store {db} does not exist"):
+        StateStore.open(db, create=False)
+    assert not db.exists()
+    assert not db.parent.exists()
+
+
+def test_directory_in_place_of_the_file_is_a_clear_error(db: Path) -> None:
+    db.mkdir(parents=True)
+    with pytest.raises(StateError, match=f"state store {db} is a directory"):
+        StateStore.open(db)
+
+
+def test_parent_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("not a folder")
+    path = tmp_path / "state" / "state.db"
+    with pytest.raises(StateError, match=f"state store {path}: cannot create"):
+        StateStore.open(path)
+
+
+def test_closed_store_refuses_use(db: Path) -> None:
+    store = open_store(db)
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(StateError, match="is closed"):
+        store.applied()
+    with pytest.raises(StateError, match="is closed"):
+        store.forget(KEY)
+
+
+# -- writers -------------------------------------------------------------------
+
+
+def test_mark_pending_creates_a_row_and_counts_attempts(db: Path) -> None:
+    with open_store(db) as store:
+        store.mark_pending(KEY, source=SRC, business_id="biz", at=T0)
+        store.mark_pending(KEY, source=Source("rooms/b.yaml", 1, 1), business_id="biz2", at=T1)
+    state = reopened(db)
+    assert state.status is SyncStatus.PENDING
+    assert state.attempts == 2
+    assert state.fields is None
+    assert state.last_call_at == T1
+    assert state.applied_at is None
+    assert state.request_id is None
+    # No last-applied record yet, so the latest declaration's BusinessId stands.
+    assert state.business_id == "biz2"
+    assert state.source == "rooms/b.yaml:1:1"
+    assert state.source_path == "rooms/b.yaml"
+    assert state.updated_at == T1
+
+
+def test_record_success_sets_last_applied_and_clears_the_past(db: Path) -> None:
+    with open_store(db) as store:
+        store.mark_pending(KEY, source=SRC, business_id="biz", at=T0)
+        store.record_failure(
+            KEY,
+            message="boom",
+            code="InternalError",
+            request_id="req-bad",
+            source=SRC,
+            failed_spec="abc",
+            at=T1,
+        )
+        store.mark_pending(KEY, source=SRC, business_id="biz", at=T2)
+        store.record_success(
+            KEY, fields=FIELDS, business_id="biz", request_id="req-ok", source=SRC, at=T3
+        )
+    state = reopened(db)
+    assert state.status is SyncStatus.SYNCED
+    assert state.fields == FIELDS
+    assert isinstance(state.fields["Handle"], bool)
+    assert isinstance(state.fields["Duration"], int)
+    assert not isinstance(state.fields["Duration"], bool)
+    assert state.attempts == 0
+    assert state.applied_at == T3
+    assert state.last_call_at == T2
+    assert state.request_id == "req-ok"
+    assert state.last_error is None
+    assert state.last_error_code is None
+    assert state.last_error_request_id is None
+    assert state.failed_spec is None
+    assert state.business_id == "biz"
+
+
+def test_business_id_of_an_applied_record_changes_only_on_success(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_success(
+            KEY, fields=FIELDS, business_id="old", request_id="r1", source=SRC, at=T0
+        )
+        store.mark_pending(KEY, source=SRC, business_id="new", at=T1)
+        assert store.applied()[KEY].business_id == "old"
+        store.record_success(KEY, fields=FIELDS, business_id="new", request_id="r2", source=SRC)
+        assert store.applied()[KEY].business_id == "new"
+
+
+def test_record_not_running_keeps_last_applied(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="req-ok", source=SRC, at=T0
+        )
+        store.mark_pending(KEY, source=SRC, business_id=None, at=T1)
+        store.record_not_running(
+            KEY,
+            message="task is not running",
+            code="InvalidParameter.ErrorActiveTaskNotFound",
+            request_id="req-nr",
+            source=SRC,
+            at=T2,
+        )
+    state = reopened(db)
+    assert state.status is SyncStatus.NOT_RUNNING
+    assert state.fields == FIELDS
+    assert state.applied_at == T0
+    assert state.request_id == "req-ok"
+    assert state.last_error == "task is not running"
+    assert state.last_error_code == "InvalidParameter.ErrorActiveTaskNotFound"
+    assert state.last_error_request_id == "req-nr"
+    assert state.attempts == 1
+    assert state.last_call_at == T1
+    assert state.updated_at == T2
+
+
+def test_record_failure_terminal_and_retryable(db: Path) -> None:
+    other = TaskKey("app1", "room1", "task2")
+    with open_store(db) as store:
+        store.mark_pending(KEY, source=SRC, business_id=None, at=T0)
+        store.record_failure(
+            KEY,
+            message="Duration out of range",
+            code="InvalidParameter",
+            request_id="req-1",
+            source=SRC,
+            failed_spec="0123456789abcdef",
+            at=T1,
+        )
+        for _ in range(3):
+            store.mark_pending(other, source=SRC, business_id=None, at=T0)
+        store.record_failure(
+            other,
+            message="connection reset",
+            code=None,
+            request_id=None,
+            source=SRC,
+            failed_spec=None,
+            at=T1,
+        )
+        applied = store.applied()
+    assert applied[KEY] == AppliedRecord(KEY, None, None, "rooms/a.yaml", "0123456789abcdef")
+    assert applied[other] == AppliedRecord(other, None, None, "rooms/a.yaml", None)
+    state = reopened(db)
+    assert state.status is SyncStatus.FAILED
+    assert state.fields is None
+    assert state.last_error == "Duration out of range"
+    assert state.last_error_code == "InvalidParameter"
+    retry = reopened(db, other)
+    assert retry.status is SyncStatus.FAILED
+    assert retry.attempts == 3
+    assert retry.last_error_code is None
+    assert retry.failed_spec is None
+
+
+def test_a_result_without_mark_pending_still_creates_the_row(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_not_running(
+            KEY, message="gone", code="InvalidParameter", request_id=None, source=SRC, at=T0
+        )
+    state = reopened(db)
+    assert state.status is SyncStatus.NOT_RUNNING
+    assert state.attempts == 1
+    assert state.last_call_at == T0
+    assert state.fields is None
+
+
+def test_record_release_drops_fields(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, at=T0
+        )
+        store.record_release(KEY, fields={"Identifier": "slice_1"}, at=T1)
+    state = reopened(db)
+    assert state.fields == {"Identifier": "slice_1"}
+    assert state.status is SyncStatus.SYNCED
+    assert state.applied_at == T0
+    assert state.updated_at == T1
+
+
+def test_record_release_refuses_values_never_applied(db: Path) -> None:
+    with open_store(db) as store:
+        with pytest.raises(StateError, match="no last-applied values"):
+            store.record_release(KEY, fields={})
+        store.mark_pending(KEY, source=SRC, business_id=None)
+        with pytest.raises(StateError, match="no last-applied values"):
+            store.record_release(KEY, fields={})
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, at=T0
+        )
+        with pytest.raises(ValueError, match="Duration"):
+            store.record_release(KEY, fields={"Duration": 60})
+        # The refused release left the record as it was.
+        assert store.applied()[KEY].fields == FIELDS
+
+
+def test_null_fields_differ_from_empty_fields(db: Path) -> None:
+    never = TaskKey("app1", "room1", "never")
+    empty = TaskKey("app1", "room1", "empty")
+    with open_store(db) as store:
+        store.mark_pending(never, source=SRC, business_id=None)
+        store.record_in_sync(empty, business_id=None, source=SRC, fields={})
+    with StateStore.open(db) as store:
+        applied = store.applied()
+    assert applied[never].fields is None
+    assert applied[empty].fields == {}
+    assert applied[empty].source == "rooms/a.yaml"
+
+
+def test_record_in_sync_creates_clears_and_skips_no_op_writes(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_in_sync(KEY, business_id="b", source=SRC, fields=FIELDS, at=T0)
+        first = store.get(KEY)
+        assert first is not None
+        assert first.status is SyncStatus.SYNCED
+        assert first.fields == FIELDS
+        assert first.applied_at is None  # nothing was sent
+        assert first.updated_at == T0
+
+        store.record_in_sync(KEY, business_id="b", source=SRC, fields=FIELDS, at=T1)
+        assert store.get(KEY) == first  # nothing changed, nothing written
+
+        store.mark_pending(KEY, source=SRC, business_id="b", at=T1)
+        store.record_failure(
+            KEY,
+            message="bad",
+            code="InvalidParameter",
+            request_id="r",
+            source=SRC,
+            failed_spec="feed",
+            at=T1,
+        )
+        moved = Source("rooms/b.yaml", 9, 3)
+        store.record_in_sync(KEY, business_id="b", source=moved, fields=FIELDS, at=T2)
+    state = reopened(db)
+    assert state.status is SyncStatus.SYNCED
+    assert state.attempts == 0
+    assert state.last_error is None
+    assert state.last_error_code is None
+    assert state.failed_spec is None
+    assert state.source == "rooms/b.yaml:9:3"
+    assert state.source_path == "rooms/b.yaml"
+    assert state.updated_at == T2
+
+
+def test_forget_removes_the_row(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_in_sync(KEY, business_id=None, source=SRC, fields={})
+        store.forget(KEY)
+        store.forget(KEY)  # already gone: fine
+        assert store.get(KEY) is None
+    with StateStore.open(db) as store:
+        assert store.applied() == {}
+
+
+def test_all_is_sorted_and_counts_cover_every_status(db: Path) -> None:
+    keys = [
+        TaskKey("b", "r", "t"),
+        TaskKey("a", "r2", "t"),
+        TaskKey("a", "r10", "t"),
+        TaskKey("a", "r1", "z"),
+        TaskKey("a", "r1", "Z"),
+    ]
+    with open_store(db) as store:
+        assert store.counts() == dict.fromkeys(SyncStatus, 0)
+        for key in keys:
+            store.record_in_sync(key, business_id=None, source=SRC, fields={})
+        store.mark_pending(keys[0], source=SRC, business_id=None)
+        store.record_failure(
+            keys[1], message="x", code=None, request_id=None, source=SRC, failed_spec=None
+        )
+        assert [s.key for s in store.all()] == sorted(keys)
+        assert store.counts() == {
+            SyncStatus.SYNCED: 3,
+            SyncStatus.PENDING: 1,
+            SyncStatus.NOT_RUNNING: 0,
+            SyncStatus.FAILED: 1,
+        }
+
+
+def test_writers_reject_bad_input(db: Path) -> None:
+    with open_store(db) as store:
+        with pytest.raises(ValueError, match="no timezone"):
+            store.mark_pending(KEY, source=SRC, business_id=None, at=datetime(2024, 1, 1))
+        with pytest.raises(ValueError, match="not managed fields: AppId"):
+            store.record_in_sync(KEY, business_id=None, source=SRC, fields={"AppId": "x"})
+        with pytest.raises(ValueError, match="Duration has a float"):
+            store.record_success(
+                KEY,
+                fields={"Duration": 1.5},  # type: ignore[dict-item]
+                business_id=None,
+                request_id="r",
+                source=SRC,
+            )
+        assert store.get(KEY) is None
+
+
+def test_times_are_stored_in_utc(db: Path) -> None:
+    plus8 = datetime(2024, 5, 1, 20, 0, 0, tzinfo=UTC).astimezone(timezone(timedelta(hours=8)))
+    with open_store(db) as store:
+        store.mark_pending(KEY, source=SRC, business_id=None, at=plus8)
+    raw = sqlite3.connect(db).execute("SELECT last_call_at FROM tasks").fetchone()[0]
+    assert raw == "2024-05-01T20:00:00.000000Z"
+    assert reopened(db).last_call_at == plus8
+
+
+def test_to_json_shape(db: Path) -> None:
+    with open_store(db) as store:
+        store.mark_pending(KEY, source=SRC, business_id="biz", at=T0)
+        store.record_success(
+            KEY, fields=FIELDS, business_id="biz", request_id="req-1", source=SRC, at=T1
+        )
+        store.mark_pending(KEY, source=SRC, business_id="biz", at=T2)
+        state = store.get(KEY)
+    assert state is not None
+    doc = state.to_json()
+    assert doc == {
+        "app_id": "app1",
+        "room_id": "room1",
+        "task_id": "task1",
+        "business_id": "biz",
+        "status": "Pending",
+        "fields": {"Identifier": "slice_1", "Handle": True, "Duration": 30},
+        "applied_at": "2024-05-01T12:00:01.000000Z",
+        "request_id": "req-1",
+        "attempts": 1,
+        "last_call_at": "2024-05-01T12:00:02.000000Z",
+        "last_error": None,
+        "last_error_code": None,
+        "last_error_request_id": None,
+        "source": "rooms/a.yaml:3:5",
+        "source_path": "rooms/a.yaml",
+        "failed_spec": None,
+        "updated_at": "2024-05-01T12:00:02.000000Z",
+    }
+    assert json.loads(json.dumps(doc)) == doc
+
+
+# -- transactions --------------------------------------------------------------
+
+
+def test_each_writer_commits_before_returning(db: Path) -> None:
+    with open_store(db) as store:
+        store.mark_pending(KEY, source=SRC, business_id=None)
+        # A second connection (another process, e.g. `status`) already sees it.
+        with StateStore.open(db, create=False) as reader:
+            state = reader.get(KEY)
+        assert state is not None and state.status is SyncStatus.PENDING
+
+
+def test_bulk_is_one_transaction(db: Path) -> None:
+    keys = [TaskKey("a", "r", f"t{i}") for i in range(50)]
+    with open_store(db) as store, StateStore.open(db) as reader:
+        with store.bulk():
+            for key in keys:
+                store.record_in_sync(key, business_id=None, source=SRC, fields={})
+            with store.bulk():  # nested blocks join the outer one
+                store.mark_pending(keys[0], source=SRC, business_id=None)
+            assert reader.applied() == {}  # not committed yet
+            assert len(store.applied()) == 50  # but visible to the writer
+        assert len(reader.applied()) == 50
+
+
+def test_bulk_rolls_back_everything_on_error(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_in_sync(KEY, business_id=None, source=SRC, fields={})
+        with pytest.raises(RuntimeError), store.bulk():
+            store.forget(KEY)
+            store.record_in_sync(TaskKey("a", "r", "new"), business_id=None, source=SRC, fields={})
+            raise RuntimeError("stop")
+        assert list(store.applied()) == [KEY]
+        # The store is usable afterwards.
+        store.forget(KEY)
+        assert store.applied() == {}
+
+
+def test_a_killed_process_loses_no_recorded_result(db: Path) -> None:
+    writer = f"""
+import sys
+from pathlib import Path
+from reconciler.state import StateStore
+from reconciler.task import Source, TaskKey
+store = StateStore.open(Path({str(db)!r}))
+src = Source("a.yaml", 1, 1)
+i = 0
+while True:
+    key = TaskKey("app", "room", f"t{{i:05d}}")
+    store.mark_pending(key, source=src, business_id=None)
+    store.record_success(key, fields={{"Identifier": f"id{{i}}", "Duration": 30}},
+                         business_id=None, request_id=f"req-{{i}}", source=src)
+    sys.stderr.write(f"done {{i}}\\n")
+    sys.stderr.flush()
+    i += 1
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.stderr is not None
+    done: list[int] = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("done "):
+                done.append(int(line.split()[1]))
+                if len(done) == 40:
+                    break
+            else:
+                pytest.fail(f"writer failed: {line}{proc.stderr.read()}")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert done == list(range(40))
+    with StateStore.open(db, create=False) as store:
+        applied = store.applied()
+        for i in done:
+            key = TaskKey("app", "room", f"t{i:05d}")
+            assert applied[key].fields == {"Identifier": f"id{i}", "Duration": 30}
+            state = store.get(key)
+            assert state is not None
+            assert state.status is SyncStatus.SYNCED
+            assert state.request_id == f"req-{i}"
+
+
+# -- schema, migrations, damaged files ----------------------------------------
+
+V1_SCHEMA = """
+CREATE TABLE tasks (
+    app_id TEXT NOT NULL, room_id TEXT NOT NULL, task_id TEXT NOT NULL,
+    business_id TEXT, applied_fields TEXT, applied_at TEXT, request_id TEXT,
+    status TEXT NOT NULL
+        CHECK (status IN ('Synced', 'Pending', 'NotRunning', 'Failed')),
+    attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    last_call_at TEXT, last_error TEXT, last_error_code TEXT,
+    source TEXT, updated_at TEXT NOT NULL,
+    PRIMARY KEY (app_id, room_id, task_id)
+) WITHOUT ROWID;
+"""
+
+
+def write_v1_store(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    conn.executemany(
+        "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                "app1",
+                "room1",
+                "task1",
+                "biz",
+                '{"Identifier":"slice_1","Handle":true,"Duration":30}',
+                "2024-05-01T12:00:00.000000Z",
+                "req-1",
+                "Synced",
+                0,
+                "2024-05-01T11:59:59.000000Z",
+                None,
+                None,
+                "rooms/a.yaml:3:5",
+                "2024-05-01T12:00:00.000000Z",
+            ),
+            (
+                "app1",
+                "room2",
+                "task9",
+                None,
+                None,
+                None,
+                None,
+                "NotRunning",
+                2,
+                "2024-05-01T12:00:00.000000Z",
+                "not running",
+                "InvalidParameter.ErrorActiveTaskNotFound",
+                "odd:name.yaml:10:1",
+                "2024-05-01T12:00:00.000000Z",
+            ),
+        ],
+    )
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+
+def user_version(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        return version
+    finally:
+        conn.close()
+
+
+def test_new_store_is_at_the_current_schema(db: Path) -> None:
+    with open_store(db):
+        pass
+    assert SCHEMA_VERSION == 2
+    assert user_version(db) == SCHEMA_VERSION
+    conn = sqlite3.connect(db)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+    conn.close()
+    # No column for headers, raw requests or anything that could carry a secret.
+    assert columns == {
+        "app_id",
+        "room_id",
+        "task_id",
+        "business_id",
+        "applied_fields",
+        "applied_at",
+        "request_id",
+        "status",
+        "attempts",
+        "last_call_at",
+        "last_error",
+        "last_error_code",
+        "last_error_request_id",
+        "source",
+        "source_path",
+        "failed_spec",
+        "updated_at",
+    }
+
+
+def test_v1_store_is_migrated_forward(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    write_v1_store(path)
+    with StateStore.open(path, create=False) as store:
+        applied = store.applied()
+        assert applied[KEY] == AppliedRecord(KEY, "biz", FIELDS, "rooms/a.yaml", None)
+        odd = TaskKey("app1", "room2", "task9")
+        assert applied[odd] == AppliedRecord(odd, None, None, "odd:name.yaml", None)
+        state = store.get(odd)
+        assert state is not None
+        assert state.status is SyncStatus.NOT_RUNNING
+        assert state.attempts == 2
+        assert state.last_error_request_id is None
+        # The new columns work.
+        store.record_failure(
+            KEY, message="bad", code="X", request_id="r", source=SRC, failed_spec="feed"
+        )
+        assert store.applied()[KEY].failed_spec == "feed"
+    assert user_version(path) == SCHEMA_VERSION
+    # Opening again applies nothing more and keeps the data.
+    with StateStore.open(path) as store:
+        assert store.applied()[KEY].fields == FIELDS
+
+
+def test_store_from_a_newer_reconciler_is_refused(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_in_sync(KEY, business_id=None, source=SRC, fields={})
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    conn.close()
+    expected = (
+        f"state store {db} was written by a newer reconciler "
+        f"(schema 7, this one knows up to {SCHEMA_VERSION})"
+    )
+    with pytest.raises(StateError) as err:
+        StateStore.open(db)
+    assert str(err.value) == expected
+    assert user_version(db) == 7  # untouched
+
+
+def test_garbage_file_is_refused_not_reset(db: Path) -> None:
+    db.parent.mkdir()
+    garbage = b"this is not sqlite at all\x00\xff" * 200
+    db.write_bytes(garbage)
+    with pytest.raises(StateError) as err:
+        StateStore.open(db)
+    message = str(err.value)
+    assert str(db) in message
+    assert "not a usable SQLite database" in message
+    assert "not a database" in message
+    assert db.read_bytes() == garbage
+
+
+def test_damaged_pages_are_reported_as_corrupt(db: Path) -> None:
+    with open_store(db) as store, store.bulk():
+        for i in range(2000):
+            store.record_in_sync(
+                TaskKey("app", "room", f"task{i:05d}"),
+                business_id=None,
+                source=SRC,
+                fields={"Identifier": f"slice_{i}"},
+            )
+    page_size = 4096
+    assert db.stat().st_size > 8 * page_size
+    with db.open("r+b") as f:
+        for page in range(2, 8):
+            f.seek(page * page_size)
+            f.write(b"\xa5" * page_size)
+    with pytest.raises(StateError) as err:
+        StateStore.open(db)
+    assert str(err.value).startswith(f"state store {db} is corrupt: ")
+    assert "\n" not in str(err.value)
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE accounts (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="SQLite database of something else"):
+        StateStore.open(other)
+
+    versioned = tmp_path / "versioned.db"
+    conn = sqlite3.connect(versioned)
+    conn.execute("CREATE TABLE tasks (x)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="application id 0x0"):
+        StateStore.open(versioned)
