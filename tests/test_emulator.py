@@ -406,6 +406,8 @@ def test_concurrent_burst_admits_exactly_the_limit() -> None:
         }
         live = emu.live(KEY)
         assert live is not None and live.update_calls == limit
+        # Each action has its own budget.
+        assert call(emu.url, "GetSegmentTask", query=KEY.identity()).status_code == 200
 
 
 def _sleep_until(wall: float) -> None:
