@@ -58,7 +58,9 @@ def load_credentials(
     try:
         parser.read(ini, encoding="utf-8")
     except (configparser.Error, OSError, UnicodeDecodeError) as exc:
-        raise CredentialsError(f"{ini}: cannot read credentials file: {type(exc).__name__}") from None
+        raise CredentialsError(
+            f"{ini}: cannot read credentials file: {type(exc).__name__}"
+        ) from None
     section = parser["default"] if parser.has_section("default") else None
     ak = section.get("access_key_id", "").strip() if section else ""
     sk = section.get("secret_access_key", "").strip() if section else ""

@@ -44,9 +44,14 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
 def configure(
     *, fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
 ) -> None:
-    """Set up structlog for the whole process; call once at start-up."""
+    """Set up structlog for the whole process; call once at start-up.
+
+    Events go to ``stream`` (stderr by default, so a plan on stdout stays
+    clean); ``auto`` picks JSON lines whenever stdout is not a terminal, as the
+    contract says, so anything piped or run under a supervisor gets JSON.
+    """
     out = stream or sys.stderr
-    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if use_json

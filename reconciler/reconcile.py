@@ -1,0 +1,229 @@
+"""One reconcile step per task, shared by ``apply`` and the daemon.
+
+Modelled on controller-runtime's ``Reconciler``: :meth:`TaskReconciler.reconcile`
+takes one planned :class:`~reconciler.plan.Call`, makes it, records what the
+server said, and returns a :class:`Result` that tells the caller what to do
+next (nothing, requeue after a delay, or wait for a new spec). Credential and
+permission errors are not results: :class:`~reconciler.errors.FatalError`
+propagates so the whole run stops at once instead of failing every task.
+
+:class:`Recorder` is the single writer of recorded state. It writes the SQLite
+store (one transaction per result, so a crash loses nothing confirmed) and keeps
+an in-memory copy of the planner's view, so the daemon re-plans 100k tasks
+without reading the database back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from reconciler import events
+from reconciler.client import RtcClient
+from reconciler.errors import (
+    ApiError,
+    BadInputError,
+    FatalError,
+    NotRunningError,
+    OutcomeUnknownError,
+)
+from reconciler.plan import Call, Plan
+from reconciler.state import StateStore
+from reconciler.task import AppliedRecord, DesiredTask, FieldValue, TaskKey
+
+
+class Outcome(StrEnum):
+    SYNCED = "synced"
+    NOT_RUNNING = "not_running"
+    FAILED = "failed"
+    RETRY = "retry"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What became of one call, and when (if ever) to look at the task again."""
+
+    key: TaskKey
+    outcome: Outcome
+    #: Seconds after which the task should be reconciled again; ``None``: not
+    #: by itself (synced, or refused until its spec changes).
+    requeue_after: float | None = None
+    error: ApiError | None = None
+    request_id: str | None = None
+    latency_ms: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """True when retrying cannot help until the desired spec changes."""
+        return self.outcome is Outcome.FAILED and self.requeue_after is None
+
+
+def task_fields(key: TaskKey) -> dict[str, str]:
+    """The fields every event about a task carries."""
+    return {"app_id": key.app_id, "room_id": key.room_id, "task_id": key.task_id}
+
+
+class Recorder:
+    """Writes results to the store and mirrors them in :attr:`applied`."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.applied: dict[TaskKey, AppliedRecord] = store.applied()
+
+    def pending(self, task: DesiredTask) -> None:
+        self.store.mark_pending(task.key, source=task.source, business_id=task.business_id)
+        if task.key not in self.applied:
+            self.applied[task.key] = AppliedRecord(
+                task.key, task.business_id, None, source=task.source.path
+            )
+
+    def success(self, task: DesiredTask, *, request_id: str) -> None:
+        self.store.record_success(
+            task.key,
+            fields=task.fields,
+            business_id=task.business_id,
+            request_id=request_id,
+            source=task.source,
+        )
+        self.applied[task.key] = AppliedRecord(
+            task.key, task.business_id, dict(task.fields), source=task.source.path
+        )
+
+    def not_running(self, task: DesiredTask, error: ApiError) -> None:
+        self.store.record_not_running(
+            task.key,
+            message=error.message,
+            code=error.code or "",
+            request_id=error.request_id,
+            source=task.source,
+        )
+
+    def failure(self, task: DesiredTask, error: ApiError, *, terminal: bool) -> None:
+        refused = task.spec_hash() if terminal else None
+        self.store.record_failure(
+            task.key,
+            message=error.message,
+            code=error.code,
+            request_id=error.request_id,
+            source=task.source,
+            failed_spec=refused,
+        )
+        old = self.applied.get(task.key)
+        self.applied[task.key] = AppliedRecord(
+            task.key,
+            old.business_id if old else task.business_id,
+            old.fields if old else None,
+            source=task.source.path,
+            failed_spec=refused,
+        )
+
+    def bookkeeping(self, plan: Plan) -> None:
+        """Write what a plan settles without a call: releases, forgets, in-sync records."""
+        if not (plan.releases or plan.forgotten or plan.bookkeeping):
+            return
+        log = events.get_logger()
+        with self.store.bulk():
+            for r in plan.releases:
+                self.store.record_release(r.key, fields=r.remaining)
+                old = self.applied[r.key]
+                self.applied[r.key] = AppliedRecord(
+                    r.key, old.business_id, dict(r.remaining), old.source, old.failed_spec
+                )
+                log.info("task.released", **task_fields(r.key), fields=list(r.fields))
+            for f in plan.forgotten:
+                self.store.forget(f.key)
+                self.applied.pop(f.key, None)
+                log.info("task.forgotten", **task_fields(f.key), source_path=f.source_path)
+            for t in plan.bookkeeping:
+                self.store.record_in_sync(
+                    t.key, business_id=t.business_id, source=t.source, fields=t.fields
+                )
+                self.applied[t.key] = AppliedRecord(
+                    t.key, t.business_id, dict(t.fields), source=t.source.path
+                )
+
+
+def _changes(call: Call) -> dict[str, Any]:
+    return {c.field: {"old": c.old, "new": c.new} for c in call.changes}
+
+
+class TaskReconciler:
+    """Makes one planned call and records its outcome."""
+
+    def __init__(
+        self,
+        *,
+        client: RtcClient,
+        recorder: Recorder,
+        not_running_retry: float = 60.0,
+        failed_retry: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.recorder = recorder
+        self.not_running_retry = not_running_retry
+        self.failed_retry = failed_retry
+
+    async def reconcile(self, call: Call) -> Result:
+        task, key = call.task, call.key
+        log = events.get_logger(**task_fields(key))
+        self.recorder.pending(task)
+        log.debug("call.sending", action=call.action, changes=_changes(call))
+        started = time.monotonic()
+        sent: Mapping[str, FieldValue] = call.body
+        try:
+            res = await self.client.update_segment(sent, log_fields=task_fields(key))
+        except NotRunningError as exc:
+            self.recorder.not_running(task, exc)
+            log.warning(
+                "task.not_running",
+                action=call.action,
+                request_id=exc.request_id,
+                message=exc.message,
+                requeue_after=self.not_running_retry,
+            )
+            return Result(key, Outcome.NOT_RUNNING, self.not_running_retry, exc, exc.request_id)
+        except BadInputError as exc:
+            self.recorder.failure(task, exc, terminal=True)
+            log.error(
+                "task.failed",
+                action=call.action,
+                code=exc.code,
+                request_id=exc.request_id,
+                message=exc.message,
+                terminal=True,
+            )
+            return Result(key, Outcome.FAILED, None, exc, exc.request_id)
+        except FatalError:
+            raise
+        except ApiError as exc:
+            # Retryable errors whose retries ran out, and answers that made no
+            # sense: the task is tried again later, never given up on.
+            self.recorder.failure(task, exc, terminal=False)
+            log.warning(
+                "task.failed",
+                action=call.action,
+                code=exc.code,
+                request_id=exc.request_id,
+                message=exc.message,
+                terminal=False,
+                outcome_unknown=isinstance(exc, OutcomeUnknownError),
+                requeue_after=self.failed_retry,
+            )
+            return Result(key, Outcome.RETRY, self.failed_retry, exc, exc.request_id)
+        latency = (time.monotonic() - started) * 1000
+        self.recorder.success(task, request_id=res.request_id)
+        log.info(
+            "task.synced",
+            action=call.action,
+            request_id=res.request_id,
+            attempts=res.attempts,
+            fields=dict(call.body),
+        )
+        return Result(key, Outcome.SYNCED, None, None, res.request_id, latency)
+
+
+def calls_by_key(calls: Iterable[Call]) -> dict[TaskKey, Call]:
+    return {c.key: c for c in calls}
