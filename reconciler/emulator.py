@@ -183,6 +183,9 @@ class EmulatorConfig:
     seed: int | None = None
     #: AK → the session token a temporary credential must present.
     session_tokens: dict[str, str] = field(default_factory=dict)
+    #: The AppIds the account owns; any other answers
+    #: ``InvalidParameter.NotExistAppId`` (``None``: every AppId exists).
+    app_ids: frozenset[str] | None = None
 
     def __repr__(self) -> str:
         # Secret keys and tokens stay out of reprs (and so out of tracebacks).
@@ -1040,8 +1043,10 @@ class Emulator:
         self, action: str, version: str, *, body: bytes, query: Mapping[str, str]
     ) -> str | JsonObject:
         if action == "GetSegmentTask":
+            self._check_app(parse_key(query))
             return {"SegmentTask": self._tasks.segment_task(parse_key(query))}
         params = parse_body(body)
+        self._check_app(parse_key(params))
         if action == "StartSegment":
             self._tasks.start(parse_start(params), version=version, now_ms=_now_ms())
         elif action == "UpdateSegment":
@@ -1049,6 +1054,15 @@ class Emulator:
         else:
             self._tasks.stop(parse_key(params), now_ms=_now_ms())
         return "ok"
+
+    def _check_app(self, key: TaskKey) -> None:
+        apps = self._config.app_ids
+        if apps is not None and key.app_id not in apps:
+            raise ApiError(
+                "InvalidParameter.NotExistAppId",
+                f"AppId {key.app_id} does not exist in this account",
+                status=400,
+            )
 
     # ---- the admin API
 
