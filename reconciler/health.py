@@ -1,0 +1,59 @@
+"""The daemon's HTTP side: ``/healthz``, ``/readyz`` and ``/metrics``.
+
+``/healthz`` answers 200 while the event loop is turning (a wedged loop cannot
+answer at all). ``/readyz`` answers 200 once the first full reconcile is done,
+503 before that or while calls are paused by a credentials error, with the
+reason in the body. ``/metrics`` is Prometheus' text format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from reconciler.metrics import Metrics
+
+
+class HealthServer:
+    def __init__(self, *, metrics: Metrics, readiness: Callable[[], str | None]) -> None:
+        """``readiness`` returns ``None`` when ready, else why not."""
+        self._metrics = metrics
+        self._readiness = readiness
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics_page)
+        return app
+
+    async def start(self, *, host: str, port: int) -> str:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = self._runner.addresses[0]
+        self.url = f"http://{host}:{bound[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        reason = self._readiness()
+        if reason is None:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text=f"not ready: {reason}\n")
+
+    async def _metrics_page(self, _: web.Request) -> web.Response:
+        body = self._metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,320 @@
+"""The daemon: watch the desired tree and keep live tasks in line with it.
+
+Level-based, in the spirit of controller-runtime. Events only say *which*
+tasks to look at; a worker that takes a task key plans that one task afresh
+from the current desired index and recorded state, so it always acts on the
+latest spec and a key saved fifty times is reconciled once.
+
+Pieces, each a thin shell around the functional core:
+
+- **Index** (:class:`~reconciler.desired.DesiredIndex`): files are re-read
+  one at a time as the watcher reports them; a full scan (start, resync, a
+  git-sync root swap, a directory event) re-reads only files whose
+  ``(mtime, size, inode)`` changed. An invalid file keeps its tasks held.
+- **Queue** (:class:`~reconciler.workqueue.WorkQueue`): keyed, deduplicated,
+  per-key capped exponential backoff for NotRunning and failed tasks; a task
+  refused as bad input is planned as *blocked* and waits for its spec.
+- **Workers**: a fixed pool shares the client, hence one QPS budget.
+- **Resync**: on an interval, rescan and re-plan everything (catches any
+  missed file event and any drift in recorded state).
+- **Credentials errors** pause every worker (readiness goes false) and are
+  retried after a growing pause rather than burned through every task.
+- **Shutdown**: stop watching, stop taking keys, let in-flight calls finish
+  within the drain deadline (each result is recorded as it lands), exit.
+
+Crash safety comes from ordering: desired state lives in files, and a
+result is recorded only after the server confirmed it, so a restart re-plans
+and re-sends at most the calls that were in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler import events
+from reconciler.desired import DesiredIndex, Problem, discover, read_file
+from reconciler.errors import FatalError
+from reconciler.metrics import Metrics
+from reconciler.plan import Plan, compute_plan
+from reconciler.reconcile import Recorder, TaskReconciler, task_fields
+from reconciler.task import TaskKey
+from reconciler.watch import TreeChange, watch_tree
+from reconciler.workqueue import WorkQueue
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    root: Path
+    workers: int = 64
+    resync_interval: float = 300.0
+    drain_timeout: float = 20.0
+    #: Watcher batching: a batch is yielded after ``step_ms`` of quiet, or
+    #: after ``debounce_ms`` at the most while changes keep coming.
+    step_ms: int = 50
+    debounce_ms: int = 1600
+    retry_base: float = 5.0
+    retry_cap: float = 600.0
+    fatal_pause: float = 30.0
+    fatal_pause_cap: float = 600.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        *,
+        config: DaemonConfig,
+        reconciler: TaskReconciler,
+        recorder: Recorder,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.reconciler = reconciler
+        self.recorder = recorder
+        self.metrics = metrics
+        self.index = DesiredIndex()
+        self.queue: WorkQueue[TaskKey] = WorkQueue(
+            backoff_base=config.retry_base, backoff_cap=config.retry_cap
+        )
+        self.log = events.get_logger()
+        self._signatures: dict[str, tuple[int, int, int]] = {}
+        self._scan_problems: list[Problem] = []
+        self._reported_invalid: frozenset[str] = frozenset()
+        self._pass: set[TaskKey] = set()
+        self._pass_started = 0.0
+        self._first_pass_done = False
+        self._running = asyncio.Event()
+        self._running.set()
+        self._paused_reason: str | None = None
+        self._fatal_pauses = 0
+
+    # --- readiness ---------------------------------------------------------------
+
+    def readiness(self) -> str | None:
+        if self._paused_reason is not None:
+            return self._paused_reason
+        if not self._first_pass_done:
+            return f"first reconcile in progress ({len(self._pass)} tasks to go)"
+        return None
+
+    # --- the tree ----------------------------------------------------------------
+
+    def _signature(self, rel: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.config.root / rel)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _reload(self, rel: str) -> set[TaskKey]:
+        sig = self._signature(rel)
+        if sig is None:
+            self._signatures.pop(rel, None)
+            return self.index.remove(rel) if rel in self.index.paths else set()
+        self._signatures[rel] = sig
+        return self.index.put(read_file(self.config.root, rel))
+
+    def scan(self) -> set[TaskKey]:
+        """Bring the index in line with the tree; re-read only changed files."""
+        paths, self._scan_problems = discover(self.config.root)
+        affected: set[TaskKey] = set()
+        present = set(paths)
+        for rel in paths:
+            if self._signature(rel) != self._signatures.get(rel):
+                affected |= self._reload(rel)
+        for rel in self.index.paths - present:
+            self._signatures.pop(rel, None)
+            affected |= self.index.remove(rel)
+        return affected
+
+    def apply_change(self, change: TreeChange) -> set[TaskKey]:
+        affected: set[TaskKey] = set()
+        for rel in sorted(change.paths):
+            affected |= self._reload(rel)
+        if change.rescan:
+            affected |= self.scan()
+        return affected
+
+    def _report_files(self) -> None:
+        invalid = self.index.invalid_files
+        problems = self.index.problems + self._scan_problems
+        for path in sorted(invalid - self._reported_invalid):
+            mine = [p for p in problems if p.source.path == path]
+            self.log.error(
+                "desired.invalid_file",
+                path=path,
+                problems=[str(p) for p in mine],
+                held_tasks=sum(1 for r in self.recorder.applied.values() if r.source == path),
+            )
+        for path in sorted(self._reported_invalid - invalid):
+            self.log.info("desired.file_fixed", path=path)
+        for p in self._scan_problems:
+            self.log.error("desired.refused_path", path=p.source.path, message=p.message)
+        self._reported_invalid = invalid
+        self.metrics.invalid_files.set(len(invalid) + len(self._scan_problems))
+        self.metrics.desired_tasks.set(len(self.index.tasks))
+
+    # --- planning and queueing ----------------------------------------------------
+
+    def _plan(self, only: Iterable[TaskKey] | None) -> Plan:
+        return compute_plan(
+            self.index.tasks,
+            self.recorder.applied,
+            held_files=self.index.invalid_files,
+            only=only,
+        )
+
+    def replan(self, only: Iterable[TaskKey] | None, *, reason: str) -> Plan:
+        plan = self._plan(only)
+        self.recorder.bookkeeping(plan)
+        for w in plan.warnings:
+            self.log.warning("plan.warning", code=w.code, message=w.message, **task_fields(w.key))
+        for key in (c.key for c in plan.calls):
+            if reason == "resync" and self.queue.is_scheduled(key):
+                continue  # keeps its backoff schedule: resync retries with growing delay
+            self.queue.add(key)
+            self.log.info("task.queued", reason=reason, **task_fields(key))
+        self.metrics.queue_depth.set(len(self.queue))
+        return plan
+
+    def _start_pass(self, plan: Plan, *, reason: str) -> None:
+        self._pass = {c.key for c in plan.calls}
+        self._pass_started = time.monotonic()
+        self.log.info("reconcile.started", reason=reason, calls=len(self._pass), **plan.summary())
+        self._maybe_finish_pass()
+
+    def _maybe_finish_pass(self) -> None:
+        if self._pass:
+            return
+        if self._pass_started:
+            self.metrics.last_reconcile.set(time.time())
+            self.log.info(
+                "reconcile.completed",
+                seconds=round(time.monotonic() - self._pass_started, 3),
+                desired_tasks=len(self.index.tasks),
+                invalid_files=len(self.index.invalid_files),
+            )
+            self._pass_started = 0.0
+        self._first_pass_done = True
+
+    # --- workers ------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while (key := await self.queue.get()) is not None:
+            self.metrics.in_flight.inc()
+            try:
+                await self._running.wait()
+                await self._process(key)
+            finally:
+                self.metrics.in_flight.dec()
+                self.queue.done(key)
+                self.metrics.queue_depth.set(len(self.queue))
+                self._pass.discard(key)
+                self._maybe_finish_pass()
+
+    async def _process(self, key: TaskKey) -> None:
+        plan = self._plan([key])
+        self.recorder.bookkeeping(plan)
+        if not plan.calls:
+            self.queue.forget(key)
+            return
+        try:
+            result = await self.reconciler.reconcile(plan.calls[0])
+        except FatalError as exc:
+            await self._pause(exc)
+            self.queue.add(key)
+            return
+        self._fatal_pauses = 0
+        if result.requeue_after is None:
+            self.queue.forget(key)
+        else:
+            delay = self.queue.add_rate_limited(key)
+            self.log.info(
+                "task.requeued", outcome=result.outcome.value, after_s=delay, **task_fields(key)
+            )
+
+    async def _pause(self, exc: FatalError) -> None:
+        if not self._running.is_set():
+            return
+        self._running.clear()
+        pause = min(self.config.fatal_pause_cap, self.config.fatal_pause * 2**self._fatal_pauses)
+        self._fatal_pauses += 1
+        self._paused_reason = f"calls paused: {exc}"
+        self.log.error("daemon.paused", error=str(exc), code=exc.code, retry_in_s=pause)
+        try:
+            await asyncio.sleep(pause)
+        finally:
+            self._paused_reason = None
+            self._running.set()
+            self.log.info("daemon.resumed")
+
+    # --- the loop -----------------------------------------------------------------
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        async for change in watch_tree(
+            self.config.root,
+            stop=stop,
+            step_ms=self.config.step_ms,
+            debounce_ms=self.config.debounce_ms,
+        ):
+            affected = self.apply_change(change)
+            self.log.info(
+                "desired.changed",
+                files=len(change.paths),
+                rescan=change.rescan,
+                tasks=len(affected),
+            )
+            self._report_files()
+            if affected:
+                self.replan(affected, reason="file_changed")
+
+    async def _resync(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.resync_interval)
+                return
+            self.scan()
+            self._report_files()
+            plan = self.replan(None, reason="resync")
+            if not self._pass:
+                self._start_pass(plan, reason="resync")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then drain."""
+        started = time.monotonic()
+        self.scan()
+        self._report_files()
+        self.log.info(
+            "desired.loaded",
+            root=str(self.config.root),
+            files=len(self.index.paths),
+            tasks=len(self.index.tasks),
+            invalid_files=len(self.index.invalid_files),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        plan = self.replan(None, reason="start")
+        self._start_pass(plan, reason="start")
+
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
+        background = [
+            asyncio.create_task(self._watch(stop)),
+            asyncio.create_task(self._resync(stop)),
+        ]
+        await stop.wait()
+
+        self.log.info("daemon.draining", in_flight=self.queue.processing, queued=len(self.queue))
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        self.queue.shutdown()
+        self._running.set()  # let paused workers see the shutdown
+        _, late = await asyncio.wait(workers, timeout=self.config.drain_timeout)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        self.log.info("daemon.stopped", abandoned_in_flight=len(late))

@@ -1,0 +1,98 @@
+"""Prometheus metrics for the daemon, on a registry of its own.
+
+Counters and the latency histogram are fed by the client's per-attempt
+observer (:meth:`Metrics.on_call`); gauges that describe current state (tasks
+by sync status, queue depth, invalid files) are read at scrape time from
+callables the daemon hands in, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from reconciler.client import CallEvent
+from reconciler.task import SyncStatus
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _StatusCollector(Collector):
+    def __init__(self, counts: Callable[[], Mapping[SyncStatus, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "reconciler_tasks", "Tasks in the state store by sync status.", labels=["status"]
+        )
+        counts = self._counts()
+        for status in SyncStatus:
+            family.add_metric([status.value], counts.get(status, 0))
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls = Counter(
+            "reconciler_calls",
+            "Finished API calls by action and outcome.",
+            ["action", "outcome"],
+            registry=r,
+        )
+        self.attempts = Counter(
+            "reconciler_requests",
+            "HTTP requests (attempts) by action and answer code.",
+            ["action", "code"],
+            registry=r,
+        )
+        self.throttled = Counter(
+            "reconciler_throttled",
+            "Answers saying the QPS limit was exceeded.",
+            ["action"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "reconciler_call_latency_seconds",
+            "Round trip of each request.",
+            ["action"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "reconciler_queue_depth", "Task keys waiting in the work queue.", registry=r
+        )
+        self.in_flight = Gauge(
+            "reconciler_in_flight", "Task keys being reconciled right now.", registry=r
+        )
+        self.invalid_files = Gauge(
+            "reconciler_invalid_files",
+            "Desired files that fail to parse or validate.",
+            registry=r,
+        )
+        self.desired_tasks = Gauge(
+            "reconciler_desired_tasks", "Tasks declared by valid desired files.", registry=r
+        )
+        self.last_reconcile = Gauge(
+            "reconciler_last_complete_reconcile_timestamp_seconds",
+            "Unix time when the last full reconcile pass finished.",
+            registry=r,
+        )
+
+    def watch_status(self, counts: Callable[[], Mapping[SyncStatus, int]]) -> None:
+        self.registry.register(_StatusCollector(counts))
+
+    def on_call(self, event: CallEvent) -> None:
+        self.attempts.labels(event.action, event.code or "ok").inc()
+        self.latency.labels(event.action).observe(event.latency_ms / 1000)
+        if event.throttled:
+            self.throttled.labels(event.action).inc()
+        if event.final:
+            self.calls.labels(event.action, event.outcome).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
