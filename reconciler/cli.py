@@ -431,6 +431,15 @@ def _start_tree_tasks(emulator: Emulator, index: DesiredIndex) -> int:
     help="Seconds between full re-plans of the whole tree.",
 )
 @_option(
+    "--retry-delay",
+    env="RETRY_DELAY",
+    type=click.FloatRange(0.01, 3600),
+    default=5.0,
+    show_default=True,
+    help="First delay before a NotRunning or failed task is tried again; it doubles on "
+    "each further failure, up to 10 minutes.",
+)
+@_option(
     "--drain-timeout",
     env="DRAIN_TIMEOUT",
     type=click.FloatRange(0, 3600),
@@ -446,6 +455,7 @@ def run(
     health_host: str,
     health_port: int,
     resync: float,
+    retry_delay: float,
     drain_timeout: float,
     **api: Any,
 ) -> None:
@@ -468,6 +478,7 @@ def run(
         root=directory,
         workers=config.max_in_flight,
         resync_interval=resync,
+        retry_base=retry_delay,
         drain_timeout=drain_timeout,
     )
     with open_store(state, create=True) as store:

@@ -16,7 +16,7 @@ without reading the database back.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -180,6 +180,9 @@ class TaskReconciler:
             log.warning(
                 "task.not_running",
                 action=call.action,
+                attempt=exc.attempts,
+                latency_ms=_since(started),
+                fields=dict(sent),
                 request_id=exc.request_id,
                 message=exc.message,
                 requeue_after=self.not_running_retry,
@@ -190,6 +193,9 @@ class TaskReconciler:
             log.error(
                 "task.failed",
                 action=call.action,
+                attempt=exc.attempts,
+                latency_ms=_since(started),
+                fields=dict(sent),
                 code=exc.code,
                 request_id=exc.request_id,
                 message=exc.message,
@@ -205,6 +211,9 @@ class TaskReconciler:
             log.warning(
                 "task.failed",
                 action=call.action,
+                attempt=exc.attempts,
+                latency_ms=_since(started),
+                fields=dict(sent),
                 code=exc.code,
                 request_id=exc.request_id,
                 message=exc.message,
@@ -213,17 +222,18 @@ class TaskReconciler:
                 requeue_after=self.failed_retry,
             )
             return Result(key, Outcome.RETRY, self.failed_retry, exc, exc.request_id)
-        latency = (time.monotonic() - started) * 1000
+        latency = _since(started)
         self.recorder.success(task, request_id=res.request_id)
         log.info(
             "task.synced",
             action=call.action,
             request_id=res.request_id,
-            attempts=res.attempts,
-            fields=dict(call.body),
+            attempt=res.attempts,
+            latency_ms=latency,
+            fields=dict(sent),
         )
         return Result(key, Outcome.SYNCED, None, None, res.request_id, latency)
 
 
-def calls_by_key(calls: Iterable[Call]) -> dict[TaskKey, Call]:
-    return {c.key: c for c in calls}
+def _since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
