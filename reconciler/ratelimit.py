@@ -2,17 +2,22 @@
 
 The server counts requests over a sliding one-second window, so a token bucket
 (which lets ``2N`` through around a bucket boundary) would be throttled. Each
-:class:`SlidingWindowLimiter` instead keeps a log of its last ``N`` grant times
-and grants a new slot only once the oldest of them is a full window old. That
-invariant — any ``N + 1`` consecutive grants span at least a window — is the
-same as "no window holds more than ``N``".
+:class:`SlidingWindowLimiter` instead keeps a log of recent send times and lets
+a new request go only while fewer than ``N`` sends lie within the last window.
 
-The client takes its slot when it sends; the server counts on arrival. Network
-jitter can bring two sends closer together on arrival than they were on
-departure, so the window is widened by a small ``guard`` (15 ms by default).
+The server counts on *arrival*, so what matters is when a request leaves, not
+when it was allowed to: a burst of grants can leave over tens of milliseconds
+(new connections, a busy CPU), and the next burst, on warm connections, would
+then land inside the same server window. So a slot is taken with
+:meth:`SlidingWindowLimiter.reserve` and :meth:`Slot.mark`-ed when the request
+has been written; until then it counts against every window. Proof sketch: of
+any ``N + 1`` sends within one window, the last one granted saw all the others
+either pending or sent within its window, and was refused. Remaining jitter
+between sending and arrival is absorbed by widening the window by ``guard``
+(15 ms by default).
 
 Waiters queue behind one :class:`asyncio.Lock`, which is FIFO and gives up a
-cancelled waiter's place; the holder sleeps until its slot is due, so grants go
+cancelled waiter's place; the holder waits until its slot is due, so grants go
 out in arrival order. :meth:`SlidingWindowLimiter.penalize` pauses every sender
 for a while after the server says it throttled us; the pause lapses by itself.
 
@@ -23,6 +28,7 @@ default) and :class:`RateLimiter` keeps one limiter per action.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -41,8 +47,37 @@ _ACTION_FIELDS: Mapping[str, str] = {
 }
 
 
+class Slot:
+    """A granted request whose time is recorded when it is actually sent.
+
+    Until :meth:`mark` is called the slot counts against every window (we do
+    not yet know when it will reach the server); after, it counts against the
+    windows that hold its send time. Marking twice keeps the first time.
+    """
+
+    __slots__ = ("_limiter", "granted", "sent")
+
+    def __init__(self, limiter: SlidingWindowLimiter, granted: float) -> None:
+        self._limiter = limiter
+        self.granted = granted
+        self.sent: float | None = None
+
+    def mark(self) -> float:
+        """Record that the request went out now; return the recorded time."""
+        if self.sent is None:
+            self.sent = self._limiter._record_sent()
+        return self.sent
+
+
 class SlidingWindowLimiter:
-    """At most ``limit`` grants in any ``window + guard`` seconds, FIFO."""
+    """At most ``limit`` sends in any ``window + guard`` seconds, granted FIFO.
+
+    A slot taken with :meth:`reserve` counts from its grant until it is marked
+    sent and then for ``window + guard`` after its send time; :meth:`acquire`
+    marks at once. With sends recorded when the bytes actually leave (not when
+    the slot was granted), a burst that waits for connections or for the CPU
+    cannot bunch up on arrival.
+    """
 
     def __init__(
         self,
@@ -59,30 +94,45 @@ class SlidingWindowLimiter:
         self.limit = limit
         self.span = window + guard
         self._clock = clock
-        self._grants: deque[float] = deque(maxlen=limit)
+        # Send times still inside the span; marks happen in clock order, so sorted.
+        self._sent: deque[float] = deque()
+        self._pending = 0
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
+        self._marked = asyncio.Event()
 
-    def delay(self) -> float:
-        """Seconds until a slot would be free, ignoring queued waiters."""
+    def delay(self) -> float | None:
+        """Seconds until a slot is free; ``None`` if that waits for a pending send.
+
+        Queued waiters are not considered.
+        """
         now = self._clock()
+        while self._sent and self._sent[0] <= now - self.span:
+            self._sent.popleft()
         due = self._paused_until
-        if len(self._grants) == self.limit:
-            due = max(due, self._grants[0] + self.span)
+        if self._pending + len(self._sent) >= self.limit:
+            if not self._sent:
+                return None
+            due = max(due, self._sent[0] + self.span)
         return max(0.0, due - now)
 
-    async def acquire(self) -> float:
-        """Wait for a slot and take it; return the grant time (clock units)."""
+    async def reserve(self) -> Slot:
+        """Wait for a slot and take it; call :meth:`Slot.mark` when it is sent."""
         async with self._lock:
-            # Loop: a penalty may arrive while we sleep, and the loop may wake early.
+            # Loop: a penalty may arrive while we wait, and the loop may wake early.
             while True:
                 wait = self.delay()
-                if wait <= 0:
+                if wait is not None and wait <= 0:
                     break
-                await asyncio.sleep(wait)
-            granted = self._clock()
-            self._grants.append(granted)
-            return granted
+                self._marked.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._marked.wait(), timeout=wait)
+            self._pending += 1
+            return Slot(self, self._clock())
+
+    async def acquire(self) -> float:
+        """Wait for a slot and count it as sent now; return that time."""
+        return (await self.reserve()).mark()
 
     def penalize(self, seconds: float) -> None:
         """Hold every sender back for ``seconds`` from now (longest pause wins)."""
@@ -91,6 +141,13 @@ class SlidingWindowLimiter:
     @property
     def paused(self) -> bool:
         return self._clock() < self._paused_until
+
+    def _record_sent(self) -> float:
+        now = self._clock()
+        self._pending -= 1
+        self._sent.append(now)
+        self._marked.set()
+        return now
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +219,12 @@ class RateLimiter:
         return limiter
 
     async def acquire(self, action: str) -> float:
-        """Wait for a slot for ``action``; return the grant time."""
+        """Wait for a slot for ``action`` and count it as sent now."""
         return await self.for_action(action).acquire()
+
+    async def reserve(self, action: str) -> Slot:
+        """Wait for a slot for ``action``; mark it when the request is sent."""
+        return await self.for_action(action).reserve()
 
     def penalize(self, action: str, seconds: float) -> None:
         """Pause every sender of ``action`` for ``seconds``."""

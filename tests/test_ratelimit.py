@@ -102,6 +102,41 @@ def test_cancelled_waiter_gives_up_its_place_and_takes_no_slot() -> None:
     assert len(grants) == 3
 
 
+def test_a_reserved_slot_counts_from_when_it_is_marked_sent() -> None:
+    async def main() -> tuple[float, float]:
+        limiter = SlidingWindowLimiter(2, window=WINDOW, guard=0.0)
+        start = time.monotonic()
+        first = await limiter.reserve()
+        second = await limiter.reserve()
+        # Both pending: a third must wait, however long they take to go out.
+        third = asyncio.create_task(limiter.reserve())
+        await asyncio.sleep(0.05)
+        assert not third.done()
+        marked = first.mark()
+        assert first.mark() == marked  # marking twice keeps the first time
+        second.mark()
+        granted = (await third).granted
+        return marked - start, granted - marked
+
+    marked_after, waited = asyncio.run(main())
+    assert marked_after >= 0.05
+    # The window runs from the send, not from the grant 50 ms earlier.
+    assert WINDOW <= waited < WINDOW + 0.06
+
+
+def test_a_waiter_blocked_on_pending_slots_wakes_when_one_is_marked() -> None:
+    async def main() -> float:
+        limiter = SlidingWindowLimiter(1, window=0.05, guard=0.0)
+        slot = await limiter.reserve()
+        assert limiter.delay() is None  # nothing to count down until it is sent
+        waiter = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0.03)
+        sent = slot.mark()
+        return await waiter - sent
+
+    assert 0.05 <= asyncio.run(main()) < 0.1
+
+
 def test_penalize_pauses_every_sender_then_recovers() -> None:
     async def main() -> tuple[float, float, bool, bool]:
         limiter = SlidingWindowLimiter(100, window=WINDOW, guard=0.0)

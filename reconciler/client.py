@@ -1,0 +1,674 @@
+"""Async client for the RTC segment OpenAPI: signed, paced, retried, observed.
+
+An :class:`RtcClient` keeps its connections open and reuses them (HTTP/1.1).
+Each call goes through the same pipeline, attempt by attempt::
+
+    in-flight semaphore -> per-action QPS limiter -> sign -> send -> interpret
+
+* The QPS slot is marked *sent* from an httpcore trace hook once the request is
+  written, so the limiter paces what the server will see arrive, not when the
+  client meant to send (see :mod:`reconciler.ratelimit`).
+* Connections are split over a few ``httpx.AsyncClient`` pools of at most
+  :data:`POOL_SHARD_SIZE` each. httpcore's pool does work quadratic in its
+  connection count on every request (encode/httpx#3215, encode/httpcore#1035);
+  at 64 connections that alone capped a loopback run below the 150/s budget,
+  while 4 pools of 16 do the same work for a sixteenth of the CPU. The
+  semaphore bounds the total, and a request takes the least busy pool, so no
+  request ever queues inside a pool.
+
+* The body is serialised once per call (compact UTF-8 JSON) and signed on every
+  attempt with a fresh ``X-Date``; the bytes signed are the bytes sent, and the
+  signed ``Host`` is read back from the built request, so the two never differ.
+* Interpreting an answer is pure: the HTTP status and the parsed envelope map to
+  success or to an :mod:`reconciler.errors` class via :func:`~reconciler.errors.classify`.
+* Transient failures are retried with capped exponential backoff and full
+  jitter. A throttled answer also pauses every sender of that action (the
+  limiter's penalty), so one 429 does not turn into a storm of them.
+* A failure after the request went out (read timeout, dropped connection) is
+  *outcome unknown*: the request may have been applied. It is retried like any
+  transient failure, logged as ``call.outcome_unknown``, and if retries run out
+  the call raises :class:`~reconciler.errors.OutcomeUnknownError`.
+
+Events (``call.succeeded``, ``call.retried``, ``call.outcome_unknown``,
+``call.failed``) carry ``action``, ``request_id``, ``attempt``, ``latency_ms``,
+the ``body`` (or ``query``) sent, and ``app_id``/``room_id``/``task_id`` when the
+call names a task. Every attempt is also reported as a :class:`CallEvent` to
+:attr:`RtcClient.stats` and to an optional ``on_call`` observer (metrics).
+
+Secrets: headers are never logged or put into errors, and any server text that
+echoes the secret key or session token is redacted before it goes anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from reconciler import errors
+from reconciler.credentials import Credentials
+from reconciler.errors import (
+    ApiError,
+    BadInputError,
+    FatalError,
+    NotRunningError,
+    OutcomeUnknownError,
+    RetryableError,
+    classify,
+)
+from reconciler.events import get_logger, register_secret
+from reconciler.ratelimit import RateLimiter, RateLimits, Slot
+from reconciler.signing import sign
+
+USER_AGENT: Final = "reconciler/0.1.0"
+#: Most connections per httpx pool; see the module docstring.
+POOL_SHARD_SIZE: Final = 16
+_REDACTED: Final = "[redacted]"
+_SNIPPET_CHARS: Final = 200
+_TASK_FIELDS: Final = (("AppId", "app_id"), ("RoomId", "room_id"), ("TaskId", "task_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Where and how to call; defaults are the production endpoint and limits."""
+
+    endpoint: str = "https://rtc.volcengineapi.com"
+    region: str = "cn-north-1"
+    service: str = "rtc"
+    version: str = "2022-06-01"
+    #: Seconds to wait for each read/write; an answer slower than this is a
+    #: timeout with an unknown outcome.
+    timeout: float = 10.0
+    connect_timeout: float = 5.0
+    #: Concurrent requests: enough to use the QPS budget with a slow server.
+    max_in_flight: int = 64
+    #: Attempts per call, the first included.
+    max_attempts: int = 6
+    backoff_base: float = 0.2
+    backoff_cap: float = 10.0
+    #: How long every sender of an action pauses after a throttled answer.
+    throttle_pause: float = 1.0
+    limits: RateLimits = field(default_factory=RateLimits)
+    #: Honour proxy settings from the environment (HTTPS_PROXY, NO_PROXY, ...).
+    trust_env: bool = True
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"endpoint must be an http(s) URL, not {self.endpoint!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"endpoint must not have a path or query: {self.endpoint!r}")
+        if self.max_attempts < 1 or self.max_in_flight < 1:
+            raise ValueError("max_attempts and max_in_flight must be at least 1")
+        if min(self.timeout, self.connect_timeout) <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.backoff_base < 0 or self.backoff_cap < 0 or self.throttle_pause < 0:
+            raise ValueError("backoff and pause durations must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """A successful call. ``result`` is ``"ok"`` for the POST actions and the
+    ``SegmentTask`` mapping for GetSegmentTask; ``latency_ms`` is the successful
+    attempt's round trip."""
+
+    action: str
+    request_id: str
+    attempts: int
+    latency_ms: float
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    """One attempt, as observers see it.
+
+    ``outcome`` is ``"ok"`` or ``"retried"`` for attempts that did not end the
+    call; on the last attempt (``final``) it is ``"ok"`` or one of
+    ``not_running``, ``bad_input``, ``fatal``, ``outcome_unknown``,
+    ``retries_exhausted``, ``error``. ``code`` is the error code, if any.
+    """
+
+    action: str
+    attempt: int
+    outcome: str
+    final: bool
+    code: str | None
+    latency_ms: float
+    http_status: int | None
+    request_id: str | None
+
+    @property
+    def throttled(self) -> bool:
+        return self.http_status == 429 or (
+            self.code is not None and self.code.startswith(errors.THROTTLED_PREFIX)
+        )
+
+
+class ClientStats:
+    """Counters a metrics exporter reads.
+
+    ``calls``: finished calls by ``(action, outcome)``. ``requests``: attempts by
+    ``(action, code)`` with ``"ok"`` for success. ``throttled``: answers that
+    said we went over the QPS limit. ``latencies_ms``: recent attempt round
+    trips (bounded), for summaries; use ``on_call`` for full histograms.
+    """
+
+    def __init__(self, *, keep_latencies: int = 4096) -> None:
+        self.calls: Counter[tuple[str, str]] = Counter()
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.throttled = 0
+        self.latencies_ms: deque[float] = deque(maxlen=keep_latencies)
+
+    def record(self, event: CallEvent) -> None:
+        self.requests[(event.action, event.code or "ok")] += 1
+        if event.final:
+            self.calls[(event.action, event.outcome)] += 1
+        if event.throttled:
+            self.throttled += 1
+        self.latencies_ms.append(event.latency_ms)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ErrorBody(_Model):
+    Code: str
+    Message: str = ""
+    CodeN: int | None = None
+
+
+class Metadata(_Model):
+    RequestId: str | None = None
+    Action: str | None = None
+    Version: str | None = None
+    Service: str | None = None
+    Region: str | None = None
+    Error: ErrorBody | None = None
+
+
+class Envelope(_Model):
+    ResponseMetadata: Metadata
+    Result: Any = None
+
+
+class SegmentTask(BaseModel):
+    """``Result.SegmentTask`` of GetSegmentTask; unknown keys are kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    StartTime: int
+    EndTime: int
+    Status: int
+    StopReason: str = ""
+    MaxIdleTime: int | None = None
+    TargetStreams: dict[str, Any] | None = None
+    Duration: int | None = None
+    Identifier: str | None = None
+    Handle: bool | None = None
+    StorageConfig: dict[str, Any] | None = None
+    Control: dict[str, Any] | None = None
+
+
+class _SegmentTaskResult(_Model):
+    SegmentTask: SegmentTask
+
+
+@dataclass(frozen=True, slots=True)
+class _Success:
+    request_id: str
+    result: Any
+    http_status: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    answer: _Success | ApiError
+    latency_ms: float
+    #: Seconds the server asked us to wait (``Retry-After``), if it did.
+    retry_after: float | None = None
+
+
+def encode_body(body: Mapping[str, object]) -> bytes:
+    """The exact bytes sent (and signed): compact JSON, UTF-8, no ASCII escaping."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Full-jitter backoff after failed attempt number ``attempt`` (1-based)."""
+    return rng.uniform(0.0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def _shard_sizes(total: int) -> list[int]:
+    """Split ``total`` connections into pools of at most :data:`POOL_SHARD_SIZE`."""
+    count = -(-total // POOL_SHARD_SIZE)
+    return [total // count + (1 if i < total % count else 0) for i in range(count)]
+
+
+def _mark_when_sent(slot: Slot) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """An httpcore trace hook that marks ``slot`` once the request is written."""
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith("send_request_body.complete"):
+            slot.mark()
+
+    return trace
+
+
+def _outcome_name(error: ApiError) -> str:
+    if isinstance(error, NotRunningError):
+        return "not_running"
+    if isinstance(error, BadInputError):
+        return "bad_input"
+    if isinstance(error, FatalError):
+        return "fatal"
+    if isinstance(error, OutcomeUnknownError):
+        return "outcome_unknown"
+    if isinstance(error, RetryableError):
+        return "retries_exhausted"
+    return "error"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    raw = response.headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return None  # the HTTP-date form is not worth the complexity here
+    return seconds if seconds >= 0 else None
+
+
+class RtcClient:
+    """Calls the segment actions; see the module docstring for the pipeline."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        config: ClientConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limiter: RateLimiter | None = None,
+        log: Any = None,
+        on_call: Callable[[CallEvent], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config or ClientConfig()
+        self.stats = ClientStats()
+        self.limiter = limiter or RateLimiter(self.config.limits)
+        self._credentials = credentials
+        self._secrets = tuple(s for s in (credentials.secret_key, credentials.session_token) if s)
+        for secret in self._secrets:
+            register_secret(secret)
+        self._log = log if log is not None else get_logger()
+        self._on_call = on_call
+        self._rng = rng or random.Random()
+        self._in_flight = asyncio.Semaphore(self.config.max_in_flight)
+        # A given transport is one pool already; otherwise shard (see module docs).
+        sizes = (
+            [self.config.max_in_flight] if transport else _shard_sizes(self.config.max_in_flight)
+        )
+        self._pools = [self._new_pool(size, transport) for size in sizes]
+        self._pool_sizes = sizes
+        self._pool_load = [0] * len(sizes)
+
+    def _new_pool(self, size: int, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        cfg = self.config
+        return httpx.AsyncClient(
+            base_url=cfg.endpoint,
+            timeout=httpx.Timeout(cfg.timeout, connect=cfg.connect_timeout),
+            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+            http1=True,
+            http2=False,
+            transport=transport,
+            trust_env=cfg.trust_env,
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    def __repr__(self) -> str:
+        ak = self._credentials.access_key
+        return f"RtcClient(endpoint={self.config.endpoint!r}, access_key={ak!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
+
+    # -- the actions ---------------------------------------------------------
+
+    async def update_segment(
+        self, body: Mapping[str, object], *, log_fields: Mapping[str, object] | None = None
+    ) -> CallResult:
+        """Override Identifier / Handle / Duration of a running task."""
+        return await self.call("UpdateSegment", body=body, log_fields=log_fields)
+
+    async def start_segment(
+        self, body: Mapping[str, object], *, log_fields: Mapping[str, object] | None = None
+    ) -> CallResult:
+        return await self.call("StartSegment", body=body, log_fields=log_fields)
+
+    async def stop_segment(
+        self, body: Mapping[str, object], *, log_fields: Mapping[str, object] | None = None
+    ) -> CallResult:
+        return await self.call("StopSegment", body=body, log_fields=log_fields)
+
+    async def get_segment_task(self, *, app_id: str, room_id: str, task_id: str) -> CallResult:
+        """Read one task; ``result`` is the ``SegmentTask`` mapping, validated."""
+        return await self.call(
+            "GetSegmentTask", query={"AppId": app_id, "RoomId": room_id, "TaskId": task_id}
+        )
+
+    async def call(
+        self,
+        action: str,
+        *,
+        body: Mapping[str, object] | None = None,
+        query: Mapping[str, str] | None = None,
+        log_fields: Mapping[str, object] | None = None,
+    ) -> CallResult:
+        """Call ``action``: a POST with a JSON ``body``, or a GET with ``query``.
+
+        Returns on success; raises the :mod:`reconciler.errors` class that says
+        what to do otherwise (transient failures only after ``max_attempts``).
+        """
+        cfg = self.config
+        method = "GET" if body is None else "POST"
+        payload = b"" if body is None else encode_body(body)
+        params = {**(query or {}), "Action": action, "Version": cfg.version}
+        log = self._log.bind(**{**self._event_fields(body, query, log_fields), "action": action})
+        maybe_applied = False
+        attempt = 0
+        while True:
+            attempt += 1
+            tried = await self._attempt(action, method=method, params=params, payload=payload)
+            answer, latency = tried.answer, round(tried.latency_ms, 1)
+            if isinstance(answer, _Success):
+                self._observe(
+                    CallEvent(
+                        action=action,
+                        attempt=attempt,
+                        outcome="ok",
+                        final=True,
+                        code=None,
+                        latency_ms=latency,
+                        http_status=answer.http_status,
+                        request_id=answer.request_id,
+                    )
+                )
+                log.info(
+                    "call.succeeded",
+                    request_id=answer.request_id,
+                    attempt=attempt,
+                    latency_ms=latency,
+                )
+                return CallResult(action, answer.request_id, attempt, latency, answer.result)
+            error = answer
+            if isinstance(error, OutcomeUnknownError):
+                maybe_applied = True
+                log.warning(
+                    "call.outcome_unknown",
+                    request_id=error.request_id,
+                    attempt=attempt,
+                    latency_ms=latency,
+                    code=error.code,
+                    message=error.message,
+                )
+            if not isinstance(error, RetryableError) or attempt >= cfg.max_attempts:
+                break
+            delay = backoff_delay(
+                attempt, base=cfg.backoff_base, cap=cfg.backoff_cap, rng=self._rng
+            )
+            if tried.retry_after is not None:
+                delay = max(delay, min(cfg.backoff_cap, tried.retry_after))
+            if error.throttled:
+                self.limiter.penalize(action, cfg.throttle_pause)
+            self._observe(
+                CallEvent(
+                    action=action,
+                    attempt=attempt,
+                    outcome="retried",
+                    final=False,
+                    code=error.code,
+                    latency_ms=latency,
+                    http_status=error.http_status,
+                    request_id=error.request_id,
+                )
+            )
+            log.warning(
+                "call.retried",
+                request_id=error.request_id,
+                attempt=attempt,
+                latency_ms=latency,
+                code=error.code,
+                http_status=error.http_status,
+                delay_s=round(delay, 3),
+            )
+            await asyncio.sleep(delay)
+        final = self._final_error(error, attempts=attempt, maybe_applied=maybe_applied)
+        outcome = _outcome_name(final)
+        self._observe(
+            CallEvent(
+                action=action,
+                attempt=attempt,
+                outcome=outcome,
+                final=True,
+                code=final.code,
+                latency_ms=latency,
+                http_status=final.http_status,
+                request_id=final.request_id,
+            )
+        )
+        emit = log.error if isinstance(final, FatalError) else log.warning
+        emit(
+            "call.failed",
+            request_id=final.request_id,
+            attempt=attempt,
+            latency_ms=latency,
+            code=final.code,
+            http_status=final.http_status,
+            outcome=outcome,
+            message=final.message,
+        )
+        raise final
+
+    # -- one attempt ---------------------------------------------------------
+
+    async def _attempt(
+        self, action: str, *, method: str, params: Mapping[str, str], payload: bytes
+    ) -> _Attempt:
+        headers = {"Content-Type": "application/json"} if method == "POST" else {}
+        async with self._in_flight:
+            # The semaphore bounds the total, so some pool always has a free connection.
+            shard = max(
+                range(len(self._pools)), key=lambda i: self._pool_sizes[i] - self._pool_load[i]
+            )
+            http = self._pools[shard]
+            self._pool_load[shard] += 1
+            slot = await self.limiter.reserve(action)
+            try:
+                request = http.build_request(
+                    method,
+                    "/",
+                    params=params,
+                    content=payload or None,
+                    headers=headers,
+                    extensions={"trace": _mark_when_sent(slot)},
+                )
+                request.headers.update(
+                    sign(
+                        credentials=self._credentials,
+                        region=self.config.region,
+                        service=self.config.service,
+                        method=method,
+                        host=request.headers["Host"],
+                        path=request.url.path or "/",
+                        query=params,
+                        headers=headers,
+                        body=payload,
+                    )
+                )
+                started = time.perf_counter()
+                try:
+                    response = await http.send(request)
+                except httpx.RequestError as exc:
+                    latency = (time.perf_counter() - started) * 1000
+                    return _Attempt(self._transport_error(action, exc), latency)
+                latency = (time.perf_counter() - started) * 1000
+            finally:
+                self._pool_load[shard] -= 1
+                # Not written at all, or through a transport that does not trace:
+                # count it from now, which is never before it could have arrived.
+                slot.mark()
+        return _Attempt(self._interpret(action, method, response), latency, _retry_after(response))
+
+    def _interpret(self, action: str, method: str, response: httpx.Response) -> _Success | ApiError:
+        status = response.status_code
+        try:
+            envelope = Envelope.model_validate_json(response.content)
+        except ValidationError:
+            cls = classify(http_status=status, code=None)
+            return cls(
+                action=action,
+                code=errors.MALFORMED_RESPONSE,
+                message=f"HTTP {status} with a body that is not an OpenAPI response: "
+                f"{self._snippet(response.text)!r}",
+                http_status=status,
+            )
+        meta = envelope.ResponseMetadata
+        if meta.Error is not None:
+            cls = classify(http_status=status, code=meta.Error.Code)
+            return cls(
+                action=action,
+                code=meta.Error.Code,
+                message=self._scrub(meta.Error.Message),
+                request_id=meta.RequestId,
+                http_status=status,
+            )
+        if not 200 <= status < 300:
+            cls = classify(http_status=status, code=None)
+            return cls(
+                action=action,
+                code=errors.MALFORMED_RESPONSE,
+                message=f"HTTP {status} without an Error in ResponseMetadata",
+                request_id=meta.RequestId,
+                http_status=status,
+            )
+        request_id = meta.RequestId or ""
+        if method == "POST":
+            if envelope.Result == "ok":
+                return _Success(request_id, "ok", status)
+            return ApiError(
+                action=action,
+                code=errors.UNEXPECTED_RESULT,
+                message=f"Result is {self._snippet(repr(envelope.Result))}, not 'ok'",
+                request_id=meta.RequestId,
+                http_status=status,
+            )
+        if action == "GetSegmentTask":
+            try:
+                parsed = _SegmentTaskResult.model_validate(envelope.Result)
+            except ValidationError as exc:
+                fields = sorted({".".join(map(str, e["loc"])) for e in exc.errors()})
+                return ApiError(
+                    action=action,
+                    code=errors.MALFORMED_RESPONSE,
+                    message=f"Result.SegmentTask is missing or malformed at {', '.join(fields)}",
+                    request_id=meta.RequestId,
+                    http_status=status,
+                )
+            return _Success(request_id, parsed.SegmentTask.model_dump(), status)
+        return _Success(request_id, envelope.Result, status)
+
+    def _transport_error(self, action: str, exc: httpx.RequestError) -> ApiError:
+        kind = type(exc).__name__
+        detail = self._scrub(str(exc)) or kind
+        code: str
+        cls: type[ApiError]
+        if isinstance(exc, httpx.ConnectError | httpx.ProxyError):
+            code, cls = errors.CONNECT_ERROR, RetryableError
+            message = f"could not connect ({detail}); the request was not sent"
+        elif isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            code, cls = errors.CONNECT_TIMEOUT, RetryableError
+            message = f"no connection within the timeout ({kind}); the request was not sent"
+        elif isinstance(exc, httpx.UnsupportedProtocol):
+            code, cls = errors.UNSUPPORTED_PROTOCOL, FatalError
+            message = detail
+        elif isinstance(exc, httpx.LocalProtocolError):
+            code, cls = errors.LOCAL_PROTOCOL_ERROR, ApiError
+            message = detail
+        elif isinstance(exc, httpx.TimeoutException):
+            code, cls = errors.TIMEOUT, OutcomeUnknownError
+            message = f"no answer in time ({kind}); the request may have been applied"
+        else:
+            code, cls = errors.CONNECTION_DROPPED, OutcomeUnknownError
+            message = f"connection lost ({kind}: {detail}); the request may have been applied"
+        return cls(action=action, code=code, message=message)
+
+    @staticmethod
+    def _final_error(error: ApiError, *, attempts: int, maybe_applied: bool) -> ApiError:
+        # An earlier attempt may have been applied even if the last one was
+        # merely throttled: the caller must know the outcome is unknown.
+        cls: type[ApiError] = type(error)
+        if maybe_applied and cls is RetryableError:
+            cls = OutcomeUnknownError
+        return cls(
+            action=error.action,
+            code=error.code,
+            message=error.message,
+            request_id=error.request_id,
+            http_status=error.http_status,
+            attempts=attempts,
+        )
+
+    # -- events and redaction --------------------------------------------------
+
+    def _observe(self, event: CallEvent) -> None:
+        self.stats.record(event)
+        if self._on_call is not None:
+            self._on_call(event)
+
+    @staticmethod
+    def _event_fields(
+        body: Mapping[str, object] | None,
+        query: Mapping[str, str] | None,
+        log_fields: Mapping[str, object] | None,
+    ) -> dict[str, object]:
+        sent: Mapping[str, object] = body if body is not None else (query or {})
+        fields: dict[str, object] = {name: sent[key] for key, name in _TASK_FIELDS if key in sent}
+        fields["body" if body is not None else "query"] = dict(sent)
+        fields.update(log_fields or {})
+        return fields
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, _REDACTED)
+        return text
+
+    def _snippet(self, text: str) -> str:
+        flat = self._scrub(" ".join(text.split()))
+        if len(flat) > _SNIPPET_CHARS:
+            flat = flat[:_SNIPPET_CHARS] + "…"
+        return flat
