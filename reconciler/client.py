@@ -658,7 +658,7 @@ class RtcClient:
     ) -> dict[str, object]:
         sent: Mapping[str, object] = body if body is not None else (query or {})
         fields: dict[str, object] = {name: sent[key] for key, name in _TASK_FIELDS if key in sent}
-        fields["body" if body is not None else "query"] = dict(sent)
+        fields["fields" if body is not None else "query"] = dict(sent)
         fields.update(log_fields or {})
         return fields
 

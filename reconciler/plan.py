@@ -55,11 +55,21 @@ class Call:
     """One UpdateSegment the plan needs, with its exact body."""
 
     task: DesiredTask
-    body: Mapping[str, FieldValue]
-    changes: tuple[FieldChange, ...]
-    #: True when the server never confirmed any value for the task.
-    first: bool
+    #: The managed fields to send: those whose value differs from ``last``.
+    fields: Mapping[str, FieldValue]
+    #: Last-applied values, ``None`` when the server never confirmed any.
+    last: Mapping[str, FieldValue] | None
     action: str = UPDATE_ACTION
+
+    @property
+    def body(self) -> dict[str, FieldValue]:
+        """The exact UpdateSegment body: identity, BusinessId when set, changed fields."""
+        app_id, room_id, task_id = self.task.key
+        body: dict[str, FieldValue] = {"AppId": app_id, "RoomId": room_id, "TaskId": task_id}
+        if self.task.business_id is not None:
+            body["BusinessId"] = self.task.business_id
+        body.update(self.fields)
+        return body
 
     @property
     def key(self) -> TaskKey:
@@ -68,6 +78,17 @@ class Call:
     @property
     def source(self) -> Source:
         return self.task.source
+
+    @property
+    def first(self) -> bool:
+        """True when the server never confirmed any value for the task."""
+        return self.last is None
+
+    @property
+    def changes(self) -> tuple[FieldChange, ...]:
+        # Derived on demand: a 100k-task plan should not build 300k of these.
+        last = self.last or {}
+        return tuple(FieldChange(n, last.get(n), v) for n, v in self.fields.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,41 +223,43 @@ def compute_plan(
     ``held_files`` are desired files that are currently invalid: their recorded
     tasks are held, not forgotten. ``only`` restricts the plan to some keys (the
     daemon re-plans just the tasks of a changed file); ``None`` means all.
+    Every list in the plan is sorted by task key.
     """
     if only is None:
-        keys: list[TaskKey] = sorted(desired.keys() | applied.keys())
+        declared = sorted(desired)
+        orphans = sorted(k for k in applied if k not in desired)
     else:
-        keys = sorted(set(only))
+        chosen = set(only)
+        declared = sorted(k for k in chosen if k in desired)
+        orphans = sorted(k for k in chosen if k not in desired and k in applied)
+
+    forgotten: list[Forget] = []
+    held: list[Held] = []
+    for key in orphans:
+        orphan = applied[key]
+        if orphan.source is not None and orphan.source in held_files:
+            held.append(Held(key, orphan.source))
+        else:
+            forgotten.append(Forget(key, orphan.fields, orphan.source))
 
     calls: list[Call] = []
     in_sync: list[TaskKey] = []
     releases: list[Release] = []
-    forgotten: list[Forget] = []
-    held: list[Held] = []
     blocked: list[Blocked] = []
     warnings: list[PlanWarning] = []
     bookkeeping: list[DesiredTask] = []
-
-    for key in keys:
-        task = desired.get(key)
-        record = applied.get(key)
-        if task is None:
-            if record is None:
-                continue
-            if record.source is not None and record.source in held_files:
-                held.append(Held(key, record.source))
-            else:
-                forgotten.append(Forget(key, record.fields, record.source))
-            continue
-
+    applied_get = applied.get
+    for key in declared:
+        task = desired[key]
+        record = applied_get(key)
         wanted = task.fields
         last = None if record is None else record.fields
         if last is None:
-            body_fields = dict(wanted)
-            changes = tuple(FieldChange(n, None, v) for n, v in wanted.items())
+            diff: Mapping[str, FieldValue] = wanted
+        elif last == wanted and _int_like_types_match(last, wanted):
+            diff = {}
         else:
-            body_fields = {n: v for n, v in wanted.items() if not _same(last.get(n), v)}
-            changes = tuple(FieldChange(n, last.get(n), v) for n, v in body_fields.items())
+            diff = {n: v for n, v in wanted.items() if not _same(last.get(n), v)}
             gone = tuple(n for n in MANAGED_FIELDS if n in last and n not in wanted)
             if gone:
                 releases.append(
@@ -247,28 +270,22 @@ def compute_plan(
                         last={n: last[n] for n in gone},
                     )
                 )
-            if record is not None and record.business_id != task.business_id:
-                warnings.append(_business_id_warning(task, record.business_id))
+        if record is not None and last is not None and record.business_id != task.business_id:
+            warnings.append(_business_id_warning(task, record.business_id))
 
-        if body_fields and record is not None and record.failed_spec == task.spec_hash():
-            blocked.append(
-                Blocked(task, "the server refused this spec as bad input; change it to retry")
-            )
-            continue
-        if body_fields:
-            body: dict[str, FieldValue] = dict(key.identity())
-            if task.business_id is not None:
-                body["BusinessId"] = task.business_id
-            body.update(body_fields)
-            calls.append(Call(task, body, changes, first=last is None))
+        if diff:
+            if record is not None and record.failed_spec == task.spec_hash():
+                blocked.append(Blocked(task, _REFUSED))
+                continue
+            calls.append(Call(task, diff, last))
             continue
 
         in_sync.append(key)
         if (
             record is None
+            or last is None
             or record.source != task.source.path
             or record.failed_spec is not None
-            or (last is None and not wanted)
         ):
             bookkeeping.append(task)
 
@@ -284,9 +301,19 @@ def compute_plan(
     )
 
 
+_REFUSED = "the server refused this spec as bad input; change it to retry"
+
+
 def _same(old: FieldValue | None, new: FieldValue) -> bool:
     # ``True == 1`` in Python; a Handle must never compare equal to a Duration-like int.
     return old is not None and type(old) is type(new) and old == new
+
+
+def _int_like_types_match(last: Mapping[str, FieldValue], wanted: Mapping[str, FieldValue]) -> bool:
+    # After ``last == wanted``, only bool/int confusion can hide a difference.
+    return type(last.get("Handle")) is type(wanted.get("Handle")) and type(
+        last.get("Duration")
+    ) is type(wanted.get("Duration"))
 
 
 def _business_id_warning(task: DesiredTask, old: str | None) -> PlanWarning:

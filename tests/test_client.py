@@ -135,7 +135,7 @@ def test_update_sends_exactly_the_body_and_logs_the_call() -> None:
     assert event["action"] == "UpdateSegment"
     assert event["request_id"] == result.request_id
     assert event["attempt"] == 1 and isinstance(event["latency_ms"], float)
-    assert event["body"] == body
+    assert event["fields"] == body
     assert (event["app_id"], event["room_id"], event["task_id"]) == tuple(KEY)
     assert event["source"] == "a.yaml:1:1"
 
