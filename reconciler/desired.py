@@ -521,6 +521,7 @@ class _Checker:
         defaults_usable = True
         items: list[Node] | None = None
         seen: set[str] = set()
+        stray: _Values = {}
         for key, value in root.value:
             if key.__class__ is not ScalarNode:
                 self.at(key, None, f"a top-level key must be a plain word, not {_node_kind(key)}")
@@ -550,6 +551,8 @@ class _Checker:
                     )
                     items = []
             elif name in _CHECKS:
+                # Counted as set (but unusable) in every task, so it is not also "missing".
+                stray[name] = _INVALID
                 self.at(
                     key,
                     None,
@@ -558,6 +561,9 @@ class _Checker:
                 )
             else:
                 self.at(key, None, _suggest(name, _ENVELOPE_KEYS, what="top-level key"))
+        if stray:
+            defaults = {**stray, **defaults}
+            defaults_ok = False
         if items is None:
             self.at(root, None, "'defaults' without 'tasks' declares nothing; add a 'tasks' list")
             return []
