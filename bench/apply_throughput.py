@@ -1,0 +1,207 @@
+"""Throughput and fault tolerance of ``apply`` against the emulator.
+
+Scenario (issue "Talk to the API"): 3,000 tasks each needing one UpdateSegment;
+the emulator enforces 150/s over any one-second window and answers after 40 ms.
+
+- **throughput**: achieved calls/s as a fraction of 150 (target >= 0.95) with
+  zero ``FlowLimitExceeded`` answers, and, in the same run, the wall time of a
+  plain sequential loop sending the same 3,000 calls one after another, as a
+  ratio;
+- **faults**: the same 3,000 with 10 % of calls answered 500 and 3 % dropped
+  (after the server applied them, so the outcome is unknown to the client):
+  every task ends Synced, total calls <= 1.25 x 3,000, none Failed.
+
+The emulator runs as its own process (``reconciler emulator``) so it does not
+share a GIL with the client; ``apply`` runs in this process through the same
+``apply_plan`` / ``TaskReconciler`` / ``RtcClient`` path the CLI uses, and a
+real SQLite store in a temp dir records every result.
+
+    python bench/apply_throughput.py [--tasks 3000] [--skip-sequential] [--only throughput|faults]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reconciler.apply import apply_plan
+from reconciler.client import ClientConfig, RtcClient
+from reconciler.credentials import Credentials
+from reconciler.desired import load_tree
+from reconciler.events import configure
+from reconciler.plan import Plan, compute_plan
+from reconciler.reconcile import Outcome, Recorder, TaskReconciler
+from reconciler.state import StateStore
+from reconciler.task import SyncStatus
+
+AK, SK = "AKLTbenchAccessKey", "YmVuY2gtc2VjcmV0LWtleS1mb3ItdGhlLWVtdWxhdG9y"
+APP = "661e4a7b9c0d1e2f"
+
+
+def make_tree(root: Path, n: int) -> None:
+    per_file = 100
+    for f in range(0, n, per_file):
+        lines = ["defaults:", f'  AppId: "{APP}"', "  Duration: 45", "tasks:"]
+        for i in range(f, min(n, f + per_file)):
+            lines += [f'  - RoomId: "room-{i:05d}"', '    TaskId: "seg"']
+        (root / f"rooms-{f // per_file:03d}.yaml").write_text("\n".join(lines) + "\n")
+
+
+class EmulatorProcess:
+    def __init__(self, tree: Path, *extra: str) -> None:
+        env = {**os.environ, "VOLC_ACCESSKEY": AK, "VOLC_SECRETKEY": SK}
+        env["RECONCILER_LOG_LEVEL"] = "warning"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "reconciler",
+                "emulator",
+                "--port",
+                "0",
+                "--tasks",
+                str(tree),
+                "--latency-ms",
+                "40",
+                "--update-qps",
+                "150",
+                *extra,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 60
+        self.url = ""
+        while not self.url and time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if "emulator listening on " in line:
+                self.url = line.split("emulator listening on ", 1)[1].strip()
+        if not self.url:
+            self.proc.kill()
+            raise RuntimeError("emulator did not start")
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.url + "/_emulator/stats").json()
+        return data
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/_emulator/reset-stats")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def fresh_plan(tree: Path, store: StateStore) -> tuple[Plan, Recorder]:
+    index = load_tree(tree)
+    recorder = Recorder(store)
+    return compute_plan(index.tasks, recorder.applied), recorder
+
+
+async def concurrent_apply(plan: Plan, recorder: Recorder, url: str) -> tuple[float, Any]:
+    config = ClientConfig(endpoint=url, timeout=5.0)
+    async with RtcClient(Credentials(AK, SK), config=config) as client:
+        reconciler = TaskReconciler(client=client, recorder=recorder)
+        t0 = time.perf_counter()
+        report = await apply_plan(
+            plan, reconciler=reconciler, recorder=recorder, workers=config.max_in_flight
+        )
+        return time.perf_counter() - t0, report
+
+
+async def sequential(plan: Plan, url: str) -> float:
+    config = ClientConfig(endpoint=url, timeout=5.0, max_in_flight=1)
+    async with RtcClient(Credentials(AK, SK), config=config) as client:
+        t0 = time.perf_counter()
+        for call in plan.calls:
+            await client.update_segment(call.body)
+        return time.perf_counter() - t0
+
+
+def update_counts(stats: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = stats["by_action"].get("UpdateSegment", {})
+    return counts
+
+
+def throughput(tree: Path, n: int, *, skip_sequential: bool) -> None:
+    emulator = EmulatorProcess(tree)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, StateStore.open(Path(tmp) / "s.db") as store:
+            plan, recorder = fresh_plan(tree, store)
+            assert len(plan.calls) == n
+            seconds, report = asyncio.run(concurrent_apply(plan, recorder, emulator.url))
+            stats = emulator.stats()
+            rate = n / seconds
+            print(f"throughput: {n} calls in {seconds:.2f} s = {rate:.1f} calls/s")
+            print(f"  fraction of 150/s: {rate / 150:.3f}   (target >= 0.95)")
+            print(f"  FlowLimitExceeded answers: {stats['throttled']}   (target 0)")
+            print(f"  synced: {report.count(Outcome.SYNCED)} / {n}")
+            if not skip_sequential:
+                emulator.reset()
+                seq = asyncio.run(sequential(plan, emulator.url))
+                print(f"sequential loop, same {n} calls: {seq:.1f} s ({n / seq:.1f} calls/s)")
+                print(f"  wall-time ratio sequential / apply: {seq / seconds:.1f}x")
+    finally:
+        emulator.close()
+
+
+def faults(tree: Path, n: int) -> None:
+    emulator = EmulatorProcess(
+        tree, "--error-rate", "0.1", "--drop-rate", "0.03", "--drop-phase", "after", "--seed", "1"
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp, StateStore.open(Path(tmp) / "s.db") as store:
+            plan, recorder = fresh_plan(tree, store)
+            seconds, report = asyncio.run(concurrent_apply(plan, recorder, emulator.url))
+            stats = emulator.stats()
+            counts = store.counts()
+            total = stats["total_requests"]
+            updates = update_counts(stats)
+            print(f"faults (10% 500, 3% dropped): {seconds:.2f} s")
+            print(
+                f"  answers: {updates.get('ok', 0)} ok, {updates.get('InternalError', 0)} 500, "
+                f"{updates.get('Dropped', 0)} dropped, {stats['throttled']} throttled"
+            )
+            print(f"  total calls: {total} = {total / n:.3f} x {n}   (target <= 1.25 x)")
+            print(
+                f"  synced {counts[SyncStatus.SYNCED]}, failed {counts[SyncStatus.FAILED]}, "
+                f"pending {counts[SyncStatus.PENDING]}   (target: all {n} synced, none failed)"
+            )
+            print(f"  apply outcomes ok: {report.ok}")
+    finally:
+        emulator.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=3000)
+    ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("--only", choices=["throughput", "faults"])
+    args = ap.parse_args()
+    configure(fmt="json", level="error")
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "desired"
+        tree.mkdir()
+        make_tree(tree, args.tasks)
+        if args.only in (None, "throughput"):
+            throughput(tree, args.tasks, skip_sequential=args.skip_sequential)
+        if args.only in (None, "faults"):
+            faults(tree, args.tasks)
+
+
+if __name__ == "__main__":
+    main()
