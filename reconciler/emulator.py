@@ -33,8 +33,9 @@ to the client). Latency is added to every answer on ``/``; faults only hit
 requests that reached a segment action, never the admin API.
 
 Choices where the reference is silent: per-task counters (``timer_restarts``,
-``update_calls``, ``last_bodies``) count *applied* UpdateSegment calls and live
-as long as the task key, across restarts; a session-token mismatch answers
+``update_calls``, ``last_bodies`` with their wall-clock ``update_times``) count
+*applied* UpdateSegment calls and live as long as the task key, across
+restarts; a session-token mismatch answers
 ``InvalidSecurityToken`` (401); a wrong HTTP method answers
 ``InvalidActionOrVersion``; an unknown task in GetSegmentTask answers
 ``InvalidParameter.ErrorActiveTaskNotFound``. Error messages never echo the
@@ -562,6 +563,9 @@ class LiveTask:
     update_calls: int
     #: The last few applied UpdateSegment bodies, oldest first, as received.
     last_bodies: tuple[JsonObject, ...]
+    #: When each of ``last_bodies`` was applied (wall clock, ``time.time()``
+    #: seconds), so a bench can time an edit to its call at the server.
+    update_times: tuple[float, ...]
     start_time_ms: int
     end_time_ms: int
     stop_reason: str
@@ -581,6 +585,7 @@ class LiveTask:
             "TimerRestarts": self.timer_restarts,
             "UpdateCalls": self.update_calls,
             "LastBodies": list(self.last_bodies),
+            "UpdateTimes": list(self.update_times),
             "StartTime": self.start_time_ms,
             "EndTime": self.end_time_ms,
             "StopReason": self.stop_reason,
@@ -604,6 +609,7 @@ class _TaskState:
     timer_restarts: int = 0
     update_calls: int = 0
     last_bodies: deque[JsonObject] = field(default_factory=lambda: deque(maxlen=LAST_BODIES))
+    update_times: deque[float] = field(default_factory=lambda: deque(maxlen=LAST_BODIES))
 
     def snapshot(self) -> LiveTask:
         return LiveTask(
@@ -617,6 +623,7 @@ class _TaskState:
             timer_restarts=self.timer_restarts,
             update_calls=self.update_calls,
             last_bodies=tuple(json.loads(json.dumps(b)) for b in self.last_bodies),
+            update_times=tuple(self.update_times),
             start_time_ms=self.start_time_ms,
             end_time_ms=self.end_time_ms,
             stop_reason=self.stop_reason,
@@ -681,10 +688,11 @@ class TaskTable:
         if old is not None:
             # Counters belong to the key, so a test sees every call it made.
             state.timer_restarts, state.update_calls = old.timer_restarts, old.update_calls
-            state.last_bodies = old.last_bodies
+            state.last_bodies, state.update_times = old.last_bodies, old.update_times
         self._tasks[params.key] = state
 
-    def update(self, params: UpdateParams, *, body: JsonObject) -> None:
+    def update(self, params: UpdateParams, *, body: JsonObject, now: float) -> None:
+        """Apply an UpdateSegment; ``now`` is the wall-clock time in seconds."""
         state = self._tasks.get(params.key)
         if state is None or not state.running:
             raise _not_running(params.key)
@@ -697,6 +705,7 @@ class TaskTable:
             state.timer_restarts += 1
         state.update_calls += 1
         state.last_bodies.append(body)
+        state.update_times.append(now)
 
     def stop(self, key: TaskKey, *, now_ms: int, reason: str = "StopByAPI") -> None:
         state = self._tasks.get(key)
@@ -1050,7 +1059,7 @@ class Emulator:
         if action == "StartSegment":
             self._tasks.start(parse_start(params), version=version, now_ms=_now_ms())
         elif action == "UpdateSegment":
-            self._tasks.update(parse_update(params), body=params)
+            self._tasks.update(parse_update(params), body=params, now=time.time())
         else:
             self._tasks.stop(parse_key(params), now_ms=_now_ms())
         return "ok"

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from reconciler.credentials import Credentials
 from reconciler.emulator import (
+    LAST_BODIES,
     ApiError,
     EmulatorConfig,
     EmulatorHandle,
@@ -344,6 +345,32 @@ def test_every_update_carrying_duration_restarts_the_timer(emu: EmulatorHandle) 
         {"Handle"},
         {"Identifier"},
     ]
+
+
+def test_each_applied_update_is_stamped_with_the_wall_clock(emu: EmulatorHandle) -> None:
+    key = _fresh(emu, "stamped")
+    before = time.time()
+    for duration in range(30, 30 + LAST_BODIES + 2):
+        assert (
+            call(emu.url, "UpdateSegment", body=_ident(key, Duration=duration)).status_code == 200
+        )
+    refused = call(emu.url, "UpdateSegment", body=_ident(key, Duration=9, Handle="yes"))
+    assert _error(refused) == "InvalidParameter"
+    after = time.time()
+    live = emu.live(key)
+    assert live is not None
+    # One stamp per remembered body (a refused call applies nothing), in order.
+    assert len(live.update_times) == len(live.last_bodies) == LAST_BODIES
+    assert before <= live.update_times[0] <= live.update_times[-1] <= after
+    assert list(live.update_times) == sorted(live.update_times)
+    assert live.last_bodies[-1]["Duration"] == 30 + LAST_BODIES + 1
+    with httpx.Client(base_url=emu.url) as admin:
+        (row,) = admin.get("/_emulator/tasks", params=key.identity()).json()["tasks"]
+    assert row["UpdateTimes"] == list(live.update_times)
+    # A restart of the task keeps the stamps with its other counters.
+    emu.start_task(app_id=key.app_id, room_id=key.room_id, task_id=key.task_id)
+    again = emu.live(key)
+    assert again is not None and again.update_times == live.update_times
 
 
 def test_parameter_normalisation_rules() -> None:
