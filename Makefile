@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The daemon on the sample tree against an in-process emulator; Ctrl-C stops it.
+# The emulator starts fresh every time, so the demo's state store does too.
 demo: $(STAMP)
-	$(BIN)/reconciler plan desired --state .reconciler/demo-state.db
+	rm -f .reconciler/demo-state.db .reconciler/demo-state.db-wal .reconciler/demo-state.db-shm
+	$(BIN)/reconciler run desired --emulator --state .reconciler/demo-state.db
 
 lint: $(STAMP)
 	$(BIN)/ruff check reconciler tests bench
