@@ -646,7 +646,13 @@ _CHECKS: Final[dict[str, _Check]] = {
 assert tuple(_CHECKS) == TASK_KEYS
 
 
+def _by_place(tasks: list[DesiredTask]) -> list[DesiredTask]:
+    """Tasks in source order, so messages do not depend on the order files were seen."""
+    return sorted(tasks, key=lambda t: (t.source.path, t.source.line, t.source.column))
+
+
 def _key_conflict(key: TaskKey, tasks: list[DesiredTask]) -> list[Problem]:
+    tasks = _by_place(tasks)
     return [
         Problem(
             task.source,
@@ -659,6 +665,7 @@ def _key_conflict(key: TaskKey, tasks: list[DesiredTask]) -> list[Problem]:
 
 
 def _identifier_conflict(identifier: str, tasks: list[DesiredTask]) -> list[Problem]:
+    tasks = _by_place(tasks)
     return [
         Problem(
             task.source,
@@ -887,8 +894,10 @@ def _read(base: str, rel: str, *, contained: bool) -> FileResult:
             rel, (), (_problem_at(rel, "refused: it leads outside the desired tree"),)
         )
     try:
-        with open(full, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        # Non-blocking open: a FIFO named like a desired file must not hang the scan.
+        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb", closefd=True) as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return FileResult(rel, (), (_problem_at(rel, "cannot read: not a regular file"),))
             data = handle.read()
     except OSError as e:
