@@ -17,14 +17,13 @@ exit), so a bench that fails half-way leaves nothing running.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -371,18 +370,3 @@ def figure(label: str, value: str, target: str | None = None, *, ok: bool | None
     if ok is not None:
         line += "   ok" if ok else "   MISSED"
     print(line, flush=True)
-
-
-def dump_json(path: Path, doc: object) -> None:
-    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-
-
-def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
