@@ -119,13 +119,16 @@ class Daemon:
         self._signatures[rel] = sig
         return self.index.put(read_file(self.config.root, rel))
 
-    def scan(self) -> set[TaskKey]:
-        """Bring the index in line with the tree; re-read only changed files."""
+    def scan(self, *, skip: frozenset[str] = frozenset()) -> set[TaskKey]:
+        """Bring the index in line with the tree; re-read only changed files.
+
+        ``skip``: files still being saved repeatedly; the watcher sends them later.
+        """
         paths, self._scan_problems = discover(self.config.root)
         affected: set[TaskKey] = set()
         present = set(paths)
         for rel in paths:
-            if self._signature(rel) != self._signatures.get(rel):
+            if rel not in skip and self._signature(rel) != self._signatures.get(rel):
                 affected |= self._reload(rel)
         for rel in self.index.paths - present:
             self._signatures.pop(rel, None)
@@ -137,7 +140,7 @@ class Daemon:
         for rel in sorted(change.paths):
             affected |= self._reload(rel)
         if change.rescan:
-            affected |= self.scan()
+            affected |= self.scan(skip=change.settling)
         return affected
 
     def _report_files(self) -> None:
