@@ -1,0 +1,74 @@
+"""Secrets (the SK, session tokens) never reach logs, plans, state or errors."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from reconciler.credentials import Credentials, CredentialsError, load_credentials
+from reconciler.emulator import EmulatorConfig
+from tests.conftest import ACCESS_KEY, SECRET_KEY, run_cli, tasks_yaml, write
+from tests.harness import DaemonProcess
+
+TOKEN = "STS-session-token-that-must-stay-hidden-0001"
+
+
+def test_credentials_repr_and_errors_hide_the_secret(tmp_path: Path) -> None:
+    creds = Credentials(ACCESS_KEY, SECRET_KEY, TOKEN)
+    for text in (repr(creds), str(creds)):
+        assert SECRET_KEY not in text and TOKEN not in text and ACCESS_KEY in text
+    assert repr(EmulatorConfig(credentials={ACCESS_KEY: SECRET_KEY})).count(SECRET_KEY) == 0
+
+    ini = tmp_path / "credentials"
+    ini.write_text(f"[default]\nsecret_access_key = {SECRET_KEY}\n")
+    try:
+        load_credentials(environ={}, path=ini)
+    except CredentialsError as exc:
+        assert SECRET_KEY not in str(exc) and SECRET_KEY not in repr(exc)
+    else:
+        raise AssertionError("a credentials file without access_key_id must be refused")
+
+
+def test_daemon_with_session_token_at_debug_level_never_writes_secrets(
+    tmp_path: Path, make_emulator: object
+) -> None:
+    h = make_emulator(session_tokens={ACCESS_KEY: TOKEN})  # type: ignore[operator]
+    h.start_task(app_id="app1", room_id="r1", task_id="t1")
+    write(
+        tmp_path / "desired",
+        "a.yaml",
+        tasks_yaml(
+            "app1",
+            [
+                {"RoomId": "r1", "TaskId": "t1", "Duration": 9},
+                {"RoomId": "r2", "TaskId": "t1", "Duration": 9},
+            ],
+        ),
+    )
+    d = DaemonProcess(
+        tmp_path,
+        *("desired", "--endpoint", h.url, "--health-port", "0", "--state", "state.db"),
+        env={"VOLC_SESSION_TOKEN": TOKEN, "RECONCILER_LOG_LEVEL": "debug"},
+    )
+    try:
+        d.wait_event("task.synced")
+        d.wait_event("task.not_running")
+        assert d.events("call.sending"), "debug events were written"
+    finally:
+        assert d.stop(signal.SIGTERM) == 0
+    plan = run_cli(
+        "plan",
+        "desired",
+        "--state",
+        "state.db",
+        "-o",
+        "json",
+        cwd=tmp_path,
+        env={"VOLC_SESSION_TOKEN": TOKEN},
+    )
+    for blob in (
+        d.log_path.read_bytes(),
+        (tmp_path / "state.db").read_bytes(),
+        plan.stdout.encode() + plan.stderr.encode(),
+    ):
+        assert SECRET_KEY.encode() not in blob and TOKEN.encode() not in blob
