@@ -247,7 +247,7 @@ class EmulatorProcess:
 
 
 class Daemon(DaemonProcess):
-    """The daemon on a health port chosen here, so it works at any log level."""
+    """The daemon against ``endpoint``, on a health port chosen here (works at any log level)."""
 
     def __init__(
         self,
@@ -257,46 +257,15 @@ class Daemon(DaemonProcess):
         log_level: str = "info",
         name: str = "daemon",
     ) -> None:
-        self.health_port = free_port()
         super().__init__(
             cwd,
             *args,
             "--endpoint",
             endpoint,
-            "--health-port",
-            str(self.health_port),
             name=name,
             env={"RECONCILER_LOG_LEVEL": log_level},
+            health_port=free_port(),
         )
-
-    @property
-    def health_url(self) -> str:
-        return f"http://127.0.0.1:{self.health_port}"
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.health("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited ({self.proc.returncode}):\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"daemon not ready within {timeout}s:\n{self.tail()}")
-            time.sleep(0.05)
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def daemon_args(*, state: str = "state.db", resync: float = 3600.0) -> list[str]:

@@ -175,53 +175,10 @@ class TaskReconciler:
         sent: Mapping[str, FieldValue] = call.body
         try:
             res = await self.client.update_segment(sent, log_fields=task_fields(key))
-        except NotRunningError as exc:
-            self.recorder.not_running(task, exc)
-            log.warning(
-                "task.not_running",
-                action=call.action,
-                attempt=exc.attempts,
-                latency_ms=_since(started),
-                fields=dict(sent),
-                request_id=exc.request_id,
-                message=exc.message,
-                requeue_after=self.not_running_retry,
-            )
-            return Result(key, Outcome.NOT_RUNNING, self.not_running_retry, exc, exc.request_id)
-        except BadInputError as exc:
-            self.recorder.failure(task, exc, terminal=True)
-            log.error(
-                "task.failed",
-                action=call.action,
-                attempt=exc.attempts,
-                latency_ms=_since(started),
-                fields=dict(sent),
-                code=exc.code,
-                request_id=exc.request_id,
-                message=exc.message,
-                terminal=True,
-            )
-            return Result(key, Outcome.FAILED, None, exc, exc.request_id)
         except FatalError:
-            raise
+            raise  # not a result: the whole run stops or pauses
         except ApiError as exc:
-            # Retryable errors whose retries ran out, and answers that made no
-            # sense: the task is tried again later, never given up on.
-            self.recorder.failure(task, exc, terminal=False)
-            log.warning(
-                "task.failed",
-                action=call.action,
-                attempt=exc.attempts,
-                latency_ms=_since(started),
-                fields=dict(sent),
-                code=exc.code,
-                request_id=exc.request_id,
-                message=exc.message,
-                terminal=False,
-                outcome_unknown=isinstance(exc, OutcomeUnknownError),
-                requeue_after=self.failed_retry,
-            )
-            return Result(key, Outcome.RETRY, self.failed_retry, exc, exc.request_id)
+            return self._failed(call, exc, log=log, started=started)
         latency = _since(started)
         self.recorder.success(task, request_id=res.request_id)
         log.info(
@@ -233,6 +190,38 @@ class TaskReconciler:
             fields=dict(sent),
         )
         return Result(key, Outcome.SYNCED, None, None, res.request_id, latency)
+
+    def _failed(self, call: Call, exc: ApiError, *, log: Any, started: float) -> Result:
+        """Record and log a call that did not succeed; say when to look again."""
+        task, key = call.task, call.key
+        detail = {
+            "action": call.action,
+            "attempt": exc.attempts,
+            "latency_ms": _since(started),
+            "fields": call.body,
+            "code": exc.code,
+            "request_id": exc.request_id,
+            "message": exc.message,
+        }
+        if isinstance(exc, NotRunningError):
+            self.recorder.not_running(task, exc)
+            log.warning("task.not_running", **detail, requeue_after=self.not_running_retry)
+            return Result(key, Outcome.NOT_RUNNING, self.not_running_retry, exc, exc.request_id)
+        if isinstance(exc, BadInputError):
+            self.recorder.failure(task, exc, terminal=True)
+            log.error("task.failed", **detail, terminal=True)
+            return Result(key, Outcome.FAILED, None, exc, exc.request_id)
+        # Retryable errors whose retries ran out, and answers that made no
+        # sense: the task is tried again later, never given up on.
+        self.recorder.failure(task, exc, terminal=False)
+        log.warning(
+            "task.failed",
+            **detail,
+            terminal=False,
+            outcome_unknown=isinstance(exc, OutcomeUnknownError),
+            requeue_after=self.failed_retry,
+        )
+        return Result(key, Outcome.RETRY, self.failed_retry, exc, exc.request_id)
 
 
 def _since(started: float) -> float:

@@ -13,7 +13,8 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import httpx
 
@@ -29,8 +30,14 @@ class DaemonProcess:
         *args: str | Path,
         env: Mapping[str, str] | None = None,
         name: str = "daemon",
+        health_port: int | None = None,
     ) -> None:
+        """``health_port``: bind it instead of reading the port from ``daemon.started``
+        (that event is not written at ``--log-level warning``)."""
         self.cwd = cwd
+        self.health_port = health_port
+        if health_port is not None:
+            args = (*args, "--health-port", str(health_port))
         self.log_path = cwd / f"{name}.log"
         self._log = self.log_path.open("ab")
         self._offset = self.log_path.stat().st_size
@@ -85,6 +92,8 @@ class DaemonProcess:
 
     @property
     def health_url(self) -> str:
+        if self.health_port is not None:
+            return f"http://127.0.0.1:{self.health_port}"
         return str(self.wait_event("daemon.started")[0]["health"])
 
     @property
@@ -96,7 +105,14 @@ class DaemonProcess:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.health("/readyz").status_code != 200:
+        while True:
+            try:
+                if self.health("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}):\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"not ready within {timeout}s:\n{self.tail()}")
             time.sleep(0.05)
@@ -128,6 +144,17 @@ class DaemonProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(10)
+        self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def close(self) -> None:
