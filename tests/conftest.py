@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ def write(root: Path, rel: str, text: str) -> Path:
 
 
 def tasks_yaml(
-    app: str, tasks: list[Mapping[str, Any]], defaults: Mapping[str, Any] | None = None
+    app: str, tasks: Sequence[Mapping[str, Any]], defaults: Mapping[str, Any] | None = None
 ) -> str:
     """A defaults+tasks file with every id quoted."""
     lines = ["defaults:", f'  AppId: "{app}"']
