@@ -19,7 +19,8 @@ import json
 import secrets
 import signal
 import sys
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -39,7 +40,7 @@ from reconciler.plan import Plan, compute_plan, records_from_tree
 from reconciler.ratelimit import RateLimits
 from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler
 from reconciler.state import StateError, StateStore
-from reconciler.task import AppliedRecord, TaskKey
+from reconciler.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,18 +113,41 @@ def load_valid_tree(directory: Path, *, what: str = "desired tree") -> DesiredIn
     return index
 
 
-def open_store(path: Path, *, create: bool) -> StateStore:
+def load_base_tree(base: Path) -> Mapping[TaskKey, DesiredTask]:
+    """The tree ``plan --base`` compares with. Unlike the tree under review, an
+    invalid base does not stop the plan: a pull request that fixes a broken main
+    must still get one. Tasks of its invalid files count as never applied."""
+    if not base.is_dir():
+        fail(f"base tree {base} does not exist or is not a directory")
+    index = load_tree(base)
+    if index.problems:
+        click.echo(render.problems(str(base), index.problems), err=True)
+        click.echo(
+            click.style("warning: ", fg="yellow", bold=True)
+            + f"base tree {base} has {len(index.problems)} problem(s); tasks of its "
+            f"{len(index.invalid_files)} invalid file(s) are planned as first syncs",
+            err=True,
+        )
+    return index.tasks
+
+
+def open_store(path: Path, *, create: bool, read_only: bool = False) -> StateStore:
     try:
-        return StateStore.open(path, create=create)
+        return StateStore.open(path, create=create, read_only=read_only)
     except StateError as exc:
         fail(str(exc))
 
 
 def read_applied(path: Path) -> dict[TaskKey, AppliedRecord]:
-    """Records for a dry run: a missing store is an empty one, and is not created."""
+    """Records for a dry run: read-only; a missing store is an empty one, not created."""
     if not path.exists():
+        click.echo(
+            click.style("note: ", fg="yellow")
+            + f"no state store at {path}: every task is planned as a first sync",
+            err=True,
+        )
         return {}
-    with open_store(path, create=False) as store:
+    with open_store(path, create=False, read_only=True) as store:
         return store.applied()
 
 
@@ -199,10 +223,7 @@ def plan(
 ) -> None:
     """Dry run: show the calls `apply` would make, with exact bodies."""
     index = load_valid_tree(directory)
-    if base is not None:
-        applied = records_from_tree(load_valid_tree(base, what="base tree").tasks)
-    else:
-        applied = read_applied(state)
+    applied = records_from_tree(load_base_tree(base)) if base else read_applied(state)
     result = make_plan(index, applied)
     if output == "json":
         click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
@@ -219,11 +240,12 @@ def status(state: Path, output: str) -> None:
     """Per task: Synced / Pending / NotRunning / Failed, last call, last error."""
     if not state.exists():
         if output == "json":
-            click.echo(json.dumps({"format_version": 1, "counts": {}, "tasks": []}, indent=2))
+            zero = {status.value: 0 for status in SyncStatus}
+            click.echo(json.dumps({"format_version": 1, "counts": zero, "tasks": []}, indent=2))
         else:
             click.echo(f"No state store at {state}: nothing has been applied yet.")
         return
-    with open_store(state, create=False) as store:
+    with open_store(state, create=False, read_only=True) as store:
         rows = store.all()
         counts = store.counts()
     if output == "json":
@@ -237,6 +259,29 @@ def status(state: Path, output: str) -> None:
         click.echo(render.status_table(rows, counts))
 
 
+def _check_endpoint(_: click.Context, param: click.Parameter, value: str) -> str:
+    url = urllib.parse.urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise click.BadParameter(
+            f"{value!r} is not an http(s) URL such as {DEFAULT_ENDPOINT}", param=param
+        )
+    return value
+
+
+def _not_empty(_: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("must not be empty", param=param)
+    return value
+
+
+async def listen(start: Awaitable[str], *, what: str, host: str, port: int) -> str:
+    """Start a server; a port in use is a clear error, not a traceback."""
+    try:
+        return await start
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}")
+
+
 def api_options(f: F) -> F:
     """Options for talking to the API, shared by ``apply`` and ``run``."""
     decorators = [
@@ -245,11 +290,20 @@ def api_options(f: F) -> F:
             env="ENDPOINT",
             default=DEFAULT_ENDPOINT,
             show_default=True,
+            callback=_check_endpoint,
             help="OpenAPI endpoint URL.",
         ),
-        _option("--region", env="REGION", default="cn-north-1", show_default=True),
-        _option("--service", env="SERVICE", default="rtc", show_default=True),
-        _option("--api-version", env="API_VERSION", default="2022-06-01", show_default=True),
+        _option(
+            "--region", env="REGION", default="cn-north-1", show_default=True, callback=_not_empty
+        ),
+        _option("--service", env="SERVICE", default="rtc", show_default=True, callback=_not_empty),
+        _option(
+            "--api-version",
+            env="API_VERSION",
+            default="2022-06-01",
+            show_default=True,
+            callback=_not_empty,
+        ),
         _option(
             "--qps",
             env="QPS",
@@ -514,7 +568,12 @@ async def _run_daemon(
     emulator: Emulator | None = None
     if embedded:
         emulator = Emulator(EmulatorConfig(credentials={creds.access_key: creds.secret_key}))
-        url = await emulator.start(host="127.0.0.1", port=emulator_port)
+        url = await listen(
+            emulator.start(host="127.0.0.1", port=emulator_port),
+            what="the embedded emulator (--emulator-port)",
+            host="127.0.0.1",
+            port=emulator_port,
+        )
         started = _start_tree_tasks(emulator, load_tree(daemon_config.root))
         config = dataclasses.replace(config, endpoint=url)
         log.info("emulator.embedded", url=url, running_tasks=started)
@@ -530,8 +589,15 @@ async def _run_daemon(
                 recorder=recorder,
                 metrics=metrics,
             )
-            server = HealthServer(metrics=metrics, readiness=daemon.readiness)
-            health_url = await server.start(host=health[0], port=health[1])
+            server = HealthServer(
+                metrics=metrics, readiness=daemon.readiness, liveness=daemon.liveness
+            )
+            health_url = await listen(
+                server.start(host=health[0], port=health[1]),
+                what="health and metrics (--health-port)",
+                host=health[0],
+                port=health[1],
+            )
             log.info(
                 "daemon.started",
                 root=str(daemon_config.root),
@@ -561,10 +627,10 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[
 
 
 @main.command("emulator")
-@click.option("--host", envvar="RECONCILER_EMULATOR_HOST", default="127.0.0.1", show_default=True)
-@click.option(
+@_option("--host", env="HOST", default="127.0.0.1", show_default=True)
+@_option(
     "--port",
-    envvar="RECONCILER_EMULATOR_PORT",
+    env="PORT",
     type=click.IntRange(0, 65535),
     default=8780,
     show_default=True,
@@ -572,28 +638,28 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[
 @_option("--region", env="REGION", default="cn-north-1", show_default=True)
 @_option(
     "--tasks",
-    env="EMULATOR_TASKS",
+    env="TASKS",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Start every task of this desired tree, as if StartSegment ran.",
 )
 @_option(
     "--latency-ms",
-    env="EMULATOR_LATENCY_MS",
+    env="LATENCY_MS",
     type=click.FloatRange(0),
     default=0.0,
     show_default=True,
 )
 @_option(
     "--jitter-ms",
-    env="EMULATOR_JITTER_MS",
+    env="JITTER_MS",
     type=click.FloatRange(0),
     default=0.0,
     show_default=True,
 )
 @_option(
     "--error-rate",
-    env="EMULATOR_ERROR_RATE",
+    env="ERROR_RATE",
     type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
@@ -601,7 +667,7 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[
 )
 @_option(
     "--drop-rate",
-    env="EMULATOR_DROP_RATE",
+    env="DROP_RATE",
     type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
@@ -609,7 +675,7 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[
 )
 @_option(
     "--drop-phase",
-    env="EMULATOR_DROP_PHASE",
+    env="DROP_PHASE",
     type=click.Choice(["before", "after"]),
     default="after",
     show_default=True,
@@ -617,13 +683,13 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[
 )
 @_option(
     "--update-qps",
-    env="EMULATOR_UPDATE_QPS",
+    env="UPDATE_QPS",
     type=click.IntRange(0),
     default=150,
     show_default=True,
     help="UpdateSegment limit over any one-second window (0: none).",
 )
-@_option("--seed", env="EMULATOR_SEED", type=int, default=None)
+@_option("--seed", env="SEED", type=int, default=None)
 def emulator_command(
     host: str,
     port: int,
@@ -652,7 +718,9 @@ def emulator_command(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal(stop, sig, log))
         emulator = Emulator(config)
-        url = await emulator.start(host=host, port=port)
+        url = await listen(
+            emulator.start(host=host, port=port), what="the emulator", host=host, port=port
+        )
         started = _start_tree_tasks(emulator, index) if index is not None else 0
         log.info("emulator.tasks_started", url=url, running_tasks=started)
         click.echo(f"emulator listening on {url}", err=True)
@@ -662,3 +730,21 @@ def emulator_command(
             await emulator.stop()
 
     asyncio.run(serve_until_signal())
+
+
+def entry_point() -> None:
+    """The console script: click's own errors exit 1, never 2.
+
+    Click ends a usage error (unknown option, bad choice) with status 2, which
+    ``plan --detailed-exitcode`` uses for "calls pending"; a CI job would read
+    a typo as pending calls. CONTRACT §3: every error is 1.
+    """
+    try:
+        status = main.main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(1)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)

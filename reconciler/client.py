@@ -400,6 +400,7 @@ class RtcClient:
         params = {**(query or {}), "Action": action, "Version": cfg.version}
         log = self._log.bind(**{**self._event_fields(body, query, log_fields), "action": action})
         maybe_applied = False
+        resend_spent = False
         attempt = 0
         while True:
             attempt += 1
@@ -427,6 +428,10 @@ class RtcClient:
                 return CallResult(action, answer.request_id, attempt, latency, answer.result)
             error = answer
             if isinstance(error, OutcomeUnknownError):
+                # A call that may have been applied is sent once more at most
+                # here; re-sending Duration cuts the slice each time, so any
+                # further retry is the caller's, later (at-least-once).
+                resend_spent = maybe_applied
                 maybe_applied = True
                 log.warning(
                     "call.outcome_unknown",
@@ -437,6 +442,8 @@ class RtcClient:
                     message=error.message,
                 )
             if not isinstance(error, RetryableError) or attempt >= cfg.max_attempts:
+                break
+            if isinstance(error, OutcomeUnknownError) and resend_spent:
                 break
             delay = backoff_delay(
                 attempt, base=cfg.backoff_base, cap=cfg.backoff_cap, rng=self._rng

@@ -58,6 +58,9 @@ _FATAL_CODES: Final = frozenset(
         "MissingSignature",
         "InvalidTimestamp",
         "InvalidActionOrVersion",
+        # Action/Version (or the identity) missing: our request is malformed,
+        # and would be for every task.
+        "MissingParameter",
         "InvalidAuthorization",
         "InvalidCredential",
         "InvalidSecurityToken",
@@ -172,7 +175,7 @@ def classify(*, http_status: int | None, code: str | None) -> type[ApiError]:
             return RetryableError
         if code in _FATAL_CODES or code.startswith("AccessDenied"):
             return FatalError
-        if code.startswith("InvalidParameter") or code == "MissingParameter":
+        if code.startswith("InvalidParameter"):
             return BadInputError
     if http_status is None or http_status < 400:
         return ApiError
@@ -181,4 +184,7 @@ def classify(*, http_status: int | None, code: str | None) -> type[ApiError]:
     if http_status in (401, 403, 404):
         # Unknown code, but these statuses mean "who you are" or "what you call".
         return FatalError
-    return BadInputError
+    # Any other 4xx with a code we do not know: failed, but not proof that the
+    # task's own spec is bad (it is often our configuration), so it is tried
+    # again later rather than blocked until the spec changes.
+    return ApiError

@@ -1,9 +1,11 @@
 """The daemon's HTTP side: ``/healthz``, ``/readyz`` and ``/metrics``.
 
 ``/healthz`` answers 200 while the event loop is turning (a wedged loop cannot
-answer at all). ``/readyz`` answers 200 once the first full reconcile is done,
-503 before that or while calls are paused by a credentials error, with the
-reason in the body. ``/metrics`` is Prometheus' text format.
+answer at all) and the daemon's watcher and resync loops are alive, 503 if one
+of them died, so a supervisor restarts the process. ``/readyz`` answers 200
+once the first full reconcile is done, 503 before that or while calls are
+paused by a credentials error, with the reason in the body. ``/metrics`` is
+Prometheus' text format.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ from reconciler.metrics import Metrics
 
 
 class HealthServer:
-    def __init__(self, *, metrics: Metrics, readiness: Callable[[], str | None]) -> None:
-        """``readiness`` returns ``None`` when ready, else why not."""
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        readiness: Callable[[], str | None],
+        liveness: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        """``readiness`` and ``liveness`` return ``None`` when fine, else why not."""
         self._metrics = metrics
         self._readiness = readiness
+        self._liveness = liveness
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -46,7 +55,10 @@ class HealthServer:
             self._runner = None
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        reason = self._liveness()
+        if reason is None:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text=f"unhealthy: {reason}\n")
 
     async def _readyz(self, _: web.Request) -> web.Response:
         reason = self._readiness()

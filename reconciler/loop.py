@@ -92,10 +92,22 @@ class Daemon:
         self._running.set()
         self._paused_reason: str | None = None
         self._fatal_pauses = 0
+        self._root_missing = False
+        self._stop = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
 
     # --- readiness ---------------------------------------------------------------
 
+    def liveness(self) -> str | None:
+        """``None`` while the watcher and resync loops run, else which one died."""
+        for task in self._background:
+            if task.done() and not self._stop.is_set():
+                return f"{task.get_name()} stopped unexpectedly"
+        return None
+
     def readiness(self) -> str | None:
+        if (dead := self.liveness()) is not None:
+            return dead
         if self._paused_reason is not None:
             return self._paused_reason
         if not self._first_pass_done:
@@ -112,6 +124,9 @@ class Daemon:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _reload(self, rel: str) -> set[TaskKey]:
+        if (self.config.root / rel).is_dir():
+            # A folder whose name looks like a file: its contents are found by a rescan.
+            return self.scan()
         sig = self._signature(rel)
         if sig is None:
             self._signatures.pop(rel, None)
@@ -123,8 +138,21 @@ class Daemon:
         """Bring the index in line with the tree; re-read only changed files.
 
         ``skip``: files still being saved repeatedly; the watcher sends them later.
+        A root that is missing for a moment (a git-sync swap gone wrong, a
+        re-clone) changes nothing: every task is kept as it is until it returns.
         """
-        paths, self._scan_problems = discover(self.config.root)
+        try:
+            paths, self._scan_problems = discover(self.config.root)
+        except OSError as exc:
+            if not self._root_missing:
+                self.log.error(
+                    "desired.root_unavailable", root=str(self.config.root), error=str(exc)
+                )
+            self._root_missing = True
+            return set()
+        if self._root_missing:
+            self.log.info("desired.root_available", root=str(self.config.root))
+            self._root_missing = False
         affected: set[TaskKey] = set()
         present = set(paths)
         for rel in paths:
@@ -209,29 +237,42 @@ class Daemon:
 
     async def _worker(self) -> None:
         while (key := await self.queue.get()) is not None:
-            self.metrics.in_flight.inc()
+            handled = False
             try:
                 await self._running.wait()
-                await self._process(key)
+                if self._stop.is_set():
+                    return  # shutting down: take no new call, even one already dequeued
+                self.metrics.in_flight.inc()
+                try:
+                    handled = await self._process(key)
+                finally:
+                    self.metrics.in_flight.dec()
+            except Exception as exc:  # one task's surprise must not stop a worker
+                delay = self.queue.add_rate_limited(key)
+                self.log.exception(
+                    "task.error", error=repr(exc), retry_in_s=delay, **task_fields(key)
+                )
+                handled = True
             finally:
-                self.metrics.in_flight.dec()
                 self.queue.done(key)
                 self.metrics.queue_depth.set(len(self.queue))
-                self._pass.discard(key)
-                self._maybe_finish_pass()
+                if handled:
+                    self._pass.discard(key)
+                    self._maybe_finish_pass()
 
-    async def _process(self, key: TaskKey) -> None:
+    async def _process(self, key: TaskKey) -> bool:
+        """Reconcile one key; ``False`` if a credentials error left it unhandled."""
         plan = self._plan([key])
         self.recorder.bookkeeping(plan)
         if not plan.calls:
             self.queue.forget(key)
-            return
+            return True
         try:
             result = await self.reconciler.reconcile(plan.calls[0])
         except FatalError as exc:
-            await self._pause(exc)
             self.queue.add(key)
-            return
+            await self._pause(exc)
+            return False
         self._fatal_pauses = 0
         if result.requeue_after is None:
             self.queue.forget(key)
@@ -240,6 +281,7 @@ class Daemon:
             self.log.info(
                 "task.requeued", outcome=result.outcome.value, after_s=delay, **task_fields(key)
             )
+        return True
 
     async def _pause(self, exc: FatalError) -> None:
         if not self._running.is_set():
@@ -249,46 +291,56 @@ class Daemon:
         self._fatal_pauses += 1
         self._paused_reason = f"calls paused: {exc}"
         self.log.error("daemon.paused", error=str(exc), code=exc.code, retry_in_s=pause)
-        try:
-            await asyncio.sleep(pause)
-        finally:
-            self._paused_reason = None
-            self._running.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), pause)
+        self._paused_reason = None
+        self._running.set()
+        if not self._stop.is_set():
             self.log.info("daemon.resumed")
 
     # --- the loop -----------------------------------------------------------------
 
     async def _watch(self, stop: asyncio.Event) -> None:
-        async for change in watch_tree(
-            self.config.root,
-            stop=stop,
-            step_ms=self.config.step_ms,
-            debounce_ms=self.config.debounce_ms,
-        ):
-            affected = self.apply_change(change)
-            self.log.info(
-                "desired.changed",
-                files=len(change.paths),
-                rescan=change.rescan,
-                tasks=len(affected),
-            )
-            self._report_files()
-            if affected:
-                self.replan(affected, reason="file_changed")
+        while not stop.is_set():
+            try:
+                async for change in watch_tree(
+                    self.config.root,
+                    stop=stop,
+                    step_ms=self.config.step_ms,
+                    debounce_ms=self.config.debounce_ms,
+                ):
+                    self._on_change(change)
+            except Exception as exc:  # keep watching; resync covers the gap
+                self.log.exception("watch.failed", error=repr(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    def _on_change(self, change: TreeChange) -> None:
+        affected = self.apply_change(change)
+        self.log.info(
+            "desired.changed", files=len(change.paths), rescan=change.rescan, tasks=len(affected)
+        )
+        self._report_files()
+        if affected:
+            self.replan(affected, reason="file_changed")
 
     async def _resync(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.resync_interval)
                 return
-            self.scan()
-            self._report_files()
-            plan = self.replan(None, reason="resync")
-            if not self._pass:
-                self._start_pass(plan, reason="resync")
+            try:
+                self.scan()
+                self._report_files()
+                plan = self.replan(None, reason="resync")
+                if not self._pass:
+                    self._start_pass(plan, reason="resync")
+            except Exception as exc:  # try again at the next resync
+                self.log.exception("resync.failed", error=repr(exc))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain."""
+        self._stop = stop
         started = time.monotonic()
         self.scan()
         self._report_files()
@@ -304,18 +356,17 @@ class Daemon:
         self._start_pass(plan, reason="start")
 
         workers = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
-        background = [
-            asyncio.create_task(self._watch(stop)),
-            asyncio.create_task(self._resync(stop)),
+        self._background = [
+            asyncio.create_task(self._watch(stop), name="watcher"),
+            asyncio.create_task(self._resync(stop), name="resync"),
         ]
         await stop.wait()
 
         self.log.info("daemon.draining", in_flight=self.queue.processing, queued=len(self.queue))
-        for task in background:
+        for task in self._background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         self.queue.shutdown()
-        self._running.set()  # let paused workers see the shutdown
         _, late = await asyncio.wait(workers, timeout=self.config.drain_timeout)
         for task in late:
             task.cancel()

@@ -15,6 +15,7 @@ without reading the database back.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -165,8 +166,26 @@ class TaskReconciler:
         self.recorder = recorder
         self.not_running_retry = not_running_retry
         self.failed_retry = failed_retry
+        # Until one answer proves the credentials work, calls go one at a time:
+        # a wrong key then costs one refused request, not one per worker.
+        self._credentials_proven = False
+        self._probe = asyncio.Lock()
+        self._refusals = 0
+        self._last_refusal: FatalError | None = None
 
     async def reconcile(self, call: Call) -> Result:
+        """Make ``call``; raises :class:`FatalError` for credentials/permissions."""
+        if self._credentials_proven:
+            return await self._reconcile(call)
+        refusals = self._refusals
+        async with self._probe:
+            if self._refusals != refusals and self._last_refusal is not None:
+                raise self._last_refusal  # refused while we waited: don't ask again
+            if not self._credentials_proven:
+                return await self._reconcile(call)
+        return await self._reconcile(call)  # proven while we waited: go concurrently
+
+    async def _reconcile(self, call: Call) -> Result:
         task, key = call.task, call.key
         log = events.get_logger(**task_fields(key))
         self.recorder.pending(task)
@@ -175,10 +194,15 @@ class TaskReconciler:
         sent: Mapping[str, FieldValue] = call.body
         try:
             res = await self.client.update_segment(sent, log_fields=task_fields(key))
-        except FatalError:
+        except FatalError as exc:
+            self._credentials_proven = False
+            self._refusals += 1
+            self._last_refusal = exc
             raise  # not a result: the whole run stops or pauses
         except ApiError as exc:
+            self._credentials_proven = True
             return self._failed(call, exc, log=log, started=started)
+        self._credentials_proven = True
         latency = _since(started)
         self.recorder.success(task, request_id=res.request_id)
         log.info(
@@ -205,7 +229,7 @@ class TaskReconciler:
         }
         if isinstance(exc, NotRunningError):
             self.recorder.not_running(task, exc)
-            log.warning("task.not_running", **detail, requeue_after=self.not_running_retry)
+            log.warning("task.not_running", **detail)
             return Result(key, Outcome.NOT_RUNNING, self.not_running_retry, exc, exc.request_id)
         if isinstance(exc, BadInputError):
             self.recorder.failure(task, exc, terminal=True)
@@ -219,7 +243,6 @@ class TaskReconciler:
             **detail,
             terminal=False,
             outcome_unknown=isinstance(exc, OutcomeUnknownError),
-            requeue_after=self.failed_retry,
         )
         return Result(key, Outcome.RETRY, self.failed_retry, exc, exc.request_id)
 

@@ -329,13 +329,19 @@ class StateStore:
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True) -> StateStore:
+    def open(cls, path: Path, *, create: bool = True, read_only: bool = False) -> StateStore:
         """Open (and, with ``create``, create) the store, migrating it forward.
 
         With ``create=False`` a missing file is a :class:`StateError` (``status``
-        reports on a store, it never makes one).
+        reports on a store, it never makes one). ``read_only`` (``plan``,
+        ``status``) never writes the file: an older schema is migrated in a
+        private in-memory copy, so a newer CLI's dry run cannot upgrade a store
+        that a running older daemon still uses.
         """
         path = Path(path)
+        if read_only:
+            _prepare_file(path, create=False)
+            return cls(path, _connect_read_only(path))
         # Process-wide, so set only while the files are made: WAL and SHM files
         # appear on the first access, and must come out owner-only too.
         old_umask = os.umask(0o077)
@@ -686,6 +692,9 @@ def _prepare_file(path: Path, *, create: bool) -> None:
             if not path.is_file():
                 kind = "a directory" if path.is_dir() else "not a regular file"
                 raise StateError(f"state store {path} is {kind}")
+            st = path.stat()
+            if create and st.st_uid == os.getuid() and st.st_mode & 0o077:
+                path.chmod(0o600)  # a store made by other means: owner-only, as ours are
             return
         if not create:
             raise StateError(f"state store {path} does not exist")
@@ -720,6 +729,43 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write ``path``; an old schema is migrated in memory."""
+    try:
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.Error as exc:
+        raise StateError(f"state store {path}: cannot open: {exc}") from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        _check_identity(conn, path, version)
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state store {path} was written by a newer reconciler "
+                f"(schema {version}, this one knows up to {SCHEMA_VERSION})"
+            )
+        _check_integrity(conn, path)
+        if version == SCHEMA_VERSION:
+            return conn
+        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        conn.backup(memory)
+        conn.close()
+        _migrate(memory, path, announce=False)
+        return memory
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StateError(f"state store {path} {_describe(exc)}") from exc
+    except BaseException:
+        conn.close()
+        raise
+
+
 def _describe(exc: sqlite3.Error) -> str:
     """What an error while opening says about the file, for a message."""
     name = getattr(exc, "sqlite_errorname", "")
@@ -740,7 +786,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> None:
     started: int | None = None
     while True:
         # Version read and step applied under one write lock, so two processes
@@ -765,9 +811,9 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         except BaseException:
             _rollback(conn)
             raise
-        if started:  # an existing store upgraded, not a new one built
+        if started and announce:  # an existing store upgraded, not a new one built
             log.info("state.migrated", path=str(path), from_schema=version, to_schema=version + 1)
-    if started == 0:
+    if started == 0 and announce:
         log.info("state.created", path=str(path), schema=SCHEMA_VERSION)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 from reconciler.state import StateStore
@@ -167,3 +168,47 @@ def test_a_corrupt_state_store_is_a_clear_error(tmp_path: Path) -> None:
         r = run_cli(*args, cwd=tmp_path)
         assert r.returncode == 1 and "s.db" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "s.db").read_bytes().startswith(b"this is not"), "never reset"
+
+
+def test_usage_errors_exit_1_never_2(tmp_path: Path) -> None:
+    one_task(tmp_path / "desired", Duration=30)
+    for args in (
+        ("plan", "desired", "--detailed-exitcode", "--output", "yaml"),
+        ("plan", "desired", "surplus-argument", "--detailed-exitcode"),
+        ("no-such-command",),
+    ):
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 1, (args, r.returncode, r.stderr)
+        assert "Error" in r.stderr and "Traceback" not in r.stderr
+    assert run_cli("plan", "--help", cwd=tmp_path).returncode == 0
+
+
+def test_plan_base_with_problems_is_used_with_a_warning(tmp_path: Path) -> None:
+    one_task(tmp_path / "head", Duration=31)
+    one_task(tmp_path / "base", Duration=30)
+    write(tmp_path / "base", "broken.yaml", "AppId: [\n")
+    r = run_cli("plan", "head", "--base", "base", "--detailed-exitcode", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "base/broken.yaml" in r.stderr and "warning" in r.stderr
+    assert "Duration = 30 → 31" in r.stdout
+
+
+def test_bad_endpoint_and_busy_port_are_clear_errors(tmp_path: Path) -> None:
+    one_task(tmp_path / "desired", Duration=30)
+    r = run_cli("apply", "desired", "--endpoint", "notaurl", cwd=tmp_path)
+    assert r.returncode == 1 and "--endpoint" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run_cli(
+            "run",
+            "desired",
+            "--emulator",
+            "--emulator-port",
+            "0",
+            "--health-port",
+            str(port),
+            cwd=tmp_path,
+        )
+    assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr

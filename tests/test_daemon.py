@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -230,3 +231,66 @@ def test_kill_9_mid_rollout_then_restart_converges(
     sent = h.stats_snapshot()["by_action"]["UpdateSegment"]["ok"]
     assert 80 <= sent <= 80 + 8, f"re-sent at most the in-flight calls ({sent} sent)"
     assert second.stop() == 0
+
+
+def test_wrong_secret_pauses_after_one_call_and_sigterm_ends_the_pause(
+    tmp_path: Path, daemons: Callable[..., DaemonProcess], emulator: EmulatorHandle
+) -> None:
+    keys = [TaskKey(APP, f"room-{i}", "seg") for i in range(20)]
+    for k in keys:
+        emulator.start_task(app_id=k.app_id, room_id=k.room_id, task_id=k.task_id)
+    rows = [{"RoomId": k.room_id, "TaskId": k.task_id, "Duration": 9} for k in keys]
+    write(tmp_path / "desired", "a.yaml", tasks_yaml(APP, rows))
+    d = DaemonProcess(
+        tmp_path,
+        *("desired", "--endpoint", emulator.url, "--health-port", "0", "--state", "state.db"),
+        env={"VOLC_SECRETKEY": "d3Jvbmc="},
+    )
+    try:
+        (paused,) = d.wait_event("daemon.paused")
+        assert paused["code"] == "SignatureDoesNotMatch"
+        ready = d.health("/readyz")
+        assert ready.status_code == 503 and "paused" in ready.text
+        assert emulator.stats_snapshot()["total_requests"] == 1, "one refused call, not 20"
+        started = time.monotonic()
+        assert d.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 5, "the pause does not hold up shutdown"
+    finally:
+        d.close()
+    assert emulator.stats_snapshot()["total_requests"] == 1, "nothing sent on the way out"
+
+
+def test_root_that_vanishes_for_a_while_is_survived(
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    rev1, rev2 = tmp_path / "revs" / "rev1", tmp_path / "revs" / "rev2"
+    write(rev1, "edu/lectures.yaml", lectures(30, 40))
+    write(rev2, "edu/lectures.yaml", lectures(30, 50))
+    os.symlink(rev1, tmp_path / "desired")
+    d = daemons(tmp_path, "desired", "--emulator", *FAST)
+    d.wait_ready()
+
+    def point(target: Path) -> None:
+        tmp_link = tmp_path / "desired.tmp"
+        os.symlink(target, tmp_link)
+        os.replace(tmp_link, tmp_path / "desired")
+
+    point(tmp_path / "nowhere")
+    d.wait_event("desired.root_unavailable")
+    assert not d.events("task.forgotten"), "a missing root is not an empty tree"
+    point(rev2)
+    wait_for(lambda: d.live_tasks()[R2]["Duration"] == 50)
+    assert d.health("/healthz").status_code == 200
+    assert d.stop() == 0
+
+
+def test_a_folder_named_like_a_file_is_not_an_invalid_file(
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    write(tmp_path / "desired", "edu/lectures.yaml", lectures(30, 40))
+    d = daemons(tmp_path, "desired", "--emulator", *FAST)
+    d.wait_ready()
+    write(tmp_path / "desired", "more.yaml/rooms.yaml", lectures(30, 40).replace("room-", "hall-"))
+    wait_for(lambda: (APP, "hall-1", "seg") in d.live_tasks() or d.events("task.not_running"))
+    assert not d.events("desired.invalid_file")
+    assert d.stop() == 0

@@ -710,3 +710,31 @@ def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StateError, match="application id 0x0"):
         StateStore.open(versioned)
+
+
+def test_read_only_open_never_writes_the_file(tmp_path: Path) -> None:
+    old = tmp_path / "v1.db"
+    write_v1_store(old)
+    old.chmod(0o644)
+    before = old.read_bytes()
+    with StateStore.open(old, create=False, read_only=True) as store:
+        applied = store.applied()
+        row = store.get(TaskKey("app1", "room1", "task1"))
+    assert row is not None and row.source_path == "rooms/a.yaml", "migrated in memory"
+    assert applied[TaskKey("app1", "room1", "task1")].fields == {
+        "Identifier": "slice_1",
+        "Handle": True,
+        "Duration": 30,
+    }
+    assert old.read_bytes() == before and user_version(old) == 1
+    assert mode(old) == 0o644, "a dry run does not even fix permissions"
+
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with StateStore.open(empty, create=False, read_only=True) as store:
+        assert store.applied() == {} and store.all() == []
+    assert empty.stat().st_size == 0
+
+    with StateStore.open(old) as store:  # a writer upgrades and tightens it
+        pass
+    assert user_version(old) == SCHEMA_VERSION and mode(old) == 0o600
