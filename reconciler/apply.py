@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from reconciler.plan import Call, Plan
 from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler
+from reconciler.task import TaskKey
 
 
 @dataclass(slots=True)
@@ -39,12 +40,40 @@ async def apply_plan(
     recorder: Recorder,
     workers: int,
     on_result: Callable[[Result], None] | None = None,
+    retry_passes: int = 2,
+    retry_pause: float = 1.0,
 ) -> ApplyReport:
-    """Record the plan's bookkeeping, then make its calls; return every result."""
+    """Record the plan's bookkeeping, then make its calls; return every result.
+
+    Calls that failed transiently (retries spent, or an outcome still unknown
+    after its one re-send) get up to ``retry_passes`` more passes, after a
+    pause that doubles each time: "later", within the same run.
+    """
     recorder.bookkeeping(plan)
-    report = ApplyReport()
+    final: dict[TaskKey, Result] = {}
+    calls = list(plan.calls)
+    pause = retry_pause
+    for attempt in range(retry_passes + 1):
+        for result in await _pass(calls, reconciler=reconciler, workers=workers):
+            final[result.key] = result
+            if on_result is not None and (
+                result.outcome is not Outcome.RETRY or attempt == retry_passes
+            ):
+                on_result(result)
+        retry = {k for k, r in final.items() if r.outcome is Outcome.RETRY}
+        calls = [c for c in calls if c.key in retry]
+        if not calls or attempt == retry_passes:
+            break
+        await asyncio.sleep(pause)
+        pause *= 2
+    return ApplyReport(list(final.values()))
+
+
+async def _pass(calls: list[Call], *, reconciler: TaskReconciler, workers: int) -> list[Result]:
+    """One pass over ``calls`` by a pool of workers."""
+    results: list[Result] = []
     queue: asyncio.Queue[Call] = asyncio.Queue()
-    for call in plan.calls:
+    for call in calls:
         queue.put_nowait(call)
 
     async def worker() -> None:
@@ -53,12 +82,9 @@ async def apply_plan(
                 call = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            result = await reconciler.reconcile(call)
-            report.results.append(result)
-            if on_result is not None:
-                on_result(result)
+            results.append(await reconciler.reconcile(call))
 
     async with asyncio.TaskGroup() as group:
-        for _ in range(max(1, min(workers, len(plan.calls)))):
+        for _ in range(max(1, min(workers, len(calls)))):
             group.create_task(worker())
-    return report
+    return results

@@ -11,7 +11,15 @@ from pathlib import Path
 
 from reconciler.emulator import EmulatorHandle
 from reconciler.task import TaskKey
-from tests.conftest import SECRET_KEY, cli_env, reconciler_cmd, run_cli, tasks_yaml, write
+from tests.conftest import (
+    SECRET_KEY,
+    cli_env,
+    reconciler_cmd,
+    run_cli,
+    tasks_yaml,
+    wait_for,
+    write,
+)
 
 APP = "661e4a7b9c0d1e2f"
 A = TaskKey(APP, "lecture-101", "seg-main")
@@ -218,3 +226,34 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path, emulator: EmulatorHandl
     assert b"calls  [" in shown and b"100%" in shown, shown[-300:]
     assert b"calls  [" not in proc.stdout, "no bar when the output is not a terminal"
     assert b"30 synced" in proc.stdout
+
+
+def test_an_outcome_still_unknown_is_tried_again_later_in_the_run(
+    tmp_path: Path, make_emulator: object
+) -> None:
+    h = make_emulator(drop_rate=1.0, drop_phase="after")  # type: ignore[operator]
+    start(h, A)
+    write(
+        tmp_path / "desired",
+        "a.yaml",
+        tasks_yaml(APP, [{"RoomId": A.room_id, "TaskId": A.task_id, "Duration": 44}]),
+    )
+    proc = subprocess.Popen(
+        reconciler_cmd("apply", "desired", "--state", "state.db", "--endpoint", h.url),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # The call and its one re-send are both dropped; then the network heals.
+    wait_for(lambda: h.stats_snapshot()["dropped"] >= 2, timeout=20, interval=0.005)
+    h.set_faults(drop_rate=0.0)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert "1 synced" in out
+    live = h.live(A)
+    assert live is not None and live.duration == 44 and live.update_calls == 3
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    unknown = [e for e in events if e["event"] == "call.outcome_unknown"]
+    assert len(unknown) == 2
