@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -116,18 +117,22 @@ class Daemon:
 
     # --- the tree ----------------------------------------------------------------
 
-    def _signature(self, rel: str) -> tuple[int, int, int] | None:
+    def _stat(self, rel: str) -> os.stat_result | None:
         try:
-            st = os.stat(self.config.root / rel)
+            return os.stat(self.config.root / rel)
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _signature(self, rel: str) -> tuple[int, int, int] | None:
+        st = self._stat(rel)
+        return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _reload(self, rel: str) -> set[TaskKey]:
-        if (self.config.root / rel).is_dir():
+        st = self._stat(rel)
+        if st is not None and stat.S_ISDIR(st.st_mode):
             # A folder whose name looks like a file: its contents are found by a rescan.
             return self.scan()
-        sig = self._signature(rel)
+        sig = None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
         if sig is None:
             self._signatures.pop(rel, None)
             return self.index.remove(rel) if rel in self.index.paths else set()

@@ -31,6 +31,16 @@ def lectures(d1: int, d2: int, *, handle2: bool = True) -> str:
     )
 
 
+def running_tree(h: EmulatorHandle, root: Path, count: int, *, duration: int) -> list[TaskKey]:
+    """``count`` tasks running in the emulator and declared in ``root/a.yaml``."""
+    keys = [TaskKey(APP, f"room-{i}", "seg") for i in range(count)]
+    for k in keys:
+        h.start_task(app_id=k.app_id, room_id=k.room_id, task_id=k.task_id)
+    rows = [{"RoomId": k.room_id, "TaskId": k.task_id, "Duration": duration} for k in keys]
+    write(root, "a.yaml", tasks_yaml(APP, rows))
+    return keys
+
+
 @pytest.fixture
 def daemons() -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
@@ -175,14 +185,7 @@ def test_sigint_lets_in_flight_calls_finish_and_records_them(
     make_emulator: Callable[..., EmulatorHandle],
 ) -> None:
     h = make_emulator(latency_ms=1500)
-    keys = [TaskKey(APP, f"room-{i}", "seg") for i in range(5)]
-    for k in keys:
-        h.start_task(app_id=k.app_id, room_id=k.room_id, task_id=k.task_id)
-    write(
-        tmp_path / "desired",
-        "a.yaml",
-        tasks_yaml(APP, [{"RoomId": k.room_id, "TaskId": k.task_id, "Duration": 77} for k in keys]),
-    )
+    running_tree(h, tmp_path / "desired", 5, duration=77)
     d = daemons(
         tmp_path, "desired", "--endpoint", h.url, "--health-port", "0", "--state", "state.db"
     )
@@ -199,14 +202,7 @@ def test_kill_9_mid_rollout_then_restart_converges(
     make_emulator: Callable[..., EmulatorHandle],
 ) -> None:
     h = make_emulator(latency_ms=100)
-    keys = [TaskKey(APP, f"room-{i}", "seg") for i in range(80)]
-    for k in keys:
-        h.start_task(app_id=k.app_id, room_id=k.room_id, task_id=k.task_id)
-    write(
-        tmp_path / "desired",
-        "a.yaml",
-        tasks_yaml(APP, [{"RoomId": k.room_id, "TaskId": k.task_id, "Duration": 33} for k in keys]),
-    )
+    keys = running_tree(h, tmp_path / "desired", 80, duration=33)
     args = (
         "desired",
         "--endpoint",
@@ -236,11 +232,7 @@ def test_kill_9_mid_rollout_then_restart_converges(
 def test_wrong_secret_pauses_after_one_call_and_sigterm_ends_the_pause(
     tmp_path: Path, daemons: Callable[..., DaemonProcess], emulator: EmulatorHandle
 ) -> None:
-    keys = [TaskKey(APP, f"room-{i}", "seg") for i in range(20)]
-    for k in keys:
-        emulator.start_task(app_id=k.app_id, room_id=k.room_id, task_id=k.task_id)
-    rows = [{"RoomId": k.room_id, "TaskId": k.task_id, "Duration": 9} for k in keys]
-    write(tmp_path / "desired", "a.yaml", tasks_yaml(APP, rows))
+    running_tree(emulator, tmp_path / "desired", 20, duration=9)
     d = DaemonProcess(
         tmp_path,
         *("desired", "--endpoint", emulator.url, "--health-port", "0", "--state", "state.db"),
