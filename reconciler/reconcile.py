@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -73,6 +74,10 @@ class Recorder:
     def __init__(self, store: StateStore) -> None:
         self.store = store
         self.applied: dict[TaskKey, AppliedRecord] = store.applied()
+        #: When the caller will try a NotRunning or retryable failed task again
+        #: (the daemon's backoff), written in the result's own transaction;
+        #: ``None``: nothing scheduled, as for ``apply``.
+        self.retry_at: Callable[[TaskKey], datetime | None] = lambda _key: None
 
     def pending(self, task: DesiredTask) -> None:
         self.store.mark_pending(task.key, source=task.source, business_id=task.business_id)
@@ -100,6 +105,7 @@ class Recorder:
             code=error.code or "",
             request_id=error.request_id,
             source=task.source,
+            next_retry_at=self.retry_at(task.key),
         )
 
     def failure(self, task: DesiredTask, error: ApiError, *, terminal: bool) -> None:
@@ -111,6 +117,7 @@ class Recorder:
             request_id=error.request_id,
             source=task.source,
             failed_spec=refused,
+            next_retry_at=None if terminal else self.retry_at(task.key),
         )
         old = self.applied.get(task.key)
         self.applied[task.key] = AppliedRecord(

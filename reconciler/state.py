@@ -3,10 +3,12 @@
 One row per task (``app_id``, ``room_id``, ``task_id``) holds the last-applied
 managed values the server accepted with ``Result: "ok"`` (JSON text; ``NULL``
 means no call ever succeeded, which is not the same as ``{}``, "nothing to
-manage"), where the task stands (:class:`~reconciler.task.SyncStatus`), the
-last call and error, and where the task was declared. The planner reads the
-rows as :class:`~reconciler.task.AppliedRecord` values; ``apply`` and the
-daemon write one result at a time; ``reconciler status`` lists them.
+manage"), where the task stands (:class:`~reconciler.task.SyncStatus`) and
+since when, when the daemon will try it again, the last call and error, and
+where the task was declared. The planner reads the rows as
+:class:`~reconciler.task.AppliedRecord` values; ``apply`` and the daemon write
+one result at a time; ``reconciler status`` lists them. A ``meta`` table holds
+facts about the whole store: the tree root it was applied from.
 
 Durability. Every writer is one transaction, committed before it returns, so
 a process killed mid-run loses nothing already recorded. The database runs in
@@ -116,8 +118,29 @@ def _v2_source_path_and_refusals(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE tasks SET source_path = _path_of_source(source)")
 
 
+def _v3_status_times_and_tree_root(conn: sqlite3.Connection) -> None:
+    # ``status`` shows since when a task is in its status and when the daemon
+    # tries it again. ``prior_*`` keep the settled status a call started from,
+    # so a retry that ends where it began (NotRunning again) keeps its
+    # since-time. ``meta`` records the tree root the store was applied from,
+    # so a plan of the wrong tree cannot forget every task outside it.
+    # Rows from v2 have no history: their last write is the best since-time.
+    conn.execute("ALTER TABLE tasks ADD COLUMN status_since TEXT")
+    conn.execute("ALTER TABLE tasks ADD COLUMN prior_status TEXT")
+    conn.execute("ALTER TABLE tasks ADD COLUMN prior_since TEXT")
+    conn.execute("ALTER TABLE tasks ADD COLUMN next_retry_at TEXT")
+    conn.execute("UPDATE tasks SET status_since = updated_at")
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+
+
 #: Forward schema steps; step ``i`` takes a store from version ``i`` to ``i + 1``.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_v1_base, _v2_source_path_and_refusals)
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    _v1_base,
+    _v2_source_path_and_refusals,
+    _v3_status_times_and_tree_root,
+)
+#: ``meta`` key of the tree root the store was last applied from.
+TREE_ROOT_KEY: Final = "tree_root"
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -146,6 +169,12 @@ class TaskState:
     updated_at: datetime
     #: The server's request id of the call that produced ``last_error``.
     last_error_request_id: str | None = None
+    #: When the task entered ``status`` (a retry ending in the status it
+    #: started from does not count as a change).
+    status_since: datetime | None = None
+    #: When the daemon will try a NotRunning or failed task again; ``None``
+    #: when nothing is scheduled (``apply`` schedules nothing).
+    next_retry_at: datetime | None = None
 
     def to_json(self) -> dict[str, object]:
         """A stable, JSON-ready shape: snake_case keys, ISO-8601 UTC times, nulls kept."""
@@ -156,21 +185,24 @@ class TaskState:
             "business_id": self.business_id,
             "status": str(self.status),
             "fields": None if self.fields is None else dict(self.fields),
-            "applied_at": _format_time(self.applied_at),
+            "applied_at": format_time(self.applied_at),
             "request_id": self.request_id,
             "attempts": self.attempts,
-            "last_call_at": _format_time(self.last_call_at),
+            "last_call_at": format_time(self.last_call_at),
             "last_error": self.last_error,
             "last_error_code": self.last_error_code,
             "last_error_request_id": self.last_error_request_id,
             "source": self.source,
             "source_path": self.source_path,
             "failed_spec": self.failed_spec,
-            "updated_at": _format_time(self.updated_at),
+            "updated_at": format_time(self.updated_at),
+            "status_since": format_time(self.status_since),
+            "next_retry_at": format_time(self.next_retry_at),
         }
 
 
-def _format_time(at: datetime | None) -> str | None:
+def format_time(at: datetime | None) -> str | None:
+    """ISO-8601 UTC with microseconds and ``Z``, as every stored and shown time is."""
     if at is None:
         return None
     return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -186,7 +218,7 @@ def _stamp(at: datetime | None) -> str:
         at = datetime.now(UTC)
     elif at.tzinfo is None:
         raise ValueError(f"timestamp {at.isoformat()} has no timezone")
-    stamp = _format_time(at)
+    stamp = format_time(at)
     assert stamp is not None
     return stamp
 
@@ -206,7 +238,7 @@ def _encode_fields(fields: Mapping[str, FieldValue]) -> str:
 _COLUMNS: Final = (
     "app_id, room_id, task_id, status, business_id, applied_fields, applied_at, request_id,"
     " attempts, last_call_at, last_error, last_error_code, source, source_path, failed_spec,"
-    " updated_at, last_error_request_id"
+    " updated_at, last_error_request_id, status_since, next_retry_at"
 )
 
 
@@ -227,15 +259,19 @@ def _row_to_state(row: Sequence[Any]) -> TaskState:
         failed_spec=row[14],
         updated_at=datetime.fromisoformat(row[15]),
         last_error_request_id=row[16],
+        status_since=_parse_time(row[17]),
+        next_retry_at=_parse_time(row[18]),
     )
 
 
 # Writers are upserts: a result for a task with no row creates it with no
 # last-applied values, so a caller that skipped mark_pending loses nothing.
+# In an upsert's SET every bare column name is the row's value before the
+# update, so the CASE expressions below see the old status.
 _MARK_PENDING: Final = """
 INSERT INTO tasks (app_id, room_id, task_id, business_id, status, attempts,
-                   last_call_at, source, source_path, updated_at)
-VALUES (?, ?, ?, ?, 'Pending', 1, ?, ?, ?, ?)
+                   last_call_at, source, source_path, updated_at, status_since)
+VALUES (?, ?, ?, ?, 'Pending', 1, ?, ?, ?, ?, ?)
 ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     status = 'Pending',
     attempts = attempts + 1,
@@ -245,13 +281,21 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
                        THEN excluded.business_id ELSE business_id END,
     source = excluded.source,
     source_path = excluded.source_path,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    -- the settled status this call starts from; a row left Pending by a
+    -- killed process keeps the one from before that call
+    prior_status = CASE WHEN status = 'Pending' THEN prior_status ELSE status END,
+    prior_since = CASE WHEN status = 'Pending' THEN prior_since ELSE status_since END,
+    status_since = CASE WHEN status = 'Pending'
+                        THEN status_since ELSE excluded.status_since END,
+    next_retry_at = NULL
 """
 
 _RECORD_SUCCESS: Final = """
 INSERT INTO tasks (app_id, room_id, task_id, business_id, applied_fields, applied_at,
-                   request_id, status, attempts, last_call_at, source, source_path, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, 'Synced', 0, ?, ?, ?, ?)
+                   request_id, status, attempts, last_call_at, source, source_path, updated_at,
+                   status_since)
+VALUES (?, ?, ?, ?, ?, ?, ?, 'Synced', 0, ?, ?, ?, ?, ?)
 ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     business_id = excluded.business_id,
     applied_fields = excluded.applied_fields,
@@ -266,14 +310,19 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     failed_spec = NULL,
     source = excluded.source,
     source_path = excluded.source_path,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    -- a success applies values just now, even after an earlier Synced spell
+    status_since = excluded.status_since,
+    prior_status = NULL,
+    prior_since = NULL,
+    next_retry_at = NULL
 """
 
 _RECORD_PROBLEM: Final = """
 INSERT INTO tasks (app_id, room_id, task_id, status, attempts, last_call_at, last_error,
                    last_error_code, last_error_request_id, failed_spec, source, source_path,
-                   updated_at)
-VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)
+                   updated_at, status_since, next_retry_at)
+VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     status = excluded.status,
     last_call_at = COALESCE(last_call_at, excluded.last_call_at),
@@ -283,13 +332,21 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     failed_spec = excluded.failed_spec,
     source = excluded.source,
     source_path = excluded.source_path,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    -- NotRunning for two days stays "since two days" across its retries
+    status_since = CASE
+        WHEN status = excluded.status THEN status_since
+        WHEN status = 'Pending' AND prior_status = excluded.status THEN prior_since
+        ELSE excluded.status_since END,
+    prior_status = NULL,
+    prior_since = NULL,
+    next_retry_at = excluded.next_retry_at
 """
 
 _RECORD_IN_SYNC: Final = """
 INSERT INTO tasks (app_id, room_id, task_id, business_id, applied_fields, status, attempts,
-                   source, source_path, updated_at)
-VALUES (?, ?, ?, ?, ?, 'Synced', 0, ?, ?, ?)
+                   source, source_path, updated_at, status_since)
+VALUES (?, ?, ?, ?, ?, 'Synced', 0, ?, ?, ?, ?)
 ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     business_id = excluded.business_id,
     applied_fields = excluded.applied_fields,
@@ -301,7 +358,11 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     failed_spec = NULL,
     source = excluded.source,
     source_path = excluded.source_path,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    status_since = CASE WHEN status = 'Synced' THEN status_since ELSE excluded.status_since END,
+    prior_status = NULL,
+    prior_since = NULL,
+    next_retry_at = NULL
 -- a resync of an unchanged tree rewrites nothing, so updated_at stays meaningful
 WHERE business_id IS NOT excluded.business_id
    OR applied_fields IS NOT excluded.applied_fields
@@ -309,6 +370,7 @@ WHERE business_id IS NOT excluded.business_id
    OR last_error IS NOT NULL OR last_error_code IS NOT NULL
    OR last_error_request_id IS NOT NULL OR failed_spec IS NOT NULL
    OR source IS NOT excluded.source OR source_path IS NOT excluded.source_path
+   OR next_retry_at IS NOT NULL
 """
 
 
@@ -407,7 +469,28 @@ class StateStore:
             out[SyncStatus(status)] = n
         return out
 
+    def tree_root(self) -> str | None:
+        """The tree root the store was last applied from (``None``: never recorded)."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (TREE_ROOT_KEY,))
+        return str(rows[0][0]) if rows else None
+
     # -- writing -------------------------------------------------------------
+
+    def record_tree_root(self, root: str) -> None:
+        """Record the tree root ``apply`` and ``run`` reconcile from.
+
+        ``root`` is an absolute path kept as given, symlinks unresolved: a
+        git-sync root is a symlink swapped on every revision, and it is the
+        link, not today's target, that names the tree.
+        """
+        if not os.path.isabs(root):
+            raise ValueError(f"tree root {root!r} is not an absolute path")
+        self._execute(
+            "record the tree root",
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (TREE_ROOT_KEY, root),
+        )
 
     @contextmanager
     def bulk(self) -> Iterator[None]:
@@ -436,7 +519,7 @@ class StateStore:
         self._execute(
             "mark pending",
             _MARK_PENDING,
-            (*key, business_id, now, str(source), source.path, now),
+            (*key, business_id, now, str(source), source.path, now, now),
         )
 
     def record_success(
@@ -465,6 +548,7 @@ class StateStore:
                 str(source),
                 source.path,
                 now,
+                now,
             ),
         )
 
@@ -476,9 +560,13 @@ class StateStore:
         code: str,
         request_id: str | None,
         source: Source,
+        next_retry_at: datetime | None = None,
         at: datetime | None = None,
     ) -> None:
-        """The task is not running on the server: NotRunning, last-applied unchanged."""
+        """The task is not running on the server: NotRunning, last-applied unchanged.
+
+        ``next_retry_at``: when the daemon will try again (``None``: not scheduled).
+        """
         self._record_problem(
             "record not running",
             key,
@@ -488,6 +576,7 @@ class StateStore:
             request_id=request_id,
             source=source,
             failed_spec=None,
+            next_retry_at=next_retry_at,
             at=at,
         )
 
@@ -500,12 +589,14 @@ class StateStore:
         request_id: str | None,
         source: Source,
         failed_spec: str | None,
+        next_retry_at: datetime | None = None,
         at: datetime | None = None,
     ) -> None:
         """The call failed: Failed, last-applied unchanged.
 
         ``failed_spec`` is the spec hash of a spec refused as bad input (the
         task waits until it changes); ``None`` for a retryable failure.
+        ``next_retry_at``: when the daemon will try again (``None``: not scheduled).
         """
         self._record_problem(
             "record failure",
@@ -516,6 +607,7 @@ class StateStore:
             request_id=request_id,
             source=source,
             failed_spec=failed_spec,
+            next_retry_at=next_retry_at,
             at=at,
         )
 
@@ -567,10 +659,11 @@ class StateStore:
         Creates the row if missing. A row already saying exactly this is left
         untouched (its ``updated_at`` too).
         """
+        stamp = _stamp(at)
         self._execute(
             "record in sync",
             _RECORD_IN_SYNC,
-            (*key, business_id, _encode_fields(fields), str(source), source.path, _stamp(at)),
+            (*key, business_id, _encode_fields(fields), str(source), source.path, stamp, stamp),
         )
 
     def forget(self, key: TaskKey) -> None:
@@ -594,9 +687,11 @@ class StateStore:
         request_id: str | None,
         source: Source,
         failed_spec: str | None,
+        next_retry_at: datetime | None,
         at: datetime | None,
     ) -> None:
         now = _stamp(at)
+        retry = None if next_retry_at is None else _stamp(next_retry_at)
         self._execute(
             what,
             _RECORD_PROBLEM,
@@ -611,6 +706,8 @@ class StateStore:
                 str(source),
                 source.path,
                 now,
+                now,
+                retry,
             ),
         )
 

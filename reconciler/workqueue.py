@@ -84,11 +84,15 @@ class WorkQueue(Generic[K]):
         heapq.heappush(self._delayed, (when, next(self._seq), key))
         self._wake.set()
 
+    def next_delay(self, key: K) -> float:
+        """The delay the next :meth:`add_rate_limited` of ``key`` will use."""
+        delay: float = min(self._cap, self._base * 2.0 ** self._failures.get(key, 0))
+        return delay
+
     def add_rate_limited(self, key: K) -> float:
         """Schedule ``key`` with its next backoff delay; return that delay."""
-        n = self._failures.get(key, 0)
-        self._failures[key] = n + 1
-        delay: float = min(self._cap, self._base * 2.0**n)
+        delay = self.next_delay(key)
+        self._failures[key] = self._failures.get(key, 0) + 1
         self.add_after(key, delay)
         return delay
 

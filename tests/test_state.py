@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.errors import NotRunningError
+from reconciler.reconcile import Recorder
 from reconciler.state import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -21,7 +23,7 @@ from reconciler.state import (
     StateStore,
     TaskState,
 )
-from reconciler.task import AppliedRecord, FieldValue, Source, SyncStatus, TaskKey
+from reconciler.task import AppliedRecord, DesiredTask, FieldValue, Source, SyncStatus, TaskKey
 
 KEY = TaskKey("app1", "room1", "task1")
 SRC = Source("rooms/a.yaml", 3, 5)
@@ -423,6 +425,8 @@ def test_to_json_shape(db: Path) -> None:
         "source_path": "rooms/a.yaml",
         "failed_spec": None,
         "updated_at": "2024-05-01T12:00:02.000000Z",
+        "status_since": "2024-05-01T12:00:02.000000Z",
+        "next_retry_at": None,
     }
     assert json.loads(json.dumps(doc)) == doc
 
@@ -591,11 +595,13 @@ def user_version(path: Path) -> int:
 def test_new_store_is_at_the_current_schema(db: Path) -> None:
     with open_store(db):
         pass
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert user_version(db) == SCHEMA_VERSION
     conn = sqlite3.connect(db)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+    meta = {row[1] for row in conn.execute("PRAGMA table_info(meta)")}
     conn.close()
+    assert meta == {"key", "value"}
     # No column for headers, raw requests or anything that could carry a secret.
     assert columns == {
         "app_id",
@@ -615,6 +621,10 @@ def test_new_store_is_at_the_current_schema(db: Path) -> None:
         "source_path",
         "failed_spec",
         "updated_at",
+        "status_since",
+        "prior_status",
+        "prior_since",
+        "next_retry_at",
     }
 
 
@@ -738,3 +748,180 @@ def test_read_only_open_never_writes_the_file(tmp_path: Path) -> None:
     with StateStore.open(old) as store:  # a writer upgrades and tightens it
         pass
     assert user_version(old) == SCHEMA_VERSION and mode(old) == 0o600
+
+
+# -- since-times, retries and the tree root (schema 3) ---------------------------
+
+V2_SCHEMA = (
+    V1_SCHEMA
+    + """
+ALTER TABLE tasks ADD COLUMN source_path TEXT;
+ALTER TABLE tasks ADD COLUMN failed_spec TEXT;
+ALTER TABLE tasks ADD COLUMN last_error_request_id TEXT;
+"""
+)
+
+
+def write_v2_store(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(V2_SCHEMA)
+    conn.execute(
+        "INSERT INTO tasks (app_id, room_id, task_id, applied_fields, status, attempts,"
+        " last_call_at, last_error, last_error_code, source, source_path, updated_at)"
+        " VALUES ('app1', 'room1', 'task1', '{\"Duration\":30}', 'NotRunning', 3,"
+        " '2024-05-01T11:00:00.000000Z', 'not running', 'InvalidParameter.ErrorActiveTaskNotFound',"
+        " 'rooms/a.yaml:3:5', 'rooms/a.yaml', '2024-05-01T12:00:00.000000Z')"
+    )
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+
+
+def test_v2_store_is_migrated_to_since_times_and_a_meta_table(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    write_v2_store(path)
+    with StateStore.open(path, create=False) as store:
+        state = store.get(KEY)
+        assert state is not None
+        # No history in v2: the row's last write is the best since-time there is.
+        assert state.status_since == T0
+        assert state.next_retry_at is None
+        assert store.tree_root() is None
+        store.record_tree_root("/srv/config/desired")
+        store.mark_pending(KEY, source=SRC, business_id=None, at=T1)
+        store.record_not_running(
+            KEY, message="still not running", code="X", request_id=None, source=SRC, at=T2
+        )
+        assert store.get(KEY).status_since == T0  # type: ignore[union-attr]
+    assert user_version(path) == SCHEMA_VERSION
+    with StateStore.open(path, create=False, read_only=True) as store:
+        assert store.tree_root() == "/srv/config/desired"
+
+
+def test_read_only_open_migrates_a_v2_store_in_memory_only(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    write_v2_store(path)
+    before = path.read_bytes()
+    with StateStore.open(path, create=False, read_only=True) as store:
+        assert store.tree_root() is None
+        (row,) = store.all()
+        assert row.status_since == T0 and row.next_retry_at is None
+    assert path.read_bytes() == before and user_version(path) == 2
+
+
+def test_status_since_survives_retries_that_end_where_they_began(db: Path) -> None:
+    days = [T0 + timedelta(days=d) for d in range(6)]
+    with open_store(db) as store:
+        store.mark_pending(KEY, source=SRC, business_id=None, at=days[0])
+        store.record_not_running(
+            KEY, message="gone", code="X", request_id=None, source=SRC, at=days[0]
+        )
+        for day in days[1:3]:  # two retries, both NotRunning again
+            store.mark_pending(KEY, source=SRC, business_id=None, at=day)
+            assert reopened(db).status is SyncStatus.PENDING
+            assert reopened(db).status_since == day, "Pending since the call started"
+            store.record_not_running(
+                KEY, message="gone", code="X", request_id=None, source=SRC, at=day
+            )
+            assert reopened(db).status_since == days[0], "NotRunning since the first answer"
+        store.mark_pending(KEY, source=SRC, business_id=None, at=days[3])
+        store.record_failure(
+            KEY, message="500", code=None, request_id=None, source=SRC, failed_spec=None, at=days[3]
+        )
+        assert reopened(db).status_since == days[3], "a new status starts a new since"
+        store.mark_pending(KEY, source=SRC, business_id=None, at=days[4])
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, at=days[4]
+        )
+        assert reopened(db).status_since == days[4]
+        # Bookkeeping of an unchanged, synced task (a file moved) keeps the since-time.
+        moved = Source("rooms/b.yaml", 1, 1)
+        store.record_in_sync(KEY, business_id=None, source=moved, fields=FIELDS, at=days[5])
+    state = reopened(db)
+    assert state.source_path == "rooms/b.yaml" and state.status_since == days[4]
+
+
+def test_a_row_left_pending_by_a_killed_process_keeps_its_prior_status(db: Path) -> None:
+    with open_store(db) as store:
+        store.record_not_running(KEY, message="gone", code="X", request_id=None, source=SRC, at=T0)
+        store.mark_pending(KEY, source=SRC, business_id=None, at=T1)
+        # killed here; the next run calls again
+        store.mark_pending(KEY, source=SRC, business_id=None, at=T2)
+        assert reopened(db).status_since == T1
+        store.record_not_running(KEY, message="gone", code="X", request_id=None, source=SRC, at=T3)
+    assert reopened(db).status_since == T0
+
+
+def test_next_retry_at_comes_with_the_result_and_goes_with_the_next_call(db: Path) -> None:
+    later = T0 + timedelta(minutes=5)
+    with open_store(db) as store:
+        store.record_not_running(
+            KEY, message="gone", code="X", request_id=None, source=SRC, next_retry_at=later, at=T0
+        )
+        assert reopened(db).next_retry_at == later
+        store.mark_pending(KEY, source=SRC, business_id=None, at=T1)
+        assert reopened(db).next_retry_at is None, "the retry is happening"
+        store.record_failure(
+            KEY, message="500", code=None, request_id=None, source=SRC, failed_spec=None, at=T2
+        )
+        assert reopened(db).next_retry_at is None, "nothing scheduled (apply)"
+        store.record_failure(
+            KEY,
+            message="500",
+            code=None,
+            request_id=None,
+            source=SRC,
+            failed_spec=None,
+            next_retry_at=later,
+            at=T2,
+        )
+        store.record_in_sync(KEY, business_id=None, source=SRC, fields={}, at=T3)
+        assert reopened(db).next_retry_at is None
+        with pytest.raises(ValueError, match="no timezone"):
+            store.record_not_running(
+                KEY,
+                message="x",
+                code="X",
+                request_id=None,
+                source=SRC,
+                next_retry_at=datetime(2024, 1, 1),
+            )
+
+
+def test_a_result_with_its_retry_time_is_one_transaction(db: Path) -> None:
+    later = T0 + timedelta(minutes=5)
+    task = DesiredTask(KEY, None, {"Duration": 30}, SRC)
+    with open_store(db) as store:
+        recorder = Recorder(store)
+        recorder.retry_at = lambda key: later if key == KEY else None
+        statements: list[str] = []
+        store._connection().set_trace_callback(statements.append)
+        recorder.not_running(
+            task,
+            NotRunningError(
+                action="UpdateSegment",
+                code="InvalidParameter.ErrorActiveTaskNotFound",
+                message="not running",
+                request_id="r",
+            ),
+        )
+        store._connection().set_trace_callback(None)
+    assert [s for s in statements if s.startswith("BEGIN")] == ["BEGIN IMMEDIATE"]
+    state = reopened(db)
+    assert state.status is SyncStatus.NOT_RUNNING and state.next_retry_at == later
+
+
+def test_tree_root_is_kept_as_given_and_must_be_absolute(db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "revs" / "rev1"
+    target.mkdir(parents=True)
+    link = tmp_path / "current"
+    link.symlink_to(target)
+    with open_store(db) as store:
+        assert store.tree_root() is None
+        store.record_tree_root(str(link))
+        store.record_tree_root(str(link))  # recording it again is fine
+        with pytest.raises(ValueError, match="not an absolute path"):
+            store.record_tree_root("desired")
+    with StateStore.open(db, create=False) as store:
+        assert store.tree_root() == str(link), "the link, not today's target"
