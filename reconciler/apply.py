@@ -3,18 +3,29 @@
 A fixed pool of workers pulls calls from a queue, so concurrency is bounded by
 the pool (and, per action, by the client's limiter) however long the plan is.
 Each result is recorded as it arrives, through the shared
-:class:`~reconciler.reconcile.TaskReconciler`, so a crash mid-run loses nothing
-already confirmed. A :class:`~reconciler.errors.FatalError` (credentials,
-permissions) cancels every worker at once and propagates: one clear message
-instead of the same refusal for every task.
+:class:`~reconciler.reconcile.TaskReconciler`, and reported to ``on_result``
+at once, so a progress display moves with the run and a crash loses nothing
+already confirmed.
+
+Stopping drains, like the daemon. When ``stop`` is set (SIGINT/SIGTERM), or a
+:class:`~reconciler.errors.FatalError` says every further call would fail the
+same way (credentials, permissions, an endpoint that cannot be reached), the
+workers start no new call, the calls in flight finish and are recorded, and
+only calls still unanswered after ``drain_timeout`` are abandoned. Cancelling
+an in-flight call would throw away an answer the server already acted on:
+the next run would re-send it, and a re-sent ``Duration`` cuts the slice.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from reconciler.errors import FatalError
 from reconciler.plan import Call, Plan
 from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler
 from reconciler.task import TaskKey
@@ -23,6 +34,14 @@ from reconciler.task import TaskKey
 @dataclass(slots=True)
 class ApplyReport:
     results: list[Result] = field(default_factory=list)
+    #: Calls of the plan that were never made (stopped, or a fatal error).
+    not_started: list[TaskKey] = field(default_factory=list)
+    #: Calls still unanswered when the drain deadline passed; their outcome is unknown.
+    abandoned: int = 0
+    #: The error that stopped the run, if one did.
+    fatal: FatalError | None = None
+    #: ``stop`` was set before every call was made.
+    interrupted: bool = False
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome is outcome)
@@ -30,7 +49,12 @@ class ApplyReport:
     @property
     def ok(self) -> bool:
         """CONTRACT §3: every call succeeded or found its task not running."""
-        return all(r.outcome in (Outcome.SYNCED, Outcome.NOT_RUNNING) for r in self.results)
+        return (
+            self.fatal is None
+            and not self.not_started
+            and not self.abandoned
+            and all(r.outcome in (Outcome.SYNCED, Outcome.NOT_RUNNING) for r in self.results)
+        )
 
 
 async def apply_plan(
@@ -40,6 +64,8 @@ async def apply_plan(
     recorder: Recorder,
     workers: int,
     on_result: Callable[[Result], None] | None = None,
+    stop: asyncio.Event | None = None,
+    drain_timeout: float = 20.0,
     retry_passes: int = 2,
     retry_pause: float = 1.0,
 ) -> ApplyReport:
@@ -47,44 +73,109 @@ async def apply_plan(
 
     Calls that failed transiently (retries spent, or an outcome still unknown
     after its one re-send) get up to ``retry_passes`` more passes, after a
-    pause that doubles each time: "later", within the same run.
+    pause that doubles each time: "later", within the same run. ``on_result``
+    hears of each task once, when its result is final for this run.
     """
     recorder.bookkeeping(plan)
+    stop = stop if stop is not None else asyncio.Event()
+    report = ApplyReport()
     final: dict[TaskKey, Result] = {}
+    reported: set[TaskKey] = set()
+
+    def tell(result: Result) -> None:
+        if on_result is not None and result.key not in reported:
+            reported.add(result.key)
+            on_result(result)
+
     calls = list(plan.calls)
     pause = retry_pause
     for attempt in range(retry_passes + 1):
-        for result in await _pass(calls, reconciler=reconciler, workers=workers):
+        last_pass = attempt == retry_passes
+
+        def landed(result: Result, *, last_pass: bool = last_pass) -> None:
             final[result.key] = result
-            if on_result is not None and (
-                result.outcome is not Outcome.RETRY or attempt == retry_passes
-            ):
-                on_result(result)
+            if result.outcome is not Outcome.RETRY or last_pass:
+                tell(result)
+
+        end = await _pass(
+            calls,
+            reconciler=reconciler,
+            workers=workers,
+            stop=stop,
+            drain_timeout=drain_timeout,
+            landed=landed,
+        )
+        report.abandoned += end.abandoned
+        report.fatal = end.fatal
         retry = {k for k, r in final.items() if r.outcome is Outcome.RETRY}
         calls = [c for c in calls if c.key in retry]
-        if not calls or attempt == retry_passes:
+        if not calls or last_pass or end.fatal is not None or stop.is_set():
             break
-        await asyncio.sleep(pause)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), pause)
+        if stop.is_set():
+            break
         pause *= 2
-    return ApplyReport(list(final.values()))
+    for result in final.values():  # a retry cut short by a stop is final too
+        tell(result)
+    report.results = list(final.values())
+    report.not_started = [c.key for c in plan.calls if c.key not in final]
+    report.interrupted = stop.is_set() and bool(report.not_started or report.abandoned)
+    return report
 
 
-async def _pass(calls: list[Call], *, reconciler: TaskReconciler, workers: int) -> list[Result]:
-    """One pass over ``calls`` by a pool of workers."""
-    results: list[Result] = []
-    queue: asyncio.Queue[Call] = asyncio.Queue()
-    for call in calls:
-        queue.put_nowait(call)
+@dataclass(frozen=True, slots=True)
+class _PassEnd:
+    abandoned: int
+    fatal: FatalError | None
+
+
+async def _pass(
+    calls: Sequence[Call],
+    *,
+    reconciler: TaskReconciler,
+    workers: int,
+    stop: asyncio.Event,
+    drain_timeout: float,
+    landed: Callable[[Result], None],
+) -> _PassEnd:
+    """One pass over ``calls`` by a pool of workers; drains on ``stop`` or a fatal error."""
+    queue = deque(calls)
+    halt = asyncio.Event()  # no new calls: stopped, or every call would fail alike
+    fatal: list[FatalError] = []
+    crashed: list[BaseException] = []
 
     async def worker() -> None:
-        while True:
+        while queue and not stop.is_set() and not halt.is_set():
+            call = queue.popleft()
             try:
-                call = queue.get_nowait()
-            except asyncio.QueueEmpty:
+                result = await reconciler.reconcile(call)
+            except FatalError as exc:
+                fatal.append(exc)
+                halt.set()
                 return
-            results.append(await reconciler.reconcile(call))
+            except Exception as exc:  # e.g. the store is locked: stop cleanly, then raise
+                crashed.append(exc)
+                halt.set()
+                return
+            landed(result)
 
-    async with asyncio.TaskGroup() as group:
-        for _ in range(max(1, min(workers, len(calls)))):
-            group.create_task(worker())
-    return results
+    tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, len(calls))))]
+    finished: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+
+    async def deadline() -> None:
+        await stop.wait()
+        await asyncio.sleep(drain_timeout)
+
+    timer: asyncio.Future[Any] = asyncio.create_task(deadline())
+    try:
+        await asyncio.wait([finished, timer], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        abandoned = sum(1 for t in tasks if not t.done())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(finished, timer, return_exceptions=True)
+    if crashed:
+        raise crashed[0]
+    return _PassEnd(abandoned=abandoned, fatal=fatal[0] if fatal else None)

@@ -13,7 +13,6 @@ pending".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import secrets
@@ -21,44 +20,70 @@ import signal
 import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
 
 from reconciler import events, render
-from reconciler.apply import apply_plan
+from reconciler.apply import ApplyReport, apply_plan
 from reconciler.client import ClientConfig, RtcClient
 from reconciler.credentials import Credentials, CredentialsError, load_credentials
-from reconciler.desired import DesiredIndex, load_tree
+from reconciler.desired import SUFFIXES, DesiredIndex, load_file, load_tree
 from reconciler.emulator import DEFAULT_QPS, Emulator, EmulatorConfig
-from reconciler.errors import FatalError
+from reconciler.guard import (
+    DEFAULT_MAX_FORGET,
+    FORGET_FLOOR,
+    ForgetLimit,
+    MassForget,
+    check_forgets,
+    check_root,
+    format_fraction,
+    parse_max_forget,
+    tree_root,
+)
 from reconciler.health import HealthServer
 from reconciler.loop import Daemon, DaemonConfig
 from reconciler.metrics import Metrics
 from reconciler.plan import Plan, compute_plan, records_from_tree
+from reconciler.progress import ApplyProgress
 from reconciler.ratelimit import RateLimits
 from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler
+from reconciler.schema import desired_schema_text
 from reconciler.state import StateError, StateStore
+from reconciler.status import ReportStatus, build_report, parse_statuses
 from reconciler.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_STATE = Path(".reconciler") / "state.db"
 DEFAULT_ENDPOINT = "https://rtc.volcengineapi.com"
+# The distribution (what pip installs), not the command: `reconciler` on the public
+# package index is an unrelated project.
+DISTRIBUTION = "rtc-segment-reconciler"
 
 
 def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
     return click.option(*names, envvar=f"RECONCILER_{env}", show_envvar=True, **kwargs)
 
 
-def dir_argument(f: F) -> F:
+def dir_argument(f: F, *, file_okay: bool = False) -> F:
     return click.argument(
         "directory",
         default="desired",
         envvar="RECONCILER_DIR",
-        type=click.Path(file_okay=False, path_type=Path),
+        metavar="[PATH]" if file_okay else None,
+        # A str when a file is allowed: messages name it as written (Path drops "./").
+        type=click.Path(path_type=str)
+        if file_okay
+        else click.Path(file_okay=False, path_type=Path),
     )(f)
+
+
+def tree_or_file_argument(f: F) -> F:
+    """The tree argument of ``validate``, which may also name a single file."""
+    return dir_argument(f, file_okay=True)
 
 
 def state_option(f: F) -> F:
@@ -89,21 +114,25 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def load_valid_tree(directory: Path, *, what: str = "desired tree") -> DesiredIndex:
-    """Load a tree for a one-shot command; an invalid tree ends the command."""
-    if not directory.is_dir():
-        fail(f"{what} {directory} does not exist or is not a directory")
+def log_loaded(index: DesiredIndex, *, root: str) -> None:
     log = events.get_logger()
-    index = load_tree(directory)
     for path in sorted(index.invalid_files):
         log.warning("desired.invalid_file", path=path)
     log.info(
         "desired.loaded",
-        root=str(directory),
+        root=root,
         files=len(index.paths),
         tasks=len(index.tasks),
         problems=len(index.problems),
     )
+
+
+def load_valid_tree(directory: Path, *, what: str = "desired tree") -> DesiredIndex:
+    """Load a tree for a one-shot command; an invalid tree ends the command."""
+    if not directory.is_dir():
+        fail(f"{what} {directory} does not exist or is not a directory")
+    index = load_tree(directory)
+    log_loaded(index, root=str(directory))
     if index.problems:
         click.echo(render.problems(str(directory), index.problems), err=True)
         fail(
@@ -138,17 +167,100 @@ def open_store(path: Path, *, create: bool, read_only: bool = False) -> StateSto
         fail(str(exc))
 
 
-def read_applied(path: Path) -> dict[TaskKey, AppliedRecord]:
-    """Records for a dry run: read-only; a missing store is an empty one, not created."""
+def read_applied(path: Path) -> tuple[dict[TaskKey, AppliedRecord], str | None]:
+    """Records and recorded tree root for a dry run: read-only; a missing store is
+    an empty one, not created."""
     if not path.exists():
         click.echo(
             click.style("note: ", fg="yellow")
             + f"no state store at {path}: every task is planned as a first sync",
             err=True,
         )
-        return {}
+        return {}, None
     with open_store(path, create=False, read_only=True) as store:
-        return store.applied()
+        return store.applied(), store.tree_root()
+
+
+def guard_options(f: F) -> F:
+    """The guards against a wrong or emptied tree, shared by ``plan``, ``apply`` and ``run``."""
+    decorators = [
+        _option(
+            "--allow-root-change",
+            env="ALLOW_ROOT_CHANGE",
+            is_flag=True,
+            help="Accept a tree other than the one the state store was applied from "
+            "(apply and run then record the new one).",
+        ),
+        _option(
+            "--max-forget",
+            env="MAX_FORGET",
+            default=format_fraction(DEFAULT_MAX_FORGET),
+            show_default=True,
+            callback=_check_max_forget,
+            help="The most of the known tasks one plan may forget, as a percentage (10%) or "
+            f"a fraction (0.1); up to {FORGET_FLOOR} tasks at once are always allowed.",
+        ),
+        _option(
+            "--allow-mass-forget",
+            env="ALLOW_MASS_FORGET",
+            is_flag=True,
+            help="Forget more tasks than --max-forget allows.",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
+def _check_max_forget(_: click.Context, param: click.Parameter, value: str) -> ForgetLimit:
+    try:
+        return ForgetLimit(parse_max_forget(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from exc
+
+
+def check_tree_root(recorded: str | None, directory: Path, *, store: Path, allow: bool) -> None:
+    """End the command when the store was applied from another tree, unless allowed."""
+    mismatch = check_root(recorded, tree_root(directory), store=str(store))
+    if mismatch is None:
+        return
+    if not allow:
+        fail(str(mismatch))
+    click.echo(
+        click.style("warning: ", fg="yellow", bold=True)
+        + f"the tree root changes from {mismatch.recorded} to {mismatch.root} "
+        "(--allow-root-change)",
+        err=True,
+    )
+
+
+def record_tree_root(store: StateStore, directory: Path) -> None:
+    """``apply`` and ``run`` record the tree they reconcile, the first time or when moved."""
+    root, previous = tree_root(directory), store.tree_root()
+    if root != previous:
+        try:
+            store.record_tree_root(root)
+        except StateError as exc:
+            fail(str(exc))
+        events.get_logger().info(
+            "state.tree_root_recorded", path=str(store.path), root=root, previous_root=previous
+        )
+
+
+def mass_forget_refused(refusal: MassForget, *, directory: Path, what: str) -> NoReturn:
+    """Log and end the command: the plan forgets too much for the tree to be right."""
+    events.get_logger().error(
+        "plan.mass_forget_refused",
+        root=str(directory),
+        forget=refusal.forget,
+        known=refusal.known,
+        allowed=refusal.allowed,
+        max_forget=str(refusal.limit),
+    )
+    fail(
+        f"{refusal}; {what}. Check that {directory} is the whole tree; to forget them on "
+        "purpose, pass --allow-mass-forget (or a larger --max-forget)"
+    )
 
 
 def make_plan(index: DesiredIndex, applied: dict[TaskKey, AppliedRecord]) -> Plan:
@@ -166,39 +278,175 @@ def make_plan(index: DesiredIndex, applied: dict[TaskKey, AppliedRecord]) -> Pla
     return plan
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+LOG_LEVELS = click.Choice(list(events.LEVELS))
+LOG_FORMATS = click.Choice(["auto", "json", "console"])
+
+
+def _remember_log_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A logging option given after the command: it overrides the one before it."""
+    if value is None or value is False or param.name is None:
+        return
+    settings = ctx.find_root().obj
+    settings[param.name] = value
+    if param.name == "log_level":
+        settings["level_given"] = True
+    configure_events()
+
+
+def _log_params() -> list[click.Parameter]:
+    """Per-command copies of the global logging options, so that
+    ``reconciler plan desired --log-level debug`` works as well as
+    ``reconciler --log-level debug plan desired``. No environment variables:
+    the group's own options read those."""
+    common: dict[str, Any] = {"expose_value": False, "callback": _remember_log_option}
+    return [
+        click.Option(
+            ["--log-format"],
+            type=LOG_FORMATS,
+            default=None,
+            help="As before the command.",
+            **common,
+        ),
+        click.Option(
+            ["--log-level"], type=LOG_LEVELS, default=None, help="As before the command.", **common
+        ),
+        click.Option(
+            ["--quiet", "-q"], is_flag=True, default=False, help="As before the command.", **common
+        ),
+    ]
+
+
+class ReconcilerGroup(click.Group):
+    """The command group; every command also takes the global logging options."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_log_params())
+        super().add_command(cmd, name)
+
+
+def configure_events(*, stream: TextIO | None = None, report: bool = False) -> None:
+    """Configure events from the global options, wherever on the line they were given.
+
+    ``report``: the command prints a report of its own (``validate``, ``plan``);
+    in a terminal its events would repeat the report line by line, so they are
+    left out unless a level was asked for explicitly. JSON events are unchanged.
+    """
+    settings = click.get_current_context().find_root().obj
+    fmt: events.LogFormat = settings["log_format"]
+    level: str = settings["log_level"]
+    if settings.get("quiet") and events.LEVELS.index(level) < events.LEVELS.index("warning"):
+        level = "warning"
+    if report and events.uses_console(fmt) and not settings.get("level_given"):
+        level = "error"
+    settings["effective_level"] = level
+    events.configure(fmt=fmt, level=level, stream=stream)
+
+
+def console_shows(level: str) -> bool:
+    """Whether events at ``level`` reach a person as console lines in this run."""
+    settings = click.get_current_context().find_root().obj
+    effective: str = settings.get("effective_level", settings["log_level"])
+    return events.uses_console(settings["log_format"]) and events.LEVELS.index(
+        effective
+    ) <= events.LEVELS.index(level)
+
+
+@click.group(
+    cls=ReconcilerGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @_option(
     "--log-format",
     env="LOG_FORMAT",
-    type=click.Choice(["auto", "json", "console"]),
+    type=LOG_FORMATS,
     default="auto",
     show_default=True,
-    help="Events as JSON lines or console lines; auto: JSON unless stdout is a terminal.",
+    help="Events as JSON lines or console lines; auto: JSON unless stdout is a terminal. "
+    "Also accepted after the command.",
 )
 @_option(
     "--log-level",
     env="LOG_LEVEL",
-    type=click.Choice(["debug", "info", "warning", "error"]),
+    type=LOG_LEVELS,
     default="info",
     show_default=True,
+    help="Also accepted after the command.",
 )
-@click.version_option(package_name="reconciler")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Only warnings and errors, no progress bar (same as --log-level warning for events).",
+)
+@click.version_option(
+    package_name=DISTRIBUTION, message="%(prog)s %(version)s (distribution %(package)s)"
+)
 @click.pass_context
-def main(ctx: click.Context, log_format: events.LogFormat, log_level: str) -> None:
-    """Keep Volcengine RTC audio-segment tasks in line with a desired tree."""
-    ctx.obj = {"log_format": log_format, "log_level": log_level}
-    events.configure(fmt=log_format, level=log_level)
+def main(ctx: click.Context, log_format: events.LogFormat, log_level: str, quiet: bool) -> None:
+    """Keep Volcengine RTC audio-segment tasks in line with a desired tree.
+
+    Colour follows the terminal; set NO_COLOR to turn it off.
+    """
+    given = ctx.get_parameter_source("log_level") is not click.core.ParameterSource.DEFAULT
+    ctx.obj = {
+        "log_format": log_format,
+        "log_level": log_level,
+        "level_given": given,
+        "quiet": quiet,
+    }
+    if events.no_color():
+        ctx.color = False  # click.echo strips styles for every command below
+    configure_events()
 
 
 @main.command()
-@dir_argument
-def validate(directory: Path) -> None:
-    """Check the desired tree; exit 1 and list every problem if it is invalid."""
-    index = load_valid_tree(directory)
-    click.echo(
-        click.style("valid: ", fg="green", bold=True)
-        + f"{len(index.tasks)} tasks in {len(index.paths)} files under {directory}"
-    )
+@tree_or_file_argument
+@output_option
+def validate(directory: str, output: str) -> None:
+    """Check the desired tree, or one desired file; exit 1 and list every problem if invalid.
+
+    PATH is a tree (a directory) or a single .yaml, .yml or .json file, which is
+    checked on its own by the same rules: a task or Identifier declared twice in
+    it is an error, clashes with other files are not looked for.
+    """
+    configure_events(report=True)
+    path = Path(directory)
+    if path.is_dir():
+        what, root = "desired tree", directory
+        index = load_tree(path)
+    elif not path.exists():
+        fail(f"{directory} does not exist: give a desired tree (a directory) or a desired file")
+    elif not directory.endswith(SUFFIXES):
+        fail(
+            f"{directory} is not a desired file: only files ending in "
+            f"{', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} are checked (or give a directory)"
+        )
+    else:
+        # Paths in messages stay as the user wrote this one, hence no root.
+        what, root = "desired file", ""
+        index = load_file(directory)
+    log_loaded(index, root=directory)
+    found = index.problems
+    if output == "json":
+        doc = render.validation_json(index, given=directory, root=root)
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    elif found:
+        click.echo(render.problems(root, found), err=True)
+    if found:
+        files = f" in {len(index.invalid_files) or 1} file(s)" if root else ""
+        fail(f"{what} {directory} is invalid: {len(found)} problem(s){files}")
+    if output == "text":
+        files = f"{len(index.paths)} files under " if root else ""
+        click.echo(
+            click.style("valid: ", fg="green", bold=True)
+            + f"{len(index.tasks)} tasks in {files}{directory}"
+        )
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of a desired file, for editors (see the README)."""
+    click.echo(desired_schema_text(), nl=False)
 
 
 @main.command()
@@ -218,45 +466,123 @@ def validate(directory: Path) -> None:
     is_flag=True,
     help="Exit 0 when no call is needed, 2 when calls are pending, 1 on error.",
 )
+@guard_options
 def plan(
-    directory: Path, state: Path, base: Path | None, output: str, detailed_exitcode: bool
+    directory: Path,
+    state: Path,
+    base: Path | None,
+    output: str,
+    detailed_exitcode: bool,
+    allow_root_change: bool,
+    max_forget: ForgetLimit,
+    allow_mass_forget: bool,
 ) -> None:
     """Dry run: show the calls `apply` would make, with exact bodies."""
+    configure_events(report=True)
     index = load_valid_tree(directory)
-    applied = records_from_tree(load_base_tree(base)) if base else read_applied(state)
-    result = make_plan(index, applied)
-    if output == "json":
-        click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    if base:
+        applied = records_from_tree(load_base_tree(base))
     else:
-        click.echo(render.plan_text(result, root=str(directory)))
+        applied, recorded_root = read_applied(state)
+        check_tree_root(recorded_root, directory, store=state, allow=allow_root_change)
+    result = make_plan(index, applied)
+    refusal = (
+        None if allow_mass_forget else check_forgets(result, known=len(applied), limit=max_forget)
+    )
+    if output == "json":
+        doc = result.to_json()
+        doc["refusals"] = [] if refusal is None else [_refusal_json(refusal)]
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        click.echo(render.plan_text(result, root=str(directory), forgets_refused=bool(refusal)))
+    if refusal is not None:
+        mass_forget_refused(refusal, directory=directory, what="apply and run would refuse it")
     if detailed_exitcode and result.calls:
         sys.exit(2)
 
 
+def _refusal_json(refusal: MassForget) -> dict[str, object]:
+    return {
+        "code": "MassForget",
+        "message": str(refusal),
+        "forget": refusal.forget,
+        "known": refusal.known,
+        "allowed": refusal.allowed,
+        "max_forget": str(refusal.limit),
+    }
+
+
+def _check_statuses(
+    _: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> frozenset[ReportStatus]:
+    try:
+        return parse_statuses(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from exc
+
+
 @main.command()
+@dir_argument
 @state_option
+@_option(
+    "--status",
+    "statuses",
+    env="STATUS",
+    multiple=True,
+    metavar="STATUS",
+    callback=_check_statuses,
+    help="Only tasks in this status: Synced, Pending, NotRunning, Failed or New (any case; "
+    "repeat it or give a comma list).",
+)
+@_option(
+    "--app",
+    "apps",
+    env="APP",
+    multiple=True,
+    metavar="APPID",
+    help="Only tasks of this AppId (repeatable).",
+)
 @output_option
-def status(state: Path, output: str) -> None:
-    """Per task: Synced / Pending / NotRunning / Failed, last call, last error."""
+def status(
+    directory: Path,
+    state: Path,
+    statuses: frozenset[ReportStatus],
+    apps: tuple[str, ...],
+    output: str,
+) -> None:
+    """Per task: status and since when, next retry, and its place in the tree (read-only)."""
     if not state.exists():
-        if output == "json":
-            zero = {status.value: 0 for status in SyncStatus}
-            click.echo(json.dumps({"format_version": 1, "counts": zero, "tasks": []}, indent=2))
-        else:
-            click.echo(f"No state store at {state}: nothing has been applied yet.")
-        return
+        fail(
+            f"state store {state} does not exist: nothing has been applied with it "
+            "(give the store with --state, or run apply first)"
+        )
+    index: DesiredIndex | None = None
+    if directory.is_dir():
+        index = load_tree(directory)  # an invalid file is part of the report, not an error
+    elif click.get_current_context().get_parameter_source("directory") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    ):
+        fail(f"desired tree {directory} does not exist or is not a directory")
     with open_store(state, create=False, read_only=True) as store:
         rows = store.all()
-        counts = store.counts()
+        recorded_root = store.tree_root()
+    report = build_report(
+        rows,
+        index=index,
+        now=datetime.now(UTC),
+        tree_path=str(directory),
+        tree_root=tree_root(directory),
+        recorded_root=recorded_root,
+        statuses=statuses,
+        apps=frozenset(apps),
+    )
+    for note in report.notes():
+        click.echo(click.style("note: ", fg="yellow") + note, err=True)
     if output == "json":
-        doc = {
-            "format_version": 1,
-            "counts": {s.value: n for s, n in counts.items()},
-            "tasks": [r.to_json() for r in rows],
-        }
-        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
-        click.echo(render.status_table(rows, counts))
+        click.echo(render.status_table(report, root=str(directory)))
 
 
 def _check_endpoint(_: click.Context, param: click.Parameter, value: str) -> str:
@@ -379,54 +705,132 @@ def _outcome_line(result: Result) -> str:
     return f"{mark}  {result.key}  {detail}".rstrip()
 
 
+def drain_option(f: F) -> F:
+    return _option(
+        "--drain-timeout",
+        env="DRAIN_TIMEOUT",
+        type=click.FloatRange(0, 3600),
+        default=20.0,
+        show_default=True,
+        help="On SIGTERM/SIGINT, seconds to let in-flight calls finish and be recorded.",
+    )(f)
+
+
 @main.command()
 @dir_argument
 @state_option
 @api_options
-def apply(directory: Path, state: Path, **api: Any) -> None:
-    """Plan, then make the calls within the QPS budget and record the results."""
+@drain_option
+@guard_options
+def apply(
+    directory: Path,
+    state: Path,
+    drain_timeout: float,
+    allow_root_change: bool,
+    max_forget: ForgetLimit,
+    allow_mass_forget: bool,
+    **api: Any,
+) -> None:
+    """Plan, then make the calls within the QPS budget and record the results.
+
+    Ctrl-C (or SIGTERM) starts no new call, lets the calls in flight finish
+    and records them, prints the summary and exits 1; a second Ctrl-C aborts
+    at once.
+    """
     index = load_valid_tree(directory)
     creds = credentials_or_fail()
     config = client_config(**api)
+    quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
     with open_store(state, create=True) as store:
+        check_tree_root(store.tree_root(), directory, store=state, allow=allow_root_change)
         recorder = Recorder(store)
         the_plan = make_plan(index, recorder.applied)
+        refusal = check_forgets(the_plan, known=len(recorder.applied), limit=max_forget)
+        if refusal is not None and not allow_mass_forget:
+            mass_forget_refused(refusal, directory=directory, what="nothing was applied")
+        record_tree_root(store, directory)
         if not the_plan.calls:
             recorder.bookkeeping(the_plan)
             click.echo(render.plan_text(the_plan, root=str(directory)))
             return
         click.echo(f"Applying {len(the_plan.calls)} call(s) at up to {api['qps']}/s ...")
-        report = asyncio.run(_apply(the_plan, creds, config, recorder))
-    for r in report.results:
-        if r.outcome is not Outcome.SYNCED or len(report.results) <= 50:
-            click.echo(_outcome_line(r))
+        progress = ApplyProgress(len(the_plan.calls), enabled=sys.stderr.isatty() and not quiet)
+        try:
+            report = asyncio.run(
+                _apply(the_plan, creds, config, recorder, progress, drain_timeout=drain_timeout)
+            )
+        except asyncio.CancelledError:
+            pending = store.counts()[SyncStatus.PENDING]
+            fail(
+                f"aborted by a second interrupt; {pending} task(s) with a call in flight stay "
+                "Pending and are planned again next time (their answers were not recorded)"
+            )
+    if not console_shows("info"):  # else each outcome was already a console line
+        for r in report.results:
+            if r.outcome is not Outcome.SYNCED or len(report.results) <= 50:
+                click.echo(_outcome_line(r))
     click.echo(
         click.style("Apply: ", bold=True)
         + f"{report.count(Outcome.SYNCED)} synced, {report.count(Outcome.NOT_RUNNING)} not "
         f"running, {report.count(Outcome.FAILED)} failed (bad input), "
         f"{report.count(Outcome.RETRY)} failed (will retry)."
     )
+    stopped = f"{len(report.not_started)} call(s) not made"
+    if report.abandoned:
+        stopped += (
+            f", {report.abandoned} abandoned in flight after the {drain_timeout:g} s drain "
+            "(outcome unknown; they stay Pending)"
+        )
+    if report.fatal is not None:
+        fail(f"{report.fatal}; stopped the run: {stopped}")
+    if report.interrupted:
+        click.echo(
+            click.style("Interrupted: ", fg="yellow", bold=True)
+            + f"{stopped}; every answer received was recorded. Run apply again to finish.",
+            err=True,
+        )
     if not report.ok:
         sys.exit(1)
 
 
-async def _apply(plan: Plan, creds: Credentials, config: ClientConfig, recorder: Recorder) -> Any:
-    show_bar = sys.stderr.isatty() and len(plan.calls) > 20
-    bar = click.progressbar(length=len(plan.calls), label="calls", file=sys.stderr)
-    try:
-        async with RtcClient(creds, config=config) as client:
-            reconciler = TaskReconciler(client=client, recorder=recorder)
-            with bar if show_bar else contextlib.nullcontext():
-                return await apply_plan(
-                    plan,
-                    reconciler=reconciler,
-                    recorder=recorder,
-                    workers=config.max_in_flight,
-                    on_result=(lambda _: bar.update(1)) if show_bar else None,
-                )
-    except* FatalError as group:
-        first = group.exceptions[0]
-        fail(f"{first}; stopped the run, no further calls made")
+async def _apply(
+    plan: Plan,
+    creds: Credentials,
+    config: ClientConfig,
+    recorder: Recorder,
+    progress: ApplyProgress,
+    *,
+    drain_timeout: float,
+) -> ApplyReport:
+    """Run the plan; the first SIGINT/SIGTERM drains, a second one cancels everything."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            progress.note(
+                f"{sig.name}: no new calls; waiting up to {drain_timeout:g} s for the calls in "
+                "flight to be answered and recorded. Press Ctrl-C again to abort at once."
+            )
+        elif main_task is not None:
+            main_task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    async with RtcClient(creds, config=config) as client:
+        reconciler = TaskReconciler(client=client, recorder=recorder)
+        with progress:
+            return await apply_plan(
+                plan,
+                reconciler=reconciler,
+                recorder=recorder,
+                workers=config.max_in_flight,
+                on_result=progress.advance,
+                stop=stop,
+                drain_timeout=drain_timeout,
+            )
 
 
 def _start_tree_tasks(emulator: Emulator, index: DesiredIndex) -> int:
@@ -493,14 +897,8 @@ def _start_tree_tasks(emulator: Emulator, index: DesiredIndex) -> int:
     help="First delay before a NotRunning or failed task is tried again; it doubles on "
     "each further failure, up to 10 minutes.",
 )
-@_option(
-    "--drain-timeout",
-    env="DRAIN_TIMEOUT",
-    type=click.FloatRange(0, 3600),
-    default=20.0,
-    show_default=True,
-    help="On SIGTERM/SIGINT, seconds to let in-flight calls finish.",
-)
+@drain_option
+@guard_options
 def run(
     directory: Path,
     state: Path,
@@ -511,16 +909,15 @@ def run(
     resync: float,
     retry_delay: float,
     drain_timeout: float,
+    allow_root_change: bool,
+    max_forget: ForgetLimit,
+    allow_mass_forget: bool,
     **api: Any,
 ) -> None:
     """The daemon: watch the tree, reconcile, resync; SIGTERM/SIGINT drain and exit 0."""
     if not directory.is_dir():
         fail(f"desired tree {directory} does not exist or is not a directory")
-    ctx = click.get_current_context()
-    if ctx.obj["log_format"] == "auto" and not sys.stdout.isatty():
-        events.configure(fmt="json", level=ctx.obj["log_level"], stream=sys.stdout)
-    else:
-        events.configure(fmt=ctx.obj["log_format"], level=ctx.obj["log_level"], stream=sys.stdout)
+    configure_events(stream=sys.stdout)
     creds = (
         Credentials("AKLTreconcilerEmbedded", secrets.token_urlsafe(32))
         if embedded
@@ -534,8 +931,12 @@ def run(
         resync_interval=resync,
         retry_base=retry_delay,
         drain_timeout=drain_timeout,
+        max_forget=max_forget,
+        allow_mass_forget=allow_mass_forget,
     )
     with open_store(state, create=True) as store:
+        check_tree_root(store.tree_root(), directory, store=state, allow=allow_root_change)
+        record_tree_root(store, directory)
         asyncio.run(
             _run_daemon(
                 daemon_config,
@@ -590,7 +991,10 @@ async def _run_daemon(
                 metrics=metrics,
             )
             server = HealthServer(
-                metrics=metrics, readiness=daemon.readiness, liveness=daemon.liveness
+                metrics=metrics,
+                readiness=daemon.readiness,
+                liveness=daemon.liveness,
+                degraded=daemon.degraded,
             )
             health_url = await listen(
                 server.start(host=health[0], port=health[1]),
@@ -620,8 +1024,8 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[
     def handler() -> None:
         if stop.is_set():
             return
+        stop.set()  # first: whatever happens to the log line, the signal stops the daemon
         log.info("daemon.signal", signal=sig.name)
-        stop.set()
 
     return handler
 

@@ -42,8 +42,10 @@ echoes the secret key or session token is redacted before it goes anywhere.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import random
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -64,6 +66,7 @@ from reconciler.errors import (
     NotRunningError,
     OutcomeUnknownError,
     RetryableError,
+    UnreachableError,
     classify,
 )
 from reconciler.events import get_logger, register_secret
@@ -280,6 +283,37 @@ def _outcome_name(error: ApiError) -> str:
     return "error"
 
 
+#: Codes of attempts that never reached the server: no answer, nothing applied.
+_NOT_CONNECTED: Final = frozenset({errors.CONNECT_ERROR, errors.CONNECT_TIMEOUT})
+_NOT_SENT: Final = "; the request was not sent"
+
+_ERRNO_TEXT: Final = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ETIMEDOUT: "connection timed out",
+}
+
+
+def _connect_failure(exc: BaseException, detail: str) -> str:
+    """Why a connection failed, in words: the OS error under httpx's and anyio's wrappers.
+
+    httpx often says only "All connection attempts failed"; the errno beneath
+    says refused, unreachable or unknown host.
+    """
+    seen: BaseException | None = exc
+    for _ in range(10):  # the chain is short; bounded against cycles
+        if seen is None:
+            break
+        if isinstance(seen, socket.gaierror):
+            return f"host name not found ({seen.strerror or seen})"
+        if isinstance(seen, OSError) and seen.errno in _ERRNO_TEXT:
+            return _ERRNO_TEXT[seen.errno]
+        seen = seen.__cause__ or seen.__context__
+    return f"could not connect ({detail})"
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     raw = response.headers.get("Retry-After")
     if raw is None:
@@ -360,10 +394,14 @@ class RtcClient:
     # -- the actions ---------------------------------------------------------
 
     async def update_segment(
-        self, body: Mapping[str, object], *, log_fields: Mapping[str, object] | None = None
+        self,
+        body: Mapping[str, object],
+        *,
+        log_fields: Mapping[str, object] | None = None,
+        attempts: int | None = None,
     ) -> CallResult:
         """Override Identifier / Handle / Duration of a running task."""
-        return await self.call("UpdateSegment", body=body, log_fields=log_fields)
+        return await self.call("UpdateSegment", body=body, log_fields=log_fields, attempts=attempts)
 
     async def start_segment(
         self, body: Mapping[str, object], *, log_fields: Mapping[str, object] | None = None
@@ -388,13 +426,18 @@ class RtcClient:
         body: Mapping[str, object] | None = None,
         query: Mapping[str, str] | None = None,
         log_fields: Mapping[str, object] | None = None,
+        attempts: int | None = None,
     ) -> CallResult:
         """Call ``action``: a POST with a JSON ``body``, or a GET with ``query``.
 
         Returns on success; raises the :mod:`reconciler.errors` class that says
-        what to do otherwise (transient failures only after ``max_attempts``).
+        what to do otherwise (transient failures only after ``attempts``,
+        default ``max_attempts``). When no attempt could even connect, that is
+        :class:`~reconciler.errors.UnreachableError`.
         """
         cfg = self.config
+        max_attempts = attempts or cfg.max_attempts
+        answered = False
         method = "GET" if body is None else "POST"
         payload = b"" if body is None else encode_body(body)
         params = {**(query or {}), "Action": action, "Version": cfg.version}
@@ -441,7 +484,8 @@ class RtcClient:
                     code=error.code,
                     message=error.message,
                 )
-            if not isinstance(error, RetryableError) or attempt >= cfg.max_attempts:
+            answered = answered or error.code not in _NOT_CONNECTED
+            if not isinstance(error, RetryableError) or attempt >= max_attempts:
                 break
             if isinstance(error, OutcomeUnknownError) and resend_spent:
                 break
@@ -474,7 +518,9 @@ class RtcClient:
                 delay_s=round(delay, 3),
             )
             await asyncio.sleep(delay)
-        final = self._final_error(error, attempts=attempt, maybe_applied=maybe_applied)
+        final = self._final_error(
+            error, attempts=attempt, maybe_applied=maybe_applied, connected=answered
+        )
         outcome = _outcome_name(final)
         self._observe(
             CallEvent(
@@ -616,10 +662,13 @@ class RtcClient:
         cls: type[ApiError]
         if isinstance(exc, httpx.ConnectError | httpx.ProxyError):
             code, cls = errors.CONNECT_ERROR, RetryableError
-            message = f"could not connect ({detail}); the request was not sent"
-        elif isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            message = _connect_failure(exc, detail) + _NOT_SENT
+        elif isinstance(exc, httpx.ConnectTimeout):
             code, cls = errors.CONNECT_TIMEOUT, RetryableError
-            message = f"no connection within the timeout ({kind}); the request was not sent"
+            message = f"no connection within {self.config.connect_timeout:g} s" + _NOT_SENT
+        elif isinstance(exc, httpx.PoolTimeout):
+            code, cls = errors.CONNECT_TIMEOUT, RetryableError
+            message = f"no connection within the timeout ({kind})" + _NOT_SENT
         elif isinstance(exc, httpx.UnsupportedProtocol):
             code, cls = errors.UNSUPPORTED_PROTOCOL, FatalError
             message = detail
@@ -634,17 +683,24 @@ class RtcClient:
             message = f"connection lost ({kind}: {detail}); the request may have been applied"
         return cls(action=action, code=code, message=message)
 
-    @staticmethod
-    def _final_error(error: ApiError, *, attempts: int, maybe_applied: bool) -> ApiError:
+    def _final_error(
+        self, error: ApiError, *, attempts: int, maybe_applied: bool, connected: bool
+    ) -> ApiError:
         # An earlier attempt may have been applied even if the last one was
         # merely throttled: the caller must know the outcome is unknown.
         cls: type[ApiError] = type(error)
+        message = error.message
         if maybe_applied and cls is RetryableError:
             cls = OutcomeUnknownError
+        if not connected and not maybe_applied and error.code in _NOT_CONNECTED:
+            cls = UnreachableError
+            message = (
+                f"cannot reach {self.config.endpoint}: {error.message.removesuffix(_NOT_SENT)}"
+            )
         return cls(
             action=error.action,
             code=error.code,
-            message=error.message,
+            message=message,
             request_id=error.request_id,
             http_status=error.http_status,
             attempts=attempts,

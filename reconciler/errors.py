@@ -8,6 +8,7 @@ The class says what the caller should do; the fields say what happened::
     ├── NotRunningError      the task is not running; try it again later
     ├── BadInputError        the server refused this task's parameters; wait for a new spec
     └── FatalError           credentials, permissions or configuration; stop the run
+        └── UnreachableError every attempt failed to connect: the endpoint is down or wrong
 
 :func:`classify` is a pure function from the server's answer (HTTP status and
 error ``Code``) to one of these classes, so the mapping is tested without any
@@ -153,6 +154,21 @@ class BadInputError(ApiError):
 
 class FatalError(ApiError):
     """Credentials, permissions or configuration are wrong; stop the whole run."""
+
+
+class UnreachableError(FatalError):
+    """No attempt of a call could connect: every other call would fail the same way.
+
+    Retrying task by task would print the same failure once per task and take
+    the retries' time for each; stopping (``apply``) or pausing (the daemon)
+    once says it once.
+    """
+
+    def __str__(self) -> str:
+        # The message says it all ("cannot reach URL: connection refused"); the
+        # action and the local code would only make it longer.
+        tries = f" (after {self.attempts} attempts)" if self.attempts > 1 else ""
+        return f"{self.message}{tries}"
 
 
 def classify(*, http_status: int | None, code: str | None) -> type[ApiError]:

@@ -168,13 +168,17 @@ class TaskReconciler:
         recorder: Recorder,
         not_running_retry: float = 60.0,
         failed_retry: float = 30.0,
+        probe_attempts: int = 2,
     ) -> None:
         self.client = client
         self.recorder = recorder
         self.not_running_retry = not_running_retry
         self.failed_retry = failed_retry
+        self.probe_attempts = probe_attempts
         # Until one answer proves the credentials work, calls go one at a time:
-        # a wrong key then costs one refused request, not one per worker.
+        # a wrong key then costs one refused request, not one per worker, and
+        # an endpoint that cannot be reached costs one probe of
+        # ``probe_attempts`` attempts, not the full retries of every task.
         self._credentials_proven = False
         self._probe = asyncio.Lock()
         self._refusals = 0
@@ -200,7 +204,11 @@ class TaskReconciler:
         started = time.monotonic()
         sent: Mapping[str, FieldValue] = call.body
         try:
-            res = await self.client.update_segment(sent, log_fields=task_fields(key))
+            res = await self.client.update_segment(
+                sent,
+                log_fields=task_fields(key),
+                attempts=None if self._credentials_proven else self.probe_attempts,
+            )
         except FatalError as exc:
             self._credentials_proven = False
             self._refusals += 1
@@ -210,17 +218,17 @@ class TaskReconciler:
             self._credentials_proven = True
             return self._failed(call, exc, log=log, started=started)
         self._credentials_proven = True
-        latency = _since(started)
         self.recorder.success(task, request_id=res.request_id)
         log.info(
             "task.synced",
             action=call.action,
             request_id=res.request_id,
             attempt=res.attempts,
-            latency_ms=latency,
+            latency_ms=res.latency_ms,  # the answering attempt's, as in call.succeeded
             fields=dict(sent),
+            changes=_changes(call),
         )
-        return Result(key, Outcome.SYNCED, None, None, res.request_id, latency)
+        return Result(key, Outcome.SYNCED, None, None, res.request_id, res.latency_ms)
 
     def _failed(self, call: Call, exc: ApiError, *, log: Any, started: float) -> Result:
         """Record and log a call that did not succeed; say when to look again."""

@@ -37,6 +37,7 @@ from reconciler.errors import (
     NotRunningError,
     OutcomeUnknownError,
     RetryableError,
+    UnreachableError,
     classify,
 )
 from reconciler.ratelimit import RateLimits
@@ -316,13 +317,15 @@ def test_read_timeout_is_outcome_unknown() -> None:
     assert live is not None and live.update_calls == 2
 
 
-def test_connection_refused_is_retryable_and_not_sent() -> None:
+def test_connection_refused_on_every_attempt_is_unreachable() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    error = expect_error(f"http://127.0.0.1:{port}", body_for(KEY, Duration=9), RetryableError)
+    url = f"http://127.0.0.1:{port}"
+    error = expect_error(url, body_for(KEY, Duration=9), UnreachableError)
+    assert isinstance(error, FatalError), "every other call would fail alike: stop"
     assert (error.code, error.attempts, error.http_status) == ("ConnectError", 3, None)
-    assert "not sent" in error.message
+    assert str(error) == f"cannot reach {url}: connection refused (after 3 attempts)"
 
 
 # -- terminal answers ------------------------------------------------------------------
