@@ -3,22 +3,37 @@
 Every event is a dict with ``event``, ``timestamp`` (ISO-8601 UTC) and ``level``;
 the rest of the code calls ``log.info("event.name", **fields)`` and never
 formats text itself. Output is JSON lines when stdout is not a terminal (or
-with ``--log-format json``) and console lines on a terminal.
+with ``--log-format json``) and short lines for people on a terminal
+(:mod:`reconciler.console`).
 
 A last processor drops any value that looks like a secret key, so a key that
 slips into an event by mistake is redacted rather than written.
+
+Writing an event never breaks control flow. Events go through
+:class:`SafeStream`: when its stream breaks (the reader of a pipe died, as in
+``reconciler run | tee`` then Ctrl-C), it points the broken descriptor at
+``/dev/null`` (so Python's own flush at exit cannot fail either), falls back
+to stderr, and drops events once that is broken too. A signal handler that
+logs must still stop the daemon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import sys
-from collections.abc import MutableMapping
+import threading
+from collections.abc import Callable, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
 
+from reconciler import console
+
 LogFormat = Literal["auto", "json", "console"]
+LEVELS = ("debug", "info", "warning", "error")
 
 _SECRET_KEYS = frozenset({"secret_key", "sk", "session_token", "authorization", "password"})
 _redacted: set[str] = set()
@@ -41,36 +56,132 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+class SafeStream:
+    """A text stream for events that never raises.
+
+    ``target`` is looked up on every write (so ``sys.stderr`` swapped by a
+    progress display is honoured). On a write error the broken stream is
+    silenced and ``fallback`` is used; when that fails too, events are dropped.
+    """
+
+    def __init__(self, target: Callable[[], TextIO], *, fallback: Callable[[], TextIO]) -> None:
+        self._targets = [target, fallback]
+        self._lock = threading.Lock()
+        self._partial = ""
+
+    @property
+    def broken(self) -> bool:
+        """The primary stream failed; events go to the fallback or nowhere."""
+        return len(self._targets) < 2
+
+    def isatty(self) -> bool:
+        with contextlib.suppress(Exception):
+            return bool(self._targets and self._targets[0]().isatty())
+        return False
+
+    def write(self, text: str) -> int:
+        """Buffer ``text`` and pass on whole lines only, one write per event.
+
+        Whole lines matter to a stream that redraws a progress bar below
+        them: a line cut in two would be drawn as two.
+        """
+        with self._lock:
+            lines, newline, self._partial = (self._partial + text).rpartition("\n")
+            if newline:
+                self._emit(lines + newline)
+            return len(text)
+
+    def _emit(self, text: str) -> None:
+        while self._targets:
+            stream = self._targets[0]()
+            try:
+                stream.write(text)
+                stream.flush()
+                return
+            except (OSError, ValueError):  # EPIPE, EIO, a closed file
+                _silence(stream)
+                self._targets.pop(0)
+
+    def flush(self) -> None:
+        """Whole lines are written as they come; a partial line waits for its end."""
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a broken stream's descriptor at /dev/null and drop what it buffered.
+
+    Otherwise the interpreter's final flush of ``sys.stdout`` hits the same
+    broken pipe and the process exits 120 with a traceback-like message.
+    """
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    with contextlib.suppress(Exception):
+        stream.flush()
+
+
+def _stderr() -> TextIO:
+    return sys.stderr
+
+
+def _original_stderr() -> TextIO:
+    return sys.__stderr__ or sys.stderr
+
+
 def configure(
-    *, fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+    *,
+    fmt: LogFormat = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
 ) -> None:
-    """Set up structlog for the whole process; call once at start-up.
+    """Set up structlog for the whole process; may be called again to change it.
 
     Events go to ``stream`` (stderr by default, so a plan on stdout stays
     clean); ``auto`` picks JSON lines whenever stdout is not a terminal, as the
     contract says, so anything piped or run under a supervisor gets JSON.
+    Console lines are coloured only on a terminal and never when ``NO_COLOR``
+    is set; below ``debug`` they leave out per-attempt detail
+    (:data:`reconciler.console.DETAIL_EVENTS`) that the task lines already say.
     """
-    out = stream or sys.stderr
+    target: Callable[[], TextIO] = (lambda: stream) if stream is not None else _stderr
+    out = SafeStream(target, fallback=_original_stderr)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
-    renderer: Any = (
-        structlog.processors.JSONRenderer(sort_keys=False)
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
-    )
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+    ]
+    if use_json:
+        processors.append(structlog.processors.JSONRenderer(sort_keys=False))
+    else:
+        if level != "debug":
+            processors.append(console.drop_detail)
+        tty = out.isatty()
+        processors.append(
+            console.ConsoleRenderer(
+                colors=tty and not no_color(),
+                width=lambda: shutil.get_terminal_size((0, 0)).columns if tty else 0,
+            )
+        )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+
+
+def uses_console(fmt: LogFormat) -> bool:
+    """Whether ``fmt`` renders console lines (as :func:`configure` decides)."""
+    return fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+
+
+def no_color() -> bool:
+    """https://no-color.org: any non-empty ``NO_COLOR`` turns colour off."""
+    return bool(os.environ.get("NO_COLOR"))
 
 
 def get_logger(**bound: Any) -> Any:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import pty
 import subprocess
 from pathlib import Path
 
@@ -197,35 +194,6 @@ def test_bad_input_fails_and_waits_for_a_new_spec(tmp_path: Path, make_emulator:
     )
     apply(tmp_path, h)
     assert h.stats_snapshot()["total_requests"] == sent + 1
-
-
-def test_progress_bar_on_a_terminal_only(tmp_path: Path, emulator: EmulatorHandle) -> None:
-    keys = [TaskKey(APP, f"room-{i}", "seg") for i in range(30)]
-    start(emulator, *keys)
-    rows = [{"RoomId": k.room_id, "TaskId": k.task_id, "Duration": 8} for k in keys]
-    write(tmp_path / "desired", "many.yaml", tasks_yaml(APP, rows))
-    controller, terminal = pty.openpty()
-    args = ("apply", "desired", "--state", "state.db", "--endpoint", emulator.url)
-    proc = subprocess.run(
-        reconciler_cmd("--log-level", "error", *args),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=terminal,
-        timeout=60,
-        check=False,
-    )
-    os.close(terminal)
-    shown = b""
-    with contextlib.suppress(OSError):
-        while chunk := os.read(controller, 65536):
-            shown += chunk
-    os.close(controller)
-    assert proc.returncode == 0
-    assert b"calls  [" in shown and b"100%" in shown, shown[-300:]
-    assert b"calls  [" not in proc.stdout, "no bar when the output is not a terminal"
-    assert b"30 synced" in proc.stdout
 
 
 def test_an_outcome_still_unknown_is_tried_again_later_in_the_run(

@@ -1,0 +1,273 @@
+"""Console lines for people: the terminal rendering of events.
+
+JSON lines are for machines and keep every field. In a terminal a person
+wants one short line per thing that happened, above all one line per task
+outcome, with ``old → new`` for what changed::
+
+    20:06:31 ✓ synced 661e4a7b9c0d1e2f/hall-b-0902/asr-segment  Duration 60 → 90
+    20:06:31 ✗ failed 661e4a7b9c0d1e2f/hall-c-0904/asr-segment  InvalidParameter: ...
+    20:06:32 info  desired.changed  1 file changed, 1 task to re-plan
+
+Per-call and per-attempt detail that a task line already says
+(:data:`DETAIL_EVENTS`: ``call.succeeded`` next to ``task.synced``,
+``call.failed``, ``task.queued`` ...) is left out unless the level is
+``debug`` (:func:`drop_detail`). Lifecycle events have a sentence of
+their own; any other event is its name and ``key=value`` pairs, values as
+compact JSON (never a Python ``repr``). Info lines are cut to the terminal's
+width; warnings and errors are never cut, since their message is the point.
+
+Rendering is a pure function of the event (and the width and colour given),
+so it is tested without a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, MutableMapping
+from datetime import datetime
+from typing import Any, Final
+
+import click
+import structlog
+
+#: Shown only at ``--log-level debug`` in a terminal; always kept in JSON.
+#: ``call.failed``/``call.retried`` are followed by the task's own line (or, for
+#: credentials and an unreachable endpoint, by the run's error or ``daemon.paused``).
+DETAIL_EVENTS: Final = frozenset(
+    {
+        "call.sending",
+        "call.succeeded",
+        "call.retried",
+        "call.failed",
+        "task.queued",
+        "task.requeued",
+    }
+)
+
+_TASK_KEYS: Final = ("app_id", "room_id", "task_id")
+_IDENTITY: Final = frozenset({"AppId", "RoomId", "TaskId", "BusinessId"})
+_LEVEL_STYLE: Final = {
+    "debug": ("debug", "blue"),
+    "info": ("info ", "green"),
+    "warning": ("warn ", "yellow"),
+    "error": ("error", "red"),
+    "critical": ("crit ", "red"),
+}
+#: Fields that say nothing to a person reading a console line.
+_QUIET_FIELDS: Final = frozenset({"timestamp", "level", "event"})
+#: A call this slow gets its latency on the task line.
+_SLOW_MS: Final = 1000.0
+
+
+def drop_detail(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: leave out :data:`DETAIL_EVENTS` (console, below debug)."""
+    if event.get("event") in DETAIL_EVENTS:
+        raise structlog.DropEvent
+    return event
+
+
+def value(v: object) -> str:
+    """A value as a config file would spell it: JSON, strings quoted, true/false."""
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _bare(v: object) -> str:
+    """A value in ``key=value``: plain when it is one word, JSON otherwise."""
+    if isinstance(v, str) and v and not any(c.isspace() or c in '"=' for c in v):
+        return v
+    return value(v)
+
+
+def task_key(event: Mapping[str, Any]) -> str | None:
+    parts = [event.get(k) for k in _TASK_KEYS]
+    return "/".join(map(str, parts)) if all(p is not None for p in parts) else None
+
+
+def _sent(event: Mapping[str, Any]) -> str:
+    """What a task line says was set: ``old → new`` per change, else ``Field=value``."""
+    changes = event.get("changes")
+    if isinstance(changes, Mapping) and changes:
+        parts = []
+        for name, change in changes.items():
+            old, new = change.get("old"), change.get("new")
+            parts.append(
+                f"{name}={value(new)}" if old is None else f"{name} {value(old)} → {value(new)}"
+            )
+        return " ".join(parts) if all("=" in p for p in parts) else ", ".join(parts)
+    fields = event.get("fields")
+    if isinstance(fields, Mapping):
+        return " ".join(f"{k}={value(v)}" for k, v in fields.items() if k not in _IDENTITY)
+    return ""
+
+
+def _problem(event: Mapping[str, Any]) -> str:
+    code, message = event.get("code"), event.get("message") or event.get("error") or ""
+    return f"{code}: {message}" if code else str(message)
+
+
+def _latency(event: Mapping[str, Any]) -> str:
+    ms = event.get("latency_ms")
+    return f" ({ms / 1000:.1f} s)" if isinstance(ms, int | float) and ms >= _SLOW_MS else ""
+
+
+def _plural(n: object, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _extras(event: Mapping[str, Any], names: tuple[str, ...]) -> str:
+    """``, 3 held, 1 blocked`` for the non-zero counts among ``names``."""
+    found = [f"{event[n]} {n.replace('_', ' ')}" for n in names if event.get(n)]
+    return ", " + ", ".join(found) if found else ""
+
+
+# --- one line per task outcome -------------------------------------------------------
+
+_OUTCOMES: Final[dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]]] = {
+    "task.synced": ("✓ synced", "green", lambda e: _sent(e) + _latency(e)),
+    "task.not_running": (
+        "– not running",
+        "magenta",
+        lambda e: "the task is not running; tried again later",
+    ),
+    "task.failed": (
+        "✗ failed",
+        "red",
+        lambda e: (
+            _problem(e)
+            + ("; blocked until its spec changes" if e.get("terminal") else "; tried again later")
+        ),
+    ),
+    "task.error": (
+        "✗ error",
+        "red",
+        lambda e: f"{e.get('error')}; tried again in {e.get('retry_in_s')} s",
+    ),
+    "task.released": (
+        "- released",
+        "cyan",
+        lambda e: "no longer managed: " + ", ".join(map(str, e.get("fields") or [])),
+    ),
+    "task.forgotten": (
+        "- forgotten",
+        "cyan",
+        lambda e: f"removed from the tree ({e.get('source_path') or 'unknown file'}); no call",
+    ),
+    "task.requeued": (
+        "↻ requeued",
+        "blue",
+        lambda e: f"{e.get('outcome')}: tried again in {e.get('after_s')} s",
+    ),
+}
+
+# --- sentences for lifecycle events ----------------------------------------------------
+
+_SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
+    "daemon.started": lambda e: (
+        f"watching {e.get('root')} → {e.get('endpoint')} at up to {e.get('qps')} calls/s; "
+        f"health {e.get('health')}; state {e.get('state')}"
+    ),
+    "emulator.embedded": lambda e: (
+        f"emulator on {e.get('url')} with {_plural(e.get('running_tasks'), 'task')} running"
+    ),
+    "desired.loaded": lambda e: (
+        f"{e.get('root')}: {_plural(e.get('tasks'), 'task')} in {_plural(e.get('files'), 'file')}"
+        + _extras(e, ("invalid_files", "problems"))
+    ),
+    "plan.computed": lambda e: (
+        f"{_plural(e.get('to_update'), 'call')} to make, {e.get('in_sync')} in sync"
+        + _extras(e, ("held", "blocked", "fields_released", "tasks_forgotten", "warnings"))
+    ),
+    "reconcile.started": lambda e: (
+        f"{e.get('reason')}: {_plural(e.get('calls'), 'call')} to make"
+        + _extras(e, ("in_sync", "held", "blocked", "fields_released", "tasks_forgotten"))
+    ),
+    "reconcile.completed": lambda e: (
+        f"every task handled in {e.get('seconds')} s: {_plural(e.get('desired_tasks'), 'task')}"
+        + _extras(e, ("invalid_files",))
+    ),
+    "desired.changed": lambda e: (
+        f"{_plural(e.get('files'), 'file')} changed, {_plural(e.get('tasks'), 'task')} to re-plan"
+        + (" (rescanned)" if e.get("rescan") else "")
+    ),
+    "daemon.signal": lambda e: f"{e.get('signal')} received: stopping",
+    "daemon.draining": lambda e: (
+        f"waiting for {_plural(e.get('in_flight'), 'call')} in flight; "
+        f"{e.get('queued')} queued are left for next time"
+    ),
+    "daemon.stopped": lambda e: (
+        "stopped"
+        + (
+            f"; {_plural(e['abandoned_in_flight'], 'call')} abandoned in flight"
+            if e.get("abandoned_in_flight")
+            else ""
+        )
+    ),
+}
+
+
+class ConsoleRenderer:
+    """A structlog renderer: the last processor in a terminal (see the module docs)."""
+
+    def __init__(self, *, colors: bool, width: Callable[[], int] = lambda: 0) -> None:
+        self.colors = colors
+        self.width = width
+
+    def _style(self, text: str, **style: Any) -> str:
+        return click.style(text, **style) if self.colors else text
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> str:
+        name = str(event.get("event", ""))
+        level = str(event.get("level", "info"))
+        clock = _clock(event.get("timestamp"))
+        exception = event.pop("exception", None)
+        key = task_key(event)
+        if name in _OUTCOMES and key is not None:
+            mark, colour, detail = _OUTCOMES[name]
+            head = f"{self._style(clock, dim=True)} {self._style(mark, fg=colour, bold=True)} {key}"
+            plain = f"{clock} {mark} {key}"
+            body = detail(event)
+        else:
+            word, colour = _LEVEL_STYLE.get(level, (level, "white"))
+            head = (
+                f"{self._style(clock, dim=True)} {self._style(word, fg=colour)} "
+                f"{self._style(name, bold=True)}"
+            )
+            plain = f"{clock} {word} {name}"
+            if key is not None:
+                head, plain = f"{head} {key}", f"{plain} {key}"
+            sentence = _SENTENCES.get(name)
+            body = sentence(event) if sentence else self._pairs(event)
+        body = self._fit(plain, body) if level in ("debug", "info") else body
+        line = f"{head}  {body}" if body else head
+        if exception:
+            line += "\n" + str(exception).rstrip()
+        return line
+
+    @staticmethod
+    def _pairs(event: Mapping[str, Any]) -> str:
+        return " ".join(
+            f"{k}={_bare(v)}"
+            for k, v in event.items()
+            if k not in _QUIET_FIELDS and k not in _TASK_KEYS and v is not None
+        )
+
+    def _fit(self, head: str, body: str) -> str:
+        width = self.width()
+        room = width - len(head) - 2
+        if width <= 0 or len(body) <= room:
+            return body
+        return body[: max(0, room - 1)] + "…"
+
+
+def _clock(stamp: object) -> str:
+    """``HH:MM:SS`` in local time from the event's ISO-8601 UTC timestamp."""
+    if isinstance(stamp, str):
+        try:
+            return (
+                datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+                .astimezone()
+                .strftime("%H:%M:%S")
+            )
+        except ValueError:
+            return stamp
+    return datetime.now().astimezone().strftime("%H:%M:%S")

@@ -1,0 +1,218 @@
+"""Output for people: console lines, reports without log noise, options, colour.
+
+The console renderer is pure and tested on values; the rest runs the real CLI
+in a real pseudo-terminal (:mod:`tests.terminal`), since what matters is what a
+person sees there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from reconciler.console import ConsoleRenderer
+from reconciler.emulator import EmulatorHandle
+from tests.conftest import REPO, run_cli, tasks_yaml, write
+from tests.terminal import TerminalRun
+
+APP = "661e4a7b9c0d1e2f"
+TASK = {"app_id": APP, "room_id": "hall-b-0902", "task_id": "asr-segment"}
+BODY = {"AppId": APP, "RoomId": "hall-b-0902", "TaskId": "asr-segment", "BusinessId": "lecture"}
+
+
+def render(width: int = 120, /, **event: object) -> str:
+    event.setdefault("timestamp", "2026-12-01T20:06:31.412883Z")
+    event.setdefault("level", "info")
+    return ConsoleRenderer(colors=False, width=lambda: width)(None, "info", dict(event))
+
+
+def test_a_task_outcome_is_one_short_line_with_old_and_new() -> None:
+    line = render(
+        event="task.synced",
+        **TASK,
+        action="UpdateSegment",
+        request_id="2026120120063100000008",
+        attempt=1,
+        latency_ms=31.8,
+        fields={**BODY, "Duration": 90},
+        changes={"Duration": {"old": 60, "new": 90}},
+    )
+    assert "\n" not in line
+    assert line.endswith(f"✓ synced {APP}/hall-b-0902/asr-segment  Duration 60 → 90")
+    assert "{" not in line and "latency" not in line and "request_id" not in line
+
+    first = render(
+        event="task.synced",
+        **TASK,
+        fields={**BODY, "Identifier": "edu-hall-b-0902", "Handle": True, "Duration": 60},
+        changes={
+            "Identifier": {"old": None, "new": "edu-hall-b-0902"},
+            "Handle": {"old": None, "new": True},
+            "Duration": {"old": None, "new": 60},
+        },
+    )
+    assert first.endswith('Identifier="edu-hall-b-0902" Handle=true Duration=60')
+    slow = render(event="task.synced", **TASK, latency_ms=2400.0, changes={})
+    assert slow.endswith("(2.4 s)"), "a slow call says so"
+
+
+def test_failures_say_what_and_what_next_and_are_never_cut() -> None:
+    message = "Duration must be between 1 and 600 " * 5
+    line = render(
+        80,
+        level="error",
+        event="task.failed",
+        **TASK,
+        code="InvalidParameter",
+        message=message,
+        terminal=True,
+    )
+    assert "✗ failed" in line and "InvalidParameter: " + message.strip() in line
+    assert line.endswith("blocked until its spec changes")
+    retry = render(event="task.failed", **TASK, code="InternalError", message="boom")
+    assert retry.endswith("InternalError: boom; tried again later")
+
+
+def test_other_events_are_compact_pairs_cut_to_the_width() -> None:
+    line = render(event="plan.odd", level="info", nested={"a": [1, 2]}, text="two words")
+    assert line.endswith('info  plan.odd  nested={"a":[1,2]} text="two words"')
+    long = render(60, event="plan.odd", blob="x" * 200)
+    assert len(long) == 60 and long.endswith("…")
+    warning = render(60, level="warning", event="plan.odd", blob="x" * 200)
+    assert warning.endswith("x" * 200), "a warning keeps all it says"
+
+
+def sample_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "desired"
+    shutil.copytree(REPO / "desired", root)
+    return root
+
+
+def test_the_demo_prints_one_line_per_task_within_120_columns(tmp_path: Path) -> None:
+    sample_tree(tmp_path)
+    args = ("run", "desired", "--emulator", "--emulator-port", "0", "--health-port", "0")
+    with TerminalRun(*args, "--state", "s.db", cwd=tmp_path, columns=120) as term:
+        term.wait_for(lambda out: b"every task handled" in out)
+        term.press("\x03")  # a real Ctrl-C from the terminal
+        assert term.finish(30) == 0
+    lines = [line for line in term.text().splitlines() if line.strip()]
+    synced = [line for line in lines if "✓ synced" in line]
+    assert len(synced) == 10, "\n".join(lines)
+    assert any("hall-b-0902/asr-segment" in s and "Duration=60" in s for s in synced)
+    assert not [line for line in lines if len(line) > 120], "every line fits 120 columns"
+    for noise in ("call.succeeded", "task.queued", "{'AppId'"):
+        assert noise not in term.text()
+    assert any("SIGINT received" in line for line in lines)
+
+
+def test_validate_and_plan_in_a_terminal_print_the_report_only(tmp_path: Path) -> None:
+    root = sample_tree(tmp_path)
+    with TerminalRun("validate", "desired", cwd=tmp_path) as term:
+        assert term.finish() == 0
+    assert "valid:" in term.text() and "desired.loaded" not in term.text()
+
+    write(root, "broken.yaml", 'AppId: "a"\nRoomId: 0903\nTaskId: "t"\n')
+    with TerminalRun("validate", "desired", cwd=tmp_path) as term:
+        assert term.finish() == 1
+    text = term.text()
+    assert text.count("broken.yaml:2:9") == 1, text
+    assert "desired.invalid_file" not in text and "desired.loaded" not in text
+
+    (root / "broken.yaml").unlink()
+    base = tmp_path / "base"
+    shutil.copytree(root, base)
+    lectures = root / "edu-live" / "lectures.yaml"
+    lectures.write_text(lectures.read_text().replace('"lecture"', '"seminar"', 1))
+    with TerminalRun("plan", "desired", "--base", "base", cwd=tmp_path) as term:
+        assert term.finish() == 0
+    text = term.text()
+    assert text.count("BusinessId") >= 1 and "plan.warning" not in text
+    assert "plan.computed" not in text, "the plan is the report; no log line repeats it"
+
+    with TerminalRun("plan", "desired", "--base", "base", "--log-level", "info", cwd=tmp_path) as t:
+        assert t.finish() == 0
+    assert "plan.computed" in t.text(), "an explicit level shows the events too"
+
+
+def test_global_options_work_after_the_command_too(tmp_path: Path) -> None:
+    sample_tree(tmp_path)
+    before = run_cli("--log-level", "error", "plan", "desired", cwd=tmp_path)
+    after = run_cli("plan", "desired", "--log-level", "error", cwd=tmp_path)
+    assert before.returncode == after.returncode == 0
+    assert before.events() == after.events() == []
+    verbose = run_cli(
+        "--log-level", "error", "plan", "desired", "--log-level", "debug", cwd=tmp_path
+    )
+    assert "desired.loaded" in {e["event"] for e in verbose.events()}, "the later one wins"
+    quiet = run_cli("plan", "desired", "-q", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.events() == [] and "Plan:" in quiet.stdout
+    console = run_cli(
+        "validate", "desired", "--log-format", "console", "--log-level", "info", cwd=tmp_path
+    )
+    assert console.events() == [] and "desired.loaded" in console.stderr
+    for line in console.stderr.splitlines():
+        assert not line.startswith("{"), line
+    bad = run_cli("plan", "desired", "--log-level", "loud", cwd=tmp_path)
+    assert bad.returncode == 1 and "loud" in bad.stderr
+
+
+def test_no_color_turns_colour_off(tmp_path: Path) -> None:
+    root = sample_tree(tmp_path)
+    write(root, "broken.yaml", 'AppId: "a"\nRoomId: 0903\nTaskId: "t"\n')
+    with TerminalRun("validate", "desired", cwd=tmp_path) as term:
+        term.finish()
+    assert b"\x1b[" in term.output, "colour on a terminal by default"
+    with TerminalRun("validate", "desired", cwd=tmp_path, env={"NO_COLOR": "1"}) as term:
+        term.finish()
+    assert b"\x1b[" not in term.output and b"broken.yaml:2:9" in term.output
+    args = ("run", "desired", "--emulator", "--emulator-port", "0", "--health-port", "0")
+    with TerminalRun(*args, "--state", "s.db", cwd=tmp_path, env={"NO_COLOR": "1"}) as term:
+        term.wait_for(lambda out: b"every task handled" in out)
+        term.press("\x03")
+        term.finish(30)
+    assert b"\x1b[" not in term.output and "✓ synced".encode() in term.output
+
+
+def test_json_events_keep_every_field(tmp_path: Path) -> None:
+    """The console is for people; JSON lines (not a terminal) stay complete."""
+    sample_tree(tmp_path)
+    r = run_cli("--log-level", "debug", "plan", "desired", cwd=tmp_path)
+    (loaded,) = [e for e in r.events() if e["event"] == "desired.loaded"]
+    assert {"root", "files", "tasks", "problems", "timestamp", "level"} <= set(loaded)
+    json.dumps(loaded)
+
+
+def test_apply_progress_moves_as_results_land_with_log_lines_above_it(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    rooms = [f"room-{i:02d}" for i in range(30)]
+    for room in rooms:
+        emulator.start_task(app_id=APP, room_id=room, task_id="seg")
+    rows = [{"RoomId": room, "TaskId": "seg", "Duration": 8} for room in rooms]
+    write(tmp_path / "desired", "many.yaml", tasks_yaml(APP, rows))
+    args = ("apply", "desired", "--state", "state.db", "--endpoint", emulator.url, "--qps", "10")
+    mid_run = re.compile(rb"calls.*\b([1-9]|1[0-9]|2[0-8])/30\b")
+    with TerminalRun(*args, cwd=tmp_path, rows=80) as term:
+        term.wait_for(lambda out: mid_run.search(out) is not None)
+        assert term.proc.poll() is None, "the bar moved while calls were still being made"
+        during = [row for row in term.screen() if row]
+        assert term.finish() == 0
+    assert "calls" in during[-1] and "/30" in during[-1], "the bar stays at the bottom"
+    assert any("✓ synced" in row for row in during[:-1]), "task lines print above the bar"
+    after = [row for row in term.screen() if row]
+    bars = [row for row in after if re.search(r"calls.*\d+/30", row)]
+    assert len(bars) == 1, "one bar, redrawn in place, never scrolled"
+    assert "30/30" in bars[0] and "30 synced" in bars[0], "per-outcome counts"
+    synced = [row for row in after if "✓ synced" in row]
+    assert len(synced) == 30 and not [row for row in synced if "/30" in row]
+    assert after[-1].startswith("Apply: 30 synced"), "the summary last"
+    assert "call.succeeded" not in term.text()
+
+    again = run_cli(
+        "apply", "desired", "--state", "s2.db", "--endpoint", emulator.url, cwd=tmp_path
+    )
+    assert again.returncode == 0
+    assert "━" not in again.stderr and "\x1b[" not in again.stderr, "no bar off a terminal"
+    assert "30 synced" in again.stdout
