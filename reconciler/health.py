@@ -4,13 +4,16 @@
 answer at all) and the daemon's watcher and resync loops are alive, 503 if one
 of them died, so a supervisor restarts the process. ``/readyz`` answers 200
 once the first full reconcile is done, 503 before that or while calls are
-paused by a credentials error, with the reason in the body. ``/metrics`` is
-Prometheus' text format.
+paused by a credentials error, with the reason in the body. Ready is not the
+same as whole: while invalid files hold tasks or the forget guard keeps
+records, ``/readyz`` still answers 200 (restarting or unrouting the pod would
+not help, and calls go on) with ``ready, degraded: ...`` saying what is held.
+``/metrics`` is Prometheus' text format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -25,11 +28,14 @@ class HealthServer:
         metrics: Metrics,
         readiness: Callable[[], str | None],
         liveness: Callable[[], str | None] = lambda: None,
+        degraded: Callable[[], Sequence[str]] = lambda: (),
     ) -> None:
-        """``readiness`` and ``liveness`` return ``None`` when fine, else why not."""
+        """``readiness`` and ``liveness`` return ``None`` when fine, else why not;
+        ``degraded`` says what a ready daemon is holding back (empty: nothing)."""
         self._metrics = metrics
         self._readiness = readiness
         self._liveness = liveness
+        self._degraded = degraded
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -62,9 +68,12 @@ class HealthServer:
 
     async def _readyz(self, _: web.Request) -> web.Response:
         reason = self._readiness()
-        if reason is None:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text=f"not ready: {reason}\n")
+        if reason is not None:
+            return web.Response(status=503, text=f"not ready: {reason}\n")
+        degraded = self._degraded()
+        if degraded:
+            return web.Response(text=f"ready, degraded: {'; '.join(degraded)}\n")
+        return web.Response(text="ready\n")
 
     async def _metrics_page(self, _: web.Request) -> web.Response:
         body = self._metrics.render()

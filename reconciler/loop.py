@@ -19,6 +19,11 @@ Pieces, each a thin shell around the functional core:
   missed file event and any drift in recorded state).
 - **Credentials errors** pause every worker (readiness goes false) and are
   retried after a growing pause rather than burned through every task.
+- **Forget guard**: a change that would forget more tasks than
+  ``--max-forget`` allows (an emptied tree, a wrong git-sync revision) is
+  not carried out. The records are *withheld*: kept as they are, re-decided
+  with every later change, and forgotten only once the whole set is within
+  the limit again; readiness stays true but degraded, and calls go on.
 - **Shutdown**: stop watching, stop taking keys, let in-flight calls finish
   within the drain deadline (each result is recorded as it lands), exit.
 
@@ -31,16 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from reconciler import events
 from reconciler.desired import DesiredIndex, Problem, discover, read_file
 from reconciler.errors import FatalError
+from reconciler.guard import ForgetLimit, MassForget, check_forgets
 from reconciler.metrics import Metrics
 from reconciler.plan import Plan, compute_plan
 from reconciler.reconcile import Recorder, TaskReconciler, task_fields
@@ -63,6 +71,8 @@ class DaemonConfig:
     retry_cap: float = 600.0
     fatal_pause: float = 30.0
     fatal_pause_cap: float = 600.0
+    max_forget: ForgetLimit = dataclasses.field(default_factory=ForgetLimit)
+    allow_mass_forget: bool = False
 
 
 class Daemon:
@@ -96,6 +106,13 @@ class Daemon:
         self._root_missing = False
         self._stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        # Orphaned records the forget guard keeps, and the refusal that keeps them.
+        self._withheld: frozenset[TaskKey] = frozenset()
+        self._refusal: MassForget | None = None
+        # A NotRunning or failed result is recorded with the time this
+        # daemon's backoff will try the task again, in the result's transaction.
+        recorder.retry_at = self._retry_at
+        metrics.watch_daemon(held_tasks=self.held_tasks, forget_refused=lambda: len(self._withheld))
 
     # --- readiness ---------------------------------------------------------------
 
@@ -114,6 +131,32 @@ class Daemon:
         if not self._first_pass_done:
             return f"first reconcile in progress ({len(self._pass)} tasks to go)"
         return None
+
+    def degraded(self) -> list[str]:
+        """Why the daemon, though ready, is not reconciling everything (empty: it is)."""
+        out = []
+        invalid = len(self.index.invalid_files) + len(self._scan_problems)
+        if invalid:
+            held = self.held_tasks()
+            out.append(f"{_count(invalid, 'invalid file')} holding {_count(held, 'task')}")
+        if self._refusal is not None:
+            out.append(f"{self._refusal}; their records are kept")
+        return out
+
+    def held_tasks(self) -> int:
+        """Recorded tasks kept as they are because the file declaring them is invalid."""
+        invalid = self.index.invalid_files
+        if not invalid:
+            return 0
+        desired = self.index.tasks
+        return sum(
+            1
+            for key, r in self.recorder.applied.items()
+            if r.source in invalid and key not in desired
+        )
+
+    def _retry_at(self, key: TaskKey) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.queue.next_delay(key))
 
     # --- the tree ----------------------------------------------------------------
 
@@ -205,8 +248,39 @@ class Daemon:
             only=only,
         )
 
+    def _guard(self, plan: Plan) -> Plan:
+        """``plan`` without its forgets while they would be a mass forget.
+
+        ``plan`` must cover every orphaned record (a full plan, or one that
+        includes the withheld keys), so the count is the store's, not a batch's.
+        """
+        if self.config.allow_mass_forget:
+            return plan
+        refusal = check_forgets(
+            plan, known=len(self.recorder.applied), limit=self.config.max_forget
+        )
+        if refusal is None:
+            if self._refusal is not None:
+                self.log.info("plan.mass_forget_cleared", forget=len(plan.forgotten))
+            self._refusal, self._withheld = None, frozenset()
+            return plan
+        if self._refusal is None or self._refusal.forget != refusal.forget:
+            self.log.error(
+                "plan.mass_forget_refused",
+                root=str(self.config.root),
+                forget=refusal.forget,
+                known=refusal.known,
+                allowed=refusal.allowed,
+                max_forget=str(refusal.limit),
+            )
+        self._refusal = refusal
+        self._withheld = frozenset(f.key for f in plan.forgotten)
+        return dataclasses.replace(plan, forgotten=())
+
     def replan(self, only: Iterable[TaskKey] | None, *, reason: str) -> Plan:
-        plan = self._plan(only)
+        if only is not None and self._withheld:
+            only = {*only, *self._withheld}  # decide the withheld forgets with the rest
+        plan = self._guard(self._plan(only))
         self.recorder.bookkeeping(plan)
         for w in plan.warnings:
             self.log.warning("plan.warning", code=w.code, message=w.message, **task_fields(w.key))
@@ -268,6 +342,10 @@ class Daemon:
     async def _process(self, key: TaskKey) -> bool:
         """Reconcile one key; ``False`` if a credentials error left it unhandled."""
         plan = self._plan([key])
+        if plan.forgotten and self._refusal is not None:
+            # Orphaned while forgets are refused: kept with the others.
+            self._withheld |= {key}
+            plan = dataclasses.replace(plan, forgotten=())
         self.recorder.bookkeeping(plan)
         if not plan.calls:
             self.queue.forget(key)
@@ -377,3 +455,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         self.log.info("daemon.stopped", abandoned_in_flight=len(late))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

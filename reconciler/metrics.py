@@ -3,7 +3,8 @@
 Counters and the latency histogram are fed by the client's per-attempt
 observer (:meth:`Metrics.on_call`); gauges that describe current state (tasks
 by sync status, queue depth, invalid files) are read at scrape time from
-callables the daemon hands in, so they can never drift from the truth.
+callables the daemon hands in, so they can never drift from the truth: tasks
+by status, tasks held by invalid files, forgets refused by the guard.
 """
 
 from __future__ import annotations
@@ -32,6 +33,25 @@ class _StatusCollector(Collector):
         for status in SyncStatus:
             family.add_metric([status.value], counts.get(status, 0))
         yield family
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, *, held_tasks: Callable[[], int], forget_refused: Callable[[], int]) -> None:
+        self._held_tasks = held_tasks
+        self._forget_refused = forget_refused
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "reconciler_held_tasks",
+            "Recorded tasks kept as they are because the desired file declaring them is invalid.",
+            value=self._held_tasks(),
+        )
+        yield GaugeMetricFamily(
+            "reconciler_forget_refused_tasks",
+            "Recorded tasks gone from the tree whose forgetting the guard refuses "
+            "(more than --max-forget at once).",
+            value=self._forget_refused(),
+        )
 
 
 class Metrics:
@@ -85,6 +105,14 @@ class Metrics:
 
     def watch_status(self, counts: Callable[[], Mapping[SyncStatus, int]]) -> None:
         self.registry.register(_StatusCollector(counts))
+
+    def watch_daemon(
+        self, *, held_tasks: Callable[[], int], forget_refused: Callable[[], int]
+    ) -> None:
+        """Gauges of what the daemon is holding back, read at scrape time."""
+        self.registry.register(
+            _DaemonCollector(held_tasks=held_tasks, forget_refused=forget_refused)
+        )
 
     def on_call(self, event: CallEvent) -> None:
         self.attempts.labels(event.action, event.code or "ok").inc()

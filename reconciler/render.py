@@ -8,21 +8,22 @@ terminal, so piping a plan into a file or a PR comment gives plain text.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 import click
 
-from reconciler.desired import Problem
+from reconciler.desired import DesiredIndex, Problem
 from reconciler.plan import Plan
-from reconciler.state import TaskState
-from reconciler.task import FieldValue, SyncStatus
+from reconciler.status import NextAction, ReportStatus, StatusReport, TaskStatus, TreeState
+from reconciler.task import FieldValue, TaskKey
 
 _STATUS_COLOURS = {
-    SyncStatus.SYNCED: "green",
-    SyncStatus.PENDING: "yellow",
-    SyncStatus.NOT_RUNNING: "magenta",
-    SyncStatus.FAILED: "red",
+    ReportStatus.SYNCED: "green",
+    ReportStatus.PENDING: "yellow",
+    ReportStatus.NOT_RUNNING: "magenta",
+    ReportStatus.FAILED: "red",
+    ReportStatus.NEW: "cyan",
 }
 
 
@@ -44,7 +45,36 @@ def problems(root: str, found: Sequence[Problem]) -> str:
     return "\n".join(lines)
 
 
-def plan_text(plan: Plan, *, root: str = "") -> str:
+def validation_json(index: DesiredIndex, *, given: str, root: str) -> dict[str, object]:
+    """``validate --output json`` (README: "validate --output json").
+
+    ``given`` is the tree or file as the user named it; ``root`` is what paths
+    are relative to ("" for a single file), so every ``path`` is the one the
+    text output shows and can be opened from where the command ran.
+    """
+    found = index.problems
+    return {
+        "format_version": 1,
+        "valid": not found,
+        "root": given,
+        "files": len(index.paths),
+        "tasks": len(index.tasks),
+        "invalid_files": [where(root, path) for path in sorted(index.invalid_files)],
+        "problems": [
+            {
+                "path": where(root, p.source.path),
+                "line": p.source.line,
+                "column": p.source.column,
+                "field": p.field,
+                "message": p.message,
+            }
+            for p in found
+        ],
+    }
+
+
+def plan_text(plan: Plan, *, root: str = "", forgets_refused: bool = False) -> str:
+    """``forgets_refused``: the forget guard refuses this plan; its forgets are marked so."""
     out: list[str] = []
     if plan.calls:
         out.append("The reconciler will make these calls:\n")
@@ -76,10 +106,14 @@ def plan_text(plan: Plan, *, root: str = "") -> str:
             + f": no longer managed: {released}; left as it is, not reset"
         )
     for f in plan.forgotten:
+        fate = (
+            "would be forgotten: REFUSED, too many forgets at once"
+            if forgets_refused
+            else "forgotten, no call made, the task keeps running"
+        )
         out.append(
             click.style(f"  - {f.key}", fg="red")
-            + f": removed from the tree ({f.source_path or 'unknown file'}); forgotten, "
-            "no call made, the task keeps running"
+            + f": removed from the tree ({f.source_path or 'unknown file'}); {fate}"
         )
     for h in plan.held:
         out.append(
@@ -100,6 +134,7 @@ def plan_text(plan: Plan, *, root: str = "") -> str:
     tail = (
         f"Plan: {s['to_update']} to update, {s['in_sync']} in sync, "
         f"{s['fields_released']} fields released, {s['tasks_forgotten']} tasks forgotten"
+        + (" (refused)" if forgets_refused else "")
     )
     extras = [f"{s[k]} {k}" for k in ("held", "blocked", "warnings") if s[k]]
     if extras:
@@ -110,35 +145,181 @@ def plan_text(plan: Plan, *, root: str = "") -> str:
     return "\n".join(out)
 
 
-def _when(t: datetime | None) -> str:
-    return "-" if t is None else t.strftime("%Y-%m-%d %H:%M:%SZ")
+ELLIPSIS = "…"
 
 
-def status_table(rows: Iterable[TaskState], counts: Mapping[SyncStatus, int]) -> str:
-    header = ("TASK", "STATUS", "LAST CALL", "ATTEMPTS", "REQUEST ID", "SOURCE", "LAST ERROR")
-    table: list[tuple[str, ...]] = [header]
-    colours: list[str | None] = [None]
-    for r in rows:
-        err = "" if not r.last_error else f"{r.last_error_code or ''} {r.last_error}".strip()
-        table.append(
-            (
-                str(r.key),
-                r.status.value,
-                _when(r.last_call_at),
-                str(r.attempts),
-                r.request_id or "-",
-                r.source or "-",
-                err[:120],
-            )
-        )
-        colours.append(_STATUS_COLOURS[r.status])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+def clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
+    if len(text) <= width:
+        return text
+    return text[: max(0, width - 1)] + ELLIPSIS if width > 0 else ""
+
+
+def clip_middle(text: str, width: int) -> str:
+    """``text`` cut in the middle: ids differ at their ends (``hall-a-0901``)."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return ELLIPSIS[:width]
+    head = (width - 1 + 1) // 2
+    tail = width - 1 - head
+    return text[:head] + ELLIPSIS + (text[-tail:] if tail else "")
+
+
+def short_key(key: TaskKey, width: int) -> str:
+    """``app/room/task`` within ``width``: the longest ids are cut in the middle first,
+    so every part stays recognisable by its start and end."""
+    parts = list(key)
+    room = width - 2  # the two slashes
+    sizes = [len(p) for p in parts]
+    while sum(sizes) > room and max(sizes) > 3:
+        sizes[sizes.index(max(sizes))] -= 1
+    return "/".join(clip_middle(p, n) for p, n in zip(parts, sizes, strict=True))
+
+
+def ago(seconds: float) -> str:
+    """A duration as ``kubectl get`` shows ages: ``45s``, ``12m``, ``3h12m``, ``2d5h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h}h{m}m" if m else f"{h}h"
+    d, h = divmod(s // 3600, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def _since(t: TaskStatus, now: datetime) -> str:
+    since = t.status_since
+    return "-" if since is None else ago((now - since).total_seconds())
+
+
+def _retry(t: TaskStatus, now: datetime) -> str:
+    at = t.next_retry_at
+    if at is None:
+        return "-"
+    left = (at - now).total_seconds()
+    if left >= 1:
+        return f"in {ago(left)}"
+    return "due" if left > -60 else f"overdue {ago(-left)}"
+
+
+def _tree(t: TaskStatus) -> str:
+    if t.tree is TreeState.HELD:
+        return f"held: {t.held_by}"  # the invalid files are listed below the table
+    if t.tree is TreeState.NOT_IN_TREE:
+        return "not in tree: will be forgotten"
+    if t.next_action is NextAction.CALL and t.call is not None:
+        fields = ", ".join(t.call.fields)
+        return f"first call: {fields}" if t.call.first else f"call: {fields}"
+    if t.next_action is NextAction.BLOCKED:
+        return "blocked: change the spec"
+    return "in tree" if t.tree is TreeState.IN_TREE else "-"
+
+
+def _fit(natural: dict[str, int], budget: int, steps: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Shrink columns, in the order of ``steps`` and never below each floor, to ``budget``."""
+    widths = dict(natural)
+    for column, floor in steps:
+        excess = sum(widths.values()) - budget
+        if excess <= 0:
+            break
+        widths[column] = min(widths[column], max(floor, widths[column] - excess))
+    return widths
+
+
+#: Which flexible column gives way first, and down to what: the error first
+#: (it is in the JSON in full), then the tree note, then the task, then all.
+_SHRINK: tuple[tuple[str, int], ...] = (
+    ("error", 30),
+    ("tree", 24),
+    ("task", 40),
+    ("error", 16),
+    ("tree", 16),
+    ("task", 24),
+    ("error", 0),
+    ("tree", 8),
+    ("task", 11),
+)
+
+
+def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> str:
+    """The report as a table no wider than ``width``, then invalid files and counts.
+
+    Long ids are cut in the middle and long errors at the end; ``-o json``
+    has every value in full.
+    """
+    now = report.generated_at
+    show_tree = report.tree_read
+    rows = [
+        {
+            "task": str(t.key),
+            "status": t.status.value,
+            "since": _since(t, now),
+            "retry": _retry(t, now),
+            "tree": _tree(t),
+            "error": t.last_error or "",
+        }
+        for t in report.tasks
+    ]
+    header = {
+        "task": "TASK",
+        "status": "STATUS",
+        "since": "SINCE",
+        "retry": "NEXT RETRY",
+        "tree": "TREE",
+        "error": "LAST ERROR",
+    }
+    columns = [c for c in header if show_tree or c != "tree"]
+    natural = {c: max(len(r[c]) for r in [header, *rows]) for c in columns}
+    fixed = ("status", "since", "retry")
+    budget = width - 2 * (len(columns) - 1) - sum(natural[c] for c in fixed)
+    flexible = {c: n for c, n in natural.items() if c not in fixed}
+    steps = [(c, floor) for c, floor in _SHRINK if c in flexible]
+    widths = {**natural, **_fit(flexible, budget, steps)}
+
     lines = []
-    for row, colour in zip(table, colours, strict=True):
-        cells = [row[i].ljust(widths[i]) for i in range(len(widths))]
-        if colour:
-            cells[1] = click.style(cells[1], fg=colour)
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    total = ", ".join(f"{counts.get(s, 0)} {s.value}" for s in SyncStatus)
-    lines.append(f"\n{sum(counts.values())} tasks: {total}.")
+    for i, (row, task) in enumerate([(header, None), *zip(rows, report.tasks, strict=True)]):
+        cells = []
+        for c in columns:
+            w = widths[c]
+            if task is not None and c == "task":
+                text = short_key(task.key, w)
+            elif c == "tree" and task is not None and task.held_by is not None:
+                text = "held: " + clip_middle(task.held_by, w - len("held: "))
+            else:
+                text = clip(row[c], w)
+            cell = text if c == columns[-1] else text.ljust(w)
+            if i and c == "status" and task is not None:
+                cell = click.style(cell, fg=_STATUS_COLOURS[task.status])
+            cells.append(cell)
+        lines.append("  ".join(cells).rstrip())
+    if not report.tasks:
+        lines = ["No tasks."]
+
+    if report.invalid_files:
+        lines.append("")
+        lines.append("Invalid files (their recorded tasks are held as they are until fixed):")
+        for f in report.invalid_files:
+            p = f.first_problem
+            field = f" {p.field}:" if p.field else ""
+            lines.append(clip(f"  {where(root, p.source)}:{field} {p.message}", width))
+            more = f"; {f.problems - 1} more problem(s)" if f.problems > 1 else ""
+            lines.append(f"    holds {f.held_tasks} recorded task(s){more}")
+
+    counts = report.counts()
+    total = ", ".join(f"{counts[s]} {s.value}" for s in ReportStatus)
+    shown = f"{len(report.tasks)} tasks"
+    if report.status_filter or report.app_filter:
+        shown += f" shown of {report.total}"
+    summary = f"{shown}: {total}."
+    if show_tree:
+        trees = report.tree_counts()
+        summary = summary[:-1] + (
+            f"; {trees[TreeState.HELD]} held, {trees[TreeState.NOT_IN_TREE]} not in tree."
+        )
+    lines.append("")
+    lines.append(summary)
     return "\n".join(lines)

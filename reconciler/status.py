@@ -1,0 +1,364 @@
+"""``reconciler status``: what the store recorded, checked against the tree.
+
+The store alone cannot tell the truth about a task: it knows nothing of a
+task declared since the last apply, of a file that no longer parses, or of a
+task that left the tree. :func:`build_report` is a pure function of the
+store's rows, the desired index (or ``None`` when no tree was read) and the
+clock reading it is handed; it joins both sides by task key and asks the
+planner what the next ``apply`` or daemon pass would do with each task, so
+``status`` and ``plan`` can never disagree.
+
+Each :class:`TaskStatus` has:
+
+- ``status``: the recorded :class:`~reconciler.task.SyncStatus`, or ``New``
+  for a task the tree declares and the store has never seen;
+- ``tree``: ``in_tree``, ``held`` (the file that declared it is invalid, so
+  it is kept as it is) or ``not_in_tree`` (it will be forgotten); ``None``
+  when no tree was read;
+- ``next_action``: the planner's verdict (``call``, ``none``, ``blocked``,
+  ``forget``, ``hold``), with the field changes of a pending call.
+
+The report is a value: the CLI renders it as text (:func:`reconciler.render.status_table`)
+or as the documented JSON (:meth:`StatusReport.to_json`, ``format_version`` 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Final
+
+from reconciler.desired import DesiredIndex, Problem
+from reconciler.plan import Call, compute_plan
+from reconciler.state import TaskState, format_time
+from reconciler.task import AppliedRecord, DesiredTask, TaskKey
+
+#: ``status -o json`` shape version; 2 added the tree, since-times and retries.
+FORMAT_VERSION: Final = 2
+
+
+class ReportStatus(StrEnum):
+    """A recorded sync status, or ``New``: in the tree, never seen by the store."""
+
+    SYNCED = "Synced"
+    PENDING = "Pending"
+    NOT_RUNNING = "NotRunning"
+    FAILED = "Failed"
+    NEW = "New"
+
+
+class TreeState(StrEnum):
+    IN_TREE = "in_tree"
+    HELD = "held"
+    NOT_IN_TREE = "not_in_tree"
+
+
+class NextAction(StrEnum):
+    """What the next ``apply`` or daemon pass does with the task."""
+
+    CALL = "call"
+    NONE = "none"
+    BLOCKED = "blocked"
+    FORGET = "forget"
+    HOLD = "hold"
+
+
+def parse_statuses(values: Iterable[str]) -> frozenset[ReportStatus]:
+    """``["failed,new", "Synced"]`` → the statuses, matched case-insensitively.
+
+    Each value may be a comma list. An unknown name is a :class:`ValueError`
+    that lists the valid ones.
+    """
+    by_name = {s.value.lower(): s for s in ReportStatus}
+    chosen: set[ReportStatus] = set()
+    for value in values:
+        for part in value.split(","):
+            name = part.strip()
+            if not name:
+                continue
+            status = by_name.get(name.lower())
+            if status is None:
+                valid = ", ".join(s.value for s in ReportStatus)
+                raise ValueError(f"unknown status {name!r}; valid: {valid}")
+            chosen.add(status)
+    return frozenset(chosen)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidFile:
+    """A desired file with problems, the first of them, and how many recorded tasks it holds."""
+
+    path: str
+    first_problem: Problem
+    problems: int
+    held_tasks: int
+
+    def to_json(self) -> dict[str, object]:
+        p = self.first_problem
+        return {
+            "path": self.path,
+            "problems": self.problems,
+            "first_problem": {"source": str(p.source), "field": p.field, "message": p.message},
+            "held_tasks": self.held_tasks,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    """One task as ``status`` shows it: its record (if any) and its place in the tree."""
+
+    key: TaskKey
+    status: ReportStatus
+    #: ``None`` when no tree was read.
+    tree: TreeState | None
+    next_action: NextAction | None
+    #: The store's row; ``None`` for a ``New`` task.
+    record: TaskState | None
+    #: The tree's declaration; ``None`` unless the task is in the tree.
+    desired: DesiredTask | None
+    #: The pending call of ``next_action`` ``call``.
+    call: Call | None = None
+    #: The invalid file that holds the task, when ``tree`` is ``held``.
+    held_by: str | None = None
+
+    @property
+    def status_since(self) -> datetime | None:
+        return None if self.record is None else self.record.status_since
+
+    @property
+    def next_retry_at(self) -> datetime | None:
+        return None if self.record is None else self.record.next_retry_at
+
+    @property
+    def source(self) -> str | None:
+        """Where the task is declared now, else where it was last recorded."""
+        if self.desired is not None:
+            return str(self.desired.source)
+        return None if self.record is None else self.record.source
+
+    @property
+    def last_error(self) -> str | None:
+        r = self.record
+        if r is None or not r.last_error:
+            return None
+        return f"{r.last_error_code or ''} {r.last_error}".strip()
+
+    def to_json(self) -> dict[str, object]:
+        r, d = self.record, self.desired
+        if r is not None:
+            doc = r.to_json()
+        else:
+            assert d is not None  # a task is in the store, the tree or both
+            doc = {
+                "app_id": self.key.app_id,
+                "room_id": self.key.room_id,
+                "task_id": self.key.task_id,
+                "business_id": d.business_id,
+                "status": self.status.value,
+                "fields": None,
+                "applied_at": None,
+                "request_id": None,
+                "attempts": 0,
+                "last_call_at": None,
+                "last_error": None,
+                "last_error_code": None,
+                "last_error_request_id": None,
+                "source": None,
+                "source_path": None,
+                "failed_spec": None,
+                "updated_at": None,
+                "status_since": None,
+                "next_retry_at": None,
+            }
+        if d is not None:
+            doc["source"] = str(d.source)
+            doc["source_path"] = d.source.path
+        doc["tree"] = None if self.tree is None else self.tree.value
+        doc["held_by"] = self.held_by
+        doc["desired_fields"] = None if d is None else dict(d.fields)
+        doc["next_action"] = None if self.next_action is None else self.next_action.value
+        doc["next_call"] = (
+            None
+            if self.call is None
+            else [{"field": c.field, "old": c.old, "new": c.new} for c in self.call.changes]
+        )
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    generated_at: datetime
+    #: The tree as the user named it, and as an absolute root; ``None``: no tree read.
+    tree_path: str | None
+    tree_root: str | None
+    #: The root recorded in the store by ``apply``/``run`` (``None``: never recorded).
+    recorded_root: str | None
+    tree_files: int
+    tree_tasks: int
+    invalid_files: tuple[InvalidFile, ...]
+    #: The tasks shown (after the filters), sorted by key.
+    tasks: tuple[TaskStatus, ...]
+    #: How many tasks there are before the filters.
+    total: int
+    status_filter: frozenset[ReportStatus] = frozenset()
+    app_filter: frozenset[str] = frozenset()
+
+    @property
+    def tree_read(self) -> bool:
+        return self.tree_root is not None
+
+    @property
+    def root_matches(self) -> bool | None:
+        """Whether the tree read is the one the store was applied from (``None``: unknown)."""
+        if self.tree_root is None or self.recorded_root is None:
+            return None
+        return self.tree_root == self.recorded_root
+
+    def counts(self) -> dict[ReportStatus, int]:
+        """Shown tasks by status; every status present, zero or not."""
+        out = dict.fromkeys(ReportStatus, 0)
+        for t in self.tasks:
+            out[t.status] += 1
+        return out
+
+    def tree_counts(self) -> dict[TreeState, int]:
+        out = dict.fromkeys(TreeState, 0)
+        for t in self.tasks:
+            if t.tree is not None:
+                out[t.tree] += 1
+        return out
+
+    def notes(self) -> list[str]:
+        """What the reader must know to read the table right."""
+        out = []
+        if not self.tree_read:
+            out.append(
+                f"no desired tree at {self.tree_path}: showing the state store alone "
+                "(new, held and removed tasks are not shown; give the tree as DIR)"
+            )
+        elif self.root_matches is False:
+            out.append(
+                f"the state store was applied from {self.recorded_root}, not {self.tree_root}: "
+                "tasks outside this tree show as not in the tree"
+            )
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        """The stable ``status --output json`` shape (documented in the README)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "generated_at": format_time(self.generated_at),
+            "tree": {
+                "path": self.tree_path,
+                "root": self.tree_root,
+                "read": self.tree_read,
+                "recorded_root": self.recorded_root,
+                "root_matches": self.root_matches,
+                "files": self.tree_files,
+                "tasks": self.tree_tasks,
+                "invalid_files": [f.to_json() for f in self.invalid_files],
+            },
+            "filters": {
+                "status": sorted(s.value for s in self.status_filter),
+                "app": sorted(self.app_filter),
+            },
+            "total": self.total,
+            "counts": {s.value: n for s, n in self.counts().items()},
+            "tree_counts": {s.value: n for s, n in self.tree_counts().items()},
+            "tasks": [t.to_json() for t in self.tasks],
+        }
+
+
+def _record(row: TaskState) -> AppliedRecord:
+    return AppliedRecord(row.key, row.business_id, row.fields, row.source_path, row.failed_spec)
+
+
+def build_report(
+    rows: Sequence[TaskState],
+    *,
+    index: DesiredIndex | None,
+    now: datetime,
+    tree_path: str | None = None,
+    tree_root: str | None = None,
+    recorded_root: str | None = None,
+    statuses: Collection[ReportStatus] = frozenset(),
+    apps: Collection[str] = frozenset(),
+) -> StatusReport:
+    """Join the store's ``rows`` with the tree ``index`` (``None``: store alone).
+
+    ``statuses`` and ``apps`` filter the tasks shown (empty: no filter); the
+    invalid files are reported whatever the filters.
+    """
+    by_key = {r.key: r for r in rows}
+    desired: Mapping[TaskKey, DesiredTask] = {} if index is None else index.tasks
+    entries: list[TaskStatus] = []
+    invalid: list[InvalidFile] = []
+    if index is None:
+        for r in rows:
+            entries.append(TaskStatus(r.key, ReportStatus(r.status.value), None, None, r, None))
+    else:
+        held_files = index.invalid_files
+        plan = compute_plan(
+            desired, {k: _record(r) for k, r in by_key.items()}, held_files=held_files
+        )
+        calls = {c.key: c for c in plan.calls}
+        blocked = {b.task.key for b in plan.blocked}
+        held = {h.key: h.source_path for h in plan.held}
+        held_per_file: dict[str, int] = {}
+        for path in held.values():
+            held_per_file[path] = held_per_file.get(path, 0) + 1
+        for key in sorted(by_key.keys() | desired.keys()):
+            row, task = by_key.get(key), desired.get(key)
+            status = ReportStatus.NEW if row is None else ReportStatus(row.status.value)
+            if task is not None:
+                call = calls.get(key)
+                action = (
+                    NextAction.CALL
+                    if call is not None
+                    else NextAction.BLOCKED
+                    if key in blocked
+                    else NextAction.NONE
+                )
+                entries.append(TaskStatus(key, status, TreeState.IN_TREE, action, row, task, call))
+            elif key in held:
+                entries.append(
+                    TaskStatus(
+                        key, status, TreeState.HELD, NextAction.HOLD, row, None, held_by=held[key]
+                    )
+                )
+            else:
+                entries.append(
+                    TaskStatus(key, status, TreeState.NOT_IN_TREE, NextAction.FORGET, row, None)
+                )
+        firsts: dict[str, Problem] = {}
+        counts: dict[str, int] = {}
+        for p in index.problems:  # sorted by place, so the first seen is the first
+            firsts.setdefault(p.source.path, p)
+            counts[p.source.path] = counts.get(p.source.path, 0) + 1
+        invalid = [
+            InvalidFile(path, firsts[path], counts[path], held_per_file.get(path, 0))
+            for path in sorted(firsts)
+        ]
+    total = len(entries)
+    status_filter, app_filter = frozenset(statuses), frozenset(apps)
+    shown = tuple(
+        e
+        for e in entries
+        if (not status_filter or e.status in status_filter)
+        and (not app_filter or e.key.app_id in app_filter)
+    )
+    return StatusReport(
+        generated_at=now,
+        tree_path=tree_path,
+        tree_root=tree_root if index is not None else None,
+        recorded_root=recorded_root,
+        tree_files=0 if index is None else len(index.paths),
+        tree_tasks=len(desired),
+        invalid_files=tuple(invalid),
+        tasks=shown,
+        total=total,
+        status_filter=status_filter,
+        app_filter=app_filter,
+    )
