@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+
+import pytest
 
 from reconciler.state import StateStore
 from reconciler.task import Source, TaskKey
-from tests.conftest import run_cli, tasks_yaml, write
+from tests.conftest import REPO, CliResult, cli_env, run_cli, tasks_yaml, write
 
 APP = "661e4a7b9c0d1e2f"
 KEY = TaskKey(APP, "room-1", "seg")
@@ -212,3 +218,59 @@ def test_bad_endpoint_and_busy_port_are_clear_errors(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
     assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- the installed console script: version and shell completion --------------------
+
+SCRIPT = Path(sys.executable).with_name("reconciler")
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def console_script(*args: str, env: Mapping[str, str] | None = None) -> CliResult:
+    """The ``reconciler`` script pip installed: click keys completion on its name."""
+    assert SCRIPT.is_file(), f"{SCRIPT} missing: `pip install -e .` installs it"
+    proc = subprocess.run(
+        [str(SCRIPT), *args],
+        env=cli_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_version_names_the_distribution_to_install() -> None:
+    r = console_script("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (f"reconciler {PROJECT['version']} (distribution {PROJECT['name']})")
+
+
+@pytest.mark.parametrize(
+    ("shell", "marks"),
+    [
+        ("bash", ["complete -o nosort -F _reconciler_completion reconciler"]),
+        ("zsh", ["#compdef reconciler", "compdef _reconciler_completion reconciler"]),
+        ("fish", ["complete --no-files --command reconciler"]),
+    ],
+)
+def test_shell_completion_sources_come_from_the_console_script(
+    shell: str, marks: list[str]
+) -> None:
+    r = console_script(env={"_RECONCILER_COMPLETE": f"{shell}_source"})
+    assert r.returncode == 0, r.stderr
+    for mark in marks:
+        assert mark in r.stdout, (shell, r.stdout)
+    assert f"_RECONCILER_COMPLETE={shell}_complete" in r.stdout
+
+
+def test_bash_completion_completes_commands_and_options() -> None:
+    def complete(words: str) -> list[str]:
+        cword = str(len(words.split()) - 1)
+        env = {"_RECONCILER_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": cword}
+        r = console_script(env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert complete("reconciler em") == ["plain,emulator"]
+    assert "plain,--emulator-port" in complete("reconciler run --emu")

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -45,6 +46,9 @@ UNIT = DEPLOY / "systemd" / "reconciler.service"
 ENV_EXAMPLE = DEPLOY / "systemd" / "env.example"
 WORKFLOW = DEPLOY / "ci" / "github-actions-plan.yaml"
 ENV_NAME = re.compile(r"\bRECONCILER_[A-Z0-9_]+\b")
+PROJECT: dict[str, Any] = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))[
+    "project"
+]
 APP = "661e4a7b9c0d1e2f"
 
 
@@ -501,10 +505,7 @@ def test_dockerfile_image_shape() -> None:
     assert all(i.value.split()[0] == "python:3.11-slim" for i in dockerfile() if i.name == "FROM")
     assert dockerfile_uid() >= 1000  # non-root, outside the system range
     assert json.loads(single("ENTRYPOINT")) == ["reconciler"]
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
-        "scripts"
-    ]
-    assert "reconciler" in scripts
+    assert "reconciler" in PROJECT["scripts"]
     assert single("EXPOSE").split("/")[0] == str(run_default("health_port"))
     assert any("pip install ." in i.value for i in dockerfile() if i.name == "RUN")
 
@@ -520,17 +521,21 @@ def test_dockerfile_defaults_make_a_valid_run(monkeypatch: pytest.MonkeyPatch) -
     assert single("WORKDIR") in volumes
 
 
-def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
-    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
-    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert "*" in ignore, "the ignore file is an allow-list"
-    readme = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
-        "readme"
-    ]
+def dockerfile_sources() -> set[str]:
+    """What the build stage copies from the build context."""
     copied: set[str] = set()
     for ins in dockerfile():
         if ins.name == "COPY" and "--from=" not in ins.value:
             copied.update(shlex.split(ins.value)[:-1])
+    return copied
+
+
+def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert "*" in ignore, "the ignore file is an allow-list"
+    readme = PROJECT["readme"]
+    copied = dockerfile_sources()
     assert copied >= {"pyproject.toml", "reconciler", readme}
     for source in copied:
         assert source in allowed, f"COPY {source} but the ignore file excludes it"
@@ -864,3 +869,182 @@ def test_workflow_fails_on_an_invalid_tree(run_step: StepRunner) -> None:
     planned = run_step("plan")
     assert planned.returncode == 1
     assert "calls_pending" not in planned.outputs
+
+
+# --- installing: under this project's own name, from its own sources ---------------
+
+# On the public package index, `reconciler` is an unrelated project (a DataFrame
+# utility): an instruction to `pip install reconciler` installs someone else's code.
+TAKEN_NAME = "reconciler"
+PIP_INSTALL = re.compile(r"\bpip3?\s+install\b(?P<args>[^`\n]*)")
+# "do not `pip install reconciler`" warns against it; that line may stay.
+NEGATION = re.compile(r"\b(?:not|never|don't)\b", re.IGNORECASE)
+GIT_REQUIREMENT = re.compile(r"^(?P<name>[\w.\-]+) @ git\+https://\S+\.git@(?P<ref>[\w.\-/]+)$")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def wheel_name() -> str:
+    """The file `pip wheel` makes from this repository (its name is normalised to _)."""
+    return f"{re.sub(r'[-_.]+', '_', PROJECT['name'])}-{PROJECT['version']}-py3-none-any.whl"
+
+
+def pip_requirements(text: str) -> list[str]:
+    """What the ``pip install`` commands of a text install (option values dropped)."""
+    found: list[str] = []
+    for line in text.splitlines():
+        for m in PIP_INSTALL.finditer(line):
+            if NEGATION.search(line[: m.start()]):
+                continue
+            tokens = shlex.split(m.group("args"), comments=True)
+            tokens = tokens[
+                : next((i for i, t in enumerate(tokens) if t in {"&&", "||", ";"}), None)
+            ]
+            found.extend(t for t in tokens if not t.startswith("-"))
+    return found
+
+
+def requirement_name(requirement: str) -> str:
+    return canonical(re.split(r"[\s\[=<>!~;@]", requirement, maxsplit=1)[0])
+
+
+def install_texts() -> list[Path]:
+    """Every file that tells someone how to install: the README and the deploy files."""
+    return [REPO / "README.md", *sorted(p for p in DEPLOY.rglob("*") if p.is_file())]
+
+
+def test_the_distribution_is_not_named_like_the_unrelated_project() -> None:
+    assert canonical(PROJECT["name"]) != TAKEN_NAME
+    # The command and the import package keep the short name.
+    assert PROJECT["scripts"] == {"reconciler": "reconciler.cli:entry_point"}
+
+
+def test_the_install_check_catches_the_taken_name() -> None:
+    for line in (
+        "pip install reconciler",
+        "      run: pip install -U reconciler==0.1.0",
+        '/opt/x/bin/pip install "reconciler @ git+https://git.example.com/o/r.git@v1"',
+        "python3 -m venv /opt/r && /opt/r/bin/pip install reconciler",
+    ):
+        assert TAKEN_NAME in map(requirement_name, pip_requirements(line)), line
+    for line in (
+        "Do not `pip install reconciler`: that name is another project.",
+        "pip install . && pip install --quiet --upgrade pip",
+        f"pip install dist/{wheel_name()}",
+    ):
+        assert TAKEN_NAME not in map(requirement_name, pip_requirements(line)), line
+
+
+def test_nothing_says_to_pip_install_the_taken_name() -> None:
+    for path in install_texts():
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            names = map(requirement_name, pip_requirements(line))
+            assert TAKEN_NAME not in names, f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+
+
+def test_every_install_is_from_this_repository() -> None:
+    """Each ``pip install`` is the source tree, its wheel, or a pinned git URL of it."""
+    kinds: dict[str, set[str]] = {}
+    for path in install_texts():
+        for req in pip_requirements(path.read_text(encoding="utf-8")):
+            rel = str(path.relative_to(REPO))
+            if req == ".":
+                kinds.setdefault(rel, set()).add("source")
+            elif req.endswith(".whl"):
+                assert PurePosixPath(req).name == wheel_name(), f"{rel}: {req}"
+                kinds.setdefault(rel, set()).add("wheel")
+            else:
+                m = GIT_REQUIREMENT.match(req)
+                assert m, f"{rel}: {req!r} is not `NAME @ git+https://...git@TAG`"
+                assert canonical(m["name"]) == canonical(PROJECT["name"]), f"{rel}: {req}"
+                kinds.setdefault(rel, set()).add("git")
+    assert kinds["README.md"] >= {"wheel", "git"}
+    assert kinds["deploy/Dockerfile"] == {"source"}
+    assert kinds["deploy/systemd/reconciler.service"] >= {"wheel"}
+    install = next(s for s in plan_job()["steps"] if "pip install" in str(s.get("run", "")))
+    # The config repository's CI has no checkout of this one: a pinned git URL.
+    (req,) = pip_requirements(install["run"])
+    assert GIT_REQUIREMENT.match(req), req
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "python -m pip wheel --no-deps -w dist ." in readme
+    assert re.search(r"[Dd]o not `pip install reconciler`", readme)
+
+
+@pytest.mark.build
+def test_wheel_builds_from_the_image_sources_under_the_project_name(tmp_path: Path) -> None:
+    """The files the image build gets make a wheel named as the README says.
+
+    Offline: no build isolation and no index, so the venv's own setuptools and
+    wheel build it (the dev extras install them) and the test takes seconds.
+    """
+    src = tmp_path / "src"
+    for name in dockerfile_sources():
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy2(source, src / name)
+    dist = tmp_path / "dist"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index"),
+            *("--no-build-isolation", "--check-build-dependencies", "--quiet"),
+            *("-w", str(dist), str(src)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = dist.glob("*.whl")
+    assert wheel.name == wheel_name()
+    with zipfile.ZipFile(wheel) as zf:
+        info = f"{wheel_name().split('-py3')[0]}.dist-info"
+        metadata = zf.read(f"{info}/METADATA").decode()
+        entry_points = zf.read(f"{info}/entry_points.txt").decode()
+        names = set(zf.namelist())
+    assert f"Name: {PROJECT['name']}\n" in metadata
+    assert "reconciler = reconciler.cli:entry_point" in entry_points
+    assert {"reconciler/cli.py", "reconciler/__main__.py"} <= names
+
+
+# --- make demo ---------------------------------------------------------------------
+
+
+def make_demo_invocation(*make_args: str) -> list[str]:
+    """The ``reconciler`` command line ``make demo`` runs (``make -n``: nothing runs)."""
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-C", str(REPO), "demo", *make_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = [shlex.split(line) for line in proc.stdout.splitlines() if " run " in line]
+    assert len(lines) == 1, proc.stdout
+    argv = lines[0]
+    assert PurePosixPath(argv[0]).name == "reconciler", argv
+    return argv[1:]
+
+
+def test_make_demo_runs_the_daemon_on_the_documented_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    argv = make_demo_invocation()
+    params = parse_invocation(argv, {}, monkeypatch)
+    assert str(params["directory"]) == "desired" and params["embedded"] is True
+    assert (params["emulator_port"], params["health_port"]) == (8780, 9108)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "emulator on 8780" in readme and "metrics on 9108" in readme
+
+
+def test_make_demo_passes_demo_args_to_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = make_demo_invocation()
+    argv = make_demo_invocation("DEMO_ARGS=--health-port 9200 --emulator-port 8781")
+    assert argv == [*plain, "--health-port", "9200", "--emulator-port", "8781"]
+    params = parse_invocation(argv, {}, monkeypatch)
+    assert (params["emulator_port"], params["health_port"]) == (8781, 9200)
