@@ -234,13 +234,13 @@ def _fit(natural: dict[str, int], budget: int, steps: Sequence[tuple[str, int]])
 #: (it is in the JSON in full), then the tree note, then the task, then all.
 _SHRINK: tuple[tuple[str, int], ...] = (
     ("error", 30),
-    ("tree", 24),
+    ("tree", 30),
     ("task", 40),
     ("error", 16),
-    ("tree", 16),
-    ("task", 24),
+    ("tree", 24),
+    ("task", 28),
     ("error", 0),
-    ("tree", 8),
+    ("tree", 12),
     ("task", 11),
 )
 
@@ -268,7 +268,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
         "task": "TASK",
         "status": "STATUS",
         "since": "SINCE",
-        "retry": "NEXT RETRY",
+        "retry": "RETRY",
         "tree": "TREE",
         "error": "LAST ERROR",
     }

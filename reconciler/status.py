@@ -140,10 +140,13 @@ class TaskStatus:
 
     @property
     def last_error(self) -> str | None:
+        """The last error for a narrow column: the code's last part, then the message
+        (``InvalidParameter.ErrorActiveTaskNotFound`` → ``ErrorActiveTaskNotFound``)."""
         r = self.record
         if r is None or not r.last_error:
             return None
-        return f"{r.last_error_code or ''} {r.last_error}".strip()
+        code = (r.last_error_code or "").rsplit(".", 1)[-1]
+        return f"{code}: {r.last_error}" if code else r.last_error
 
     def to_json(self) -> dict[str, object]:
         r, d = self.record, self.desired
