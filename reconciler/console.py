@@ -163,8 +163,8 @@ _OUTCOMES: Final[dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]]]
 
 _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
     "daemon.started": lambda e: (
-        f"watching {e.get('root')} → {e.get('endpoint')} at up to {e.get('qps')} calls/s; "
-        f"health {e.get('health')}; state {e.get('state')}"
+        f"{e.get('root')} → {e.get('endpoint')} ≤{e.get('qps')}/s, "
+        f"health {e.get('health')}, state {e.get('state')}"
     ),
     "emulator.embedded": lambda e: (
         f"emulator on {e.get('url')} with {_plural(e.get('running_tasks'), 'task')} running"

@@ -73,6 +73,9 @@ def test_ctrl_c_drains_and_every_accepted_call_is_recorded(
     assert counts[SyncStatus.PENDING] == 0, "no call was left in flight"
     synced = [e for e in events(tmp_path) if e["event"] == "task.synced"]
     assert len(synced) == accepted
+    answered = {e["request_id"]: e for e in events(tmp_path) if e["event"] == "call.succeeded"}
+    for e in synced:  # one request, one latency, whichever event says it
+        assert e["latency_ms"] == answered[e["request_id"]]["latency_ms"]
     err = (tmp_path / "err.txt").read_text()
     assert "SIGINT: no new calls" in err and "Press Ctrl-C again" in err
     assert f"Interrupted: {500 - accepted} call(s) not made" in err
