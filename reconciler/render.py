@@ -196,6 +196,11 @@ def _since(t: TaskStatus, now: datetime) -> str:
     return "-" if since is None else ago((now - since).total_seconds())
 
 
+def _last_call(t: TaskStatus, now: datetime) -> str:
+    at = None if t.record is None else t.record.last_call_at
+    return "-" if at is None else f"{ago((now - at).total_seconds())} ago"
+
+
 def _retry(t: TaskStatus, now: datetime) -> str:
     at = t.next_retry_at
     if at is None:
@@ -210,7 +215,7 @@ def _tree(t: TaskStatus) -> str:
     if t.tree is TreeState.HELD:
         return f"held: {t.held_by}"  # the invalid files are listed below the table
     if t.tree is TreeState.NOT_IN_TREE:
-        return "not in tree: will be forgotten"
+        return "not in tree: to forget"
     if t.next_action is NextAction.CALL and t.call is not None:
         fields = ", ".join(t.call.fields)
         return f"first call: {fields}" if t.call.first else f"call: {fields}"
@@ -233,12 +238,12 @@ def _fit(natural: dict[str, int], budget: int, steps: Sequence[tuple[str, int]])
 #: Which flexible column gives way first, and down to what: the error first
 #: (it is in the JSON in full), then the tree note, then the task, then all.
 _SHRINK: tuple[tuple[str, int], ...] = (
-    ("error", 30),
+    ("error", 24),
     ("tree", 30),
-    ("task", 40),
-    ("error", 16),
-    ("tree", 24),
-    ("task", 28),
+    ("task", 52),
+    ("error", 12),
+    ("tree", 22),
+    ("task", 32),
     ("error", 0),
     ("tree", 12),
     ("task", 11),
@@ -258,6 +263,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
             "task": str(t.key),
             "status": t.status.value,
             "since": _since(t, now),
+            "call": _last_call(t, now),
             "retry": _retry(t, now),
             "tree": _tree(t),
             "error": t.last_error or "",
@@ -268,13 +274,14 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
         "task": "TASK",
         "status": "STATUS",
         "since": "SINCE",
+        "call": "CALLED",
         "retry": "RETRY",
         "tree": "TREE",
         "error": "LAST ERROR",
     }
     columns = [c for c in header if show_tree or c != "tree"]
     natural = {c: max(len(r[c]) for r in [header, *rows]) for c in columns}
-    fixed = ("status", "since", "retry")
+    fixed = ("status", "since", "call", "retry")
     budget = width - 2 * (len(columns) - 1) - sum(natural[c] for c in fixed)
     flexible = {c: n for c, n in natural.items() if c not in fixed}
     steps = [(c, floor) for c, floor in _SHRINK if c in flexible]

@@ -67,7 +67,7 @@ def test_status_shows_new_held_and_removed_tasks(tmp_path: Path, emulator: Emula
     text = r.stdout
     assert "Synced" in line_of(text, synced) and "in tree" in line_of(text, synced)
     assert "New" in line_of(text, new) and "first call: Duration" in line_of(text, new)
-    assert "not in tree: will be forgotten" in line_of(text, removed)
+    assert "not in tree: to forget" in line_of(text, removed)
     assert "held: d.yaml" in line_of(text, held)
     row = line_of(text, stopped)
     assert "NotRunning" in row and "first call: Duration" in row
