@@ -224,6 +224,14 @@ def _tree(t: TaskStatus) -> str:
     return "in tree" if t.tree is TreeState.IN_TREE else "-"
 
 
+def _short_path(path: str, width: int) -> str:
+    """A path within ``width``: whole, else its file name (``…/lectures.yaml``)."""
+    if len(path) <= width:
+        return path
+    name = path.rsplit("/", 1)[-1]
+    return f"{ELLIPSIS}/{name}" if len(name) + 2 <= width else clip_middle(name, width)
+
+
 def _fit(natural: dict[str, int], budget: int, steps: Sequence[tuple[str, int]]) -> dict[str, int]:
     """Shrink columns, in the order of ``steps`` and never below each floor, to ``budget``."""
     widths = dict(natural)
@@ -238,12 +246,12 @@ def _fit(natural: dict[str, int], budget: int, steps: Sequence[tuple[str, int]])
 #: Which flexible column gives way first, and down to what: the error first
 #: (it is in the JSON in full), then the tree note, then the task, then all.
 _SHRINK: tuple[tuple[str, int], ...] = (
-    ("error", 24),
-    ("tree", 30),
-    ("task", 52),
-    ("error", 12),
+    ("error", 30),
     ("tree", 22),
-    ("task", 32),
+    ("task", 52),
+    ("error", 16),
+    ("task", 36),
+    ("tree", 16),
     ("error", 0),
     ("tree", 12),
     ("task", 11),
@@ -279,7 +287,8 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
         "tree": "TREE",
         "error": "LAST ERROR",
     }
-    columns = [c for c in header if show_tree or c != "tree"]
+    wanted = {"tree": show_tree, "error": any(r["error"] for r in rows)}
+    columns = [c for c in header if wanted.get(c, True)]
     natural = {c: max(len(r[c]) for r in [header, *rows]) for c in columns}
     fixed = ("status", "since", "call", "retry")
     budget = width - 2 * (len(columns) - 1) - sum(natural[c] for c in fixed)
@@ -295,7 +304,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
             if task is not None and c == "task":
                 text = short_key(task.key, w)
             elif c == "tree" and task is not None and task.held_by is not None:
-                text = "held: " + clip_middle(task.held_by, w - len("held: "))
+                text = "held: " + _short_path(task.held_by, w - len("held: "))
             else:
                 text = clip(row[c], w)
             cell = text if c == columns[-1] else text.ljust(w)
