@@ -194,6 +194,7 @@ def guard_options(f: F) -> F:
         _option(
             "--max-forget",
             env="MAX_FORGET",
+            metavar="SHARE",
             default=format_fraction(DEFAULT_MAX_FORGET),
             show_default=True,
             callback=_check_max_forget,
