@@ -2,8 +2,10 @@
 
 Each command is a thin shell: parse options, call the functional core or the
 right long-running piece, print, exit with the contract's status. Every
-option can also come from ``RECONCILER_<OPTION>``; the desired tree argument
-from ``RECONCILER_DIR``.
+option can also come from an environment variable (see :class:`EnvOption`):
+``RECONCILER_<OPTION>``, or ``RECONCILER_<COMMAND>_<OPTION>`` where the bare
+name would mean different things in different commands; the desired tree
+argument from ``RECONCILER_DIR``.
 
 Exit statuses: 0 success; 1 an error (invalid tree, unreadable store, failed
 call, missing credentials); ``plan --detailed-exitcode`` adds 2 for "calls
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import secrets
 import signal
 import sys
@@ -64,8 +67,61 @@ DEFAULT_ENDPOINT = "https://rtc.volcengineapi.com"
 DISTRIBUTION = "rtc-segment-reconciler"
 
 
-def _option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
-    return click.option(*names, envvar=f"RECONCILER_{env}", show_envvar=True, **kwargs)
+class EnvOption(click.Option):
+    """An option read from ``RECONCILER_<NAME>``, and perhaps from a deprecated name.
+
+    Variables are named once per meaning: an option several commands share with
+    one meaning has one name (``RECONCILER_STATE``), one whose bare name would
+    mean different things in different commands carries its command
+    (``RECONCILER_PLAN_OUTPUT``, ``RECONCILER_EMULATOR_PORT``). A renamed
+    variable's old name still works when the new one is not set, with a warning
+    on stderr; set both and the new one wins.
+    """
+
+    def __init__(self, *args: Any, deprecated_envvar: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deprecated_envvar = deprecated_envvar
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        value = super().resolve_envvar_value(ctx)
+        if value is not None or self.deprecated_envvar is None:
+            return value
+        value = os.environ.get(self.deprecated_envvar) or None  # empty means unset, as click
+        if value is not None:
+            ctx.meta[self._from_deprecated] = True
+            if not ctx.resilient_parsing:  # not while completing a command line
+                click.echo(
+                    click.style("warning: ", fg="yellow", bold=True)
+                    + f"{self.deprecated_envvar} is deprecated: use {self.envvar} "
+                    f"(which wins when both are set)",
+                    err=True,
+                )
+        return value
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        # A bad value from the old name must name the old name, not the one unset.
+        if ctx is not None and ctx.meta.get(self._from_deprecated):
+            names = " / ".join(f"'{opt}'" for opt in self.opts)
+            return f"{names} (env var: '{self.deprecated_envvar}')"
+        return super().get_error_hint(ctx)
+
+    @property
+    def _from_deprecated(self) -> str:
+        return f"{__name__}.deprecated_envvar.{id(self)}"
+
+
+def _option(
+    *names: str, env: str, deprecated_env: str | None = None, **kwargs: Any
+) -> Callable[[F], F]:
+    """``RECONCILER_{env}``; ``deprecated_env``: the variable's old name, still read."""
+    return click.option(
+        *names,
+        cls=EnvOption,
+        envvar=f"RECONCILER_{env}",
+        deprecated_envvar=f"RECONCILER_{deprecated_env}" if deprecated_env else None,
+        show_envvar=True,
+        **kwargs,
+    )
 
 
 def dir_argument(f: F, *, file_okay: bool = False) -> F:
@@ -97,16 +153,25 @@ def state_option(f: F) -> F:
     )(f)
 
 
-def output_option(f: F) -> F:
+# The commands that read the one RECONCILER_OUTPUT before each got its own.
+_SHARED_OUTPUT_BEFORE = frozenset({"plan", "status"})
+
+
+def output_option(command: str) -> Callable[[F], F]:
+    """``-o/--output`` of ``command``, from ``RECONCILER_<COMMAND>_OUTPUT``: JSON for
+    one command must not change what another prints."""
+    if not isinstance(command, str):
+        raise TypeError("output_option needs the command's name: @output_option('plan')")
     return _option(
         "--output",
         "-o",
-        env="OUTPUT",
+        env=f"{command.upper()}_OUTPUT",
+        deprecated_env="OUTPUT" if command in _SHARED_OUTPUT_BEFORE else None,
         type=click.Choice(["text", "json"]),
         default="text",
         show_default=True,
         help="Output format; the JSON shapes are documented in the README.",
-    )(f)
+    )
 
 
 def fail(message: str) -> NoReturn:
@@ -402,7 +467,7 @@ def main(ctx: click.Context, log_format: events.LogFormat, log_level: str, quiet
 
 @main.command()
 @tree_or_file_argument
-@output_option
+@output_option("validate")
 def validate(directory: str, output: str) -> None:
     """Check the desired tree, or one desired file; exit 1 and list every problem if invalid.
 
@@ -460,7 +525,7 @@ def schema() -> None:
     default=None,
     help="Compare against another tree taken as fully applied, instead of the state store.",
 )
-@output_option
+@output_option("plan")
 @_option(
     "--detailed-exitcode",
     env="DETAILED_EXITCODE",
@@ -543,7 +608,7 @@ def _check_statuses(
     metavar="APPID",
     help="Only tasks of this AppId (repeatable).",
 )
-@output_option
+@output_option("status")
 def status(
     directory: Path,
     state: Path,
@@ -1031,70 +1096,81 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[
     return handler
 
 
+def _emulator_option(name: str, **kwargs: Any) -> Callable[[F], F]:
+    """An option of ``reconciler emulator``, from ``RECONCILER_EMULATOR_<OPTION>``.
+
+    The bare ``RECONCILER_<OPTION>`` it was read from before (``RECONCILER_PORT``)
+    says nothing of the emulator and would mean something else to another
+    command; it still works, deprecated.
+    """
+    bare = name.removeprefix("--").replace("-", "_").upper()
+    return _option(name, env=f"EMULATOR_{bare}", deprecated_env=bare, **kwargs)
+
+
 @main.command("emulator")
-@_option("--host", env="HOST", default="127.0.0.1", show_default=True)
-@_option(
+@_emulator_option("--host", default="127.0.0.1", show_default=True)
+@_emulator_option(
     "--port",
-    env="PORT",
     type=click.IntRange(0, 65535),
     default=8780,
     show_default=True,
+    # One name with `run --emulator-port`: both are the port the emulator listens on.
+    help="Port to listen on (0: any free port); the same variable as run's --emulator-port.",
 )
+# Shared with apply and run: the region requests are signed for, which the emulator checks.
 @_option("--region", env="REGION", default="cn-north-1", show_default=True)
-@_option(
+@_emulator_option(
     "--tasks",
-    env="TASKS",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Start every task of this desired tree, as if StartSegment ran.",
 )
-@_option(
+@_emulator_option(
     "--latency-ms",
-    env="LATENCY_MS",
     type=click.FloatRange(0),
     default=0.0,
     show_default=True,
 )
-@_option(
+@_emulator_option(
     "--jitter-ms",
-    env="JITTER_MS",
     type=click.FloatRange(0),
     default=0.0,
     show_default=True,
 )
-@_option(
+@_emulator_option(
     "--error-rate",
-    env="ERROR_RATE",
     type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
     help="Fraction of calls answered HTTP 500 InternalError.",
 )
-@_option(
+@_emulator_option(
     "--drop-rate",
-    env="DROP_RATE",
     type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
     help="Fraction of calls whose connection is closed unanswered.",
 )
-@_option(
+@_emulator_option(
     "--drop-phase",
-    env="DROP_PHASE",
     type=click.Choice(["before", "after"]),
     default="after",
     show_default=True,
     help="Drop before or after applying the call.",
 )
-@_option(
+@_emulator_option(
     "--update-qps",
-    env="UPDATE_QPS",
     type=click.IntRange(0),
     default=150,
     show_default=True,
     help="UpdateSegment limit over any one-second window (0: none).",
 )
-@_option("--seed", env="SEED", type=int, default=None)
+@_emulator_option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed for fault draws and generated Identifiers, for repeatable runs.",
+)
 def emulator_command(
     host: str,
     port: int,

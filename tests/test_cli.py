@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import socket
 import subprocess
 import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from reconciler.state import StateStore
 from reconciler.task import Source, TaskKey
-from tests.conftest import REPO, CliResult, cli_env, run_cli, tasks_yaml, write
+from tests.conftest import (
+    REPO,
+    CliResult,
+    cli_env,
+    reconciler_cmd,
+    run_cli,
+    tasks_yaml,
+    wait_for,
+    write,
+)
 
 APP = "661e4a7b9c0d1e2f"
 KEY = TaskKey(APP, "room-1", "seg")
@@ -127,7 +140,7 @@ def test_options_come_from_the_environment(tmp_path: Path) -> None:
         cwd=tmp_path,
         env={
             "RECONCILER_DIR": "tree",
-            "RECONCILER_OUTPUT": "json",
+            "RECONCILER_PLAN_OUTPUT": "json",
             "RECONCILER_DETAILED_EXITCODE": "1",
         },
     )
@@ -274,3 +287,224 @@ def test_bash_completion_completes_commands_and_options() -> None:
 
     assert complete("reconciler em") == ["plain,emulator"]
     assert "plain,--emulator-port" in complete("reconciler run --emu")
+
+
+# --- environment variables: one name per meaning -----------------------------------
+
+# Renamed because one name meant different things in different commands; the old
+# ones still work, with a warning. Mirrors the README's table.
+EMULATOR_RENAMES = {
+    f"RECONCILER_{old}": f"RECONCILER_EMULATOR_{old}"
+    for old in (
+        "HOST",
+        "PORT",
+        "TASKS",
+        "LATENCY_MS",
+        "JITTER_MS",
+        "ERROR_RATE",
+        "DROP_RATE",
+        "DROP_PHASE",
+        "UPDATE_QPS",
+        "SEED",
+    )
+}
+
+
+def deprecation_warnings(stderr: str) -> dict[str, str]:
+    """Old variable → the new one its warning names."""
+    found = {}
+    for line in stderr.splitlines():
+        m = re.search(r"\b(RECONCILER_\w+) is deprecated\b.*\b(RECONCILER_\w+)\b", line)
+        if m:
+            found[m[1]] = m[2]
+    return found
+
+
+def stored_task(tmp_path: Path) -> None:
+    one_task(tmp_path / "desired", Duration=30)
+    with StateStore.open(tmp_path / ".reconciler" / "state.db") as store:
+        store.record_success(
+            KEY,
+            fields={"Duration": 30},
+            business_id=None,
+            request_id="req-1",
+            source=Source("a.yaml", 3, 5),
+        )
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def test_each_command_reads_its_own_output_variable(tmp_path: Path) -> None:
+    stored_task(tmp_path)
+    plan_json = {"RECONCILER_PLAN_OUTPUT": "json"}
+    r = run_cli("plan", cwd=tmp_path, env=plan_json)
+    assert r.returncode == 0 and is_json(r.stdout), r.stderr
+    # Asking plan for JSON no longer changes what status prints, nor validate.
+    r = run_cli("status", cwd=tmp_path, env=plan_json)
+    assert r.returncode == 0 and not is_json(r.stdout) and "Synced" in r.stdout, r.stderr
+    r = run_cli("validate", cwd=tmp_path, env=plan_json)
+    assert r.returncode == 0 and r.stdout.startswith("valid"), r.stderr
+    r = run_cli("status", cwd=tmp_path, env={"RECONCILER_STATUS_OUTPUT": "json"})
+    assert r.returncode == 0 and json.loads(r.stdout)["tasks"][0]["status"] == "Synced"
+    r = run_cli("validate", cwd=tmp_path, env={"RECONCILER_VALIDATE_OUTPUT": "json"})
+    assert r.returncode == 0 and is_json(r.stdout), r.stderr
+    for r in (run_cli("plan", cwd=tmp_path, env=plan_json),):
+        assert deprecation_warnings(r.stderr) == {}
+
+
+def test_the_shared_output_variable_still_works_with_a_warning(tmp_path: Path) -> None:
+    stored_task(tmp_path)
+    old = {"RECONCILER_OUTPUT": "json"}
+    for command in ("plan", "status"):
+        r = run_cli(command, cwd=tmp_path, env=old)
+        assert r.returncode == 0 and is_json(r.stdout), (command, r.stderr)
+        new = f"RECONCILER_{command.upper()}_OUTPUT"
+        assert deprecation_warnings(r.stderr) == {"RECONCILER_OUTPUT": new}, r.stderr
+        # The new name wins, silently; so does the command line.
+        for r in (
+            run_cli(command, cwd=tmp_path, env={**old, new: "text"}),
+            run_cli(command, "-o", "text", cwd=tmp_path, env=old),
+        ):
+            assert r.returncode == 0 and not is_json(r.stdout), (command, r.stderr)
+            assert deprecation_warnings(r.stderr) == {}, r.stderr
+    # validate never read RECONCILER_OUTPUT, so it does not start now.
+    r = run_cli("validate", cwd=tmp_path, env=old)
+    assert r.returncode == 0 and r.stdout.startswith("valid"), r.stderr
+    assert deprecation_warnings(r.stderr) == {}
+
+
+class EmulatorProcess:
+    """``reconciler emulator`` as a subprocess, until its listening line appears."""
+
+    def __init__(self, cwd: Path, env: Mapping[str, str]) -> None:
+        self.log = cwd / "emulator.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                reconciler_cmd("emulator"),
+                cwd=cwd,
+                env=cli_env(**env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+        def listening() -> str | None:
+            m = re.search(r"emulator listening on (\S+)", self.output())
+            if m is None and self.proc.poll() is not None:
+                raise AssertionError(f"emulator exited {self.proc.returncode}:\n{self.output()}")
+            return m[1] if m else None
+
+        self.url: str = wait_for(listening)
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def settings(self) -> dict[str, Any]:
+        """The faults and limits in force, and how many tasks run."""
+        with httpx.Client(timeout=5.0) as http:
+            faults: dict[str, Any] = http.post(f"{self.url}/_emulator/faults", json={}).json()
+            faults["tasks"] = len(http.get(f"{self.url}/_emulator/tasks").json()["tasks"])
+        faults["UpdateSegment"] = faults.pop("qps")["UpdateSegment"]
+        return faults
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# 127.0.0.2 is loopback too (127.0.0.0/8), and not the default host.
+HOST = "127.0.0.2"
+EMULATOR_SETTINGS = {
+    "TASKS": "desired",
+    "LATENCY_MS": "3",
+    "JITTER_MS": "2",
+    "ERROR_RATE": "0.25",
+    "DROP_RATE": "0.125",
+    "DROP_PHASE": "before",
+    "UPDATE_QPS": "40",
+    "SEED": "5",
+}
+EXPECTED_SETTINGS = {
+    "tasks": 1,
+    "latency_ms": 3.0,
+    "jitter_ms": 2.0,
+    "error_rate": 0.25,
+    "drop_rate": 0.125,
+    "drop_phase": "before",
+    "UpdateSegment": 40,
+}
+
+
+def test_emulator_reads_its_own_variables(tmp_path: Path) -> None:
+    one_task(tmp_path / "desired", Duration=30)
+    port = free_port(HOST)
+    env = {f"RECONCILER_EMULATOR_{k}": v for k, v in EMULATOR_SETTINGS.items()}
+    env |= {"RECONCILER_EMULATOR_HOST": HOST, "RECONCILER_EMULATOR_PORT": str(port)}
+    emulator = EmulatorProcess(tmp_path, env)
+    try:
+        assert emulator.url == f"http://{HOST}:{port}"
+        assert emulator.settings() == EXPECTED_SETTINGS
+    finally:
+        emulator.stop()
+    assert deprecation_warnings(emulator.output()) == {}
+
+
+def test_emulator_old_variables_work_with_a_warning_and_new_ones_win(tmp_path: Path) -> None:
+    one_task(tmp_path / "desired", Duration=30)
+    old_port, new_port = free_port(HOST), free_port(HOST)
+    env = {f"RECONCILER_{k}": v for k, v in EMULATOR_SETTINGS.items()}
+    env |= {"RECONCILER_HOST": HOST, "RECONCILER_PORT": str(old_port)}
+    # Both names set: the new one is used, and nothing is said about the old one.
+    both = {"RECONCILER_EMULATOR_PORT": str(new_port), "RECONCILER_EMULATOR_ERROR_RATE": "0.5"}
+    emulator = EmulatorProcess(tmp_path, {**env, "RECONCILER_ERROR_RATE": "0.75", **both})
+    try:
+        assert emulator.url == f"http://{HOST}:{new_port}"
+        assert emulator.settings() == {**EXPECTED_SETTINGS, "error_rate": 0.5}
+    finally:
+        emulator.stop()
+    warned = deprecation_warnings(emulator.output())
+    shadowed = {"RECONCILER_PORT", "RECONCILER_ERROR_RATE"}
+    assert warned == {k: v for k, v in EMULATOR_RENAMES.items() if k not in shadowed}
+
+
+def test_a_bad_value_names_the_variable_it_came_from(tmp_path: Path) -> None:
+    for name in ("RECONCILER_EMULATOR_SEED", "RECONCILER_SEED"):
+        r = run_cli("emulator", cwd=tmp_path, env={name: "five"}, timeout=20)
+        assert r.returncode == 1, r.stderr
+        assert f"Invalid value for '--seed' (env var: '{name}')" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_help_lists_the_new_variable_names(tmp_path: Path) -> None:
+    def help_text(command: str) -> str:
+        r = run_cli(command, "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    emulator = help_text("emulator")
+    for old, new in EMULATOR_RENAMES.items():
+        assert new in emulator
+        assert not re.search(rf"\b{old}\b", emulator), old
+    # The port an emulator listens on: one name for `emulator` and `run --emulator`.
+    assert "RECONCILER_EMULATOR_PORT" in help_text("run")
+    for command in ("plan", "status", "validate"):
+        text = help_text(command)
+        assert f"RECONCILER_{command.upper()}_OUTPUT" in text
+        assert not re.search(r"\bRECONCILER_OUTPUT\b", text)

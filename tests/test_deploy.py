@@ -9,6 +9,11 @@ HEALTHCHECK is run against a real health server on loopback, the secret keys
 are fed to the real credentials loader, and the CI workflow's shell steps are
 run with bash against the real CLI on real trees. ``kubectl kustomize`` and
 ``systemd-analyze verify`` are used too when installed.
+
+Installing is checked the same way: no file says to ``pip install reconciler``
+(that name on the package index is another project), every install names this
+repository, and a wheel is built offline from the image's sources and read back.
+``make -n demo`` shows the command line ``make demo`` runs, parsed like the rest.
 """
 
 from __future__ import annotations
@@ -433,9 +438,54 @@ def test_reconciler_variables_are_options(path: Path, commands: tuple[str, ...])
     assert not unknown, f"{path.name}: {sorted(unknown)} are not options of {commands}"
 
 
+def deprecated_envvars() -> dict[str, set[str]]:
+    """Each old ``RECONCILER_*`` name that still works → the names replacing it."""
+    assert isinstance(main, click.Group)
+    renamed: dict[str, set[str]] = {}
+    for cmd in (main, *main.commands.values()):
+        for param in cmd.params:
+            old = getattr(param, "deprecated_envvar", None)
+            if old:
+                assert isinstance(param.envvar, str)
+                renamed.setdefault(old, set()).add(param.envvar)
+    return renamed
+
+
+def stale_names(text: str) -> dict[str, list[str]]:
+    """Deprecated variables a text uses, with what replaces each."""
+    old = deprecated_envvars()
+    return {name: sorted(old[name]) for name in set(ENV_NAME.findall(text)) & old.keys()}
+
+
+def test_deploy_files_use_no_deprecated_variable() -> None:
+    assert stale_names("Environment=RECONCILER_PORT=8780 RECONCILER_STATE=/s.db") == {
+        "RECONCILER_PORT": ["RECONCILER_EMULATOR_PORT"]
+    }
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
+        stale = stale_names(path.read_text(encoding="utf-8"))
+        assert not stale, f"{path.name} uses deprecated names; their replacements: {stale}"
+
+
+def test_readme_lists_every_deprecated_variable_with_its_replacements() -> None:
+    rows: dict[str, set[str]] = {}
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        m = re.match(r"\| `(RECONCILER_\w+)` \| (.*) \|$", line)
+        if m:
+            rows[m[1]] = set(ENV_NAME.findall(m[2]))
+    assert rows == deprecated_envvars()
+
+
 def test_an_unknown_variable_or_flag_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "RECONCILER_DRAIN_TIMEOUT" in envvars("run")
     assert "RECONCILER_DRAIN_TIMOUT" not in envvars("run")
+    # Renamed variables still work but are no longer options' names, here or anywhere.
+    assert deprecated_envvars()["RECONCILER_OUTPUT"] == {
+        "RECONCILER_PLAN_OUTPUT",
+        "RECONCILER_STATUS_OUTPUT",
+    }
+    assert deprecated_envvars()["RECONCILER_PORT"] == {"RECONCILER_EMULATOR_PORT"}
+    assert "RECONCILER_OUTPUT" not in envvars("validate", "plan", "status", "emulator")
+    assert "RECONCILER_PORT" not in envvars("run", "emulator")
     with pytest.raises(AssertionError, match="no option --helth-port"):
         parse_invocation(["run", "--helth-port=1", "/x"], {}, monkeypatch)
     with pytest.raises(click.BadParameter):
