@@ -4,9 +4,10 @@ Layers, from pure to effectful:
 
 * :func:`parse_file` turns one file's bytes into a :class:`FileResult` (the
   tasks it declares and every local problem) without touching the disk.
-* :func:`read_file` and :func:`discover` are the only code that does I/O;
-  they turn every failure (unreadable file, symlink leaving the tree) into a
-  :class:`Problem` instead of an exception.
+* :func:`read_file`, :func:`discover` and the loaders built on them
+  (:func:`load_tree`, :func:`load_file` for one file checked on its own) are
+  the only code that does I/O; they turn every failure (unreadable file,
+  symlink leaving the tree) into a :class:`Problem` instead of an exception.
 * :class:`DesiredIndex` holds the whole tree and applies the rules that span
   files (one declaration per task, one task per ``Identifier``). It is updated
   one file at a time so the daemon never rescans the tree for one edit.
@@ -18,23 +19,28 @@ nodes, by rules that cover YAML 1.1 and 1.2 at once. That is what lets the
 loader tell ``RoomId: 0123`` (a plain scalar some YAML reads as a number) from
 ``RoomId: "0123"``, see duplicate keys PyYAML would silently collapse, put a
 ``line:column`` on every problem, and still cost less than a bare
-``yaml.load`` of the same files.
+``yaml.load`` of the same files. The parser's own words are kept for syntax
+errors, except where they hide a common cause: a tab in indentation is named
+as such.
 
 An id (``AppId``, ``BusinessId``, ``RoomId``, ``TaskId``, ``Identifier``)
 written as a plain scalar that YAML 1.1 *or* YAML 1.2 would read as anything
 but a string -- a number (``0123``, ``1e5``, ``0o17``, ``.5``), a bool
 (``yes``, ``on``, ``y``), a date or null -- is refused with the quoted form to
-write instead; it is never converted. An explicit ``!!str`` tag also makes it
-a string. ``Handle`` accepts only ``true`` and ``false`` (``True``/``TRUE``/
-``False``/``FALSE`` too, which every YAML reads alike); ``yes``/``no``/``on``/
-``off`` are refused because YAML 1.2 reads them as strings. ``Duration`` is a
-plain decimal integer in [1, 600]; leading zeros (octal in YAML 1.1), hex,
-``1_000`` and sexagesimal forms are refused as ambiguous. Other explicit tags
-and YAML merge keys (``<<``) are not supported: ``defaults`` is the one way to
-share values.
+write instead (when that form is a valid id); it is never converted. A null
+(``~``, ``null``, nothing) gets what to write instead, or what removing the
+key does; never a quoted example, which would not be a valid id. An explicit
+``!!str`` tag also makes it a string. ``Handle`` accepts only ``true`` and
+``false`` (``True``/``TRUE``/``False``/``FALSE`` too, which every YAML reads
+alike); ``yes``/``no``/``on``/``off`` are refused because YAML 1.2 reads them
+as strings. ``Duration`` is a plain decimal integer in [1, 600]; leading
+zeros (octal in YAML 1.1), hex, ``1_000``, sexagesimal forms, ``30.0`` and
+``3e1`` are refused as ambiguous. Other explicit tags and YAML merge keys
+(``<<``) are not supported: ``defaults`` is the one way to share values.
 
 JSON. A ``.json`` file must be strict JSON (checked with :func:`json.loads`,
-which also gives the line and column of a syntax error). Its nodes then come
+which also gives the line and column of a syntax error; a trailing comma, which
+it calls a missing value, is named as such). Its nodes then come
 from the same composer (JSON is YAML), so it gets the same checks and
 positions. A few valid JSON texts are not valid YAML 1.1 (a tab at the start
 of a line outside brackets, an escaped surrogate pair such as
@@ -79,17 +85,20 @@ from reconciler.task import (
 )
 
 __all__ = [
+    "SUFFIXES",
     "DesiredIndex",
     "FileResult",
     "Problem",
     "discover",
     "is_candidate",
+    "load_file",
     "load_tree",
     "parse_file",
     "read_file",
 ]
 
-_SUFFIXES: Final = (".yaml", ".yml", ".json")
+#: What a desired file's name ends with.
+SUFFIXES: Final = (".yaml", ".yml", ".json")
 
 _STR: Final = "tag:yaml.org,2002:str"
 _MAP: Final = "tag:yaml.org,2002:map"
@@ -217,6 +226,27 @@ def _plain_kind(value: str) -> str | None:
     return kind
 
 
+def _not_an_id(value: str) -> str | None:
+    """Why a string is not a valid id, or ``None`` if it is one."""
+    if _ID_RE.fullmatch(value):
+        return None
+    if not value:
+        return "it is empty"
+    if len(value) > 128:
+        return f"it is {len(value)} characters long"
+    bad = _ID_CHAR_RE.search(value)
+    return f"character {bad.group()!r} is not allowed" if bad else "it does not match"
+
+
+def _whole_number(value: str) -> int | None:
+    """The integer a number such as ``30.0`` or ``3e1`` equals, or ``None``."""
+    try:
+        number = float(value)
+    except ValueError:  # YAML spellings Python lacks (.inf, 1:20.5)
+        return None
+    return int(number) if number.is_integer() else None
+
+
 _ENVELOPE_KEYS: Final = ("defaults", "tasks")
 _MAX_SHOWN: Final = 40
 
@@ -247,7 +277,7 @@ class FileResult:
 
 def is_candidate(rel_path: str) -> bool:
     """Whether a path (posix, relative to the root) is a desired-state file."""
-    if not rel_path.endswith(_SUFFIXES):
+    if not rel_path.endswith(SUFFIXES):
         return False
     parts = rel_path.split("/")
     name = parts[-1]
@@ -308,13 +338,16 @@ def _suggest(name: str, valid: Iterable[str], *, what: str) -> str:
 class _Checker:
     """Walks one file's nodes, collecting values and problems."""
 
-    __slots__ = ("is_json", "path", "problems", "text")
+    __slots__ = ("inherited", "is_json", "path", "problems", "text")
 
     def __init__(self, path: str, text: str) -> None:
         self.path = path
         self.text = text
         self.is_json = path.endswith(".json")
         self.problems: list[Problem] = []
+        # Fields 'defaults' sets, while a task under it is checked: a hint about
+        # removing a key must say the value then comes from defaults.
+        self.inherited: frozenset[str] = frozenset()
 
     # -- reporting ---------------------------------------------------------
 
@@ -358,26 +391,44 @@ class _Checker:
         return self.bad_id(node, field, value)
 
     def not_a_string(self, node: Node, field: str, value: str, kind: str) -> _InvalidValue:
-        if not value:
-            example = self.quoted(field, "...")
-            return self.at(
-                node,
-                field,
-                f"has no value (YAML reads it as null); ids are quoted strings: {example}",
-            )
+        if kind == "null":
+            return self.no_value(node, field, value, self.write_id())
         verb = "is" if self.is_json else "reads as"
-        return self.at(
-            node, field, f"value {value} {verb} {kind}; quote it: {self.quoted(field, value)}"
-        )
+        why = _not_an_id(value)
+        if why is None:
+            hint = f"quote it: {self.quoted(field, value)}"
+        else:
+            # Quoting would only trade this error for another: say what is wrong with it.
+            hint = f"quoted, it would not be a valid id either: {why}; ids are {_ID_RULE}"
+        return self.at(node, field, f"value {value} {verb} {kind}; {hint}")
+
+    def write_id(self) -> str:
+        string = "a JSON string" if self.is_json else "a quoted string"
+        return f"write the id as {string} (ids are {_ID_RULE})"
+
+    def no_value(self, node: Node, field: str, value: str, write: str) -> _InvalidValue:
+        """A null where a value belongs: say what to write, or what removing the key does.
+
+        Never a quoted example: ``"~"``, ``""`` or ``"..."`` would not be valid ids.
+        """
+        if value == "~":
+            what = "has no value (YAML reads ~ as null)"
+        elif value:
+            what = "has no value (null)"
+        else:
+            what = "has no value (YAML reads an empty value as null)"
+        if field in self.inherited:
+            hint = f"remove the key to take {field} from defaults, or {write}"
+        elif field in IDENTITY_FIELDS:
+            hint = f"{field} is required: {write}"
+        elif field in MANAGED_FIELDS:
+            hint = f"remove the key to leave {field} unmanaged, or {write}"
+        else:
+            hint = f"remove the key to set no {field}, or {write}"
+        return self.at(node, field, f"{what}; {hint}")
 
     def bad_id(self, node: Node, field: str, value: str) -> _InvalidValue:
-        if not value:
-            why = "it is empty"
-        elif len(value) > 128:
-            why = f"it is {len(value)} characters long"
-        else:
-            bad = _ID_CHAR_RE.search(value)
-            why = f"character {bad.group()!r} is not allowed" if bad else "it does not match"
+        why = _not_an_id(value) or "it does not match"
         return self.at(
             node, field, f"value {_shown(value)} is not a valid id: {why}; ids are {_ID_RULE}"
         )
@@ -406,9 +457,10 @@ class _Checker:
                 f"value {value} is not accepted (YAML 1.2 reads it as a string); "
                 "write true or false",
             )
-        if not value:
-            return self.at(node, field, "has no value; write true or false")
-        if _plain_kind(value) is not None:
+        kind = _plain_kind(value)
+        if kind == "null":
+            return self.no_value(node, field, value, "write true or false")
+        if kind is not None:
             return self.at(node, field, f"must be true or false, not {value}")
         return self.at(node, field, f"must be true or false, not {_shown(value)}")
 
@@ -434,8 +486,17 @@ class _Checker:
         kind = _plain_kind(value)
         if kind == "a number":
             if not _OTHER_INTEGER.fullmatch(value):
+                whole = _whole_number(value)
+                if whole is None:
+                    return self.at(
+                        node, field, f"value {value} is not a whole number; it must be {rule}"
+                    )
+                # 30.0 or 3e1: the same number to JSON, but not the integer YAML reads.
                 return self.at(
-                    node, field, f"value {value} is not a whole number; it must be {rule}"
+                    node,
+                    field,
+                    f"value {value} has a fraction or an exponent; write it in plain decimal "
+                    f"digits ({whole}); it must be {rule}",
                 )
             return self.at(
                 node,
@@ -447,8 +508,8 @@ class _Checker:
             return self.at(
                 node, field, f"value {value} is a bool, not an integer; it must be {rule}"
             )
-        if not value:
-            return self.at(node, field, f"has no value; it must be {rule}")
+        if kind == "null":
+            return self.no_value(node, field, value, f"write {rule}")
         return self.at(node, field, f"value {_shown(value)} is not a number; it must be {rule}")
 
     # -- mappings ------------------------------------------------------------
@@ -561,6 +622,7 @@ class _Checker:
                 )
             else:
                 self.at(key, None, _suggest(name, _ENVELOPE_KEYS, what="top-level key"))
+        inherited = frozenset(defaults)
         if stray:
             defaults = {**stray, **defaults}
             defaults_ok = False
@@ -568,6 +630,7 @@ class _Checker:
             self.at(root, None, "'defaults' without 'tasks' declares nothing; add a 'tasks' list")
             return []
         tasks: list[_Declared] = []
+        self.inherited = inherited
         for item in items:
             if item.__class__ is not MappingNode:
                 self.at(
@@ -583,6 +646,7 @@ class _Checker:
             if defaults_usable or _complete(own):
                 # With broken defaults, missing ids were likely meant for them: say no more.
                 tasks.append((own, ok and defaults_ok, item))
+        self.inherited = frozenset()
         return tasks
 
     def build(self, declared: list[_Declared]) -> list[DesiredTask]:
@@ -759,6 +823,14 @@ def _yaml_error(text: str, error: yaml.YAMLError) -> _ParseError:
                 "a second YAML document ('---') starts here; a file holds one document",
             )
         mark = error.problem_mark or error.context_mark
+        if isinstance(error, yaml.scanner.ScannerError) and _char_at(text, mark) == "\t":
+            # libyaml's words ("found character that cannot start any token") hide the cause.
+            assert mark is not None
+            return _ParseError(
+                mark.line + 1,
+                mark.column + 1,
+                "YAML forbids tabs for indentation: replace the tab here with spaces",
+            )
         words = error.problem or "invalid YAML"
         if error.context:
             words = f"{words} ({error.context})"
@@ -766,6 +838,20 @@ def _yaml_error(text: str, error: yaml.YAMLError) -> _ParseError:
             return _ParseError(mark.line + 1, mark.column + 1, f"YAML syntax error: {words}")
         return _ParseError(1, 1, f"YAML syntax error: {words}")
     return _ParseError(1, 1, f"YAML syntax error: {error}")
+
+
+# Line breaks as YAML 1.1 (and so libyaml's marks) counts them.
+_YAML_LINE_BREAK: Final = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
+def _char_at(text: str, mark: yaml.Mark | None) -> str | None:
+    """The character a parser mark points at (marks count lines and characters)."""
+    if mark is None:
+        return None
+    lines = _YAML_LINE_BREAK.split(text, maxsplit=mark.line + 1)
+    if mark.line >= len(lines) or mark.column >= len(lines[mark.line]):
+        return None
+    return lines[mark.line][mark.column]
 
 
 # --------------------------------------------------------------------------
@@ -792,7 +878,7 @@ def _compose_json(text: str, path: str) -> Node | None:
     try:
         json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
-        raise _ParseError(e.lineno, e.colno, f"invalid JSON: {e.msg}") from None
+        raise _json_error(text, e) from None
     except _NotJson as e:
         line, column = _text_position(text, max(text.find(str(e)), 0))
         raise _ParseError(line, column, f"invalid JSON: {e} is not a JSON value") from None
@@ -803,6 +889,20 @@ def _compose_json(text: str, path: str) -> Node | None:
     except _ParseError:
         # Valid JSON that YAML 1.1 refuses (a tab at a line start, escaped surrogates).
         return _JsonComposer(text, path).document()
+
+
+def _json_error(text: str, error: json.JSONDecodeError) -> _ParseError:
+    """json's own words, except for a trailing comma, which it reports as a missing value."""
+    closing = text[error.pos : error.pos + 1]
+    before = text[: error.pos].rstrip(" \t\n\r")
+    if closing in ("}", "]") and before.endswith(","):
+        line, column = _text_position(text, len(before) - 1)
+        return _ParseError(
+            line,
+            column,
+            f"invalid JSON: trailing comma before '{closing}'; JSON allows none, remove it",
+        )
+    return _ParseError(error.lineno, error.colno, f"invalid JSON: {error.msg}")
 
 
 class _JsonComposer:
@@ -893,6 +993,11 @@ def _read(base: str, rel: str, *, contained: bool) -> FileResult:
         return FileResult(
             rel, (), (_problem_at(rel, "refused: it leads outside the desired tree"),)
         )
+    return _read_at(full, rel)
+
+
+def _read_at(full: str, rel: str) -> FileResult:
+    """Read and check the file at ``full``, naming it ``rel`` in every problem."""
     try:
         # Non-blocking open: a FIFO named like a desired file must not hang the scan.
         fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -972,6 +1077,19 @@ def load_tree(root: Path) -> DesiredIndex:
     results = (_read(base, rel, contained=True) for rel in paths)
     with _gc_paused():
         return DesiredIndex.build(results, scan_problems=problems)
+
+
+def load_file(path: str) -> DesiredIndex:
+    """Check one file on its own, as if it were the whole tree.
+
+    Its rules are a tree's, so a task or ``Identifier`` declared twice in it is
+    an error; problems name the file exactly as ``path`` is written (neither
+    resolved nor normalised), so they point where the user looked. Raises
+    :class:`ValueError` if ``path`` does not end in a counted suffix.
+    """
+    if not path.endswith(SUFFIXES):
+        raise ValueError(f"{path} does not end in {', '.join(SUFFIXES)}")
+    return DesiredIndex.build([_read_at(path, path)])
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -195,6 +196,37 @@ def test_yaml_syntax_error_has_the_parsers_position() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        # a mapping line indented with a tab, at the top level and under defaults
+        ('AppId: "a"\n\tRoomId: "r"\nTaskId: "t"\n', "2:1"),
+        ('\tAppId: "a"\n', "1:1"),
+        ('defaults:\n\tAppId: "a"\ntasks: []\n', "2:1"),
+        # inside a tasks list: before the dash, after spaces, after the dash
+        ('tasks:\n\t- AppId: "a"\n', "2:1"),
+        ('tasks:\n  - AppId: "a"\n  \tRoomId: "r"\n', "3:3"),
+        ('tasks:\n  - AppId: "a"\n\t  RoomId: "r"\n', "3:1"),
+        ('tasks:\n-\tAppId: "a"\n', "2:2"),
+        # libyaml's other wordings: a plain scalar going on, a block scalar
+        ("Identifier: abc\n\tdef\n", "2:1"),
+        ("Identifier: |\n\tabc\n", "2:1"),
+        # a line of only a tab among the tasks
+        ('tasks:\n  - AppId: "a"\n\t\n', "3:1"),
+    ],
+)
+def test_a_tab_in_indentation_is_named(text: str, where: str) -> None:
+    assert one_problem(text) == (
+        f"app/rooms.yaml:{where}: YAML forbids tabs for indentation: "
+        "replace the tab here with spaces"
+    )
+
+
+def test_tabs_between_tokens_are_fine() -> None:
+    (task,) = parse('AppId:\t"a"\nRoomId: "r"  \t# room\nTaskId: "t"\t\n').tasks
+    assert task.key == TaskKey("a", "r", "t")
+
+
 def test_undecodable_bytes_point_at_the_bad_byte() -> None:
     data = b'AppId: "a"\nRoomId: "caf\xc3\xa9-\xff"\n'
     result = parse_file("app/rooms.yaml", data)
@@ -301,7 +333,6 @@ NOT_STRINGS = [
     ("0o17", "a number"),
     ("0b101", "a number"),
     ("1_000", "a number"),
-    ("1:20", "a number"),
     (".5", "a number"),
     ("-7", "a number"),
     (".inf", "a number"),
@@ -314,11 +345,10 @@ NOT_STRINGS = [
     ("y", "a bool"),
     ("true", "a bool"),
     ("False", "a bool"),
-    ("~", "null"),
-    ("null", "null"),
     ("2024-01-01", "a date"),
-    ("2024-1-1 10:00:00", "a date"),
 ]
+ID = r"[a-zA-Z0-9_@\-\.]{1,128}"
+RULE = "ids are 1 to 128 characters from a-z A-Z 0-9 _ @ - ."
 
 
 @pytest.mark.parametrize(("value", "kind"), NOT_STRINGS)
@@ -336,8 +366,92 @@ def test_plain_id_that_yaml_reads_as_another_type_is_refused(
 
 
 @pytest.mark.parametrize(
-    "value", [v for v, _ in NOT_STRINGS if v not in ("~", "1:20", "2024-1-1 10:00:00")]
+    ("value", "kind", "why"),
+    [
+        ("1:20", "a number", "character ':' is not allowed"),
+        ("2024-1-1 10:00:00", "a date", "character ' ' is not allowed"),
+    ],
 )
+def test_no_quoted_form_is_suggested_when_it_would_not_be_an_id(
+    value: str, kind: str, why: str
+) -> None:
+    found = one_problem(f'AppId: "a"\nRoomId: {value}\nTaskId: "t"\n')
+    assert found == (
+        f"app/rooms.yaml:2:9: RoomId: value {value} reads as {kind}; "
+        f"quoted, it would not be a valid id either: {why}; {RULE}"
+    )
+    assert f'"{value}"' not in found
+
+
+NULLS = [
+    ("~", "has no value (YAML reads ~ as null)"),
+    ("null", "has no value (null)"),
+    ("NULL", "has no value (null)"),
+    ("", "has no value (YAML reads an empty value as null)"),
+]
+WRITE_ID = f"write the id as a quoted string ({RULE})"
+
+
+def quoted_suggestions(message: str) -> list[str]:
+    return re.findall(r'"([^"]*)"', message)
+
+
+@pytest.mark.parametrize(("value", "what"), NULLS)
+@pytest.mark.parametrize(
+    ("field", "hint"),
+    [
+        ("AppId", f"AppId is required: {WRITE_ID}"),
+        ("RoomId", f"RoomId is required: {WRITE_ID}"),
+        ("TaskId", f"TaskId is required: {WRITE_ID}"),
+        ("BusinessId", f"remove the key to set no BusinessId, or {WRITE_ID}"),
+        ("Identifier", f"remove the key to leave Identifier unmanaged, or {WRITE_ID}"),
+        ("Handle", "remove the key to leave Handle unmanaged, or write true or false"),
+        (
+            "Duration",
+            "remove the key to leave Duration unmanaged, "
+            "or write an integer number of seconds from 1 to 600",
+        ),
+    ],
+)
+def test_a_null_value_says_what_to_write_and_never_an_invalid_id(
+    field: str, hint: str, value: str, what: str
+) -> None:
+    ids = {"AppId": '"a"', "RoomId": '"r"', "TaskId": '"t"', field: value}
+    text = "".join(f"{k}: {v}\n" for k, v in ids.items()).replace(": \n", ":\n")
+    line = list(ids).index(field) + 1
+    column = len(field) + (2 if value == "" else 3)  # an empty value sits right after the colon
+    found = one_problem(text)
+    assert found == f"app/rooms.yaml:{line}:{column}: {field}: {what}; {hint}"
+    for suggested in quoted_suggestions(found):
+        assert re.fullmatch(ID, suggested), found
+
+
+@pytest.mark.parametrize("field", ["AppId", "RoomId", "TaskId", "BusinessId", "Identifier"])
+def test_a_json_null_id_says_what_to_write(field: str) -> None:
+    ids = {"AppId": "a", "RoomId": "r", "TaskId": "t", field: None}
+    found = one_problem(json.dumps(ids), "a.json")
+    assert f"{field}: has no value (null); " in found
+    assert found.endswith(f"write the id as a JSON string ({RULE})")
+    assert quoted_suggestions(found) == []
+
+
+def test_a_null_under_defaults_says_removing_the_key_takes_the_default() -> None:
+    text = (
+        'defaults:\n  AppId: "a"\n  Identifier: "lec"\n'
+        'tasks:\n  - RoomId: "r"\n    TaskId: "t"\n    AppId: ~\n    Identifier: ~\n'
+        "    Handle: ~\n"
+    )
+    assert problems(text) == [
+        f"app/rooms.yaml:7:12: AppId: has no value (YAML reads ~ as null); "
+        f"remove the key to take AppId from defaults, or {WRITE_ID}",
+        f"app/rooms.yaml:8:17: Identifier: has no value (YAML reads ~ as null); "
+        f"remove the key to take Identifier from defaults, or {WRITE_ID}",
+        "app/rooms.yaml:9:13: Handle: has no value (YAML reads ~ as null); "
+        "remove the key to leave Handle unmanaged, or write true or false",
+    ]
+
+
+@pytest.mark.parametrize("value", [v for v, _ in NOT_STRINGS])
 def test_the_same_values_quoted_are_strings(value: str) -> None:
     for quoted in (f'"{value}"', f"'{value}'"):
         (task,) = parse(f'AppId: "a"\nRoomId: {quoted}\nTaskId: "t"\n').tasks
@@ -354,16 +468,9 @@ def test_plain_ids_that_cannot_be_read_otherwise_are_fine() -> None:
     assert task.key == TaskKey("661e4a7b9c0d1e2f", "1001-hall", "seg.v2@x")
 
 
-def test_empty_id_value() -> None:
-    assert one_problem('AppId: "a"\nRoomId:\nTaskId: "t"\n') == (
-        "app/rooms.yaml:2:8: RoomId: has no value (YAML reads it as null); "
-        'ids are quoted strings: RoomId: "..."'
-    )
-
-
 @pytest.mark.parametrize(
     ("literal", "kind"),
-    [("12", "a number"), ("1.5", "a number"), ("true", "a bool"), ("null", "null")],
+    [("12", "a number"), ("1.5", "a number"), ("true", "a bool")],
 )
 def test_json_id_that_is_not_a_string(literal: str, kind: str) -> None:
     text = f'{{"AppId": "a", "RoomId": {literal}, "TaskId": "t"}}'
@@ -377,9 +484,6 @@ def test_id_must_be_a_scalar(value: str, kind: str) -> None:
     assert one_problem(f'AppId: "a"\nRoomId: {value}\nTaskId: "t"\n') == (
         f"app/rooms.yaml:2:9: RoomId: must be a string, not {kind}"
     )
-
-
-RULE = "ids are 1 to 128 characters from a-z A-Z 0-9 _ @ - ."
 
 
 def test_id_with_a_character_outside_the_rule() -> None:
@@ -434,16 +538,13 @@ def test_handle_refuses_yaml11_only_bools(literal: str) -> None:
     [
         ('"true"', "must be true or false, not the string 'true'; write it without quotes"),
         ("1", "must be true or false, not 1"),
-        ("~", "must be true or false, not ~"),
-        ("", "has no value; write true or false"),
         ("maybe", "must be true or false, not 'maybe'"),
         ("[true]", "must be true or false, not a list"),
     ],
 )
 def test_handle_refuses_anything_else(literal: str, message: str) -> None:
     found = one_problem(task_with(f"Handle: {literal}"))
-    column = 8 if literal == "" else 9  # an empty value sits right after the colon
-    assert found == f"app/rooms.yaml:4:{column}: Handle: {message}"
+    assert found == f"app/rooms.yaml:4:9: Handle: {message}"
 
 
 def test_handle_in_json() -> None:
@@ -475,11 +576,18 @@ def test_duration_in_range(value: int) -> None:
         ("601", f"value 601 is out of range; {DURATION_RULE}"),
         ("-5", f"value -5 is out of range; {DURATION_RULE}"),
         ("1.5", f"value 1.5 is not a whole number; {DURATION_RULE}"),
-        ("20.0", f"value 20.0 is not a whole number; {DURATION_RULE}"),
-        ("1e2", f"value 1e2 is not a whole number; {DURATION_RULE}"),
+        (
+            "20.0",
+            "value 20.0 has a fraction or an exponent; write it in plain decimal digits (20); "
+            f"{DURATION_RULE}",
+        ),
+        (
+            "1e2",
+            "value 1e2 has a fraction or an exponent; write it in plain decimal digits (100); "
+            f"{DURATION_RULE}",
+        ),
         ("true", f"value true is a bool, not an integer; {DURATION_RULE}"),
         ("abc", f"value 'abc' is not a number; {DURATION_RULE}"),
-        ("", f"has no value; {DURATION_RULE}"),
         (
             '"30"',
             "must be an integer number of seconds from 1 to 600, not the string '30'; "
@@ -489,9 +597,8 @@ def test_duration_in_range(value: int) -> None:
     ],
 )
 def test_duration_refused(literal: str, message: str) -> None:
-    column = 10 if literal == "" else 11
     assert one_problem(task_with(f"Duration: {literal}")) == (
-        f"app/rooms.yaml:4:{column}: Duration: {message}"
+        f"app/rooms.yaml:4:11: Duration: {message}"
     )
 
 
@@ -508,7 +615,12 @@ def test_duration_in_json() -> None:
     base = '{"AppId": "a", "RoomId": "r", "TaskId": "t", "Duration": '
     assert parse(base + "45}", "a.json").tasks[0].fields == {"Duration": 45}
     assert one_problem(base + "45.0}", "a.json") == (
-        f"a.json:1:58: Duration: value 45.0 is not a whole number; {DURATION_RULE}"
+        "a.json:1:58: Duration: value 45.0 has a fraction or an exponent; write it in plain "
+        f"decimal digits (45); {DURATION_RULE}"
+    )
+    assert one_problem(base + "4.5e1}", "a.json") == (
+        "a.json:1:58: Duration: value 4.5e1 has a fraction or an exponent; write it in plain "
+        f"decimal digits (45); {DURATION_RULE}"
     )
     assert one_problem(base + "false}", "a.json") == (
         f"a.json:1:58: Duration: value false is a bool, not an integer; {DURATION_RULE}"
@@ -625,10 +737,6 @@ def test_json_fallback_keeps_every_check() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (
-            '{"AppId": "a",}',
-            "a.json:1:15: invalid JSON: Expecting property name enclosed in double quotes",
-        ),
         ('{"AppId": "a"\n "RoomId": "r"}', "a.json:2:2: invalid JSON: Expecting ',' delimiter"),
         ("AppId: a\n", "a.json:1:1: invalid JSON: Expecting value"),
         ('{"Duration": NaN}', "a.json:1:14: invalid JSON: NaN is not a JSON value"),
@@ -637,6 +745,27 @@ def test_json_fallback_keeps_every_check() -> None:
 )
 def test_json_files_must_be_strict_json(text: str, message: str) -> None:
     assert one_problem(text, "a.json") == message
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "closing"),
+    [
+        ('{"AppId": "a",}', "1:14", "}"),
+        ('{"AppId": "a" ,\n  }', "1:15", "}"),
+        ('{"tasks": [{"AppId": "a", "RoomId": "r", "TaskId": "t"},\n]}', "1:56", "]"),
+        ('{"tasks": [{"AppId": "a", "RoomId": "r", "TaskId": "t", "Duration": 5,}]}', "1:70", "}"),
+        ('{"tasks": [1,2,]}', "1:15", "]"),
+    ],
+)
+def test_a_trailing_comma_in_json_is_named_at_the_comma(
+    text: str, where: str, closing: str
+) -> None:
+    assert one_problem(text, "a.json") == (
+        f"a.json:{where}: invalid JSON: trailing comma before '{closing}'; JSON allows none, "
+        "remove it"
+    )
+    line, column = map(int, where.split(":"))
+    assert text.splitlines()[line - 1][column - 1] == ","
 
 
 # -- odds and ends ---------------------------------------------------------------
