@@ -196,3 +196,13 @@ def test_validate_json_counts_tree_problems_outside_any_file(tmp_path: Path) -> 
             "message": "refused: a symlink that leads outside the desired tree",
         }
     ]
+
+
+def test_validate_output_from_its_own_environment_variable(tmp_path: Path) -> None:
+    write(tmp_path / "desired", "a.yaml", TWO_TASKS)
+    r = run_cli("validate", cwd=tmp_path, env={"RECONCILER_VALIDATE_OUTPUT": "json"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["valid"] is True
+    # The plan's and status's old shared name is not validate's.
+    r = run_cli("validate", cwd=tmp_path, env={"RECONCILER_OUTPUT": "json"})
+    assert r.returncode == 0 and r.stdout == "valid: 2 tasks in 1 files under desired\n"
