@@ -1,0 +1,124 @@
+"""The emulator's admin API under ``/_emulator/``: unsigned, for loopback clients only.
+
+Tests, demos and benches use it to arrange what the real service would do on
+its own (start tasks, stop them) and to read what happened (live parameters,
+per-task counters, request stats), and to change faults at run time. It is not
+part of the emulated OpenAPI: no signature, no QPS limit, no injected faults,
+not counted in the stats.
+
+Every route goes through :func:`_admin`, which refuses a client that is not on
+a loopback address (HTTP 403) before the handler runs, so a new route cannot
+forget the check. Refusals are JSON ``{"error": "..."}`` with 400 for a bad
+request, 404 for an unknown task.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from reconciler.emulator.config import FAULT_FIELDS
+from reconciler.emulator.errors import ApiError, invalid
+from reconciler.emulator.params import parse_body, parse_key
+
+if TYPE_CHECKING:
+    from reconciler.emulator.server import Emulator
+
+__all__ = ["add_routes", "is_loopback"]
+
+_Handler = Callable[["Emulator", web.Request], Awaitable[web.Response]]
+
+
+def is_loopback(remote: str | None) -> bool:
+    """Whether a peer address is loopback (an IPv4-mapped ``::ffff:127.0.0.1`` too)."""
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _error(message: str, *, status: int = 400) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _admin(
+    emulator: Emulator, handler: _Handler
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def guarded(request: web.Request) -> web.Response:
+        if not is_loopback(request.remote):
+            return _error("the emulator admin API answers loopback clients only", status=403)
+        return await handler(emulator, request)
+
+    return guarded
+
+
+def add_routes(app: web.Application, emulator: Emulator) -> None:
+    """Mount the admin API for ``emulator`` on ``app``."""
+    routes: list[tuple[str, str, _Handler]] = [
+        ("GET", "/_emulator/tasks", _list),
+        ("POST", "/_emulator/tasks", _seed),
+        ("DELETE", "/_emulator/tasks", _stop),
+        ("GET", "/_emulator/stats", _stats),
+        ("POST", "/_emulator/reset-stats", _reset_stats),
+        ("POST", "/_emulator/faults", _faults),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, _admin(emulator, handler))
+
+
+async def _list(emulator: Emulator, request: web.Request) -> web.Response:
+    q = request.rel_url.query
+    rows = emulator.tasks(app_id=q.get("AppId"), room_id=q.get("RoomId"), task_id=q.get("TaskId"))
+    return web.json_response({"tasks": [row.admin_view() for row in rows]})
+
+
+async def _seed(emulator: Emulator, request: web.Request) -> web.Response:
+    try:
+        doc = parse_body(await request.read())
+        rows = doc.get("tasks")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise invalid("'tasks' must be a list of objects")
+        started = emulator.seed_tasks(rows)
+    except ApiError as exc:
+        return _error(exc.message)
+    return web.json_response({"started": started})
+
+
+async def _stop(emulator: Emulator, request: web.Request) -> web.Response:
+    try:
+        key = parse_key(request.rel_url.query)
+    except ApiError as exc:
+        return _error(exc.message)
+    if not emulator.stop_task(key):
+        return _error(f"task {key} is not running", status=404)
+    return web.json_response({"stopped": 1})
+
+
+async def _stats(emulator: Emulator, request: web.Request) -> web.Response:
+    return web.json_response(emulator.stats.snapshot())
+
+
+async def _reset_stats(emulator: Emulator, request: web.Request) -> web.Response:
+    emulator.stats.reset()
+    return web.json_response(emulator.stats.snapshot())
+
+
+async def _faults(emulator: Emulator, request: web.Request) -> web.Response:
+    try:
+        doc = parse_body(await request.read())
+    except ApiError as exc:
+        return _error(exc.message)
+    unknown = set(doc) - {*FAULT_FIELDS, "qps"}
+    if unknown:
+        return _error(f"unknown fault settings: {sorted(unknown)}")
+    try:
+        current = emulator.set_faults(**doc)
+    except (TypeError, ValueError) as exc:
+        return _error(str(exc))
+    return web.json_response(current)
