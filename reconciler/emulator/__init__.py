@@ -12,7 +12,9 @@ Design: a functional core and an imperative shell, one job per module.
 * :mod:`.params` — validation and normalisation of request bodies.
 * :mod:`.qps` — :class:`SlidingWindowLimiter`, admission over any one-second window.
 * :mod:`.faults` — each request's fate (answer, 5xx, drop) and latency, from a seeded RNG.
-* :mod:`.tasks` — :class:`TaskTable`, the tasks and the server's rules for them.
+* :mod:`.tasks` — :class:`TaskTable`, the tasks and the server's rules for them:
+  incarnations, ended tasks that stay readable, the 72 h read window, and what
+  the service or another client does to a task on its own.
 * :mod:`.stats` — :class:`EmulatorStats`, request counters by action and outcome.
 * :mod:`.server` — :class:`Emulator`, the aiohttp application wiring all of the above.
 * :mod:`.admin` — the unsigned, loopback-only admin API under ``/_emulator/``.
@@ -46,7 +48,15 @@ from reconciler.emulator.qps import SlidingWindowLimiter
 from reconciler.emulator.runner import EmulatorHandle, running_emulator, serve
 from reconciler.emulator.server import Emulator
 from reconciler.emulator.stats import EmulatorStats
-from reconciler.emulator.tasks import LAST_BODIES, LiveTask, TaskTable
+from reconciler.emulator.tasks import (
+    LAST_BODIES,
+    READ_WINDOW_MS,
+    STOP_REASONS,
+    LiveTask,
+    TaskNotRunningError,
+    TaskTable,
+    UnknownTaskError,
+)
 
 __all__ = [
     "ACTIONS",
@@ -55,6 +65,8 @@ __all__ = [
     "DURATION_DEFAULT",
     "LAST_BODIES",
     "MAX_IDLE_DEFAULT",
+    "READ_WINDOW_MS",
+    "STOP_REASONS",
     "VERSIONS",
     "ApiError",
     "Authorization",
@@ -65,7 +77,9 @@ __all__ = [
     "LiveTask",
     "SlidingWindowLimiter",
     "StartParams",
+    "TaskNotRunningError",
     "TaskTable",
+    "UnknownTaskError",
     "UpdateParams",
     "normalise_duration",
     "normalise_max_idle_time",

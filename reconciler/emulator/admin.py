@@ -6,23 +6,34 @@ per-task counters, request stats), and to change faults at run time. It is not
 part of the emulated OpenAPI: no signature, no QPS limit, no injected faults,
 not counted in the stats.
 
+The ``/_emulator/tasks/<verb>`` routes act on one task named by ``AppId``,
+``RoomId``, ``TaskId`` in a JSON body, like the service itself or another
+client would: ``end`` it (``IdleTimeOut`` by default), ``restart`` it as a new
+incarnation, ``set`` live fields as another client's UpdateSegment, ``age``
+its StartTime. Each answers ``{"task": <row>}``, the row as
+``GET /_emulator/tasks`` shows it after the change, so a test needs no second
+read. The rules themselves are :class:`~reconciler.emulator.tasks.TaskTable`'s.
+
 Every route goes through :func:`_admin`, which refuses a client that is not on
 a loopback address (HTTP 403) before the handler runs, so a new route cannot
-forget the check. Refusals are JSON ``{"error": "..."}`` with 400 for a bad
-request, 404 for an unknown task.
+forget the check. Refusals are JSON ``{"error": "..."}``: 400 for a body that
+is not JSON, an unknown field or a bad value, 404 for a task never started,
+409 for a task that has ended where a running one is needed.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
 from reconciler.emulator.config import FAULT_FIELDS
 from reconciler.emulator.errors import ApiError, invalid
-from reconciler.emulator.params import parse_body, parse_key
+from reconciler.emulator.params import JsonObject, parse_body, parse_key
+from reconciler.emulator.tasks import LiveTask, TaskNotRunningError, UnknownTaskError
+from reconciler.task import IDENTITY_FIELDS, TaskKey
 
 if TYPE_CHECKING:
     from reconciler.emulator.server import Emulator
@@ -30,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["add_routes", "is_loopback"]
 
 _Handler = Callable[["Emulator", web.Request], Awaitable[web.Response]]
+#: What the service does to a task by itself when the admin does not say.
+DEFAULT_STOP_REASON: Final = "IdleTimeOut"
 
 
 def is_loopback(remote: str | None) -> bool:
@@ -67,6 +80,10 @@ def add_routes(app: web.Application, emulator: Emulator) -> None:
         ("GET", "/_emulator/stats", _stats),
         ("POST", "/_emulator/reset-stats", _reset_stats),
         ("POST", "/_emulator/faults", _faults),
+        ("POST", "/_emulator/tasks/end", _end),
+        ("POST", "/_emulator/tasks/restart", _restart),
+        ("POST", "/_emulator/tasks/set", _set),
+        ("POST", "/_emulator/tasks/age", _age),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, _admin(emulator, handler))
@@ -122,3 +139,82 @@ async def _faults(emulator: Emulator, request: web.Request) -> web.Response:
     except (TypeError, ValueError) as exc:
         return _error(str(exc))
     return web.json_response(current)
+
+
+# ---- acting on one task
+
+
+async def _task_op(
+    request: web.Request,
+    *,
+    fields: frozenset[str],
+    op: Callable[[TaskKey, JsonObject], LiveTask],
+) -> web.Response:
+    """Read ``{AppId, RoomId, TaskId, <fields>...}``, run ``op``, answer the task's row.
+
+    Field values go to ``op`` unchecked: the emulator's own parsers refuse a
+    wrong type with the message StartSegment or UpdateSegment would give.
+    """
+    try:
+        doc = parse_body(await request.read())
+        unknown = set(doc) - set(IDENTITY_FIELDS) - fields
+        if unknown:
+            raise invalid(f"unknown fields {sorted(unknown)}; this route takes {sorted(fields)}")
+        key = parse_key(doc)
+    except ApiError as exc:
+        return _error(exc.message)
+    try:
+        live = op(key, doc)
+    except ValueError as exc:
+        return _error(str(exc))
+    except UnknownTaskError as exc:
+        return _error(str(exc), status=404)
+    except TaskNotRunningError as exc:
+        return _error(str(exc), status=409)
+    return web.json_response({"task": live.admin_view()})
+
+
+async def _end(emulator: Emulator, request: web.Request) -> web.Response:
+    return await _task_op(
+        request,
+        fields=frozenset({"StopReason"}),
+        op=lambda key, doc: emulator.end_task(
+            key, stop_reason=doc.get("StopReason", DEFAULT_STOP_REASON)
+        ),
+    )
+
+
+async def _restart(emulator: Emulator, request: web.Request) -> web.Response:
+    return await _task_op(
+        request,
+        fields=frozenset({"Identifier", "Handle", "Duration", "MaxIdleTime"}),
+        op=lambda key, doc: emulator.restart_task(
+            key,
+            identifier=doc.get("Identifier"),
+            handle=doc.get("Handle"),
+            duration=doc.get("Duration"),
+            max_idle_time=doc.get("MaxIdleTime"),
+        ),
+    )
+
+
+async def _set(emulator: Emulator, request: web.Request) -> web.Response:
+    return await _task_op(
+        request,
+        fields=frozenset({"Identifier", "Handle", "Duration"}),
+        op=lambda key, doc: emulator.set_task(
+            key,
+            identifier=doc.get("Identifier"),
+            handle=doc.get("Handle"),
+            duration=doc.get("Duration"),
+        ),
+    )
+
+
+async def _age(emulator: Emulator, request: web.Request) -> web.Response:
+    def age(key: TaskKey, doc: JsonObject) -> LiveTask:
+        if "StartedSecondsAgo" not in doc:
+            raise ValueError("StartedSecondsAgo is required")
+        return emulator.age_task(key, started_seconds_ago=doc["StartedSecondsAgo"])
+
+    return await _task_op(request, fields=frozenset({"StartedSecondsAgo"}), op=age)

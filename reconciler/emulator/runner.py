@@ -81,6 +81,51 @@ class EmulatorHandle:
     def stop_task(self, key: TaskKey) -> bool:
         return self._call(lambda: self.emulator.stop_task(key))
 
+    def end_task(self, key: TaskKey, *, stop_reason: str = "IdleTimeOut") -> LiveTask:
+        """End a running task as the service would; see :meth:`Emulator.end_task`."""
+        return self._call(lambda: self.emulator.end_task(key, stop_reason=stop_reason))
+
+    def restart_task(
+        self,
+        key: TaskKey,
+        *,
+        identifier: str | None = None,
+        handle: bool | None = None,
+        duration: int | None = None,
+        max_idle_time: int | None = None,
+    ) -> LiveTask:
+        """Start a task again as a new incarnation; see :meth:`Emulator.restart_task`."""
+        return self._call(
+            lambda: self.emulator.restart_task(
+                key,
+                identifier=identifier,
+                handle=handle,
+                duration=duration,
+                max_idle_time=max_idle_time,
+            )
+        )
+
+    def set_task(
+        self,
+        key: TaskKey,
+        *,
+        identifier: str | None = None,
+        handle: bool | None = None,
+        duration: int | None = None,
+    ) -> LiveTask:
+        """Change live fields as another client would; see :meth:`Emulator.set_task`."""
+        return self._call(
+            lambda: self.emulator.set_task(
+                key, identifier=identifier, handle=handle, duration=duration
+            )
+        )
+
+    def age_task(self, key: TaskKey, *, started_seconds_ago: float) -> LiveTask:
+        """Move a task's StartTime back; see :meth:`Emulator.age_task`."""
+        return self._call(
+            lambda: self.emulator.age_task(key, started_seconds_ago=started_seconds_ago)
+        )
+
     def live(self, key: TaskKey) -> LiveTask | None:
         return self._call(lambda: self.emulator.live(key))
 

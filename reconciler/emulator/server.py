@@ -30,9 +30,10 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -51,7 +52,7 @@ from reconciler.emulator.params import (
 )
 from reconciler.emulator.qps import SlidingWindowLimiter
 from reconciler.emulator.stats import EmulatorStats
-from reconciler.emulator.tasks import LiveTask, TaskTable
+from reconciler.emulator.tasks import LiveTask, TaskTable, UnknownTaskError
 from reconciler.events import get_logger
 from reconciler.task import TaskKey
 
@@ -66,6 +67,17 @@ class _Dropped(Exception):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+_P = TypeVar("_P")
+
+
+def _checked(parse: Callable[[JsonObject], _P], body: JsonObject) -> _P:
+    """``parse(body)``; the server's refusal becomes a :class:`ValueError` for in-process use."""
+    try:
+        return parse(body)
+    except ApiError as exc:
+        raise ValueError(exc.message) from None
 
 
 class Emulator:
@@ -150,11 +162,7 @@ class Emulator:
             "Duration": duration,
             "MaxIdleTime": max_idle_time,
         }
-        try:
-            params = parse_start(body)
-        except ApiError as exc:
-            raise ValueError(exc.message) from None
-        self._tasks.start(params, version=None, now_ms=_now_ms())
+        self._tasks.start(_checked(parse_start, body), version=None, now_ms=_now_ms())
 
     def seed_tasks(self, rows: list[JsonObject]) -> int:
         """Start tasks from StartSegment bodies, all or none; return how many.
@@ -176,14 +184,97 @@ class Emulator:
             return False
         return True
 
+    def end_task(self, key: TaskKey, *, stop_reason: str = "IdleTimeOut") -> LiveTask:
+        """End a running task as the service would: Status 3 (4 for ``StartTaskFailed``).
+
+        Raises :class:`ValueError` for an undocumented reason,
+        :class:`UnknownTaskError` or :class:`TaskNotRunningError`.
+        """
+        self._tasks.end(key, now_ms=_now_ms(), reason=stop_reason)
+        return self._snapshot(key)
+
+    def restart_task(
+        self,
+        key: TaskKey,
+        *,
+        identifier: str | None = None,
+        handle: bool | None = None,
+        duration: int | None = None,
+        max_idle_time: int | None = None,
+    ) -> LiveTask:
+        """Start a task again as a new incarnation, with StartSegment's defaults
+        (random UUID Identifier, Handle true, Duration 20, MaxIdleTime 180) for
+        what is not given; a running task is ended first.
+
+        Raises :class:`ValueError` for a value StartSegment would refuse,
+        :class:`UnknownTaskError` for a task never started.
+        """
+        body: JsonObject = {
+            **key.identity(),
+            "Identifier": identifier,
+            "Handle": handle,
+            "Duration": duration,
+            "MaxIdleTime": max_idle_time,
+        }
+        self._tasks.restart(_checked(parse_start, body), now_ms=_now_ms())
+        return self._snapshot(key)
+
+    def set_task(
+        self,
+        key: TaskKey,
+        *,
+        identifier: str | None = None,
+        handle: bool | None = None,
+        duration: int | None = None,
+    ) -> LiveTask:
+        """Change live fields as another client's UpdateSegment would (not counted as ours).
+
+        Raises :class:`ValueError` for a value UpdateSegment would refuse or
+        when nothing is given, :class:`UnknownTaskError` or :class:`TaskNotRunningError`.
+        """
+        body: JsonObject = {
+            **key.identity(),
+            "Identifier": identifier,
+            "Handle": handle,
+            "Duration": duration,
+        }
+        self._tasks.set_fields(_checked(parse_update, body))
+        return self._snapshot(key)
+
+    def age_task(self, key: TaskKey, *, started_seconds_ago: float) -> LiveTask:
+        """Set a task's StartTime that far in the past (over 72 h hides it from GetSegmentTask).
+
+        Raises :class:`ValueError` for a negative or non-finite age (or one that
+        would put an ended task's start after its end), :class:`UnknownTaskError`.
+        """
+        ago, now_ms = started_seconds_ago, _now_ms()
+        # Not before the epoch: StartTime is unsigned milliseconds on the wire.
+        if (
+            isinstance(ago, bool)
+            or not isinstance(ago, int | float)
+            or not 0 <= ago * 1000 <= now_ms
+        ):
+            raise ValueError(
+                "StartedSecondsAgo must be a number of seconds from 0 to now since the epoch, "
+                f"got {ago!r}"
+            )
+        self._tasks.set_start_time(key, start_time_ms=now_ms - round(ago * 1000))
+        return self._snapshot(key)
+
     def live(self, key: TaskKey) -> LiveTask | None:
-        return self._tasks.live(key)
+        return self._tasks.live(key, now_ms=_now_ms())
 
     def tasks(
         self, *, app_id: str | None = None, room_id: str | None = None, task_id: str | None = None
     ) -> list[LiveTask]:
         """Snapshots of the tasks matching every given id part, sorted by key."""
-        return self._tasks.select(app_id=app_id, room_id=room_id, task_id=task_id)
+        return self._tasks.select(now_ms=_now_ms(), app_id=app_id, room_id=room_id, task_id=task_id)
+
+    def _snapshot(self, key: TaskKey) -> LiveTask:
+        live = self._tasks.live(key, now_ms=_now_ms())
+        if live is None:  # every caller has just found or created it
+            raise UnknownTaskError(key)
+        return live
 
     def set_faults(
         self,
@@ -329,7 +420,7 @@ class Emulator:
     ) -> str | JsonObject:
         if action == "GetSegmentTask":
             self._check_app(parse_key(query))
-            return {"SegmentTask": self._tasks.segment_task(parse_key(query))}
+            return {"SegmentTask": self._tasks.segment_task(parse_key(query), now_ms=_now_ms())}
         params = parse_body(body)
         self._check_app(parse_key(params))
         if action == "StartSegment":
