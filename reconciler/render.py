@@ -15,15 +15,15 @@ import click
 
 from reconciler.desired import DesiredIndex, Problem
 from reconciler.plan import Plan
-from reconciler.status import NextAction, ReportStatus, StatusReport, TaskStatus, TreeState
-from reconciler.task import FieldValue, TaskKey
+from reconciler.status import NEW, NextAction, StatusReport, TaskStatus, TreeState
+from reconciler.task import FieldValue, SyncStatus, TaskKey
 
-_STATUS_COLOURS = {
-    ReportStatus.SYNCED: "green",
-    ReportStatus.PENDING: "yellow",
-    ReportStatus.NOT_RUNNING: "magenta",
-    ReportStatus.FAILED: "red",
-    ReportStatus.NEW: "cyan",
+_STATUS_COLOURS: dict[str, str] = {
+    SyncStatus.SYNCED: "green",
+    SyncStatus.PENDING: "yellow",
+    SyncStatus.NOT_RUNNING: "magenta",
+    SyncStatus.FAILED: "red",
+    NEW: "cyan",
 }
 
 
@@ -269,7 +269,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
     rows = [
         {
             "task": str(t.key),
-            "status": t.status.value,
+            "status": t.status,
             "since": _since(t, now),
             "call": _last_call(t, now),
             "retry": _retry(t, now),
@@ -309,7 +309,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
                 text = clip(row[c], w)
             cell = text if c == columns[-1] else text.ljust(w)
             if i and c == "status" and task is not None:
-                cell = click.style(cell, fg=_STATUS_COLOURS[task.status])
+                cell = click.style(cell, fg=_STATUS_COLOURS.get(task.status))
             cells.append(cell)
         lines.append("  ".join(cells).rstrip())
     if not report.tasks:
@@ -326,7 +326,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
             lines.append(f"    holds {f.held_tasks} recorded task(s){more}")
 
     counts = report.counts()
-    total = ", ".join(f"{counts[s]} {s.value}" for s in ReportStatus)
+    total = ", ".join(f"{n} {s}" for s, n in counts.items())
     shown = f"{len(report.tasks)} tasks"
     if report.status_filter or report.app_filter:
         shown += f" shown of {report.total}"

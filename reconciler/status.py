@@ -10,8 +10,9 @@ planner what the next ``apply`` or daemon pass would do with each task, so
 
 Each :class:`TaskStatus` has:
 
-- ``status``: the recorded :class:`~reconciler.task.SyncStatus`, or ``New``
-  for a task the tree declares and the store has never seen;
+- ``status``: the recorded :class:`~reconciler.task.SyncStatus` value, or
+  ``New`` for a task the tree declares and the store has never seen (plain
+  strings, so a status added to ``SyncStatus`` is shown and filtered too);
 - ``tree``: ``in_tree``, ``held`` (the file that declared it is invalid, so
   it is kept as it is) or ``not_in_tree`` (it will be forgotten); ``None``
   when no tree was read;
@@ -33,20 +34,19 @@ from typing import Final
 from reconciler.desired import DesiredIndex, Problem
 from reconciler.plan import Call, compute_plan
 from reconciler.state import TaskState, format_time
-from reconciler.task import AppliedRecord, DesiredTask, TaskKey
+from reconciler.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
 
 #: ``status -o json`` shape version; 2 added the tree, since-times and retries.
 FORMAT_VERSION: Final = 2
 
 
-class ReportStatus(StrEnum):
-    """A recorded sync status, or ``New``: in the tree, never seen by the store."""
+#: The status of a task in the tree that the store has never seen.
+NEW: Final = "New"
 
-    SYNCED = "Synced"
-    PENDING = "Pending"
-    NOT_RUNNING = "NotRunning"
-    FAILED = "Failed"
-    NEW = "New"
+
+def report_statuses() -> tuple[str, ...]:
+    """Every status ``status`` shows, in order: the recorded ones, then ``New``."""
+    return (*(s.value for s in SyncStatus), NEW)
 
 
 class TreeState(StrEnum):
@@ -65,14 +65,14 @@ class NextAction(StrEnum):
     HOLD = "hold"
 
 
-def parse_statuses(values: Iterable[str]) -> frozenset[ReportStatus]:
+def parse_statuses(values: Iterable[str]) -> frozenset[str]:
     """``["failed,new", "Synced"]`` → the statuses, matched case-insensitively.
 
     Each value may be a comma list. An unknown name is a :class:`ValueError`
     that lists the valid ones.
     """
-    by_name = {s.value.lower(): s for s in ReportStatus}
-    chosen: set[ReportStatus] = set()
+    by_name = {s.lower(): s for s in report_statuses()}
+    chosen: set[str] = set()
     for value in values:
         for part in value.split(","):
             name = part.strip()
@@ -80,7 +80,7 @@ def parse_statuses(values: Iterable[str]) -> frozenset[ReportStatus]:
                 continue
             status = by_name.get(name.lower())
             if status is None:
-                valid = ", ".join(s.value for s in ReportStatus)
+                valid = ", ".join(report_statuses())
                 raise ValueError(f"unknown status {name!r}; valid: {valid}")
             chosen.add(status)
     return frozenset(chosen)
@@ -110,7 +110,8 @@ class TaskStatus:
     """One task as ``status`` shows it: its record (if any) and its place in the tree."""
 
     key: TaskKey
-    status: ReportStatus
+    #: A :class:`~reconciler.task.SyncStatus` value, or :data:`NEW`.
+    status: str
     #: ``None`` when no tree was read.
     tree: TreeState | None
     next_action: NextAction | None
@@ -159,7 +160,7 @@ class TaskStatus:
                 "room_id": self.key.room_id,
                 "task_id": self.key.task_id,
                 "business_id": d.business_id,
-                "status": self.status.value,
+                "status": self.status,
                 "fields": None,
                 "applied_at": None,
                 "request_id": None,
@@ -205,7 +206,7 @@ class StatusReport:
     tasks: tuple[TaskStatus, ...]
     #: How many tasks there are before the filters.
     total: int
-    status_filter: frozenset[ReportStatus] = frozenset()
+    status_filter: frozenset[str] = frozenset()
     app_filter: frozenset[str] = frozenset()
 
     @property
@@ -219,11 +220,11 @@ class StatusReport:
             return None
         return self.tree_root == self.recorded_root
 
-    def counts(self) -> dict[ReportStatus, int]:
+    def counts(self) -> dict[str, int]:
         """Shown tasks by status; every status present, zero or not."""
-        out = dict.fromkeys(ReportStatus, 0)
+        out = dict.fromkeys(report_statuses(), 0)
         for t in self.tasks:
-            out[t.status] += 1
+            out[t.status] = out.get(t.status, 0) + 1
         return out
 
     def tree_counts(self) -> dict[TreeState, int]:
@@ -264,11 +265,11 @@ class StatusReport:
                 "invalid_files": [f.to_json() for f in self.invalid_files],
             },
             "filters": {
-                "status": sorted(s.value for s in self.status_filter),
+                "status": sorted(self.status_filter),
                 "app": sorted(self.app_filter),
             },
             "total": self.total,
-            "counts": {s.value: n for s, n in self.counts().items()},
+            "counts": self.counts(),
             "tree_counts": {s.value: n for s, n in self.tree_counts().items()},
             "tasks": [t.to_json() for t in self.tasks],
         }
@@ -286,7 +287,7 @@ def build_report(
     tree_path: str | None = None,
     tree_root: str | None = None,
     recorded_root: str | None = None,
-    statuses: Collection[ReportStatus] = frozenset(),
+    statuses: Collection[str] = frozenset(),
     apps: Collection[str] = frozenset(),
 ) -> StatusReport:
     """Join the store's ``rows`` with the tree ``index`` (``None``: store alone).
@@ -300,7 +301,7 @@ def build_report(
     invalid: list[InvalidFile] = []
     if index is None:
         for r in rows:
-            entries.append(TaskStatus(r.key, ReportStatus(r.status.value), None, None, r, None))
+            entries.append(TaskStatus(r.key, r.status.value, None, None, r, None))
     else:
         held_files = index.invalid_files
         plan = compute_plan(
@@ -314,7 +315,7 @@ def build_report(
             held_per_file[path] = held_per_file.get(path, 0) + 1
         for key in sorted(by_key.keys() | desired.keys()):
             row, task = by_key.get(key), desired.get(key)
-            status = ReportStatus.NEW if row is None else ReportStatus(row.status.value)
+            status = NEW if row is None else row.status.value
             if task is not None:
                 call = calls.get(key)
                 action = (

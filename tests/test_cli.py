@@ -171,10 +171,11 @@ def test_status_shows_each_task_and_json_shape(tmp_path: Path) -> None:
     r = run_cli("status", "--state", "s.db", cwd=tmp_path)
     assert r.returncode == 0
     assert "Synced" in r.stdout and "NotRunning" in r.stdout and "CALLED" in r.stdout
-    assert "2 tasks: 1 Synced, 0 Pending, 1 NotRunning, 0 Failed, 0 New." in r.stdout
+    assert "2 tasks: 1 Synced, " in r.stdout and ", 1 NotRunning, 0 Failed, 0 New." in r.stdout
 
     doc = json.loads(run_cli("status", "--state", "s.db", "-o", "json", cwd=tmp_path).stdout)
-    assert doc["counts"] == {"Synced": 1, "Pending": 0, "NotRunning": 1, "Failed": 0, "New": 0}
+    assert {k: n for k, n in doc["counts"].items() if n} == {"Synced": 1, "NotRunning": 1}
+    assert {"Pending", "Failed", "New"} <= doc["counts"].keys()
     row = doc["tasks"][0]
     assert (row["app_id"], row["room_id"], row["task_id"]) == KEY
     assert row["status"] == "Synced" and row["fields"] == {"Duration": 30}
