@@ -245,6 +245,21 @@ def test_restart_is_a_new_incarnation_with_start_defaults(emu: EmulatorHandle) -
     assert [b["Duration"] for b in live.last_bodies] == [45, 50]
 
 
+def test_start_segment_on_an_ended_task_is_a_new_incarnation(emu: EmulatorHandle) -> None:
+    key = _start(emu, "again", identifier="again_first")
+    update(emu.url, key, Duration=45)
+    with_client(emu.url, lambda c: c.stop_segment(key.identity()))
+    ended = read(emu.url, key)
+    assert (ended["Status"], ended["StopReason"]) == (3, "StopByAPI")
+    with_client(emu.url, lambda c: c.start_segment({**key.identity(), "Handle": False}))
+    new = read(emu.url, key)
+    assert new["StartTime"] > ended["StartTime"] and new["EndTime"] == 0
+    assert (new["Status"], new["Duration"], new["Handle"]) == (2, 20, False)
+    assert UUID4.fullmatch(new["Identifier"])
+    live = emu.live(key)
+    assert live is not None and live.incarnation == 2
+
+
 def test_restart_of_a_running_task_takes_given_params(emu: EmulatorHandle) -> None:
     key = _start(emu, "hot", identifier="hot_prefix", duration=60)
     before = read(emu.url, key)
@@ -607,7 +622,7 @@ def test_read_limit_follows_the_config_and_the_client_sees_429() -> None:
 
         # The client's own pacing is set high so the server's limit is what bites.
         outcomes = with_client(h.url, reads, limits=RateLimits(get=1000))
-        assert h.set_faults()["qps"]["GetSegmentTask"] == 5
+        assert h.faults()["qps"]["GetSegmentTask"] == 5
         h.set_faults(qps={"GetSegmentTask": 0})
         time.sleep(1.05)  # the earlier reads leave the window either way
         unlimited = with_client(h.url, reads, limits=RateLimits(get=1000))

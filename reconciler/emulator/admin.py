@@ -25,14 +25,19 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from reconciler.emulator.config import FAULT_FIELDS
 from reconciler.emulator.errors import ApiError, invalid
 from reconciler.emulator.params import JsonObject, parse_body, parse_key
-from reconciler.emulator.tasks import LiveTask, TaskNotRunningError, UnknownTaskError
+from reconciler.emulator.tasks import (
+    DEFAULT_STOP_REASON,
+    LiveTask,
+    TaskNotRunningError,
+    UnknownTaskError,
+)
 from reconciler.task import IDENTITY_FIELDS, TaskKey
 
 if TYPE_CHECKING:
@@ -41,8 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["add_routes", "is_loopback"]
 
 _Handler = Callable[["Emulator", web.Request], Awaitable[web.Response]]
-#: What the service does to a task by itself when the admin does not say.
-DEFAULT_STOP_REASON: Final = "IdleTimeOut"
 
 
 def is_loopback(remote: str | None) -> bool:

@@ -25,7 +25,7 @@ from typing import TypeVar
 from reconciler.emulator.config import EmulatorConfig
 from reconciler.emulator.params import DURATION_DEFAULT, MAX_IDLE_DEFAULT, JsonObject
 from reconciler.emulator.server import Emulator
-from reconciler.emulator.tasks import LiveTask
+from reconciler.emulator.tasks import DEFAULT_STOP_REASON, LiveTask
 from reconciler.task import TaskKey
 
 __all__ = ["EmulatorHandle", "running_emulator", "serve"]
@@ -81,7 +81,7 @@ class EmulatorHandle:
     def stop_task(self, key: TaskKey) -> bool:
         return self._call(lambda: self.emulator.stop_task(key))
 
-    def end_task(self, key: TaskKey, *, stop_reason: str = "IdleTimeOut") -> LiveTask:
+    def end_task(self, key: TaskKey, *, stop_reason: str = DEFAULT_STOP_REASON) -> LiveTask:
         """End a running task as the service would; see :meth:`Emulator.end_task`."""
         return self._call(lambda: self.emulator.end_task(key, stop_reason=stop_reason))
 
@@ -131,6 +131,10 @@ class EmulatorHandle:
 
     def tasks(self) -> list[LiveTask]:
         return self._call(self.emulator.tasks)
+
+    def faults(self) -> JsonObject:
+        """The faults and QPS limits in force."""
+        return self._call(self.emulator.faults)
 
     def stats_snapshot(self) -> JsonObject:
         return self._call(self.emulator.stats.snapshot)

@@ -52,7 +52,7 @@ from reconciler.emulator.params import (
 )
 from reconciler.emulator.qps import SlidingWindowLimiter
 from reconciler.emulator.stats import EmulatorStats
-from reconciler.emulator.tasks import LiveTask, TaskTable, UnknownTaskError
+from reconciler.emulator.tasks import DEFAULT_STOP_REASON, LiveTask, TaskTable, UnknownTaskError
 from reconciler.events import get_logger
 from reconciler.task import TaskKey
 
@@ -184,7 +184,7 @@ class Emulator:
             return False
         return True
 
-    def end_task(self, key: TaskKey, *, stop_reason: str = "IdleTimeOut") -> LiveTask:
+    def end_task(self, key: TaskKey, *, stop_reason: str = DEFAULT_STOP_REASON) -> LiveTask:
         """End a running task as the service would: Status 3 (4 for ``StartTaskFailed``).
 
         Raises :class:`ValueError` for an undocumented reason,

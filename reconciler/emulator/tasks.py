@@ -49,6 +49,7 @@ from reconciler.emulator.params import JsonObject, StartParams, UpdateParams
 from reconciler.task import TaskKey
 
 __all__ = [
+    "DEFAULT_STOP_REASON",
     "LAST_BODIES",
     "READ_WINDOW_MS",
     "STATUS_ENDED",
@@ -77,6 +78,8 @@ STOP_REASONS: Final[Mapping[str, int]] = {
     "UnknownStopReason": STATUS_ENDED,
     "StartTaskFailed": STATUS_FAILED,
 }
+#: Why the service ends a task by itself when a test does not say: its streams went idle.
+DEFAULT_STOP_REASON: Final = "IdleTimeOut"
 
 
 class UnknownTaskError(LookupError):
