@@ -24,6 +24,15 @@ Pieces, each a thin shell around the functional core:
   not carried out. The records are *withheld*: kept as they are, re-decided
   with every later change, and forgotten only once the whole set is within
   the limit again; readiness stays true but degraded, and calls go on.
+- **Observer**: reads every desired task with GetSegmentTask on its own
+  budget (``read_qps``), oldest observation first, each at most once per
+  ``observe_interval`` (:class:`~reconciler.observe.ObserveSchedule`), and
+  again soon after our own successful call. Each observation is recorded and
+  the task re-planned against it: a restarted task (a new StartTime) gets the
+  fields its new incarnation lacks, drift is healed or, with ``drift
+  "report"``, marked OutOfSync; an ended task is NotRunning and costs no
+  UpdateSegment until a new incarnation appears. Events: ``task.restarted``,
+  ``task.drifted``, ``task.not_running`` (``source: observation``).
 - **Shutdown**: stop watching, stop taking keys, let in-flight calls finish
   within the drain deadline (each result is recorded as it lands), exit.
 
@@ -47,12 +56,14 @@ from pathlib import Path
 
 from reconciler import events
 from reconciler.desired import DesiredIndex, Problem, discover, read_file
-from reconciler.errors import FatalError
+from reconciler.errors import ApiError, FatalError
 from reconciler.guard import ForgetLimit, MassForget, check_forgets
+from reconciler.live import Observation
 from reconciler.metrics import Metrics
-from reconciler.plan import Plan, compute_plan
-from reconciler.reconcile import Recorder, TaskReconciler, task_fields
-from reconciler.task import TaskKey
+from reconciler.observe import ObserveSchedule, sweep_seconds
+from reconciler.plan import SETTLE_S, DriftPolicy, Plan, compute_plan
+from reconciler.reconcile import Outcome, Recorder, TaskReconciler, task_fields
+from reconciler.task import SyncStatus, TaskKey
 from reconciler.watch import TreeChange, watch_tree
 from reconciler.workqueue import WorkQueue
 
@@ -73,6 +84,12 @@ class DaemonConfig:
     fatal_pause_cap: float = 600.0
     max_forget: ForgetLimit = dataclasses.field(default_factory=ForgetLimit)
     allow_mass_forget: bool = False
+    #: Read live tasks (GetSegmentTask) and plan against them.
+    observe: bool = True
+    observe_interval: float = 10.0
+    read_qps: int = 20
+    drift: DriftPolicy = "heal"
+    settle_s: float = SETTLE_S
 
 
 class Daemon:
@@ -113,6 +130,13 @@ class Daemon:
         # daemon's backoff will try the task again, in the result's transaction.
         recorder.retry_at = self._retry_at
         metrics.watch_daemon(held_tasks=self.held_tasks, forget_refused=lambda: len(self._withheld))
+        self.schedule = ObserveSchedule(interval=config.observe_interval)
+        self._started_wall = time.time()
+        # Tasks marked OutOfSync (drift reported, not healed), to clear when it ends.
+        self._out_of_sync: set[TaskKey] = set(
+            recorder.store.keys_with_status(SyncStatus.OUT_OF_SYNC)
+        )
+        metrics.watch_observations(self.oldest_observation_age)
 
     # --- readiness ---------------------------------------------------------------
 
@@ -235,6 +259,8 @@ class Daemon:
         for p in self._scan_problems:
             self.log.error("desired.refused_path", path=p.source.path, message=p.message)
         self._reported_invalid = invalid
+        if self.config.observe and self._background:
+            self._track_desired()
         self.metrics.invalid_files.set(len(invalid) + len(self._scan_problems))
         self.metrics.desired_tasks.set(len(self.index.tasks))
 
@@ -246,6 +272,9 @@ class Daemon:
             self.recorder.applied,
             held_files=self.index.invalid_files,
             only=only,
+            observations=self.recorder.observations if self.config.observe else None,
+            drift=self.config.drift,
+            settle_s=self.config.settle_s,
         )
 
     def _guard(self, plan: Plan) -> Plan:
@@ -357,6 +386,11 @@ class Daemon:
             await self._pause(exc)
             return False
         self._fatal_pauses = 0
+        if self.config.observe and key in self.index.tasks:
+            # Read-after-write: confirm soon, but after the settle window, so the
+            # read that counts shows our call (a stale one never causes another).
+            after = self.config.settle_s + 0.5 if result.outcome is Outcome.SYNCED else 0.0
+            self.schedule.soon(key, after)
         if result.requeue_after is None:
             self.queue.forget(key)
         else:
@@ -421,6 +455,151 @@ class Daemon:
             except Exception as exc:  # try again at the next resync
                 self.log.exception("resync.failed", error=repr(exc))
 
+    # --- observing live tasks ------------------------------------------------------
+
+    def oldest_observation_age(self) -> float | None:
+        """Seconds since the least recently read desired task was read (``None``: off)."""
+        if not self.config.observe or not self.index.tasks:
+            return None
+        observations = self.recorder.observations
+        oldest = min(
+            (o.observed_at if (o := observations.get(k)) else self._started_wall)
+            for k in self.index.tasks
+        )
+        return max(0.0, time.time() - oldest)
+
+    def _track_desired(self) -> None:
+        """Keep the read schedule in line with the desired index."""
+        desired = self.index.tasks
+        tracked = self.schedule.keys()
+        self.schedule.untrack(tracked - desired.keys())
+        now_wall, now = time.time(), time.monotonic()
+        observations = self.recorder.observations
+        for key in desired.keys() - tracked:
+            obs = observations.get(key)
+            # A task read before (an earlier run) waits for its turn, oldest first.
+            due = now if obs is None else now + obs.observed_at - now_wall + self.schedule.interval
+            self.schedule.track([key], first_due=due)
+
+    async def _observe(self, stop: asyncio.Event) -> None:
+        """Readers that take due keys from the schedule; paced by the client's read budget."""
+        cfg = self.config
+        sweep = sweep_seconds(
+            len(self.index.tasks), interval=cfg.observe_interval, read_qps=cfg.read_qps
+        )
+        fields = {
+            "tasks": len(self.index.tasks),
+            "interval_s": cfg.observe_interval,
+            "read_qps": cfg.read_qps,
+            "sweep_s": round(sweep, 1),
+            "drift": cfg.drift,
+        }
+        if sweep > cfg.observe_interval:
+            self.log.warning(
+                "observe.started",
+                **fields,
+                message=f"a full sweep of {len(self.index.tasks)} tasks takes {sweep:.0f} s at "
+                f"--read-qps {cfg.read_qps}, longer than --observe-interval "
+                f"{cfg.observe_interval:g} s; each task is read every {sweep:.0f} s",
+            )
+        else:
+            self.log.info("observe.started", **fields)
+        # Enough readers to keep the budget busy while answers take a while.
+        readers = [
+            asyncio.create_task(self._reader(stop)) for _ in range(min(256, cfg.read_qps * 4))
+        ]
+        try:
+            await asyncio.gather(*readers)
+        finally:
+            for r in readers:
+                r.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _reader(self, stop: asyncio.Event) -> None:
+        while (key := await self.schedule.take(stop)) is not None:
+            await self._running.wait()  # paused by a credentials error: no reads either
+            if stop.is_set():
+                return
+            try:
+                await self._read_one(key)
+            except Exception as exc:  # one odd answer must not stop the reader
+                self.log.exception("observe.failed", error=repr(exc), **task_fields(key))
+            finally:
+                self.schedule.done(key)
+
+    async def _read_one(self, key: TaskKey) -> None:
+        last = self.recorder.observations.get(key)
+        try:
+            obs = await self.reconciler.read(key, last=last)
+        except FatalError as exc:
+            await self._pause(exc)
+            return
+        except ApiError as exc:
+            self.metrics.observations.labels("error").inc()
+            self.log.warning(
+                "observe.failed", code=exc.code, message=exc.message, **task_fields(key)
+            )
+            return
+        self.metrics.observations.labels(str(obs.state)).inc()
+        if key in self.index.tasks:  # not removed from the tree while it was read
+            self._on_observation(obs, last)
+
+    def _on_observation(self, obs: Observation, prev: Observation | None) -> None:
+        """Record a read and act on it: level-based, from the plan of this one task."""
+        key = obs.key
+        self.recorder.observed(obs)
+        task = self.index.tasks[key]
+        plan = self._plan([key])
+        news = prev is None or prev.state != obs.state or prev.start_time_ms != obs.start_time_ms
+        for r in plan.restarts:
+            if news:
+                self.metrics.restarts_detected.inc()
+                self.log.warning(
+                    "task.restarted",
+                    **task_fields(key),
+                    old_start_time=r.old_incarnation,
+                    new_start_time=r.new_incarnation,
+                    live=dict(r.live),
+                )
+        for d in plan.drifts:
+            if news or prev is None or prev.fields != obs.fields:
+                self.metrics.drift_detected.inc()
+                self.log.warning(
+                    "task.drifted",
+                    **task_fields(key),
+                    policy=self.config.drift,
+                    fields={n: {"last_applied": a, "live": b} for n, (a, b) in d.fields.items()},
+                    desired={n: task.fields[n] for n in d.fields},
+                )
+            if not d.healed:
+                changed = ", ".join(f"{n} {a!r} → {b!r}" for n, (a, b) in d.fields.items())
+                self.recorder.out_of_sync(task, f"live values changed by another client: {changed}")
+                self._out_of_sync.add(key)
+        if not plan.drifts and key in self._out_of_sync:
+            self._out_of_sync.discard(key)
+            if not plan.calls:  # the live task is back in line by itself
+                self.recorder.store.record_in_sync(
+                    key, business_id=task.business_id, source=task.source, fields=task.fields
+                )
+        if plan.ended and news:
+            self.recorder.live_not_running(task, obs)
+            self.queue.forget(key)
+            self.log.warning(
+                "task.not_running",
+                **task_fields(key),
+                source="observation",
+                state=str(obs.state),
+                stop_reason=obs.stop_reason,
+                end_time=obs.end_time_ms,
+            )
+        self.recorder.bookkeeping(plan)
+        if plan.calls:
+            reason = "restarted" if plan.restarts else "drift" if plan.drifts else "observed"
+            if not self.queue.is_scheduled(key) or plan.restarts:
+                self.queue.add(key)
+                self.log.info("task.queued", reason=reason, **task_fields(key))
+                self.metrics.queue_depth.set(len(self.queue))
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain."""
         self._stop = stop
@@ -443,6 +622,9 @@ class Daemon:
             asyncio.create_task(self._watch(stop), name="watcher"),
             asyncio.create_task(self._resync(stop), name="resync"),
         ]
+        if self.config.observe:
+            self._track_desired()
+            self._background.append(asyncio.create_task(self._observe(stop), name="observer"))
         await stop.wait()
 
         self.log.info("daemon.draining", in_flight=self.queue.processing, queued=len(self.queue))

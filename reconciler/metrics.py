@@ -54,6 +54,20 @@ class _DaemonCollector(Collector):
         )
 
 
+class _ObservationCollector(Collector):
+    def __init__(self, oldest_age: Callable[[], float | None]) -> None:
+        self._oldest_age = oldest_age
+
+    def collect(self) -> Iterator[Metric]:
+        age = self._oldest_age()
+        yield GaugeMetricFamily(
+            "reconciler_oldest_observation_age_seconds",
+            "Seconds since the least recently read desired task was read "
+            "(a task never read counts from the daemon's start).",
+            value=0.0 if age is None else age,
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -97,6 +111,23 @@ class Metrics:
         self.desired_tasks = Gauge(
             "reconciler_desired_tasks", "Tasks declared by valid desired files.", registry=r
         )
+        self.observations = Counter(
+            "reconciler_observations",
+            "GetSegmentTask reads of live tasks by outcome (running, ended, not_found, "
+            "unknown, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.drift_detected = Counter(
+            "reconciler_drift_detected",
+            "Live values found changed by another client (healed or reported).",
+            registry=r,
+        )
+        self.restarts_detected = Counter(
+            "reconciler_restarts_detected",
+            "Tasks found running as a new incarnation (another StartTime).",
+            registry=r,
+        )
         self.last_reconcile = Gauge(
             "reconciler_last_complete_reconcile_timestamp_seconds",
             "Unix time when the last full reconcile pass finished.",
@@ -113,6 +144,10 @@ class Metrics:
         self.registry.register(
             _DaemonCollector(held_tasks=held_tasks, forget_refused=forget_refused)
         )
+
+    def watch_observations(self, oldest_age: Callable[[], float | None]) -> None:
+        """The age of the oldest observation of a desired task, read at scrape time."""
+        self.registry.register(_ObservationCollector(oldest_age))
 
     def on_call(self, event: CallEvent) -> None:
         self.attempts.labels(event.action, event.code or "ok").inc()

@@ -18,6 +18,25 @@ The rules (CONTRACT §2):
 - A task the server refused as bad input is *blocked* until its spec changes.
 - ``BusinessId`` cannot be changed by UpdateSegment: a change is a warning.
 
+Live state wins over memory (CONTRACT §2). Given ``observations`` (the latest
+GetSegmentTask read of each task), a task whose observation is newer than our
+last successful call for it by more than ``settle_s`` is compared with its
+**live** values instead of last-applied:
+
+- a running task whose incarnation (StartTime) differs from the one the
+  values were applied to was *restarted*: its new incarnation carries
+  StartSegment's parameters, so it gets exactly the fields it lacks;
+- a live value that differs from last-applied while the file still wants the
+  last-applied one is *drift* (another client changed it): healed by the call,
+  or with ``drift="report"`` left alone and listed as such;
+- an ended task, or one no longer found, is *not running*: no call is planned
+  for it; when a new incarnation shows up it is planned at once.
+
+Reads taken within ``settle_s`` of our own success never count, so a stale
+read can never cause a second call (and a second Duration cut). An observation
+the planner cannot use (``unknown``: GetSegmentTask cannot see tasks started
+more than 72 h ago) falls back to last-applied.
+
 ``Plan.bookkeeping`` lists in-sync tasks whose record still has to be written
 (never recorded, moved to another file, or a refused spec since reverted), so
 that recording a plan's outcome makes the next plan empty.
@@ -27,8 +46,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 
+from reconciler.live import LiveState, Observation
 from reconciler.task import (
     MANAGED_FIELDS,
     AppliedRecord,
@@ -39,6 +59,13 @@ from reconciler.task import (
 )
 
 UPDATE_ACTION = "UpdateSegment"
+#: Seconds after our own successful call in which a read of the task still
+#: may not show it (a read in flight, eventual consistency): it never counts.
+SETTLE_S: Final = 5.0
+
+DriftPolicy = Literal["heal", "report"]
+#: What a call's ``old`` values are: last-applied, the live task, or nothing known.
+Basis = Literal["last_applied", "live", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +84,13 @@ class Call:
     task: DesiredTask
     #: The managed fields to send: those whose value differs from ``last``.
     fields: Mapping[str, FieldValue]
-    #: Last-applied values, ``None`` when the server never confirmed any.
+    #: The values ``fields`` differ from: last-applied or live (see ``basis``);
+    #: ``None`` when the server never confirmed any.
     last: Mapping[str, FieldValue] | None
     action: str = UPDATE_ACTION
+    basis: Basis = "last_applied"
+    #: The live incarnation (StartTime, ms) the call brings in line, when known.
+    incarnation: int | None = None
 
     @property
     def body(self) -> dict[str, FieldValue]:
@@ -81,7 +112,7 @@ class Call:
 
     @property
     def first(self) -> bool:
-        """True when the server never confirmed any value for the task."""
+        """True when nothing is known of the task's values: not applied, not observed."""
         return self.last is None
 
     @property
@@ -120,6 +151,36 @@ class Held:
 
 
 @dataclass(frozen=True, slots=True)
+class Restart:
+    """A running task with another StartTime than the values were applied to."""
+
+    key: TaskKey
+    old_incarnation: int
+    new_incarnation: int
+    #: The new incarnation's live values.
+    live: Mapping[str, FieldValue]
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """Live values another client changed: ``{field: (last_applied, live)}``."""
+
+    key: TaskKey
+    fields: Mapping[str, tuple[FieldValue, FieldValue | None]]
+    #: The plan's call sets them back (``drift="heal"``), or they are left.
+    healed: bool
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A task observed not running (ended, failed or gone): no call while it is so."""
+
+    task: DesiredTask
+    observation: Observation
+
+
+@dataclass(frozen=True, slots=True)
 class Blocked:
     """A task the server refused as bad input; waits for its spec to change."""
 
@@ -144,12 +205,23 @@ class Plan:
     held: tuple[Held, ...] = ()
     blocked: tuple[Blocked, ...] = ()
     warnings: tuple[PlanWarning, ...] = ()
+    restarts: tuple[Restart, ...] = ()
+    drifts: tuple[Drift, ...] = ()
+    ended: tuple[Ended, ...] = ()
+    #: Declared tasks compared with a live observation rather than last-applied.
+    observed: int = 0
+    #: Whether observations were given at all (``plan --refresh``, the daemon).
+    refreshed: bool = False
     bookkeeping: tuple[DesiredTask, ...] = field(default=(), repr=False)
+    #: ``(key, StartTime)`` to record as the incarnation last-applied holds for.
+    incarnations: tuple[tuple[TaskKey, int], ...] = field(default=(), repr=False)
 
     @property
     def empty(self) -> bool:
         """Nothing to send and nothing to record (warnings and blocks aside)."""
-        return not (self.calls or self.releases or self.forgotten or self.bookkeeping)
+        return not (
+            self.calls or self.releases or self.forgotten or self.bookkeeping or self.incarnations
+        )
 
     def summary(self) -> dict[str, int]:
         return {
@@ -160,12 +232,17 @@ class Plan:
             "held": len(self.held),
             "blocked": len(self.blocked),
             "warnings": len(self.warnings),
+            "restarted": len(self.restarts),
+            "drifted": len(self.drifts),
+            "not_running": len(self.ended),
         }
 
     def to_json(self) -> dict[str, Any]:
         """The stable ``plan --output json`` shape (documented in the README)."""
         return {
-            "format_version": 1,
+            "format_version": 2,
+            "refreshed": self.refreshed,
+            "observed": self.observed,
             "summary": self.summary(),
             "calls": [
                 {
@@ -173,6 +250,7 @@ class Plan:
                     "task": _key_json(c.key),
                     "source": str(c.source),
                     "first": c.first,
+                    "basis": c.basis,
                     "body": dict(c.body),
                     "changes": [{"field": x.field, "old": x.old, "new": x.new} for x in c.changes],
                 }
@@ -194,6 +272,37 @@ class Plan:
             "blocked": [
                 {"task": _key_json(b.task.key), "source": str(b.task.source), "reason": b.reason}
                 for b in self.blocked
+            ],
+            "restarts": [
+                {
+                    "task": _key_json(r.key),
+                    "old_start_time": r.old_incarnation,
+                    "new_start_time": r.new_incarnation,
+                    "live": dict(r.live),
+                }
+                for r in self.restarts
+            ],
+            "drifts": [
+                {
+                    "task": _key_json(d.key),
+                    "source": str(d.source),
+                    "healed": d.healed,
+                    "fields": [
+                        {"field": n, "last_applied": last, "live": live}
+                        for n, (last, live) in d.fields.items()
+                    ],
+                }
+                for d in self.drifts
+            ],
+            "not_running": [
+                {
+                    "task": _key_json(e.task.key),
+                    "source": str(e.task.source),
+                    "state": str(e.observation.state),
+                    "stop_reason": e.observation.stop_reason,
+                    "end_time": e.observation.end_time_ms,
+                }
+                for e in self.ended
             ],
             "warnings": [
                 {
@@ -217,12 +326,16 @@ def compute_plan(
     *,
     held_files: Collection[str] = frozenset(),
     only: Iterable[TaskKey] | None = None,
+    observations: Mapping[TaskKey, Observation] | None = None,
+    drift: DriftPolicy = "heal",
+    settle_s: float = SETTLE_S,
 ) -> Plan:
-    """What it takes to bring ``applied`` to ``desired``.
+    """What it takes to bring ``applied`` (and, when observed, the live tasks) to ``desired``.
 
     ``held_files`` are desired files that are currently invalid: their recorded
     tasks are held, not forgotten. ``only`` restricts the plan to some keys (the
     daemon re-plans just the tasks of a changed file); ``None`` means all.
+    ``observations``, ``drift`` and ``settle_s``: see the module docstring.
     Every list in the plan is sorted by task key.
     """
     if only is None:
@@ -248,18 +361,51 @@ def compute_plan(
     blocked: list[Blocked] = []
     warnings: list[PlanWarning] = []
     bookkeeping: list[DesiredTask] = []
+    restarts: list[Restart] = []
+    drifts: list[Drift] = []
+    ended: list[Ended] = []
+    incarnations: list[tuple[TaskKey, int]] = []
+    observed = 0
     applied_get = applied.get
+    live_get = (observations or {}).get
     for key in declared:
         task = desired[key]
         record = applied_get(key)
         wanted = task.fields
         last = None if record is None else record.fields
-        if last is None:
+        obs = live_get(key)
+        if obs is not None and not _counts(obs, record, settle_s):
+            obs = None
+        if obs is not None:
+            observed += 1
+            if obs.not_running:
+                ended.append(Ended(task, obs))  # nothing to update until it runs again
+                continue
+        basis: Basis = "none" if last is None else "last_applied"
+        compare = last
+        moved: dict[str, tuple[FieldValue, FieldValue | None]] = {}
+        if obs is not None and obs.start_time_ms is not None:
+            live = obs.fields
+            if (
+                record is not None
+                and record.incarnation is not None
+                and record.incarnation != obs.start_time_ms
+            ):
+                restarts.append(Restart(key, record.incarnation, obs.start_time_ms, dict(live)))
+            elif last is not None:
+                moved = {
+                    n: (last[n], live.get(n))
+                    for n, v in wanted.items()
+                    if n in last and _same(last[n], v) and not _same(live.get(n), v)
+                }
+            basis, compare = "live", live
+        if compare is None:
             diff: Mapping[str, FieldValue] = wanted
-        elif last == wanted and _int_like_types_match(last, wanted):
+        elif compare == wanted and _int_like_types_match(compare, wanted):
             diff = {}
         else:
-            diff = {n: v for n, v in wanted.items() if not _same(last.get(n), v)}
+            diff = {n: v for n, v in wanted.items() if not _same(compare.get(n), v)}
+        if last is not None:
             gone = tuple(n for n in MANAGED_FIELDS if n in last and n not in wanted)
             if gone:
                 releases.append(
@@ -272,13 +418,29 @@ def compute_plan(
                 )
         if record is not None and last is not None and record.business_id != task.business_id:
             warnings.append(_business_id_warning(task, record.business_id))
+        if moved:
+            healed = drift == "heal"
+            drifts.append(Drift(key, moved, healed, task.source))
+            if not healed:
+                diff = {n: v for n, v in diff.items() if n not in moved}
+        incarnation = obs.start_time_ms if obs is not None else None
 
         if diff:
             if record is not None and record.failed_spec == task.spec_hash():
                 blocked.append(Blocked(task, _REFUSED))
                 continue
-            calls.append(Call(task, diff, last))
+            calls.append(
+                Call(
+                    task,
+                    diff,
+                    compare,
+                    basis=basis,
+                    incarnation=incarnation if incarnation is not None else _held(record),
+                )
+            )
             continue
+        if moved and drift == "report":
+            continue  # out of sync by choice: not in sync, nothing recorded as applied
 
         in_sync.append(key)
         if (
@@ -286,8 +448,11 @@ def compute_plan(
             or last is None
             or record.source != task.source.path
             or record.failed_spec is not None
+            or (basis == "live" and not _same_values(last, wanted))
         ):
             bookkeeping.append(task)
+        if incarnation is not None and (record is None or record.incarnation != incarnation):
+            incarnations.append((key, incarnation))
 
     return Plan(
         calls=tuple(calls),
@@ -297,8 +462,31 @@ def compute_plan(
         held=tuple(held),
         blocked=tuple(blocked),
         warnings=tuple(warnings),
+        restarts=tuple(restarts),
+        drifts=tuple(drifts),
+        ended=tuple(ended),
+        observed=observed,
+        refreshed=observations is not None,
         bookkeeping=tuple(bookkeeping),
+        incarnations=tuple(incarnations),
     )
+
+
+def _counts(obs: Observation, record: AppliedRecord | None, settle_s: float) -> bool:
+    """Whether an observation may stand in for last-applied (see the module docstring)."""
+    if obs.state is LiveState.UNKNOWN:
+        return False
+    if record is None or record.applied_at is None:
+        return True
+    return obs.observed_at > record.applied_at + settle_s
+
+
+def _held(record: AppliedRecord | None) -> int | None:
+    return None if record is None else record.incarnation
+
+
+def _same_values(last: Mapping[str, FieldValue] | None, wanted: Mapping[str, FieldValue]) -> bool:
+    return last is not None and last == wanted and _int_like_types_match(last, wanted)
 
 
 _REFUSED = "the server refused this spec as bad input; change it to retry"

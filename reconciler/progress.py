@@ -1,4 +1,4 @@
-"""The progress display of ``reconciler apply``: a bar with per-outcome counts.
+"""Progress displays: ``apply``'s calls and ``--refresh``'s reads, a bar with per-outcome counts.
 
 On a terminal, a rich progress bar on stderr advances as each result lands
 (``apply_plan`` reports every result at once, not when its pass ends) and
@@ -36,19 +36,38 @@ _LABELS = (
     (Outcome.FAILED, "failed", "red"),
     (Outcome.RETRY, "failed, will retry", "red"),
 )
+_READS = (
+    ("running", "running", "green"),
+    ("ended", "ended", "magenta"),
+    ("not_found", "not found", "magenta"),
+    ("unknown", "not visible", "yellow"),
+    ("error", "failed", "red"),
+)
 
 
-class ApplyProgress:
-    """Counts results; draws them as a bar when ``enabled`` (a terminal)."""
+class ProgressBar:
+    """Counts outcomes; draws them as a bar when ``enabled`` (a terminal).
 
-    def __init__(self, total: int, *, enabled: bool) -> None:
+    ``kinds``: ``(outcome, label, colour)`` in display order; the first is
+    always shown, the others once they occur.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        enabled: bool,
+        label: str,
+        kinds: tuple[tuple[object, str, str], ...],
+    ) -> None:
         self.total = total
-        self.counts: Counter[Outcome] = Counter()
+        self.kinds = kinds
+        self.counts: Counter[object] = Counter()
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         if enabled:
             self._progress = Progress(
-                TextColumn("calls"),
+                TextColumn(label),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TaskProgressColumn(),
@@ -59,18 +78,18 @@ class ApplyProgress:
                 redirect_stderr=True,
                 refresh_per_second=8,
             )
-            self._task = self._progress.add_task("calls", total=total, counts=self._counts())
+            self._task = self._progress.add_task(label, total=total, counts=self._counts())
 
     def _counts(self) -> str:
         shown = [
             f"[{colour}]{self.counts[outcome]} {label}[/]"
-            for outcome, label, colour in _LABELS
-            if self.counts[outcome] or outcome is Outcome.SYNCED
+            for i, (outcome, label, colour) in enumerate(self.kinds)
+            if self.counts[outcome] or i == 0
         ]
         return " · ".join(shown)
 
-    def advance(self, result: Result) -> None:
-        self.counts[result.outcome] += 1
+    def tick(self, outcome: object) -> None:
+        self.counts[outcome] += 1
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=1, counts=self._counts())
 
@@ -95,3 +114,23 @@ class ApplyProgress:
     ) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+class ApplyProgress(ProgressBar):
+    """``apply``'s calls, counted by outcome."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        super().__init__(total, enabled=enabled, label="calls", kinds=_LABELS)
+
+    def advance(self, result: Result) -> None:
+        self.tick(result.outcome)
+
+
+class ReadProgress(ProgressBar):
+    """``--refresh``'s GetSegmentTask reads, counted by what they found."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        super().__init__(total, enabled=enabled, label="reads", kinds=_READS)
+
+    def read(self, state: str | None) -> None:
+        self.tick("error" if state is None else state)

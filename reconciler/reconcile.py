@@ -16,12 +16,13 @@ without reading the database back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from reconciler import events
 from reconciler.client import RtcClient
@@ -32,9 +33,13 @@ from reconciler.errors import (
     NotRunningError,
     OutcomeUnknownError,
 )
+from reconciler.live import Observation
+from reconciler.observe import read_task
 from reconciler.plan import Call, Plan
 from reconciler.state import StateStore
 from reconciler.task import AppliedRecord, DesiredTask, FieldValue, TaskKey
+
+_T = TypeVar("_T")
 
 
 class Outcome(StrEnum):
@@ -74,6 +79,7 @@ class Recorder:
     def __init__(self, store: StateStore) -> None:
         self.store = store
         self.applied: dict[TaskKey, AppliedRecord] = store.applied()
+        self.observations: dict[TaskKey, Observation] = store.observations()
         #: When the caller will try a NotRunning or retryable failed task again
         #: (the daemon's backoff), written in the result's own transaction;
         #: ``None``: nothing scheduled, as for ``apply``.
@@ -86,17 +92,48 @@ class Recorder:
                 task.key, task.business_id, None, source=task.source.path
             )
 
-    def success(self, task: DesiredTask, *, request_id: str) -> None:
-        self.store.record_success(
-            task.key,
-            fields=task.fields,
-            business_id=task.business_id,
-            request_id=request_id,
-            source=task.source,
-        )
+    def success(
+        self, task: DesiredTask, *, request_id: str, incarnation: int | None = None
+    ) -> None:
+        """The server confirmed ``task``'s fields, for the live incarnation if known."""
+        with self.store.bulk():
+            self.store.record_success(
+                task.key,
+                fields=task.fields,
+                business_id=task.business_id,
+                request_id=request_id,
+                source=task.source,
+            )
+            if incarnation is not None:
+                self.store.record_incarnation(task.key, incarnation)
+        old = self.applied.get(task.key)
         self.applied[task.key] = AppliedRecord(
-            task.key, task.business_id, dict(task.fields), source=task.source.path
+            task.key,
+            task.business_id,
+            dict(task.fields),
+            source=task.source.path,
+            applied_at=time.time(),
+            incarnation=incarnation if incarnation is not None else _held(old),
         )
+
+    def observed(self, obs: Observation) -> None:
+        """Keep ``obs`` as the task's latest observation."""
+        self.store.record_observation(obs)
+        self.observations[obs.key] = obs
+
+    def live_not_running(self, task: DesiredTask, obs: Observation) -> None:
+        """The task was observed ended (or gone): NotRunning, last-applied unchanged."""
+        when = "" if obs.end_time_ms is None else f" at {_ms_iso(obs.end_time_ms)}"
+        if obs.stop_reason:
+            message, code = f"the task ended{when}: {obs.stop_reason}", obs.stop_reason
+        else:
+            message, code = "GetSegmentTask no longer finds the task", "TaskNotFound"
+        self.store.record_not_running(
+            task.key, message=message, code=code, request_id=None, source=task.source
+        )
+
+    def out_of_sync(self, task: DesiredTask, message: str) -> None:
+        self.store.record_out_of_sync(task.key, message=message, source=task.source)
 
     def not_running(self, task: DesiredTask, error: ApiError) -> None:
         self.store.record_not_running(
@@ -126,32 +163,45 @@ class Recorder:
             old.fields if old else None,
             source=task.source.path,
             failed_spec=refused,
+            applied_at=None if old is None else old.applied_at,
+            incarnation=_held(old),
         )
 
     def bookkeeping(self, plan: Plan) -> None:
         """Write what a plan settles without a call: releases, forgets, in-sync records."""
-        if not (plan.releases or plan.forgotten or plan.bookkeeping):
+        if not (plan.releases or plan.forgotten or plan.bookkeeping or plan.incarnations):
             return
         log = events.get_logger()
         with self.store.bulk():
             for r in plan.releases:
                 self.store.record_release(r.key, fields=r.remaining)
                 old = self.applied[r.key]
-                self.applied[r.key] = AppliedRecord(
-                    r.key, old.business_id, dict(r.remaining), old.source, old.failed_spec
-                )
+                self.applied[r.key] = dataclasses.replace(old, fields=dict(r.remaining))
                 log.info("task.released", **task_fields(r.key), fields=list(r.fields))
             for f in plan.forgotten:
                 self.store.forget(f.key)
                 self.applied.pop(f.key, None)
+                self.observations.pop(f.key, None)
                 log.info("task.forgotten", **task_fields(f.key), source_path=f.source_path)
             for t in plan.bookkeeping:
                 self.store.record_in_sync(
                     t.key, business_id=t.business_id, source=t.source, fields=t.fields
                 )
+                prev = self.applied.get(t.key)
                 self.applied[t.key] = AppliedRecord(
-                    t.key, t.business_id, dict(t.fields), source=t.source.path
+                    t.key,
+                    t.business_id,
+                    dict(t.fields),
+                    source=t.source.path,
+                    applied_at=None if prev is None else prev.applied_at,
+                    incarnation=_held(prev),
                 )
+            for key, incarnation in plan.incarnations:
+                self.store.record_incarnation(key, incarnation)
+                if key in self.applied:
+                    self.applied[key] = dataclasses.replace(
+                        self.applied[key], incarnation=incarnation
+                    )
 
 
 def _changes(call: Call) -> dict[str, Any]:
@@ -186,15 +236,45 @@ class TaskReconciler:
 
     async def reconcile(self, call: Call) -> Result:
         """Make ``call``; raises :class:`FatalError` for credentials/permissions."""
+        return await self._gated(lambda: self._reconcile(call))
+
+    async def read(self, key: TaskKey, *, last: Observation | None) -> Observation:
+        """Read one live task (GetSegmentTask) behind the same credentials probe as calls.
+
+        Raises the :class:`ApiError` of a failed read; :class:`FatalError`
+        means every other request would fail alike.
+        """
+
+        async def attempt() -> Observation:
+            try:
+                obs = await read_task(self.client, key, last=last)
+            except FatalError as exc:
+                self._refused(exc)
+                raise
+            except ApiError:
+                self._credentials_proven = True  # an answer: the key is good
+                raise
+            self._credentials_proven = True
+            return obs
+
+        return await self._gated(attempt)
+
+    async def _gated(self, request: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``request`` at once once credentials are proven, else one at a time."""
         if self._credentials_proven:
-            return await self._reconcile(call)
+            return await request()
         refusals = self._refusals
         async with self._probe:
             if self._refusals != refusals and self._last_refusal is not None:
                 raise self._last_refusal  # refused while we waited: don't ask again
             if not self._credentials_proven:
-                return await self._reconcile(call)
-        return await self._reconcile(call)  # proven while we waited: go concurrently
+                return await request()
+        return await request()  # proven while we waited: go concurrently
+
+    def _refused(self, exc: FatalError) -> None:
+        self._credentials_proven = False
+        self._refusals += 1
+        self._last_refusal = exc
 
     async def _reconcile(self, call: Call) -> Result:
         task, key = call.task, call.key
@@ -210,15 +290,13 @@ class TaskReconciler:
                 attempts=None if self._credentials_proven else self.probe_attempts,
             )
         except FatalError as exc:
-            self._credentials_proven = False
-            self._refusals += 1
-            self._last_refusal = exc
+            self._refused(exc)
             raise  # not a result: the whole run stops or pauses
         except ApiError as exc:
             self._credentials_proven = True
             return self._failed(call, exc, log=log, started=started)
         self._credentials_proven = True
-        self.recorder.success(task, request_id=res.request_id)
+        self.recorder.success(task, request_id=res.request_id, incarnation=call.incarnation)
         log.info(
             "task.synced",
             action=call.action,
@@ -260,6 +338,16 @@ class TaskReconciler:
             outcome_unknown=isinstance(exc, OutcomeUnknownError),
         )
         return Result(key, Outcome.RETRY, self.failed_retry, exc, exc.request_id)
+
+
+def _held(record: AppliedRecord | None) -> int | None:
+    return None if record is None else record.incarnation
+
+
+def _ms_iso(ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
 
 
 def _since(started: float) -> float:

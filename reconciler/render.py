@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import click
 
@@ -78,11 +78,24 @@ def plan_text(plan: Plan, *, root: str = "", forgets_refused: bool = False) -> s
     out: list[str] = []
     if plan.calls:
         out.append("The reconciler will make these calls:\n")
+    restarted = {r.key for r in plan.restarts}
+    drifted = {d.key for d in plan.drifts}
     for call in plan.calls:
+        basis = ""
+        if call.basis == "live":
+            why = (
+                "restarted"
+                if call.key in restarted
+                else "drift"
+                if call.key in drifted
+                else "compared with live"
+            )
+            basis = click.style(f"  {why}", fg="magenta")
         out.append(
             click.style(f"  # {call.key}", bold=True)
             + click.style(f"  ({where(root, call.source)})", dim=True)
             + (click.style("  first sync", fg="cyan") if call.first else "")
+            + basis
         )
         out.append(click.style(f"  ~ {call.action}", fg="yellow") + " {")
         width = max(len(n) for n in call.body)
@@ -125,6 +138,36 @@ def plan_text(plan: Plan, *, root: str = "", forgets_refused: bool = False) -> s
             click.style(f"  ! {b.task.key}", fg="red")
             + f": blocked ({where(root, b.task.source)}): {b.reason}"
         )
+    for again in plan.restarts:
+        out.append(
+            click.style(f"  ↻ {again.key}", fg="magenta")
+            + f": restarted (StartTime {_ms(again.old_incarnation)} → "
+            f"{_ms(again.new_incarnation)}); "
+            "a new incarnation has StartSegment's values, so it gets the fields it lacks"
+        )
+    for d in plan.drifts:
+        moved = ", ".join(
+            f"{n} {value(last)} → {value(live)}" for n, (last, live) in d.fields.items()
+        )
+        fate = (
+            "set back by the call above"
+            if d.healed
+            else "left as it is (--drift report): OutOfSync"
+        )
+        out.append(
+            click.style(f"  ≠ {d.key}", fg="magenta")
+            + f" ({where(root, d.source)}): drift, changed live by another client: {moved}; {fate}"
+        )
+    for e in plan.ended:
+        obs = e.observation
+        if obs.stop_reason:
+            how = f"ended at {_ms(obs.end_time_ms)}: {obs.stop_reason}"
+        else:
+            how = "no longer found by GetSegmentTask"
+        out.append(
+            click.style(f"  - {e.task.key}", fg="magenta")
+            + f": not running ({how}); no call until it runs again"
+        )
     for w in plan.warnings:
         loc = f" ({where(root, w.source)})" if w.source else ""
         out.append(click.style(f"  ! warning {w.key}", fg="yellow") + f"{loc}: {w.message}")
@@ -136,13 +179,41 @@ def plan_text(plan: Plan, *, root: str = "", forgets_refused: bool = False) -> s
         f"{s['fields_released']} fields released, {s['tasks_forgotten']} tasks forgotten"
         + (" (refused)" if forgets_refused else "")
     )
-    extras = [f"{s[k]} {k}" for k in ("held", "blocked", "warnings") if s[k]]
+    extras = [
+        f"{s[k]} {k.replace('_', ' ')}"
+        for k in ("restarted", "drifted", "not_running", "held", "blocked", "warnings")
+        if s[k]
+    ]
     if extras:
         tail += " (" + ", ".join(extras) + ")"
     if not plan.calls and not plan.releases and not plan.forgotten:
-        out.append(click.style("No changes. Live tasks match the desired tree.", fg="green"))
+        out.append(click.style("No changes. " + _matches(plan), fg="green"))
     out.append(click.style(tail + ".", bold=True))
     return "\n".join(out)
+
+
+def _matches(plan: Plan) -> str:
+    """What "no changes" was checked against: never claim live tasks unless they were read."""
+    if not plan.refreshed:
+        return (
+            "The desired tree matches the last-applied state "
+            "(live tasks were not read; --refresh reads them)."
+        )
+    declared = len(plan.in_sync) + len(plan.calls) + len(plan.blocked) + len(plan.drifts)
+    declared += len(plan.ended)
+    if plan.observed >= declared:
+        return f"Live tasks match the desired tree ({plan.observed} read just now)."
+    rest = declared - plan.observed
+    return (
+        f"Live tasks match the desired tree for the {plan.observed} read; the other {rest} "
+        "could not be read and match the last-applied state."
+    )
+
+
+def _ms(ms: int | None) -> str:
+    if ms is None:
+        return "?"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 ELLIPSIS = "…"

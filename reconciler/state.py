@@ -51,6 +51,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from reconciler.events import get_logger
+from reconciler.live import LiveState, Observation
 from reconciler.task import MANAGED_FIELDS, AppliedRecord, FieldValue, Source, SyncStatus, TaskKey
 
 #: Marks a SQLite file as a reconciler state store (``PRAGMA application_id``).
@@ -133,11 +134,54 @@ def _v3_status_times_and_tree_root(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
 
 
+_STATUS_CHECK_V1: Final = "'NotRunning', 'Failed')"
+
+
+def _v4_live_observations(conn: sqlite3.Connection) -> None:
+    # Live observation (GetSegmentTask): the latest read of each task, the
+    # incarnation (StartTime) that last-applied values were applied to, and a
+    # fifth status, OutOfSync, for drift that is reported instead of healed.
+    # SQLite cannot change a CHECK constraint in place: the table is rebuilt
+    # from its own CREATE text with the wider list, rows copied as they are.
+    (sql,) = conn.execute(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'tasks'"
+    ).fetchone()
+    if _STATUS_CHECK_V1 not in sql:
+        raise StateError("the tasks table does not have the status check this step widens")
+    wider = sql.replace("CREATE TABLE tasks", "CREATE TABLE tasks_v4", 1).replace(
+        _STATUS_CHECK_V1, "'NotRunning', 'Failed', 'OutOfSync')"
+    )
+    conn.execute(wider)
+    conn.execute("INSERT INTO tasks_v4 SELECT * FROM tasks")
+    conn.execute("DROP TABLE tasks")
+    conn.execute("ALTER TABLE tasks_v4 RENAME TO tasks")
+    conn.execute("ALTER TABLE tasks ADD COLUMN applied_incarnation INTEGER")
+    conn.execute(
+        """
+        CREATE TABLE observations (
+            app_id      TEXT NOT NULL,
+            room_id     TEXT NOT NULL,
+            task_id     TEXT NOT NULL,
+            observed_at REAL NOT NULL,
+            state       TEXT NOT NULL
+                CHECK (state IN ('running', 'ended', 'not_found', 'unknown')),
+            status      INTEGER,
+            start_time  INTEGER,
+            end_time    INTEGER,
+            stop_reason TEXT,
+            fields      TEXT NOT NULL,
+            PRIMARY KEY (app_id, room_id, task_id)
+        ) WITHOUT ROWID
+        """
+    )
+
+
 #: Forward schema steps; step ``i`` takes a store from version ``i`` to ``i + 1``.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _v1_base,
     _v2_source_path_and_refusals,
     _v3_status_times_and_tree_root,
+    _v4_live_observations,
 )
 #: ``meta`` key of the tree root the store was last applied from.
 TREE_ROOT_KEY: Final = "tree_root"
@@ -437,15 +481,40 @@ class StateStore:
         """Every row as the planner sees it."""
         rows = self._query(
             "SELECT app_id, room_id, task_id, business_id, applied_fields, source_path,"
-            " failed_spec FROM tasks"
+            " failed_spec, applied_at, applied_incarnation FROM tasks"
         )
         loads = json.loads
+        epoch = _epoch
         out: dict[TaskKey, AppliedRecord] = {}
         with _gc_paused():
-            for app_id, room_id, task_id, business_id, text, source_path, failed_spec in rows:
+            for row in rows:
+                app_id, room_id, task_id, business_id, text, source_path, failed_spec = row[:7]
                 key = TaskKey(app_id, room_id, task_id)
                 fields = None if text is None else loads(text)
-                out[key] = AppliedRecord(key, business_id, fields, source_path, failed_spec)
+                out[key] = AppliedRecord(
+                    key,
+                    business_id,
+                    fields,
+                    source_path,
+                    failed_spec,
+                    applied_at=None if row[7] is None else epoch(row[7]),
+                    incarnation=row[8],
+                )
+        return out
+
+    def observations(self) -> dict[TaskKey, Observation]:
+        """The latest observation of each task that has one."""
+        rows = self._query(
+            "SELECT app_id, room_id, task_id, observed_at, state, status, start_time, end_time,"
+            " stop_reason, fields FROM observations"
+        )
+        out: dict[TaskKey, Observation] = {}
+        with _gc_paused():
+            for app_id, room_id, task_id, at, state, status, start, end, reason, text in rows:
+                key = TaskKey(app_id, room_id, task_id)
+                out[key] = Observation(
+                    key, at, LiveState(state), start, end, reason, status, json.loads(text)
+                )
         return out
 
     def get(self, key: TaskKey) -> TaskState | None:
@@ -461,6 +530,13 @@ class StateStore:
         rows = self._query(f"SELECT {_COLUMNS} FROM tasks ORDER BY app_id, room_id, task_id")
         with _gc_paused():
             return [_row_to_state(row) for row in rows]
+
+    def keys_with_status(self, status: SyncStatus) -> list[TaskKey]:
+        """The tasks recorded in ``status``."""
+        rows = self._query(
+            "SELECT app_id, room_id, task_id FROM tasks WHERE status = ?", (str(status),)
+        )
+        return [TaskKey(*row) for row in rows]
 
     def counts(self) -> dict[SyncStatus, int]:
         """How many tasks are in each status (every status present, zero or not)."""
@@ -667,11 +743,50 @@ class StateStore:
         )
 
     def forget(self, key: TaskKey) -> None:
-        """Drop the row of a task removed from the tree; no row, no error."""
+        """Drop the row (and observation) of a task removed from the tree; no row, no error."""
+        with self._transaction("forget") as conn:
+            for table in ("tasks", "observations"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE app_id = ? AND room_id = ? AND task_id = ?",
+                    tuple(key),
+                )
+
+    def record_observation(self, obs: Observation) -> None:
+        """Keep ``obs`` as the task's latest observation (one transaction)."""
         self._execute(
-            "forget",
-            "DELETE FROM tasks WHERE app_id = ? AND room_id = ? AND task_id = ?",
-            tuple(key),
+            "record observation",
+            _RECORD_OBSERVATION,
+            (
+                *obs.key,
+                obs.observed_at,
+                str(obs.state),
+                obs.status,
+                obs.start_time_ms,
+                obs.end_time_ms,
+                obs.stop_reason,
+                _encode_fields(obs.fields),
+            ),
+        )
+
+    def record_incarnation(self, key: TaskKey, incarnation: int | None) -> None:
+        """The incarnation (StartTime, ms) that the last-applied values hold for."""
+        self._execute("record incarnation", _SET_INCARNATION, (incarnation, *key, incarnation))
+
+    def record_out_of_sync(
+        self, key: TaskKey, *, message: str, source: Source, at: datetime | None = None
+    ) -> None:
+        """Live values drifted and ``--drift report`` leaves them: OutOfSync, no call."""
+        self._record_problem(
+            "record out of sync",
+            key,
+            status=SyncStatus.OUT_OF_SYNC,
+            message=message,
+            code="Drift",
+            request_id=None,
+            source=source,
+            failed_spec=None,
+            next_retry_at=None,
+            at=at,
         )
 
     # -- internals -----------------------------------------------------------
@@ -758,6 +873,29 @@ class StateStore:
 
 
 _MISSING: Final = object()
+
+_RECORD_OBSERVATION: Final = """
+INSERT INTO observations (app_id, room_id, task_id, observed_at, state, status, start_time,
+                          end_time, stop_reason, fields)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
+    observed_at = excluded.observed_at,
+    state = excluded.state,
+    status = excluded.status,
+    start_time = excluded.start_time,
+    end_time = excluded.end_time,
+    stop_reason = excluded.stop_reason,
+    fields = excluded.fields
+"""
+
+_SET_INCARNATION: Final = """
+UPDATE tasks SET applied_incarnation = ?
+WHERE app_id = ? AND room_id = ? AND task_id = ? AND applied_incarnation IS NOT ?
+"""
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
 
 
 @contextmanager

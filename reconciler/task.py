@@ -90,6 +90,8 @@ class SyncStatus(StrEnum):
     """Where a task stands, as ``status`` shows it."""
 
     SYNCED = "Synced"
+    #: Live values drifted from last-applied and ``--drift report`` leaves them.
+    OUT_OF_SYNC = "OutOfSync"
     PENDING = "Pending"
     NOT_RUNNING = "NotRunning"
     FAILED = "Failed"
@@ -113,3 +115,8 @@ class AppliedRecord:
     #: :func:`spec_hash` of a spec the server refused as bad input; the task is
     #: not tried again until its desired spec hashes differently.
     failed_spec: str | None = None
+    #: When the server last confirmed a call (epoch seconds); ``None`` if never.
+    applied_at: float | None = None
+    #: The incarnation (StartTime, ms) the values were applied to, when known:
+    #: a live task with another StartTime was restarted and lacks them.
+    incarnation: int | None = None

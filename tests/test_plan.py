@@ -189,17 +189,24 @@ def test_json_shape_is_serialisable_and_stable() -> None:
         recs(rec(fields={"Duration": 30, "Handle": True}), rec(K2, {"Handle": False})),
     )
     doc = json.loads(json.dumps(plan.to_json()))
-    assert doc["format_version"] == 1
+    assert doc["format_version"] == 2
     assert set(doc) == {
         "format_version",
+        "refreshed",
+        "observed",
         "summary",
         "calls",
         "releases",
         "forgotten",
         "held",
         "blocked",
+        "restarts",
+        "drifts",
+        "not_running",
         "warnings",
     }
+    assert doc["refreshed"] is False and doc["observed"] == 0
+    assert doc["calls"][0]["basis"] == "last_applied"
     assert doc["calls"][0]["changes"] == [{"field": "Duration", "old": 30, "new": 45}]
     assert doc["calls"][0]["source"] == "a.yaml:1:1"
     assert doc["releases"][0]["fields"] == ["Handle"]
@@ -212,6 +219,9 @@ def test_json_shape_is_serialisable_and_stable() -> None:
         "held": 0,
         "blocked": 0,
         "warnings": 0,
+        "restarted": 0,
+        "drifted": 0,
+        "not_running": 0,
     }
 
 

@@ -365,6 +365,7 @@ def test_all_is_sorted_and_counts_cover_every_status(db: Path) -> None:
         assert [s.key for s in store.all()] == sorted(keys)
         assert store.counts() == {
             SyncStatus.SYNCED: 3,
+            SyncStatus.OUT_OF_SYNC: 0,
             SyncStatus.PENDING: 1,
             SyncStatus.NOT_RUNNING: 0,
             SyncStatus.FAILED: 1,
@@ -595,13 +596,26 @@ def user_version(path: Path) -> int:
 def test_new_store_is_at_the_current_schema(db: Path) -> None:
     with open_store(db):
         pass
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     assert user_version(db) == SCHEMA_VERSION
     conn = sqlite3.connect(db)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
     meta = {row[1] for row in conn.execute("PRAGMA table_info(meta)")}
+    observed = {row[1] for row in conn.execute("PRAGMA table_info(observations)")}
     conn.close()
     assert meta == {"key", "value"}
+    assert observed == {
+        "app_id",
+        "room_id",
+        "task_id",
+        "observed_at",
+        "state",
+        "status",
+        "start_time",
+        "end_time",
+        "stop_reason",
+        "fields",
+    }
     # No column for headers, raw requests or anything that could carry a secret.
     assert columns == {
         "app_id",
@@ -625,6 +639,7 @@ def test_new_store_is_at_the_current_schema(db: Path) -> None:
         "prior_status",
         "prior_since",
         "next_retry_at",
+        "applied_incarnation",
     }
 
 
@@ -633,7 +648,15 @@ def test_v1_store_is_migrated_forward(tmp_path: Path) -> None:
     write_v1_store(path)
     with StateStore.open(path, create=False) as store:
         applied = store.applied()
-        assert applied[KEY] == AppliedRecord(KEY, "biz", FIELDS, "rooms/a.yaml", None)
+        conn = sqlite3.connect(path)
+        (stamp,) = conn.execute(
+            "SELECT applied_at FROM tasks WHERE applied_at IS NOT NULL"
+        ).fetchone()
+        conn.close()
+        at = datetime.fromisoformat(stamp).timestamp()
+        assert applied[KEY] == AppliedRecord(
+            KEY, "biz", FIELDS, "rooms/a.yaml", None, applied_at=at, incarnation=None
+        )
         odd = TaskKey("app1", "room2", "task9")
         assert applied[odd] == AppliedRecord(odd, None, None, "odd:name.yaml", None)
         state = store.get(odd)
