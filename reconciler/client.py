@@ -3,18 +3,27 @@
 An :class:`RtcClient` keeps its connections open and reuses them (HTTP/1.1).
 Each call goes through the same pipeline, attempt by attempt::
 
-    in-flight semaphore -> per-action QPS limiter -> sign -> send -> interpret
+    in-flight limit -> per-action QPS limiter -> sign -> send -> interpret
 
 * The QPS slot is marked *sent* from an httpcore trace hook once the request is
   written, so the limiter paces what the server will see arrive, not when the
   client meant to send (see :mod:`reconciler.ratelimit`).
-* Connections are split over a few ``httpx.AsyncClient`` pools of at most
+* The in-flight limit is an :class:`~reconciler.concurrency.AdaptiveLimit`:
+  it follows the observed latency (Little's law: the QPS budget times the
+  latency, with headroom), from 64 before any answer, between a floor and
+  ``max_in_flight``, so the budget is used against a server answering in
+  10 ms or in 2 s alike. Only the time on the wire is measured, not the wait
+  for a QPS slot.
+* Connections are split over ``httpx.AsyncClient`` pools of at most
   :data:`POOL_SHARD_SIZE` each. httpcore's pool does work quadratic in its
   connection count on every request (encode/httpx#3215, encode/httpcore#1035);
   at 64 connections that alone capped a loopback run below the 150/s budget,
-  while 4 pools of 16 do the same work for a sixteenth of the CPU. The
-  semaphore bounds the total, and a request takes the least busy pool, so no
-  request ever queues inside a pool.
+  while 4 pools of 16 do the same work for a sixteenth of the CPU. The limit
+  bounds the total, and a request takes the least busy pool, so no request
+  ever queues inside a pool. Pools are made as the limit first grows past
+  their capacity (32 pools of 16 at a ceiling of 512, only 4 until the limit
+  passes 64), and they share one SSL context: each would otherwise load the
+  CA bundle again, tens of milliseconds and most of a megabyte apiece.
 
 * The body is serialised once per call (compact UTF-8 JSON) and signed on every
   attempt with a fresh ``X-Date``; the bytes signed are the bytes sent, and the
@@ -58,6 +67,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from reconciler import errors
+from reconciler.concurrency import DEFAULT_FLOOR, DEFAULT_INITIAL, AdaptiveLimit
 from reconciler.credentials import Credentials
 from reconciler.errors import (
     ApiError,
@@ -93,8 +103,12 @@ class ClientConfig:
     #: timeout with an unknown outcome.
     timeout: float = 10.0
     connect_timeout: float = 5.0
-    #: Concurrent requests: enough to use the QPS budget with a slow server.
-    max_in_flight: int = 64
+    #: Most requests in flight: the ceiling of the adaptive limit. 150/s at
+    #: 2 s latency keeps 300 in flight; 512 leaves headroom (and GetSegmentTask reads).
+    max_in_flight: int = 512
+    #: The in-flight limit before any answer has told the latency, and its floor.
+    initial_in_flight: int = DEFAULT_INITIAL
+    min_in_flight: int = DEFAULT_FLOOR
     #: Attempts per call, the first included.
     max_attempts: int = 6
     backoff_base: float = 0.2
@@ -111,8 +125,10 @@ class ClientConfig:
             raise ValueError(f"endpoint must be an http(s) URL, not {self.endpoint!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(f"endpoint must not have a path or query: {self.endpoint!r}")
-        if self.max_attempts < 1 or self.max_in_flight < 1:
+        if min(self.max_attempts, self.max_in_flight) < 1:
             raise ValueError("max_attempts and max_in_flight must be at least 1")
+        if min(self.initial_in_flight, self.min_in_flight) < 1:
+            raise ValueError("initial_in_flight and min_in_flight must be at least 1")
         if min(self.timeout, self.connect_timeout) <= 0:
             raise ValueError("timeouts must be positive")
         if self.backoff_base < 0 or self.backoff_cap < 0 or self.throttle_pause < 0:
@@ -349,16 +365,33 @@ class RtcClient:
         self._log = log if log is not None else get_logger()
         self._on_call = on_call
         self._rng = rng or random.Random()
-        self._in_flight = asyncio.Semaphore(self.config.max_in_flight)
+        cfg = self.config
+        self._transport = transport
+        self._ssl = None if transport else httpx.create_ssl_context(trust_env=cfg.trust_env)
         # A given transport is one pool already; otherwise shard (see module docs).
-        sizes = (
-            [self.config.max_in_flight] if transport else _shard_sizes(self.config.max_in_flight)
+        self._shard_plan = [cfg.max_in_flight] if transport else _shard_sizes(cfg.max_in_flight)
+        self._pools: list[httpx.AsyncClient] = []
+        self._pool_sizes: list[int] = []
+        self._pool_load: list[int] = []
+        self._limit = AdaptiveLimit(
+            budget=self.limiter.limits.for_action,
+            ceiling=cfg.max_in_flight,
+            floor=cfg.min_in_flight,
+            initial=cfg.initial_in_flight,
+            on_change=self._limit_changed,
         )
-        self._pools = [self._new_pool(size, transport) for size in sizes]
-        self._pool_sizes = sizes
-        self._pool_load = [0] * len(sizes)
+        self._logged_limit = self._limit.limit
+        self._grow_pools(self._limit.limit)
 
-    def _new_pool(self, size: int, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    def _grow_pools(self, limit: int) -> None:
+        """Make pools until they can carry ``limit`` connections (never fewer pools)."""
+        while sum(self._pool_sizes) < limit and len(self._pools) < len(self._shard_plan):
+            size = self._shard_plan[len(self._pools)]
+            self._pools.append(self._new_pool(size))
+            self._pool_sizes.append(size)
+            self._pool_load.append(0)
+
+    def _new_pool(self, size: int) -> httpx.AsyncClient:
         cfg = self.config
         return httpx.AsyncClient(
             base_url=cfg.endpoint,
@@ -366,11 +399,41 @@ class RtcClient:
             limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
             http1=True,
             http2=False,
-            transport=transport,
+            verify=self._ssl if self._ssl is not None else True,
+            transport=self._transport,
             trust_env=cfg.trust_env,
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
         )
+
+    def _limit_changed(self, old: int, new: int) -> None:
+        # Every limit ever set stays within the pools, so a seat always finds a connection.
+        self._grow_pools(new)
+        if abs(new - self._logged_limit) >= max(8, self._logged_limit // 4):
+            self._log.debug(
+                "client.in_flight_limit",
+                limit=new,
+                previous=self._logged_limit,
+                in_flight=self._limit.in_use,
+                waiting=self._limit.waiting,
+                latency_ms=self.latency_estimates_ms,
+            )
+            self._logged_limit = new
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Requests allowed in flight now (see :mod:`reconciler.concurrency`)."""
+        return self._limit.limit
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a seat now: on the wire, or waiting for their QPS slot."""
+        return self._limit.in_use
+
+    @property
+    def latency_estimates_ms(self) -> dict[str, float]:
+        """The latency the limit is computed from, per action, in milliseconds."""
+        return {a: round(s * 1000, 1) for a, s in self._limit.latencies().items()}
 
     def __repr__(self) -> str:
         ak = self._credentials.access_key
@@ -553,8 +616,8 @@ class RtcClient:
         self, action: str, *, method: str, params: Mapping[str, str], payload: bytes
     ) -> _Attempt:
         headers = {"Content-Type": "application/json"} if method == "POST" else {}
-        async with self._in_flight:
-            # The semaphore bounds the total, so some pool always has a free connection.
+        async with self._limit:
+            # The limit bounds the total, so some pool always has a free connection.
             shard = max(
                 range(len(self._pools)), key=lambda i: self._pool_sizes[i] - self._pool_load[i]
             )
@@ -585,7 +648,9 @@ class RtcClient:
                 )
                 started = time.perf_counter()
                 try:
-                    response = await http.send(request)
+                    # Only the wire time is a latency sample; no answer, no sample.
+                    with self._limit.measure(action):
+                        response = await http.send(request)
                 except httpx.RequestError as exc:
                     latency = (time.perf_counter() - started) * 1000
                     return _Attempt(self._transport_error(action, exc), latency)

@@ -480,6 +480,17 @@ def test_client_stays_within_the_server_qps_limit() -> None:
     assert 2.0 <= elapsed < 3.5
 
 
+def busiest(times: list[float], span: float) -> int:
+    """Most of ``times`` in any half-open interval of ``span`` seconds."""
+    ordered = sorted(times)
+    best = j = 0
+    for i, start in enumerate(ordered):
+        while j < len(ordered) and ordered[j] < start + span:
+            j += 1
+        best = max(best, j - i)
+    return best
+
+
 def test_in_flight_bound_holds_across_pools() -> None:
     keys = [TaskKey("app1", "room1", f"f{i}") for i in range(40)]
     with emulator(latency_ms=200) as h:
@@ -489,12 +500,35 @@ def test_in_flight_bound_holds_across_pools() -> None:
         async def use(client: RtcClient) -> None:
             await asyncio.gather(*(client.update_segment(body_for(k, Handle=True)) for k in keys))
 
-        started = time.monotonic()
-        # 20 in flight over two pools of 10: two rounds of 200 ms (40 at once would
-        # take one round; one pool only, four).
         with_client(h.url, use, max_in_flight=20)
-        elapsed = time.monotonic() - started
-    assert 0.4 <= elapsed < 0.75
+        arrivals: list[float] = []
+        for key in keys:
+            live = h.live(key)
+            assert live is not None
+            arrivals.extend(live.update_times)
+    # Each answer takes 200 ms, so the requests arriving within 200 ms were in
+    # flight together: never more than 20, and more than one pool of 10 carries.
+    assert 11 <= busiest(arrivals, 0.2) <= 20
+
+
+def test_pools_are_made_as_the_limit_grows_and_share_one_ssl_context() -> None:
+    async def main() -> None:
+        async with RtcClient(CREDS, config=ClientConfig(trust_env=False)) as client:
+            assert client.config.max_in_flight == 512
+            # 4 pools of 16 carry the initial 64; the 28 others are not made yet.
+            assert client.in_flight_limit == 64 and len(client._pools) == 4
+            client._limit.observe("UpdateSegment", 2.0)
+            assert client.in_flight_limit == 383
+            assert len(client._pools) == 24 and sum(client._pool_sizes) >= 383
+            client._limit.observe("UpdateSegment", 30.0)  # p90 of two samples: 30 s
+            assert client.in_flight_limit == 512 and len(client._pools) == 32
+            for _ in range(256):  # fast again: the limit falls, the pools stay (and idle)
+                client._limit.observe("UpdateSegment", 0.001)
+            assert client.in_flight_limit == 16 and len(client._pools) == 32
+            contexts = {id(p._transport._pool._ssl_context) for p in client._pools}  # type: ignore[attr-defined]
+            assert len(contexts) == 1
+
+    asyncio.run(main())
 
 
 def test_shard_sizes_split_evenly_and_add_up() -> None:
