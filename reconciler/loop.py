@@ -137,6 +137,7 @@ class Daemon:
             recorder.store.keys_with_status(SyncStatus.OUT_OF_SYNC)
         )
         metrics.watch_observations(self.oldest_observation_age)
+        self._announced: dict[tuple[TaskKey, str], object] = {}
 
     # --- readiness ---------------------------------------------------------------
 
@@ -544,15 +545,25 @@ class Daemon:
         if key in self.index.tasks:  # not removed from the tree while it was read
             self._on_observation(obs, last)
 
+    def _first_time(self, key: TaskKey, what: str, signature: object) -> bool:
+        """Whether this restart, drift or end of ``key`` is news (each is logged once).
+
+        Reads keep showing the same thing until it is dealt with; a read
+        within the settle window may show it before it counts.
+        """
+        if self._announced.get((key, what)) == signature:
+            return False
+        self._announced[(key, what)] = signature
+        return True
+
     def _on_observation(self, obs: Observation, prev: Observation | None) -> None:
         """Record a read and act on it: level-based, from the plan of this one task."""
         key = obs.key
         self.recorder.observed(obs)
         task = self.index.tasks[key]
         plan = self._plan([key])
-        news = prev is None or prev.state != obs.state or prev.start_time_ms != obs.start_time_ms
         for r in plan.restarts:
-            if news:
+            if self._first_time(key, "restarted", r.new_incarnation):
                 self.metrics.restarts_detected.inc()
                 self.log.warning(
                     "task.restarted",
@@ -562,7 +573,7 @@ class Daemon:
                     live=dict(r.live),
                 )
         for d in plan.drifts:
-            if news or prev is None or prev.fields != obs.fields:
+            if self._first_time(key, "drifted", (obs.start_time_ms, tuple(obs.fields.items()))):
                 self.metrics.drift_detected.inc()
                 self.log.warning(
                     "task.drifted",
@@ -581,7 +592,7 @@ class Daemon:
                 self.recorder.store.record_in_sync(
                     key, business_id=task.business_id, source=task.source, fields=task.fields
                 )
-        if plan.ended and news:
+        if plan.ended and self._first_time(key, "ended", (obs.state, obs.start_time_ms)):
             self.recorder.live_not_running(task, obs)
             self.queue.forget(key)
             self.log.warning(

@@ -24,7 +24,8 @@ last successful call for it by more than ``settle_s`` is compared with its
 **live** values instead of last-applied:
 
 - a running task whose incarnation (StartTime) differs from the one the
-  values were applied to was *restarted*: its new incarnation carries
+  values were applied to (or, when that is not known, started after our last
+  successful call) was *restarted*: its new incarnation carries
   StartSegment's parameters, so it gets exactly the fields it lacks;
 - a live value that differs from last-applied while the file still wants the
   last-applied one is *drift* (another client changed it): healed by the call,
@@ -155,7 +156,8 @@ class Restart:
     """A running task with another StartTime than the values were applied to."""
 
     key: TaskKey
-    old_incarnation: int
+    #: ``None`` when the values were applied before any read of the task.
+    old_incarnation: int | None
     new_incarnation: int
     #: The new incarnation's live values.
     live: Mapping[str, FieldValue]
@@ -386,11 +388,7 @@ def compute_plan(
         moved: dict[str, tuple[FieldValue, FieldValue | None]] = {}
         if obs is not None and obs.start_time_ms is not None:
             live = obs.fields
-            if (
-                record is not None
-                and record.incarnation is not None
-                and record.incarnation != obs.start_time_ms
-            ):
+            if record is not None and _restarted(record, obs.start_time_ms):
                 restarts.append(Restart(key, record.incarnation, obs.start_time_ms, dict(live)))
             elif last is not None:
                 moved = {
@@ -479,6 +477,17 @@ def _counts(obs: Observation, record: AppliedRecord | None, settle_s: float) -> 
     if record is None or record.applied_at is None:
         return True
     return obs.observed_at > record.applied_at + settle_s
+
+
+def _restarted(record: AppliedRecord, start_time_ms: int) -> bool:
+    """A live incarnation other than the one the values were applied to.
+
+    When that one is not known (applied before any read), an incarnation that
+    started after our last successful call cannot have received it.
+    """
+    if record.incarnation is not None:
+        return record.incarnation != start_time_ms
+    return record.applied_at is not None and start_time_ms / 1000 > record.applied_at
 
 
 def _held(record: AppliedRecord | None) -> int | None:
