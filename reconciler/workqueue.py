@@ -12,7 +12,10 @@ Guarantees the daemon relies on:
 - **Shutdown**: after :meth:`shutdown`, :meth:`get` returns ``None`` so workers
   finish what they hold and stop (graceful drain).
 
-It is single-threaded asyncio code: no locks, one wake-up event.
+It is single-threaded asyncio code, without locks. Each item wakes one waiting
+worker, and one timer (armed only while workers wait) wakes them for delayed
+items: a shared event would wake every idle worker for every key, which with
+hundreds of workers (one per request in flight) costs more than the work.
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ class WorkQueue(Generic[K]):
         self._due: dict[K, float] = {}
         self._seq = itertools.count()
         self._failures: dict[K, int] = {}
-        self._wake = asyncio.Event()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     # --- adding ---------------------------------------------------------------
@@ -65,7 +71,7 @@ class WorkQueue(Generic[K]):
         self._due.pop(key, None)  # a ready item supersedes a scheduled one
         self._queued.add(key)
         self._ready.append(key)
-        self._wake.set()
+        self._wake_one()
 
     def add_after(self, key: K, delay: float) -> None:
         """Queue ``key`` after ``delay`` seconds, unless it is due sooner anyway."""
@@ -82,7 +88,8 @@ class WorkQueue(Generic[K]):
             return
         self._due[key] = when
         heapq.heappush(self._delayed, (when, next(self._seq), key))
-        self._wake.set()
+        if self._waiters:
+            self._arm()
 
     def next_delay(self, key: K) -> float:
         """The delay the next :meth:`add_rate_limited` of ``key`` will use."""
@@ -120,12 +127,18 @@ class WorkQueue(Generic[K]):
                 self._queued.discard(key)
                 self._processing.add(key)
                 return key
-            self._wake.clear()
-            timeout = None
-            if self._delayed:
-                timeout = max(0.0, self._delayed[0][0] - self._clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self._arm()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: hand the wake-up on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
 
     def done(self, key: K) -> None:
         """A worker finished ``key``; re-queue it if it was added meanwhile."""
@@ -136,7 +149,10 @@ class WorkQueue(Generic[K]):
 
     def shutdown(self) -> None:
         self._closed = True
-        self._wake.set()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     # --- introspection ------------------------------------------------------------
 
@@ -147,6 +163,34 @@ class WorkQueue(Generic[K]):
     @property
     def processing(self) -> int:
         return len(self._processing)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # not cancelled meanwhile
+                waiter.set_result(None)
+                return
+
+    def _arm(self) -> None:
+        """Have the timer fire when the soonest delayed item is due."""
+        if not self._delayed:
+            return
+        due = self._delayed[0][0]
+        loop = asyncio.get_running_loop()
+        if self._timer is not None and self._timer_loop is loop:
+            if self._timer_due <= due:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_later(max(0.0, due - self._clock()), self._on_timer)
+        self._timer_due, self._timer_loop = due, loop
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._promote_due()
+        for _ in range(len(self._ready)):
+            self._wake_one()
+        if self._waiters:
+            self._arm()
 
     def _promote_due(self) -> None:
         now = self._clock()

@@ -93,3 +93,78 @@ def test_shutdown_wakes_waiting_workers_with_none() -> None:
         assert len(q) == 0
 
     run(go())
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_a_key_wakes_one_idle_worker_not_all() -> None:
+    async def go() -> None:
+        q: WorkQueue[str] = WorkQueue()
+        got: list[str | None] = []
+
+        async def worker() -> None:
+            got.append(await q.get())
+
+        workers = [asyncio.create_task(worker()) for _ in range(50)]
+        await _settle()
+        waits = 0
+        arm = q._arm
+
+        def counting_arm() -> None:
+            nonlocal waits
+            waits += 1
+            arm()
+
+        q._arm = counting_arm  # type: ignore[method-assign]
+        q.add("a")
+        await _settle()
+        # One worker took it; no other woke up only to wait again.
+        assert got == ["a"] and waits == 0
+        q.shutdown()
+        await asyncio.gather(*workers)
+        assert got.count(None) == 49
+
+    run(go())
+
+
+def test_a_worker_cancelled_after_its_wake_up_hands_it_on() -> None:
+    async def go() -> None:
+        q: WorkQueue[str] = WorkQueue()
+        first = asyncio.create_task(q.get())
+        await _settle()
+        second = asyncio.create_task(q.get())
+        await _settle()
+        q.add("a")  # wakes ``first``...
+        first.cancel()  # ...which is cancelled before it runs
+        assert await asyncio.wait_for(second, 1.0) == "a"
+        assert first.cancelled()
+
+    run(go())
+
+
+def test_delayed_keys_reach_waiting_workers_one_each() -> None:
+    async def go() -> None:
+        q: WorkQueue[str] = WorkQueue()
+        workers = [asyncio.create_task(q.get()) for _ in range(10)]
+        await _settle()
+        q.add_after("x", 0.05)
+        q.add_after("y", 0.02)
+        got: list[str | None] = []
+        pending = set(workers)
+        while len(got) < 2:
+            done, pending = await asyncio.wait(
+                pending, timeout=5.0, return_when=asyncio.FIRST_COMPLETED
+            )
+            assert done, "a delayed key never reached a waiting worker"
+            got.extend(t.result() for t in done)
+        await asyncio.sleep(0.05)
+        # Two keys, two workers; the other eight still wait.
+        assert sorted(k or "" for k in got) == ["x", "y"] and len(pending) == 8
+        assert not any(t.done() for t in pending)
+        q.shutdown()
+        assert await asyncio.gather(*pending) == [None] * 8
+
+    run(go())
