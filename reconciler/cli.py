@@ -1201,6 +1201,9 @@ async def _run_daemon(
     metrics.watch_status(store.counts)
     try:
         async with RtcClient(creds, config=config, on_call=metrics.on_call) as client:
+            metrics.watch_client(
+                limit=lambda: client.in_flight_limit, latency_ms=lambda: client.latency_estimates_ms
+            )
             daemon = Daemon(
                 config=daemon_config,
                 reconciler=TaskReconciler(client=client, recorder=recorder),

@@ -68,6 +68,31 @@ class _ObservationCollector(Collector):
         )
 
 
+class _ClientCollector(Collector):
+    def __init__(
+        self, *, limit: Callable[[], int], latency_ms: Callable[[], Mapping[str, float]]
+    ) -> None:
+        self._limit = limit
+        self._latency_ms = latency_ms
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "reconciler_in_flight_limit",
+            "Requests the client lets be in flight now: QPS budget x latency estimate, "
+            "with headroom, up to --max-in-flight.",
+            value=self._limit(),
+        )
+        family = GaugeMetricFamily(
+            "reconciler_latency_estimate_seconds",
+            "The latency the in-flight limit is computed from (90th percentile of recent "
+            "answered attempts), by action.",
+            labels=["action"],
+        )
+        for action, ms in sorted(self._latency_ms().items()):
+            family.add_metric([action], ms / 1000)
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -148,6 +173,12 @@ class Metrics:
     def watch_observations(self, oldest_age: Callable[[], float | None]) -> None:
         """The age of the oldest observation of a desired task, read at scrape time."""
         self.registry.register(_ObservationCollector(oldest_age))
+
+    def watch_client(
+        self, *, limit: Callable[[], int], latency_ms: Callable[[], Mapping[str, float]]
+    ) -> None:
+        """The client's adaptive in-flight limit and its latency estimates, read at scrape time."""
+        self.registry.register(_ClientCollector(limit=limit, latency_ms=latency_ms))
 
     def on_call(self, event: CallEvent) -> None:
         self.attempts.labels(event.action, event.code or "ok").inc()

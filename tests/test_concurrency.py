@@ -13,6 +13,7 @@ from reconciler.client import ClientConfig, RtcClient
 from reconciler.concurrency import AdaptiveLimit, in_flight_for, percentile
 from reconciler.credentials import Credentials
 from reconciler.emulator import EmulatorHandle
+from reconciler.metrics import Metrics
 from reconciler.ratelimit import RateLimits
 from reconciler.task import TaskKey
 from tests.conftest import ACCESS_KEY, SECRET_KEY
@@ -405,3 +406,21 @@ def test_a_slow_server_gets_more_than_64_in_flight_and_the_budget(
         arrivals.extend(live.update_times)
     # The budget is 150 in any second (the client's window is 15 ms wider).
     assert 120 <= busiest_second(arrivals) <= 150
+
+
+def test_metrics_show_the_limit_and_its_latency_estimate() -> None:
+    async def main() -> str:
+        config = ClientConfig(trust_env=False)
+        async with RtcClient(Credentials(ACCESS_KEY, SECRET_KEY), config=config) as client:
+            metrics = Metrics()
+            metrics.watch_client(
+                limit=lambda: client.in_flight_limit, latency_ms=lambda: client.latency_estimates_ms
+            )
+            before = metrics.render().decode()
+            assert "reconciler_in_flight_limit 64.0" in before
+            client._limit.observe("UpdateSegment", 1.0)
+            return metrics.render().decode()
+
+    text = asyncio.run(main())
+    assert "reconciler_in_flight_limit 196.0" in text
+    assert 'reconciler_latency_estimate_seconds{action="UpdateSegment"} 1.0' in text
