@@ -214,6 +214,12 @@ class EmulatorProcess:
                 raise RuntimeError(f"no call for {dict(ident)} within {timeout}s")
             time.sleep(0.005)
 
+    def restart(self, ident: Mapping[str, str]) -> dict[str, Any]:
+        """Start a task again as a new incarnation with StartSegment's defaults (admin API)."""
+        resp = self._http.post(self.url + "/_emulator/tasks/restart", json=dict(ident))
+        resp.raise_for_status()
+        return dict(resp.json()["task"])
+
     def stats(self) -> dict[str, Any]:
         resp = self._http.get(self.url + "/_emulator/stats")
         resp.raise_for_status()

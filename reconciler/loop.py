@@ -505,28 +505,39 @@ class Daemon:
             )
         else:
             self.log.info("observe.started", **fields)
-        # Enough readers to keep the budget busy while answers take a while.
-        readers = [
-            asyncio.create_task(self._reader(stop)) for _ in range(min(256, cfg.read_qps * 4))
-        ]
+        # One dispatcher hands due keys to reads at the read budget's pace. Reads
+        # released faster would only queue in the client's limiter, each holding
+        # an in-flight slot that an UpdateSegment (a heal) then waits behind. The
+        # limiter stays the hard guard over any one-second window.
+        slots = asyncio.Semaphore(min(256, cfg.read_qps * 3))
+        reading: set[asyncio.Task[None]] = set()
+        gap = 1.0 / cfg.read_qps
+        release = time.monotonic()
         try:
-            await asyncio.gather(*readers)
+            while (key := await self.schedule.take(stop)) is not None:
+                await self._running.wait()  # paused by a credentials error: no reads either
+                release = max(release + gap, time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), release - time.monotonic())
+                await slots.acquire()
+                if stop.is_set():
+                    break
+                read = asyncio.create_task(self._read_in_slot(key, slots))
+                reading.add(read)
+                read.add_done_callback(reading.discard)
         finally:
-            for r in readers:
-                r.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
+            for read in list(reading):
+                read.cancel()
+            await asyncio.gather(*reading, return_exceptions=True)
 
-    async def _reader(self, stop: asyncio.Event) -> None:
-        while (key := await self.schedule.take(stop)) is not None:
-            await self._running.wait()  # paused by a credentials error: no reads either
-            if stop.is_set():
-                return
-            try:
-                await self._read_one(key)
-            except Exception as exc:  # one odd answer must not stop the reader
-                self.log.exception("observe.failed", error=repr(exc), **task_fields(key))
-            finally:
-                self.schedule.done(key)
+    async def _read_in_slot(self, key: TaskKey, slots: asyncio.Semaphore) -> None:
+        try:
+            await self._read_one(key)
+        except Exception as exc:  # one odd answer must not stop the observer
+            self.log.exception("observe.failed", error=repr(exc), **task_fields(key))
+        finally:
+            self.schedule.done(key)
+            slots.release()
 
     async def _read_one(self, key: TaskKey) -> None:
         last = self.recorder.observations.get(key)
