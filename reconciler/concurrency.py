@@ -44,6 +44,12 @@ semaphore whose limit follows the latency::
   server does. Until some attempt of any action has been answered, the limit
   is ``initial`` (64) or more.
 
+Why not always the ceiling, since the QPS limiter paces sends anyway: each
+second's window lets its whole budget go at once, so at 10 ms latency a
+ceiling of 512 would open 150 connections in a burst every second where 16
+carry the same rate; a limit sized to the need keeps connections, pools and
+server bursts small.
+
 Resizing: seats are granted first come, first served while fewer than the
 limit are taken. Growing grants waiting callers at once. Shrinking cancels
 nothing: calls in flight finish; new ones wait until the count is below the
