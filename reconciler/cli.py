@@ -48,7 +48,7 @@ from reconciler.guard import (
     tree_root,
 )
 from reconciler.health import HealthServer
-from reconciler.live import Observation
+from reconciler.live import LiveState, Observation
 from reconciler.loop import Daemon, DaemonConfig
 from reconciler.metrics import Metrics
 from reconciler.observe import READ_QPS_MAX, observe_all
@@ -58,7 +58,7 @@ from reconciler.ratelimit import RateLimits
 from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler
 from reconciler.schema import desired_schema_text
 from reconciler.state import StateError, StateStore
-from reconciler.status import build_report, parse_statuses
+from reconciler.status import build_report, parse_live_states, parse_statuses, report_statuses
 from reconciler.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -550,6 +550,15 @@ def _check_statuses(
         raise click.BadParameter(str(exc), param=param) from exc
 
 
+def _check_live_states(
+    _: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> frozenset[LiveState]:
+    try:
+        return parse_live_states(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from exc
+
+
 @main.command()
 @dir_argument
 @state_option
@@ -560,8 +569,18 @@ def _check_statuses(
     multiple=True,
     metavar="STATUS",
     callback=_check_statuses,
-    help="Only tasks in this status: Synced, Pending, NotRunning, Failed or New (any case; "
+    help=f"Only tasks in this sync status: {', '.join(report_statuses())} (any case; "
     "repeat it or give a comma list).",
+)
+@_option(
+    "--live",
+    "lives",
+    env="LIVE",
+    multiple=True,
+    metavar="STATE",
+    callback=_check_live_states,
+    help="Only tasks whose latest read found them running, ended, not-found or unknown "
+    "(never read included; repeat it or give a comma list).",
 )
 @_option(
     "--app",
@@ -576,10 +595,12 @@ def status(
     directory: Path,
     state: Path,
     statuses: frozenset[str],
+    lives: frozenset[LiveState],
     apps: tuple[str, ...],
     output: str,
 ) -> None:
-    """Per task: status and since when, next retry, and its place in the tree (read-only)."""
+    """Per task: sync status and since when, the live task as last read and how long ago,
+    the last call, next retry, and its place in the tree (read-only)."""
     if not state.exists():
         fail(
             f"state store {state} does not exist: nothing has been applied with it "
@@ -595,16 +616,19 @@ def status(
         fail(f"desired tree {directory} does not exist or is not a directory")
     with open_store(state, create=False, read_only=True) as store:
         rows = store.all()
+        observations = store.observations()
         recorded_root = store.tree_root()
     report = build_report(
         rows,
         index=index,
         now=datetime.now(UTC),
+        observations=observations,
         tree_path=str(directory),
         tree_root=tree_root(directory),
         recorded_root=recorded_root,
         statuses=statuses,
         apps=frozenset(apps),
+        lives=lives,
     )
     for note in report.notes():
         click.echo(click.style("note: ", fg="yellow") + note, err=True)

@@ -1,5 +1,11 @@
 """Human-readable output: plans like Terraform's, status like ``kubectl get``.
 
+``status`` shows two axes per task side by side, as Argo CD shows sync and
+health: SYNC (what the store recorded) and LIVE (what GetSegmentTask last
+showed, with READ, how long ago). A cell that has a long and a short form
+(LIVE) shows the longest that fits the column, so a narrow table drops the
+detail, not the state.
+
 Rendering is pure: a function of a value to a string. Colour is added with
 click's styles and stripped by ``click.echo`` when the output is not a
 terminal, so piping a plan into a file or a PR comment gives plain text.
@@ -14,8 +20,9 @@ from datetime import UTC, datetime
 import click
 
 from reconciler.desired import DesiredIndex, Problem
+from reconciler.live import LiveState
 from reconciler.plan import Plan
-from reconciler.status import NEW, NextAction, StatusReport, TaskStatus, TreeState
+from reconciler.status import NEW, LiveView, NextAction, StatusReport, TaskStatus, TreeState
 from reconciler.task import FieldValue, SyncStatus, TaskKey
 
 _STATUS_COLOURS: dict[str, str] = {
@@ -24,6 +31,14 @@ _STATUS_COLOURS: dict[str, str] = {
     SyncStatus.NOT_RUNNING: "magenta",
     SyncStatus.FAILED: "red",
     NEW: "cyan",
+    SyncStatus.OUT_OF_SYNC: "yellow",
+}
+
+_LIVE_COLOURS: dict[LiveState, str] = {
+    LiveState.RUNNING: "green",
+    LiveState.ENDED: "magenta",
+    LiveState.NOT_FOUND: "magenta",
+    LiveState.UNKNOWN: "yellow",
 }
 
 
@@ -272,6 +287,45 @@ def _last_call(t: TaskStatus, now: datetime) -> str:
     return "-" if at is None else f"{ago((now - at).total_seconds())} ago"
 
 
+def _read(t: TaskStatus) -> str:
+    age = t.live.age_s
+    return "never" if age is None else f"{ago(age)} ago"
+
+
+def _clock(ms: int) -> str:
+    """An API time for a narrow column, to the minute (UTC; the JSON has it in full)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%m-%d %H:%MZ")
+
+
+def live_texts(view: LiveView) -> tuple[str, ...]:
+    """The LIVE cell of a task, longest form first; the table shows the longest that fits."""
+    o = view.observation
+    if o is None:
+        return ("Unknown",)  # READ says "never"
+    if o.state is LiveState.RUNNING:
+        if o.start_time_ms is None:
+            return ("Running",)
+        at = _clock(o.start_time_ms)
+        return (f"Running since {at}", f"Running {at}", "Running")
+    if o.state is LiveState.ENDED:
+        why = f"Ended: {o.stop_reason}" if o.stop_reason else "Ended"
+        forms = [why, "Ended"] if o.stop_reason else [why]
+        if o.end_time_ms is not None:
+            forms.insert(0, f"{why} at {_clock(o.end_time_ms)}")
+        return tuple(forms)
+    if o.state is LiveState.NOT_FOUND:
+        return ("Not found",)
+    # GetSegmentTask sees only tasks started within 72 h: this one may well run.
+    return ("Unknown: not visible", "Unknown")
+
+
+def _longest_fitting(forms: Sequence[str], width: int) -> str:
+    for text in forms:
+        if len(text) <= width:
+            return text
+    return clip(forms[-1], width)
+
+
 def _retry(t: TaskStatus, now: datetime) -> str:
     at = t.next_retry_at
     if at is None:
@@ -314,19 +368,47 @@ def _fit(natural: dict[str, int], budget: int, steps: Sequence[tuple[str, int]])
     return widths
 
 
-#: Which flexible column gives way first, and down to what: the error first
-#: (it is in the JSON in full), then the tree note, then the task, then all.
-_SHRINK: tuple[tuple[str, int], ...] = (
-    ("error", 30),
-    ("tree", 22),
-    ("task", 52),
-    ("error", 16),
-    ("task", 36),
-    ("tree", 16),
-    ("error", 0),
-    ("tree", 12),
-    ("task", 11),
-)
+def _shrink_steps(live_medium: int, live_short: int) -> tuple[tuple[str, int], ...]:
+    """Which flexible column gives way first, and down to what: the error first
+    (it is in the JSON in full), then the tree note, then the task, then the
+    live detail (to its medium, then short forms, widest of the rows), then all.
+    Task ids keep 40 columns (a dozen characters of each id) while the error
+    goes: an id cut too short cannot be told from its neighbours."""
+    return (
+        ("error", 30),
+        ("tree", 22),
+        ("task", 52),
+        ("error", 16),
+        ("live", live_medium),
+        ("tree", 16),
+        ("task", 40),
+        ("error", 0),
+        ("task", 36),
+        ("live", live_short),
+        ("tree", 12),
+        ("task", 11),
+    )
+
+
+#: The narrowest LAST ERROR column worth showing (``ErrorActiv…``); below, it is dropped.
+_MIN_ERROR = 12
+#: Columns whose text is short and always shown whole.
+_FIXED = ("status", "since", "read", "call", "retry")
+
+
+def _layout(
+    columns: Sequence[str],
+    natural: dict[str, int],
+    width: int,
+    steps: Sequence[tuple[str, int]],
+) -> dict[str, int]:
+    """Each column's width: the fixed ones whole, the flexible ones shrunk by ``steps``."""
+    budget = width - 2 * (len(columns) - 1) - sum(natural[c] for c in columns if c in _FIXED)
+    flexible = {c: natural[c] for c in columns if c not in _FIXED}
+    return {
+        **{c: natural[c] for c in columns},
+        **_fit(flexible, budget, [(c, f) for c, f in steps if c in flexible]),
+    }
 
 
 def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> str:
@@ -337,38 +419,61 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
     """
     now = report.generated_at
     show_tree = report.tree_read
+    lives = [live_texts(t.live) for t in report.tasks]
     rows = [
         {
             "task": str(t.key),
             "status": t.status,
             "since": _since(t, now),
+            "live": forms[0],
+            "read": _read(t),
             "call": _last_call(t, now),
             "retry": _retry(t, now),
             "tree": _tree(t),
             "error": t.last_error or "",
         }
-        for t in report.tasks
+        for t, forms in zip(report.tasks, lives, strict=True)
     ]
     header = {
         "task": "TASK",
-        "status": "STATUS",
+        "status": "SYNC",
         "since": "SINCE",
+        "live": "LIVE",
+        "read": "READ",
         "call": "CALLED",
         "retry": "RETRY",
         "tree": "TREE",
         "error": "LAST ERROR",
     }
-    wanted = {"tree": show_tree, "error": any(r["error"] for r in rows)}
+    wanted = {
+        "tree": show_tree,
+        "error": any(r["error"] for r in rows),
+        # Only NotRunning and failed tasks are retried: no column of dashes.
+        "retry": any(t.next_retry_at is not None for t in report.tasks),
+    }
     columns = [c for c in header if wanted.get(c, True)]
     natural = {c: max(len(r[c]) for r in [header, *rows]) for c in columns}
-    fixed = ("status", "since", "call", "retry")
-    budget = width - 2 * (len(columns) - 1) - sum(natural[c] for c in fixed)
-    flexible = {c: n for c, n in natural.items() if c not in fixed}
-    steps = [(c, floor) for c, floor in _SHRINK if c in flexible]
-    widths = {**natural, **_fit(flexible, budget, steps)}
+    live_medium = max([len(header["live"])] + [len(f[min(1, len(f) - 1)]) for f in lives])
+    live_short = max([len(header["live"])] + [len(f[-1]) for f in lives])
+    steps = _shrink_steps(live_medium, live_short)
+    widths = _layout(columns, natural, width, steps)
+    if "error" in columns and widths["error"] < _MIN_ERROR:
+        # A sliver of an error says nothing; its room serves the task ids better.
+        columns.remove("error")
+        widths = _layout(columns, natural, width, steps)
+    # LIVE shows whole forms only: what its widest fitting cell leaves over goes
+    # to the first column still cut.
+    used = max([len(header["live"])] + [len(_longest_fitting(f, widths["live"])) for f in lives])
+    slack, widths["live"] = widths["live"] - used, used
+    for c in ("task", "tree", "error"):
+        if c in columns and slack > 0:
+            given = min(slack, natural[c] - widths[c])
+            widths[c] += given
+            slack -= given
 
     lines = []
-    for i, (row, task) in enumerate([(header, None), *zip(rows, report.tasks, strict=True)]):
+    entries = [(header, None, ()), *zip(rows, report.tasks, lives, strict=True)]
+    for row, task, forms in entries:
         cells = []
         for c in columns:
             w = widths[c]
@@ -376,11 +481,15 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
                 text = short_key(task.key, w)
             elif c == "tree" and task is not None and task.held_by is not None:
                 text = "held: " + _short_path(task.held_by, w - len("held: "))
+            elif c == "live" and task is not None:
+                text = _longest_fitting(forms, w)
             else:
                 text = clip(row[c], w)
             cell = text if c == columns[-1] else text.ljust(w)
-            if i and c == "status" and task is not None:
+            if task is not None and c == "status":
                 cell = click.style(cell, fg=_STATUS_COLOURS.get(task.status))
+            elif task is not None and c == "live":
+                cell = click.style(cell, fg=_LIVE_COLOURS.get(task.live.state))
             cells.append(cell)
         lines.append("  ".join(cells).rstrip())
     if not report.tasks:
@@ -399,7 +508,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
     counts = report.counts()
     total = ", ".join(f"{n} {s}" for s, n in counts.items())
     shown = f"{len(report.tasks)} tasks"
-    if report.status_filter or report.app_filter:
+    if report.filtered:
         shown += f" shown of {report.total}"
     summary = f"{shown}: {total}."
     if show_tree:
@@ -409,4 +518,16 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
         )
     lines.append("")
     lines.append(summary)
+    lines.append(_live_summary(report))
     return "\n".join(lines)
+
+
+def _live_summary(report: StatusReport) -> str:
+    """``Live: 8 running, 1 ended, 0 not found, 1 unknown (1 never read); oldest read 12s ago.``"""
+    counts = ", ".join(f"{n} {s.value.replace('_', ' ')}" for s, n in report.live_counts().items())
+    line = f"Live: {counts}"
+    if never := report.never_read():
+        line += f" ({never} never read)"
+    if (oldest := report.oldest_read_age_s()) is not None:
+        line += f"; oldest read {ago(oldest)} ago"
+    return line + "."

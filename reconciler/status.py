@@ -1,43 +1,55 @@
-"""``reconciler status``: what the store recorded, checked against the tree.
+"""``reconciler status``: what the store recorded, checked against the tree and the live tasks.
 
 The store alone cannot tell the truth about a task: it knows nothing of a
 task declared since the last apply, of a file that no longer parses, or of a
 task that left the tree. :func:`build_report` is a pure function of the
-store's rows, the desired index (or ``None`` when no tree was read) and the
-clock reading it is handed; it joins both sides by task key and asks the
-planner what the next ``apply`` or daemon pass would do with each task, so
-``status`` and ``plan`` can never disagree.
+store's rows and observations, the desired index (or ``None`` when no tree
+was read) and the clock reading it is handed; it joins them by task key and
+asks the planner what the next ``apply`` or daemon pass would do with each
+task, so ``status`` and ``plan`` can never disagree.
 
-Each :class:`TaskStatus` has:
+Each :class:`TaskStatus` has two axes, like Argo CD's sync and health:
 
-- ``status``: the recorded :class:`~reconciler.task.SyncStatus` value, or
-  ``New`` for a task the tree declares and the store has never seen (plain
+- ``status`` (sync): the recorded :class:`~reconciler.task.SyncStatus` value,
+  or ``New`` for a task the tree declares and the store has never seen (plain
   strings, so a status added to ``SyncStatus`` is shown and filtered too);
+- ``live`` (:class:`LiveView`): the latest GetSegmentTask read of the task
+  and its age at ``now``. A task never read is ``unknown``, never assumed
+  running: no output may claim live tasks match unless they were observed.
+
+and, from the tree:
+
 - ``tree``: ``in_tree``, ``held`` (the file that declared it is invalid, so
   it is kept as it is) or ``not_in_tree`` (it will be forgotten); ``None``
   when no tree was read;
 - ``next_action``: the planner's verdict (``call``, ``none``, ``blocked``,
-  ``forget``, ``hold``), with the field changes of a pending call.
+  ``forget``, ``hold``), with the field changes of a pending call. It is
+  planned against last-applied, as ``plan`` without ``--refresh`` is: the
+  daemon's drift policy and the incarnation a record was applied to are not
+  in the rows, so a plan against the observations here could promise calls
+  the daemon would not make. The live axis shows what was read instead.
 
 The report is a value: the CLI renders it as text (:func:`reconciler.render.status_table`)
-or as the documented JSON (:meth:`StatusReport.to_json`, ``format_version`` 2).
+or as the documented JSON (:meth:`StatusReport.to_json`, ``format_version`` 3).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final
 
 from reconciler.desired import DesiredIndex, Problem
+from reconciler.live import LiveState, Observation
 from reconciler.plan import Call, compute_plan
 from reconciler.state import TaskState, format_time
 from reconciler.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
 
-#: ``status -o json`` shape version; 2 added the tree, since-times and retries.
-FORMAT_VERSION: Final = 2
+#: ``status -o json`` shape version; 2 added the tree, since-times and retries,
+#: 3 the live axis (``live`` per task, ``live_counts``, the ``live`` filter).
+FORMAT_VERSION: Final = 3
 
 
 #: The status of a task in the tree that the store has never seen.
@@ -86,6 +98,85 @@ def parse_statuses(values: Iterable[str]) -> frozenset[str]:
     return frozenset(chosen)
 
 
+def parse_live_states(values: Iterable[str]) -> frozenset[LiveState]:
+    """``["running,not-found", "Ended"]`` → the live states, matched case-insensitively.
+
+    ``not-found`` and ``not_found`` are both accepted (the option and the JSON
+    spell it differently). An unknown name is a :class:`ValueError` listing the valid ones.
+    """
+    chosen: set[LiveState] = set()
+    for value in values:
+        for part in value.split(","):
+            name = part.strip().lower().replace("-", "_")
+            if not name:
+                continue
+            try:
+                chosen.add(LiveState(name))
+            except ValueError:
+                valid = ", ".join(s.value.replace("_", "-") for s in LiveState)
+                raise ValueError(f"unknown live state {part.strip()!r}; valid: {valid}") from None
+    return frozenset(chosen)
+
+
+def _iso_ms(ms: int | None) -> str | None:
+    """An API time in epoch milliseconds (``StartTime``, ``EndTime``) as ISO-8601 UTC."""
+    return None if ms is None else format_time(datetime.fromtimestamp(ms / 1000, UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class LiveView:
+    """The live axis of a task: its latest observation, and its age when the report was made."""
+
+    #: ``None``: never read (by the daemon's observer or ``apply --refresh``).
+    observation: Observation | None = None
+    #: Seconds between the read and the report (never negative); ``None`` when never read.
+    age_s: float | None = None
+
+    @property
+    def state(self) -> LiveState:
+        """A task never read is ``unknown``: it may be running or not."""
+        return LiveState.UNKNOWN if self.observation is None else self.observation.state
+
+    @property
+    def never_read(self) -> bool:
+        return self.observation is None
+
+    def to_json(self) -> dict[str, object]:
+        o = self.observation
+        if o is None:
+            return {
+                "state": str(LiveState.UNKNOWN),
+                "observed_at": None,
+                "age_s": None,
+                "start_time": None,
+                "end_time": None,
+                "stop_reason": None,
+                "status": None,
+                "fields": None,
+            }
+        return {
+            "state": str(o.state),
+            "observed_at": format_time(datetime.fromtimestamp(o.observed_at, UTC)),
+            "age_s": None if self.age_s is None else round(self.age_s, 3),
+            "start_time": _iso_ms(o.start_time_ms),
+            "end_time": _iso_ms(o.end_time_ms),
+            "stop_reason": o.stop_reason,
+            "status": o.status,
+            "fields": dict(o.fields),
+        }
+
+
+#: The live axis of a task that was never read.
+NEVER_READ: Final = LiveView()
+
+
+def live_view(observation: Observation | None, now: datetime) -> LiveView:
+    if observation is None:
+        return NEVER_READ
+    # Clamped: a read stamped by another host's clock may look a little ahead of ours.
+    return LiveView(observation, max(0.0, now.timestamp() - observation.observed_at))
+
+
 @dataclass(frozen=True, slots=True)
 class InvalidFile:
     """A desired file with problems, the first of them, and how many recorded tasks it holds."""
@@ -123,6 +214,8 @@ class TaskStatus:
     call: Call | None = None
     #: The invalid file that holds the task, when ``tree`` is ``held``.
     held_by: str | None = None
+    #: The latest observation of the live task, if any.
+    live: LiveView = NEVER_READ
 
     @property
     def status_since(self) -> datetime | None:
@@ -188,6 +281,7 @@ class TaskStatus:
             if self.call is None
             else [{"field": c.field, "old": c.old, "new": c.new} for c in self.call.changes]
         )
+        doc["live"] = self.live.to_json()
         return doc
 
 
@@ -208,6 +302,11 @@ class StatusReport:
     total: int
     status_filter: frozenset[str] = frozenset()
     app_filter: frozenset[str] = frozenset()
+    live_filter: frozenset[LiveState] = frozenset()
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.status_filter or self.app_filter or self.live_filter)
 
     @property
     def tree_read(self) -> bool:
@@ -226,6 +325,22 @@ class StatusReport:
         for t in self.tasks:
             out[t.status] = out.get(t.status, 0) + 1
         return out
+
+    def live_counts(self) -> dict[LiveState, int]:
+        """Shown tasks by live state; every state present, zero or not."""
+        out = dict.fromkeys(LiveState, 0)
+        for t in self.tasks:
+            out[t.live.state] += 1
+        return out
+
+    def never_read(self) -> int:
+        """Shown tasks with no observation at all (counted as ``unknown``)."""
+        return sum(1 for t in self.tasks if t.live.never_read)
+
+    def oldest_read_age_s(self) -> float | None:
+        """The age of the oldest observation among the shown tasks (``None``: none read)."""
+        ages = [t.live.age_s for t in self.tasks if t.live.age_s is not None]
+        return max(ages) if ages else None
 
     def tree_counts(self) -> dict[TreeState, int]:
         out = dict.fromkeys(TreeState, 0)
@@ -267,10 +382,12 @@ class StatusReport:
             "filters": {
                 "status": sorted(self.status_filter),
                 "app": sorted(self.app_filter),
+                "live": [s.value for s in LiveState if s in self.live_filter],
             },
             "total": self.total,
             "counts": self.counts(),
             "tree_counts": {s.value: n for s, n in self.tree_counts().items()},
+            "live_counts": {s.value: n for s, n in self.live_counts().items()},
             "tasks": [t.to_json() for t in self.tasks],
         }
 
@@ -284,24 +401,31 @@ def build_report(
     *,
     index: DesiredIndex | None,
     now: datetime,
+    observations: Mapping[TaskKey, Observation] | None = None,
     tree_path: str | None = None,
     tree_root: str | None = None,
     recorded_root: str | None = None,
     statuses: Collection[str] = frozenset(),
     apps: Collection[str] = frozenset(),
+    lives: Collection[LiveState] = frozenset(),
 ) -> StatusReport:
-    """Join the store's ``rows`` with the tree ``index`` (``None``: store alone).
+    """Join the store's ``rows`` and ``observations`` with the tree ``index``.
 
-    ``statuses`` and ``apps`` filter the tasks shown (empty: no filter); the
-    invalid files are reported whatever the filters.
+    ``index`` ``None``: no tree was read, the store alone is shown.
+
+    ``now`` dates the report and ages the observations. ``statuses``, ``apps``
+    and ``lives`` filter the tasks shown (empty: no filter); the invalid files
+    are reported whatever the filters.
     """
     by_key = {r.key: r for r in rows}
     desired: Mapping[TaskKey, DesiredTask] = {} if index is None else index.tasks
+    seen = (observations or {}).get
     entries: list[TaskStatus] = []
     invalid: list[InvalidFile] = []
     if index is None:
         for r in rows:
-            entries.append(TaskStatus(r.key, r.status.value, None, None, r, None))
+            live = live_view(seen(r.key), now)
+            entries.append(TaskStatus(r.key, r.status.value, None, None, r, None, live=live))
     else:
         held_files = index.invalid_files
         plan = compute_plan(
@@ -316,6 +440,7 @@ def build_report(
         for key in sorted(by_key.keys() | desired.keys()):
             row, task = by_key.get(key), desired.get(key)
             status = NEW if row is None else row.status.value
+            live = live_view(seen(key), now)
             if task is not None:
                 call = calls.get(key)
                 action = (
@@ -325,16 +450,27 @@ def build_report(
                     if key in blocked
                     else NextAction.NONE
                 )
-                entries.append(TaskStatus(key, status, TreeState.IN_TREE, action, row, task, call))
+                entries.append(
+                    TaskStatus(key, status, TreeState.IN_TREE, action, row, task, call, live=live)
+                )
             elif key in held:
                 entries.append(
                     TaskStatus(
-                        key, status, TreeState.HELD, NextAction.HOLD, row, None, held_by=held[key]
+                        key,
+                        status,
+                        TreeState.HELD,
+                        NextAction.HOLD,
+                        row,
+                        None,
+                        held_by=held[key],
+                        live=live,
                     )
                 )
             else:
                 entries.append(
-                    TaskStatus(key, status, TreeState.NOT_IN_TREE, NextAction.FORGET, row, None)
+                    TaskStatus(
+                        key, status, TreeState.NOT_IN_TREE, NextAction.FORGET, row, None, live=live
+                    )
                 )
         firsts: dict[str, Problem] = {}
         counts: dict[str, int] = {}
@@ -346,12 +482,13 @@ def build_report(
             for path in sorted(firsts)
         ]
     total = len(entries)
-    status_filter, app_filter = frozenset(statuses), frozenset(apps)
+    status_filter, app_filter, live_filter = frozenset(statuses), frozenset(apps), frozenset(lives)
     shown = tuple(
         e
         for e in entries
         if (not status_filter or e.status in status_filter)
         and (not app_filter or e.key.app_id in app_filter)
+        and (not live_filter or e.live.state in live_filter)
     )
     return StatusReport(
         generated_at=now,
@@ -365,4 +502,5 @@ def build_report(
         total=total,
         status_filter=status_filter,
         app_filter=app_filter,
+        live_filter=live_filter,
     )
