@@ -127,7 +127,15 @@ _OUTCOMES: Final[dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]]]
     "task.not_running": (
         "– not running",
         "magenta",
-        lambda e: "the task is not running; tried again later",
+        lambda e: (
+            (
+                f"ended: {e.get('stop_reason')}; no call until it runs again"
+                if e.get("stop_reason")
+                else "no longer found; no call until it runs again"
+            )
+            if e.get("source") == "observation"
+            else "the task is not running; tried again later"
+        ),
     ),
     "task.failed": (
         "✗ failed",
@@ -151,6 +159,26 @@ _OUTCOMES: Final[dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]]]
         "- forgotten",
         "cyan",
         lambda e: f"removed from the tree ({e.get('source_path') or 'unknown file'}); no call",
+    ),
+    "task.restarted": (
+        "↻ restarted",
+        "magenta",
+        lambda e: (
+            "a new incarnation is running with "
+            + " ".join(f"{k}={value(v)}" for k, v in (e.get("live") or {}).items())
+        ),
+    ),
+    "task.drifted": (
+        "≠ drifted",
+        "magenta",
+        lambda e: (
+            ", ".join(
+                f"{n} {value(c.get('last_applied'))} → {value(c.get('live'))}"
+                for n, c in (e.get("fields") or {}).items()
+            )
+            + " by another client"
+            + ("; setting it back" if e.get("policy") == "heal" else "; reported, left as it is")
+        ),
     ),
     "task.requeued": (
         "↻ requeued",
@@ -176,6 +204,11 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
     "plan.computed": lambda e: (
         f"{_plural(e.get('to_update'), 'call')} to make, {e.get('in_sync')} in sync"
         + _extras(e, ("held", "blocked", "fields_released", "tasks_forgotten", "warnings"))
+    ),
+    "observe.started": lambda e: (
+        f"reading {_plural(e.get('tasks'), 'live task')}, each every {e.get('sweep_s')} s "
+        f"({e.get('read_qps')} reads/s); drift: {e.get('drift')}"
+        + (f" — {e['message']}" if e.get("message") else "")
     ),
     "reconcile.started": lambda e: (
         f"{e.get('reason')}: {_plural(e.get('calls'), 'call')} to make"
