@@ -297,26 +297,26 @@ def _clock(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%m-%d %H:%MZ")
 
 
-def live_texts(view: LiveView) -> tuple[str, ...]:
-    """The LIVE cell of a task, longest form first; the table shows the longest that fits."""
+def live_texts(view: LiveView) -> tuple[str, str, str]:
+    """The LIVE cell of a task in its full, medium and short forms; the table
+    shows the longest that fits, and shrinks the column to the medium, then
+    the short forms of its rows."""
     o = view.observation
     if o is None:
-        return ("Unknown",)  # READ says "never"
+        return ("Unknown", "Unknown", "Unknown")  # READ says "never"
     if o.state is LiveState.RUNNING:
         if o.start_time_ms is None:
-            return ("Running",)
+            return ("Running", "Running", "Running")
         at = _clock(o.start_time_ms)
         return (f"Running since {at}", f"Running {at}", "Running")
     if o.state is LiveState.ENDED:
         why = f"Ended: {o.stop_reason}" if o.stop_reason else "Ended"
-        forms = [why, "Ended"] if o.stop_reason else [why]
-        if o.end_time_ms is not None:
-            forms.insert(0, f"{why} at {_clock(o.end_time_ms)}")
-        return tuple(forms)
+        full = why if o.end_time_ms is None else f"{why} at {_clock(o.end_time_ms)}"
+        return (full, why, "Ended")
     if o.state is LiveState.NOT_FOUND:
-        return ("Not found",)
+        return ("Not found", "Not found", "Not found")
     # GetSegmentTask sees only tasks started within 72 h: this one may well run.
-    return ("Unknown: not visible", "Unknown")
+    return ("Unknown: not visible", "Unknown: not visible", "Unknown")
 
 
 def _longest_fitting(forms: Sequence[str], width: int) -> str:
@@ -390,8 +390,8 @@ def _shrink_steps(live_medium: int, live_short: int) -> tuple[tuple[str, int], .
     )
 
 
-#: The narrowest LAST ERROR column worth showing (``ErrorActiv…``); below, it is dropped.
-_MIN_ERROR = 12
+#: The narrowest LAST ERROR column worth showing (``ErrorActiveTask…``); below, it is dropped.
+_MIN_ERROR = 16
 #: Columns whose text is short and always shown whole.
 _FIXED = ("status", "since", "read", "call", "retry")
 
@@ -453,8 +453,8 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
     }
     columns = [c for c in header if wanted.get(c, True)]
     natural = {c: max(len(r[c]) for r in [header, *rows]) for c in columns}
-    live_medium = max([len(header["live"])] + [len(f[min(1, len(f) - 1)]) for f in lives])
-    live_short = max([len(header["live"])] + [len(f[-1]) for f in lives])
+    live_medium = max([len(header["live"])] + [len(f[1]) for f in lives])
+    live_short = max([len(header["live"])] + [len(f[2]) for f in lives])
     steps = _shrink_steps(live_medium, live_short)
     widths = _layout(columns, natural, width, steps)
     if "error" in columns and widths["error"] < _MIN_ERROR:
@@ -472,7 +472,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
             slack -= given
 
     lines = []
-    entries = [(header, None, ()), *zip(rows, report.tasks, lives, strict=True)]
+    entries = [(header, None, ("", "", "")), *zip(rows, report.tasks, lives, strict=True)]
     for row, task, forms in entries:
         cells = []
         for c in columns:

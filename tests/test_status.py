@@ -427,6 +427,16 @@ def test_the_table_shows_live_state_and_read_age_within_120_columns(tmp_path: Pa
     for name, (sync, live, read) in expected.items():
         cells = re.split(r"\s{2,}", line_of(text, tasks[name]))
         assert (cells[1], cells[3], cells[4]) == (sync, live, read), (name, cells)
+    assert lines[0].endswith("LAST ERROR"), "room enough for both axes and the error"
+    assert "  Drift: live values" in line_of(text, tasks["drifted"])
+
+    # Narrower, the live detail gives way, never the state itself.
+    narrow = click.unstyle(status_table(report_of(tmp_path / "state.db", NOW), width=72))
+    table = narrow.split("\n\n")[0].splitlines()
+    assert len(table) == 7 and max(len(ln) for ln in table) <= 72, narrow
+    states = {"running": "Running", "ended": "Ended", "gone": "Not found", "hidden": "Unknown"}
+    for name, state in states.items():
+        assert re.search(rf"  {state}\b", line_of(narrow, tasks[name])), (name, narrow)
     assert summary_of(text) == f"6 tasks: {counted(Synced=4, OutOfSync=1, NotRunning=1)}."
     assert live_summary_of(text) == (
         "Live: 2 running, 1 ended, 1 not found, 2 unknown (1 never read); oldest read 2h ago."
