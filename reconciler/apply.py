@@ -10,8 +10,10 @@ already confirmed.
 Stopping drains, like the daemon. When ``stop`` is set (SIGINT/SIGTERM), or a
 :class:`~reconciler.errors.FatalError` says every further call would fail the
 same way (credentials, permissions, an endpoint that cannot be reached), the
-workers start no new call, the calls in flight finish and are recorded, and
-only calls still unanswered after ``drain_timeout`` are abandoned. Cancelling
+workers start no new call, calls still waiting for an in-flight or QPS slot
+are withdrawn unsent (the reconciler's ``stop`` must be the same event), the
+calls in flight finish and are recorded, and only calls still unanswered
+after ``drain_timeout`` are abandoned. Cancelling
 an in-flight call would throw away an answer the server already acted on:
 the next run would re-send it, and a re-sent ``Duration`` cuts the slice.
 """
@@ -25,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.errors import FatalError
+from reconciler.errors import CallWithdrawn, FatalError
 from reconciler.plan import Call, Plan
 from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler
 from reconciler.task import TaskKey
@@ -120,7 +122,9 @@ async def apply_plan(
         tell(result)
     report.results = list(final.values())
     report.not_started = [c.key for c in plan.calls if c.key not in final]
-    report.interrupted = stop.is_set() and bool(report.not_started or report.abandoned)
+    report.interrupted = (
+        report.fatal is None and stop.is_set() and bool(report.not_started or report.abandoned)
+    )
     return report
 
 
@@ -150,9 +154,12 @@ async def _pass(
             call = queue.popleft()
             try:
                 result = await reconciler.reconcile(call)
+            except CallWithdrawn:
+                return  # stopping: it waited for a slot and was never sent
             except FatalError as exc:
                 fatal.append(exc)
                 halt.set()
+                stop.set()  # calls still waiting for a slot are withdrawn, not sent
                 return
             except Exception as exc:  # e.g. the store is locked: stop cleanly, then raise
                 crashed.append(exc)

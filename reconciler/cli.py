@@ -1036,7 +1036,7 @@ async def _apply(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     async with RtcClient(creds, config=config) as client:
-        reconciler = TaskReconciler(client=client, recorder=recorder)
+        reconciler = TaskReconciler(client=client, recorder=recorder, stop=stop)
         with progress:
             return await apply_plan(
                 plan,
@@ -1230,7 +1230,7 @@ async def _run_daemon(
             )
             daemon = Daemon(
                 config=daemon_config,
-                reconciler=TaskReconciler(client=client, recorder=recorder),
+                reconciler=TaskReconciler(client=client, recorder=recorder, stop=stop),
                 recorder=recorder,
                 metrics=metrics,
             )

@@ -72,6 +72,7 @@ from reconciler.credentials import Credentials
 from reconciler.errors import (
     ApiError,
     BadInputError,
+    CallWithdrawn,
     FatalError,
     NotRunningError,
     OutcomeUnknownError,
@@ -462,9 +463,16 @@ class RtcClient:
         *,
         log_fields: Mapping[str, object] | None = None,
         attempts: int | None = None,
+        before_send: Callable[[], bool] | None = None,
     ) -> CallResult:
         """Override Identifier / Handle / Duration of a running task."""
-        return await self.call("UpdateSegment", body=body, log_fields=log_fields, attempts=attempts)
+        return await self.call(
+            "UpdateSegment",
+            body=body,
+            log_fields=log_fields,
+            attempts=attempts,
+            before_send=before_send,
+        )
 
     async def start_segment(
         self, body: Mapping[str, object], *, log_fields: Mapping[str, object] | None = None
@@ -490,6 +498,7 @@ class RtcClient:
         query: Mapping[str, str] | None = None,
         log_fields: Mapping[str, object] | None = None,
         attempts: int | None = None,
+        before_send: Callable[[], bool] | None = None,
     ) -> CallResult:
         """Call ``action``: a POST with a JSON ``body``, or a GET with ``query``.
 
@@ -497,6 +506,12 @@ class RtcClient:
         what to do otherwise (transient failures only after ``attempts``,
         default ``max_attempts``). When no attempt could even connect, that is
         :class:`~reconciler.errors.UnreachableError`.
+
+        ``before_send`` runs once, when the first attempt holds its in-flight and
+        QPS slots and is about to go out: it may record that the call is being
+        made, or return ``False`` to withdraw it unsent
+        (:class:`~reconciler.errors.CallWithdrawn`): a run that is stopping
+        drops calls still waiting for a slot instead of sending them.
         """
         cfg = self.config
         max_attempts = attempts or cfg.max_attempts
@@ -510,7 +525,13 @@ class RtcClient:
         attempt = 0
         while True:
             attempt += 1
-            tried = await self._attempt(action, method=method, params=params, payload=payload)
+            tried = await self._attempt(
+                action,
+                method=method,
+                params=params,
+                payload=payload,
+                before_send=before_send if attempt == 1 else None,
+            )
             answer, latency = tried.answer, round(tried.latency_ms, 1)
             if isinstance(answer, _Success):
                 self._observe(
@@ -613,7 +634,13 @@ class RtcClient:
     # -- one attempt ---------------------------------------------------------
 
     async def _attempt(
-        self, action: str, *, method: str, params: Mapping[str, str], payload: bytes
+        self,
+        action: str,
+        *,
+        method: str,
+        params: Mapping[str, str],
+        payload: bytes,
+        before_send: Callable[[], bool] | None = None,
     ) -> _Attempt:
         headers = {"Content-Type": "application/json"} if method == "POST" else {}
         async with self._limit:
@@ -625,6 +652,8 @@ class RtcClient:
             self._pool_load[shard] += 1
             slot = await self.limiter.reserve(action)
             try:
+                if before_send is not None and not before_send():
+                    raise CallWithdrawn(action)
                 request = http.build_request(
                     method,
                     "/",

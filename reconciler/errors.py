@@ -171,6 +171,18 @@ class UnreachableError(FatalError):
         return f"{self.message}{tries}"
 
 
+class CallWithdrawn(Exception):
+    """A call dropped before it was sent, because the run is stopping.
+
+    Nothing reached the server and nothing was recorded; the task is planned
+    again next time like any call never made.
+    """
+
+    def __init__(self, action: str) -> None:
+        super().__init__(f"{action} withdrawn before it was sent: the run is stopping")
+        self.action = action
+
+
 def classify(*, http_status: int | None, code: str | None) -> type[ApiError]:
     """The exception class for a failed answer.
 

@@ -56,7 +56,7 @@ from pathlib import Path
 
 from reconciler import events
 from reconciler.desired import DesiredIndex, Problem, discover, read_file
-from reconciler.errors import ApiError, FatalError
+from reconciler.errors import ApiError, CallWithdrawn, FatalError
 from reconciler.guard import ForgetLimit, MassForget, check_forgets
 from reconciler.live import Observation
 from reconciler.metrics import Metrics
@@ -382,6 +382,8 @@ class Daemon:
             return True
         try:
             result = await self.reconciler.reconcile(plan.calls[0])
+        except CallWithdrawn:
+            return False  # shutting down: it waited for a slot and was never sent
         except FatalError as exc:
             self.queue.add(key)
             await self._pause(exc)

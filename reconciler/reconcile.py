@@ -219,9 +219,13 @@ class TaskReconciler:
         not_running_retry: float = 60.0,
         failed_retry: float = 30.0,
         probe_attempts: int = 2,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.client = client
         self.recorder = recorder
+        #: Once set, calls still waiting for a slot are withdrawn unsent
+        #: (:class:`~reconciler.errors.CallWithdrawn`), never sent late.
+        self.stop = stop
         self.not_running_retry = not_running_retry
         self.failed_retry = failed_retry
         self.probe_attempts = probe_attempts
@@ -235,7 +239,8 @@ class TaskReconciler:
         self._last_refusal: FatalError | None = None
 
     async def reconcile(self, call: Call) -> Result:
-        """Make ``call``; raises :class:`FatalError` for credentials/permissions."""
+        """Make ``call``; raises :class:`FatalError` for credentials/permissions, and
+        :class:`~reconciler.errors.CallWithdrawn` when ``stop`` came before it was sent."""
         return await self._gated(lambda: self._reconcile(call))
 
     async def read(self, key: TaskKey, *, last: Observation | None) -> Observation:
@@ -279,15 +284,24 @@ class TaskReconciler:
     async def _reconcile(self, call: Call) -> Result:
         task, key = call.task, call.key
         log = events.get_logger(**task_fields(key))
-        self.recorder.pending(task)
-        log.debug("call.sending", action=call.action, changes=_changes(call))
         started = time.monotonic()
         sent: Mapping[str, FieldValue] = call.body
+
+        def before_send() -> bool:
+            # Pending (one more attempt) only once the call really goes out: a
+            # call withdrawn while it waited for a slot leaves no trace.
+            if self.stop is not None and self.stop.is_set():
+                return False
+            self.recorder.pending(task)
+            log.debug("call.sending", action=call.action, changes=_changes(call))
+            return True
+
         try:
             res = await self.client.update_segment(
                 sent,
                 log_fields=task_fields(key),
                 attempts=None if self._credentials_proven else self.probe_attempts,
+                before_send=before_send,
             )
         except FatalError as exc:
             self._refused(exc)
