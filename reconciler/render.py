@@ -284,12 +284,13 @@ def _since(t: TaskStatus, now: datetime) -> str:
 
 def _last_call(t: TaskStatus, now: datetime) -> str:
     at = None if t.record is None else t.record.last_call_at
-    return "-" if at is None else f"{ago((now - at).total_seconds())} ago"
+    # Like SINCE and READ, an age: RETRY's "in 4m" is the only time ahead.
+    return "-" if at is None else ago((now - at).total_seconds())
 
 
 def _read(t: TaskStatus) -> str:
     age = t.live.age_s
-    return "never" if age is None else f"{ago(age)} ago"
+    return "never" if age is None else ago(age)
 
 
 def _clock(ms: int) -> str:
