@@ -622,6 +622,9 @@ def test_backoff_is_full_jitter_and_capped() -> None:
         {"endpoint": "ftp://rtc.volcengineapi.com"},
         {"endpoint": "https://rtc.volcengineapi.com/v1"},
         {"max_attempts": 0},
+        {"max_in_flight": 0},
+        {"initial_in_flight": 0},
+        {"min_in_flight": 0},
         {"timeout": 0},
     ],
 )
