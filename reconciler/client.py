@@ -3,7 +3,7 @@
 An :class:`RtcClient` keeps its connections open and reuses them (HTTP/1.1).
 Each call goes through the same pipeline, attempt by attempt::
 
-    in-flight limit -> per-action QPS limiter -> sign -> send -> interpret
+    per-action QPS limiter -> in-flight limit -> sign -> send -> interpret
 
 * The QPS slot is marked *sent* from an httpcore trace hook once the request is
   written, so the limiter paces what the server will see arrive, not when the
@@ -12,8 +12,9 @@ Each call goes through the same pipeline, attempt by attempt::
   it follows the observed latency (Little's law: the QPS budget times the
   latency, with headroom), from 64 before any answer, between a floor and
   ``max_in_flight``, so the budget is used against a server answering in
-  10 ms or in 2 s alike. Only the time on the wire is measured, not the wait
-  for a QPS slot.
+  10 ms or in 2 s alike. A seat is taken only once the QPS slot is granted:
+  reads waiting for their small budget must not sit on seats that updates
+  need (60 readers on 5/s would otherwise hold every seat for seconds).
 * Connections are split over ``httpx.AsyncClient`` pools of at most
   :data:`POOL_SHARD_SIZE` each. httpcore's pool does work quadratic in its
   connection count on every request (encode/httpx#3215, encode/httpcore#1035);
@@ -428,7 +429,7 @@ class RtcClient:
 
     @property
     def in_flight(self) -> int:
-        """Requests holding a seat now: on the wire, or waiting for their QPS slot."""
+        """Requests holding a seat now: granted their QPS slot, being sent or on the wire."""
         return self._limit.in_use
 
     @property
@@ -643,52 +644,57 @@ class RtcClient:
         before_send: Callable[[], bool] | None = None,
     ) -> _Attempt:
         headers = {"Content-Type": "application/json"} if method == "POST" else {}
-        async with self._limit:
-            # The limit bounds the total, so some pool always has a free connection.
-            shard = max(
-                range(len(self._pools)), key=lambda i: self._pool_sizes[i] - self._pool_load[i]
-            )
-            http = self._pools[shard]
-            self._pool_load[shard] += 1
-            slot = await self.limiter.reserve(action)
-            try:
-                if before_send is not None and not before_send():
-                    raise CallWithdrawn(action)
-                request = http.build_request(
-                    method,
-                    "/",
-                    params=params,
-                    content=payload or None,
-                    headers=headers,
-                    extensions={"trace": _mark_when_sent(slot)},
+        slot = await self.limiter.reserve(action)
+        try:
+            # The seat after the QPS slot: a caller waiting for its action's budget
+            # holds no seat that a call of another action could use.
+            async with self._limit:
+                # The limit bounds the total, so some pool always has a free connection.
+                shard = max(
+                    range(len(self._pools)),
+                    key=lambda i: self._pool_sizes[i] - self._pool_load[i],
                 )
-                request.headers.update(
-                    sign(
-                        credentials=self._credentials,
-                        region=self.config.region,
-                        service=self.config.service,
-                        method=method,
-                        host=request.headers["Host"],
-                        path=request.url.path or "/",
-                        query=params,
-                        headers=headers,
-                        body=payload,
-                    )
-                )
-                started = time.perf_counter()
+                http = self._pools[shard]
+                self._pool_load[shard] += 1
                 try:
-                    # Only the wire time is a latency sample; no answer, no sample.
-                    with self._limit.measure(action):
-                        response = await http.send(request)
-                except httpx.RequestError as exc:
+                    if before_send is not None and not before_send():
+                        raise CallWithdrawn(action)
+                    request = http.build_request(
+                        method,
+                        "/",
+                        params=params,
+                        content=payload or None,
+                        headers=headers,
+                        extensions={"trace": _mark_when_sent(slot)},
+                    )
+                    request.headers.update(
+                        sign(
+                            credentials=self._credentials,
+                            region=self.config.region,
+                            service=self.config.service,
+                            method=method,
+                            host=request.headers["Host"],
+                            path=request.url.path or "/",
+                            query=params,
+                            headers=headers,
+                            body=payload,
+                        )
+                    )
+                    started = time.perf_counter()
+                    try:
+                        # Only the wire time is a latency sample; no answer, no sample.
+                        with self._limit.measure(action):
+                            response = await http.send(request)
+                    except httpx.RequestError as exc:
+                        latency = (time.perf_counter() - started) * 1000
+                        return _Attempt(self._transport_error(action, exc), latency)
                     latency = (time.perf_counter() - started) * 1000
-                    return _Attempt(self._transport_error(action, exc), latency)
-                latency = (time.perf_counter() - started) * 1000
-            finally:
-                self._pool_load[shard] -= 1
-                # Not written at all, or through a transport that does not trace:
-                # count it from now, which is never before it could have arrived.
-                slot.mark()
+                finally:
+                    self._pool_load[shard] -= 1
+        finally:
+            # Not written at all, or through a transport that does not trace:
+            # count it from now, which is never before it could have arrived.
+            slot.mark()
         return _Attempt(self._interpret(action, method, response), latency, _retry_after(response))
 
     def _interpret(self, action: str, method: str, response: httpx.Response) -> _Success | ApiError:

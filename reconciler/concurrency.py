@@ -21,10 +21,10 @@ semaphore whose limit follows the latency::
 * **Latency estimate: a high percentile** (``quantile``, the 90th) of the
   last ``keep`` answered attempts of the action. The mean underestimates
   when answers jitter: the calls that take longest hold their seats longest.
-  Only *wire time* counts, from sending to the answer; the seat is also held
-  while waiting for a QPS slot, and counting that would feed back (a longer
-  queue, a higher limit, a longer queue). Attempts that got no answer
-  (refused, timed out, cancelled) give no sample.
+  Only *wire time* counts, from sending to the answer: time spent waiting
+  for a seat or a QPS slot would feed back (a longer queue, a higher limit,
+  a longer queue). Attempts that got no answer (refused, timed out,
+  cancelled) give no sample.
 * **Unanswered attempts are evidence too.** An attempt still unanswered after
   ``t`` seconds proves its latency is at least ``t``; if a tenth of the
   attempts on the wire have been out for ``t``, the 90th percentile is at
@@ -38,7 +38,10 @@ semaphore whose limit follows the latency::
   waiting no timer runs and the bound is left out.
 * **Headroom and spare**: ``headroom`` (1.25) covers the fluctuation of the
   number in flight around its mean and an estimate that lags; ``spare`` (8)
-  covers seats held by callers waiting for their QPS slot.
+  covers the moments a seat is held off the wire (signing, connecting) and
+  estimates from few samples. The client takes a seat only once its QPS
+  slot is granted (:mod:`reconciler.client`), so callers waiting for an
+  action's budget hold none.
 * **Bounds**: ``floor`` (16) keeps a burst moving when the latency is tiny;
   ``ceiling`` (``--max-in-flight``) bounds connections and memory whatever the
   server does. Until some attempt of any action has been answered, the limit

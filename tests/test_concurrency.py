@@ -424,3 +424,55 @@ def test_metrics_show_the_limit_and_its_latency_estimate() -> None:
     text = asyncio.run(main())
     assert "reconciler_in_flight_limit 196.0" in text
     assert 'reconciler_latency_estimate_seconds{action="UpdateSegment"} 1.0' in text
+
+
+def test_reads_waiting_for_their_budget_hold_no_seats_updates_need(
+    make_emulator: Callable[..., EmulatorHandle],
+) -> None:
+    """60 readers on a 5/s read budget, then 20 updates: the updates do not queue behind them.
+
+    A seat is taken only once the QPS slot is granted, so callers waiting for
+    their action's budget hold none; otherwise the readers would hold every
+    seat for seconds (16 seats, 5 reads a second) and the updates would wait.
+    """
+    h = make_emulator(latency_ms=10, seed=1)
+    reads = TaskKey("app1", "room1", "read")
+    keys = [TaskKey("app1", "room1", f"u{i}") for i in range(20)]
+    for key in [reads, *keys]:
+        h.start_task(app_id=key.app_id, room_id=key.room_id, task_id=key.task_id)
+    config = ClientConfig(
+        endpoint=h.url, limits=RateLimits(update=150, get=5), trust_env=False, max_attempts=1
+    )
+
+    async def main() -> tuple[int, float]:
+        async with RtcClient(Credentials(ACCESS_KEY, SECRET_KEY), config=config) as client:
+            stop = asyncio.Event()
+
+            async def reader() -> None:
+                while not stop.is_set():
+                    await client.get_segment_task(
+                        app_id=reads.app_id, room_id=reads.room_id, task_id=reads.task_id
+                    )
+
+            readers = [asyncio.create_task(reader()) for _ in range(60)]
+            held = 0
+            for _ in range(50):  # half a second of reads: a queue of 60 for 5 a second
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.01)
+                held = max(held, client.in_flight)
+            started = asyncio.get_running_loop().time()
+            await asyncio.gather(
+                *(client.update_segment({**k.identity(), "Handle": True}) for k in keys)
+            )
+            took = asyncio.get_running_loop().time() - started
+            stop.set()
+            for r in readers:
+                r.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            return held, took
+
+    held, took = asyncio.run(main())
+    # At most a few reads on the wire at once; none waiting in a seat.
+    assert held <= 5, f"{held} seats held by reads"
+    # Behind 16 seated readers the updates would wait about 3 s; alone, some 10s of ms.
+    assert took < 1.5, f"20 updates took {took:.2f} s"
