@@ -212,6 +212,9 @@ class Plan:
     ended: tuple[Ended, ...] = ()
     #: Declared tasks compared with a live observation rather than last-applied.
     observed: int = 0
+    #: Declared tasks read within the settle window after our own call to them:
+    #: compared with last-applied, since the read may not show that call yet.
+    settling: int = 0
     #: Whether observations were given at all (``plan --refresh``, the daemon).
     refreshed: bool = False
     bookkeeping: tuple[DesiredTask, ...] = field(default=(), repr=False)
@@ -245,6 +248,7 @@ class Plan:
             "format_version": 2,
             "refreshed": self.refreshed,
             "observed": self.observed,
+            "settling": self.settling,
             "summary": self.summary(),
             "calls": [
                 {
@@ -367,7 +371,7 @@ def compute_plan(
     drifts: list[Drift] = []
     ended: list[Ended] = []
     incarnations: list[tuple[TaskKey, int]] = []
-    observed = 0
+    observed = settling = 0
     applied_get = applied.get
     live_get = (observations or {}).get
     for key in declared:
@@ -377,6 +381,7 @@ def compute_plan(
         last = None if record is None else record.fields
         obs = live_get(key)
         if obs is not None and not _counts(obs, record, settle_s):
+            settling += obs.state is not LiveState.UNKNOWN
             obs = None
         if obs is not None:
             observed += 1
@@ -464,6 +469,7 @@ def compute_plan(
         drifts=tuple(drifts),
         ended=tuple(ended),
         observed=observed,
+        settling=settling,
         refreshed=observations is not None,
         bookkeeping=tuple(bookkeeping),
         incarnations=tuple(incarnations),

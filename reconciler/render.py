@@ -21,7 +21,7 @@ import click
 
 from reconciler.desired import DesiredIndex, Problem
 from reconciler.live import LiveState
-from reconciler.plan import Plan
+from reconciler.plan import SETTLE_S, Plan
 from reconciler.status import NEW, LiveView, NextAction, StatusReport, TaskStatus, TreeState
 from reconciler.task import FieldValue, SyncStatus, TaskKey
 
@@ -218,11 +218,19 @@ def _matches(plan: Plan) -> str:
     declared += len(plan.ended)
     if plan.observed >= declared:
         return f"Live tasks match the desired tree ({plan.observed} read just now)."
-    rest = declared - plan.observed
-    return (
-        f"Live tasks match the desired tree for the {plan.observed} read; the other {rest} "
-        "could not be read and match the last-applied state."
-    )
+    parts = [f"Live tasks match the desired tree for the {plan.observed} compared with live"]
+    if plan.settling:
+        parts.append(
+            f"{plan.settling} were read within {SETTLE_S:g} s of our own call to them, too soon "
+            "to show it, and match the last-applied state"
+        )
+    rest = declared - plan.observed - plan.settling
+    if rest > 0:
+        parts.append(
+            f"{rest} could not be read (or are not visible to GetSegmentTask) and match the "
+            "last-applied state"
+        )
+    return "; ".join(parts) + "."
 
 
 def _ms(ms: int | None) -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from reconciler.emulator import EmulatorHandle
 from reconciler.observe import ObserveSchedule, sweep_seconds
+from reconciler.plan import SETTLE_S
 from reconciler.task import TaskKey
 from tests.conftest import run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
@@ -97,7 +98,7 @@ def test_a_full_sweep_takes_the_interval_or_what_the_budget_allows() -> None:
 
 # --- the daemon against the emulator ---------------------------------------------------
 
-WANTED = {"Identifier": "edu-hall", "Handle": True, "Duration": 20}
+WANTED: dict[str, object] = {"Identifier": "edu-hall", "Handle": True, "Duration": 20}
 
 
 def tree(root: Path, *, duration: int = 20) -> None:
@@ -238,6 +239,10 @@ def test_plan_refresh_plans_against_live_and_plain_plan_says_what_it_compared(
     assert "Live tasks match" not in plain.stdout, "never claimed without reading them"
 
     args = ("plan", "desired", "--state", "state.db", "--endpoint", h.url, "--refresh")
+    soon = run_cli(*args, "--detailed-exitcode", cwd=tmp_path)
+    assert soon.returncode == 0, soon.stderr
+    assert "3 were read within 5 s of our own call to them" in soon.stdout
+    time.sleep(SETTLE_S)  # reads now show our calls: they count
     fresh = run_cli(*args, "--detailed-exitcode", cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr
     assert "Live tasks match the desired tree (3 read just now)" in fresh.stdout
@@ -269,6 +274,7 @@ def test_apply_refresh_heals_and_records_what_it_read(
     h = running
     base = ("apply", "desired", "--state", "state.db", "--endpoint", h.url)
     assert run_cli(*base, cwd=tmp_path).returncode == 0
+    time.sleep(SETTLE_S)  # so that reads after the restart count
     h.restart_task(KEYS[2])
     blind = run_cli(*base, cwd=tmp_path)
     assert blind.returncode == 0 and calls(h)[KEYS[2]] == 1, "without --refresh: memory only"

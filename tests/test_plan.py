@@ -194,6 +194,7 @@ def test_json_shape_is_serialisable_and_stable() -> None:
         "format_version",
         "refreshed",
         "observed",
+        "settling",
         "summary",
         "calls",
         "releases",

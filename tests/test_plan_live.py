@@ -46,7 +46,7 @@ def live(
     return {K: from_segment_task(K, task, observed_at=APPLIED_AT + after)}
 
 
-WANTED = {"Identifier": "edu-hall-a", "Handle": True, "Duration": 20}
+WANTED: dict[str, FieldValue] = {"Identifier": "edu-hall-a", "Handle": True, "Duration": 20}
 
 
 def test_a_restart_gets_only_the_fields_its_new_incarnation_lacks() -> None:
