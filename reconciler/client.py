@@ -44,6 +44,8 @@ Events (``call.succeeded``, ``call.retried``, ``call.outcome_unknown``,
 the ``body`` (or ``query``) sent, and ``app_id``/``room_id``/``task_id`` when the
 call names a task. Every attempt is also reported as a :class:`CallEvent` to
 :attr:`RtcClient.stats` and to an optional ``on_call`` observer (metrics).
+``client.in_flight_limit`` (debug) says when the in-flight limit moved by a
+quarter or more, with the latency estimates it was computed from.
 
 Secrets: headers are never logged or put into errors, and any server text that
 echoes the secret key or session token is redacted before it goes anywhere.
