@@ -517,11 +517,13 @@ class Daemon:
         release = time.monotonic()
         try:
             while (key := await self.schedule.take(stop)) is not None:
-                await self._running.wait()  # paused by a credentials error: no reads either
                 release = max(release + gap, time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), release - time.monotonic())
                 await slots.acquire()
+                # Last, right before the read: a pause (credentials error) that began
+                # while this one waited for its turn holds it back too.
+                await self._running.wait()
                 if stop.is_set():
                     break
                 read = asyncio.create_task(self._read_in_slot(key, slots))

@@ -33,8 +33,6 @@ from reconciler.live import Observation, from_segment_task, not_found
 from reconciler.task import TaskKey
 
 GET_ACTION: Final = "GetSegmentTask"
-#: The API's own limit for GetSegmentTask; ``--read-qps`` may not exceed it.
-READ_QPS_MAX: Final = 60
 
 
 def sweep_seconds(tasks: int, *, interval: float, read_qps: int) -> float:

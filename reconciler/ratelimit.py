@@ -38,6 +38,8 @@ Clock = Callable[[], float]
 
 #: Default window widening that absorbs send/arrival jitter, in seconds.
 DEFAULT_GUARD = 0.015
+#: The API's own limit for GetSegmentTask; ``--read-qps`` may not exceed it.
+READ_QPS_MAX = 60
 
 _ACTION_FIELDS: Mapping[str, str] = {
     "UpdateSegment": "update",
