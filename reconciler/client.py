@@ -59,13 +59,15 @@ import json
 import random
 import socket
 import time
+import urllib.request
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -334,7 +336,47 @@ def _connect_failure(exc: BaseException, detail: str) -> str:
     return f"could not connect ({detail})"
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+class _Response(Protocol):
+    """What interpreting an answer needs; an ``httpx.Response`` is one."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def content(self) -> bytes: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """An aiohttp answer, read whole, in the shape :class:`_Response` asks for."""
+
+    status_code: int
+    content: bytes
+    headers: Mapping[str, str]
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
+def _env_proxy(endpoint: str) -> str | None:
+    """The proxy the environment names for ``endpoint`` (HTTPS_PROXY, NO_PROXY ...), if any."""
+    parts = urlsplit(endpoint)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
+def _signed_host(scheme: str, netloc: str) -> str:
+    """The Host as sent: a default port is left out (and signed without, as the SDK does)."""
+    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+    return netloc[: -len(default)] if default and netloc.endswith(default) else netloc
+
+
+def _retry_after(response: _Response) -> float | None:
     raw = response.headers.get("Retry-After")
     if raw is None:
         return None
@@ -386,6 +428,12 @@ class RtcClient:
         )
         self._logged_limit = self._limit.limit
         self._grow_pools(self._limit.limit)
+        # GETs (GetSegmentTask, the live reads) go through aiohttp: a read costs
+        # about a fifth of httpx's CPU, and a daemon reads all the time. Made on
+        # first use, inside the event loop. A given httpx transport (tests)
+        # takes every request.
+        self._reader: aiohttp.ClientSession | None = None
+        self._read_proxy: str | None = None
 
     def _grow_pools(self, limit: int) -> None:
         """Make pools until they can carry ``limit`` connections (never fewer pools)."""
@@ -457,6 +505,27 @@ class RtcClient:
     async def aclose(self) -> None:
         for pool in self._pools:
             await pool.aclose()
+        if self._reader is not None:
+            await self._reader.close()
+
+    def _read_session(self) -> aiohttp.ClientSession:
+        if self._reader is None:
+            cfg = self.config
+            self._reader = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=cfg.max_in_flight, ssl=self._ssl if self._ssl is not None else True
+                ),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.timeout
+                ),
+                headers={"User-Agent": USER_AGENT},
+                # With trust_env aiohttp looks up netrc and the proxy in a thread on
+                # every request; the proxy is looked up once instead (netrc never
+                # applies: requests carry their own signed Authorization).
+                trust_env=False,
+            )
+            self._read_proxy = _env_proxy(cfg.endpoint) if cfg.trust_env else None
+        return self._reader
 
     # -- the actions ---------------------------------------------------------
 
@@ -645,6 +714,8 @@ class RtcClient:
         payload: bytes,
         before_send: Callable[[], bool] | None = None,
     ) -> _Attempt:
+        if method == "GET" and self._transport is None:
+            return await self._read_attempt(action, params=params)
         headers = {"Content-Type": "application/json"} if method == "POST" else {}
         slot = await self.limiter.reserve(action)
         try:
@@ -699,7 +770,71 @@ class RtcClient:
             slot.mark()
         return _Attempt(self._interpret(action, method, response), latency, _retry_after(response))
 
-    def _interpret(self, action: str, method: str, response: httpx.Response) -> _Success | ApiError:
+    async def _read_attempt(self, action: str, *, params: Mapping[str, str]) -> _Attempt:
+        """One GET through aiohttp; the same slots, signing and interpretation as a POST."""
+        cfg = self.config
+        slot = await self.limiter.reserve(action)
+        try:
+            async with self._limit:
+                endpoint = urlsplit(cfg.endpoint)
+                host = endpoint.netloc
+                headers = sign(
+                    credentials=self._credentials,
+                    region=cfg.region,
+                    service=cfg.service,
+                    method="GET",
+                    host=_signed_host(endpoint.scheme, host),
+                    path="/",
+                    query=params,
+                    headers={},
+                    body=b"",
+                )
+                started = time.perf_counter()
+                try:
+                    with self._limit.measure(action):
+                        async with self._read_session().get(
+                            f"{endpoint.scheme}://{host}/",
+                            params=params,
+                            headers=headers,
+                            proxy=self._read_proxy,
+                        ) as resp:
+                            answer = _Answer(resp.status, await resp.read(), resp.headers)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    latency = (time.perf_counter() - started) * 1000
+                    return _Attempt(self._read_error(action, exc), latency)
+                latency = (time.perf_counter() - started) * 1000
+        finally:
+            slot.mark()  # after the answer: never before it could have arrived
+        return _Attempt(self._interpret(action, "GET", answer), latency, _retry_after(answer))
+
+    def _read_error(self, action: str, exc: BaseException) -> ApiError:
+        """An aiohttp failure, classified as :meth:`_transport_error` does httpx's."""
+        detail = self._scrub(str(exc)) or type(exc).__name__
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return RetryableError(
+                action=action,
+                code=errors.CONNECT_ERROR,
+                message=_connect_failure(exc.os_error, detail) + _NOT_SENT,
+            )
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return RetryableError(
+                action=action,
+                code=errors.CONNECT_TIMEOUT,
+                message=f"no connection within {self.config.connect_timeout:g} s" + _NOT_SENT,
+            )
+        if isinstance(exc, TimeoutError):
+            return OutcomeUnknownError(
+                action=action,
+                code=errors.TIMEOUT,
+                message=f"no answer in time ({type(exc).__name__})",
+            )
+        return OutcomeUnknownError(
+            action=action,
+            code=errors.CONNECTION_DROPPED,
+            message=f"connection lost ({type(exc).__name__}: {detail})",
+        )
+
+    def _interpret(self, action: str, method: str, response: _Response) -> _Success | ApiError:
         status = response.status_code
         try:
             envelope = Envelope.model_validate_json(response.content)

@@ -518,8 +518,7 @@ class Daemon:
         try:
             while (key := await self.schedule.take(stop)) is not None:
                 release = max(release + gap, time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), release - time.monotonic())
+                await asyncio.sleep(release - time.monotonic())  # at most 1/read_qps
                 await slots.acquire()
                 # Last, right before the read: a pause (credentials error) that began
                 # while this one waited for its turn holds it back too.
@@ -558,7 +557,8 @@ class Daemon:
             return
         self.metrics.observations.labels(str(obs.state)).inc()
         if key in self.index.tasks:  # not removed from the tree while it was read
-            self._on_observation(obs, last)
+            with self.recorder.store.bulk():  # the read and what it settles: one commit
+                self._on_observation(obs, last)
 
     def _first_time(self, key: TaskKey, what: str, signature: object) -> bool:
         """Whether this restart, drift or end of ``key`` is news (each is logged once).

@@ -640,3 +640,71 @@ def test_client_repr_shows_no_secret() -> None:
 
     text = asyncio.run(main())
     assert AK in text and SK not in text and TOKEN not in text
+
+
+# -- reads go through aiohttp: the same answers, errors and budget as httpx's POSTs ------
+
+
+def read(key: TaskKey) -> Callable[[RtcClient], Awaitable[Any]]:
+    async def use(client: RtcClient) -> Any:
+        return await client.get_segment_task(
+            app_id=key.app_id, room_id=key.room_id, task_id=key.task_id
+        )
+
+    return use
+
+
+def test_reads_are_signed_and_parsed_like_any_call() -> None:
+    with emulator() as h:
+        h.start_task(app_id=KEY.app_id, room_id="office-hours@prof.lin", task_id=KEY.task_id)
+        odd = TaskKey(KEY.app_id, "office-hours@prof.lin", KEY.task_id)  # '@' in the query
+        res = with_client(h.url, read(odd))
+        assert res.result["Status"] == 2 and res.result["Duration"] == 20
+        assert count(h.stats_snapshot(), "GetSegmentTask", "ok") == 1
+        with pytest.raises(NotRunningError):
+            with_client(h.url, read(TaskKey(KEY.app_id, "nobody", "t")))
+
+
+def test_a_read_of_an_endpoint_that_refuses_connections_is_unreachable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(UnreachableError) as caught:
+        with_client(url, read(KEY))
+    assert str(caught.value) == f"cannot reach {url}: connection refused (after 3 attempts)"
+
+
+def test_a_read_with_no_answer_in_time_is_a_timeout() -> None:
+    with emulator(latency_ms=800) as h:
+        h.start_task(app_id=KEY.app_id, room_id=KEY.room_id, task_id=KEY.task_id)
+        with pytest.raises(OutcomeUnknownError) as caught:
+            with_client(h.url, read(KEY), timeout=0.2, max_attempts=2)
+    assert caught.value.code == "Timeout" and caught.value.attempts == 2
+
+
+def test_a_read_answered_with_something_else_is_malformed() -> None:
+    from aiohttp import web
+
+    async def gateway(_: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>bad gateway")
+
+    async def main() -> ApiError:
+        app = web.Application()
+        app.router.add_get("/", gateway)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with RtcClient(CREDS, config=config(f"http://127.0.0.1:{port}")) as client:
+                with pytest.raises(ApiError) as caught:
+                    await read(KEY)(client)
+                return caught.value
+        finally:
+            await runner.cleanup()
+
+    error = asyncio.run(main())
+    assert isinstance(error, RetryableError), "a 502 is transient"
+    assert error.code == "MalformedResponse" and "bad gateway" in error.message
