@@ -8,6 +8,11 @@ Each call goes through the same pipeline, attempt by attempt::
 * The QPS slot is marked *sent* from an httpcore trace hook once the request is
   written, so the limiter paces what the server will see arrive, not when the
   client meant to send (see :mod:`reconciler.ratelimit`).
+* POSTs (UpdateSegment, ...) go through httpx; GETs (GetSegmentTask, the
+  daemon's constant live reads) through one ``aiohttp.ClientSession``, whose
+  request path costs a fraction of the CPU. Both share the slots, the signer
+  and :meth:`RtcClient._interpret`; a GET's slot is marked when its answer
+  arrives, which is never before the request could have (so never too early).
 * The in-flight limit is an :class:`~reconciler.concurrency.AdaptiveLimit`:
   it follows the observed latency (Little's law: the QPS budget times the
   latency, with headroom), from 64 before any answer, between a floor and
