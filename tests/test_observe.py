@@ -13,7 +13,9 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from reconciler.emulator import EmulatorHandle
@@ -118,6 +120,13 @@ def running(emulator: EmulatorHandle, tmp_path: Path) -> Iterator[EmulatorHandle
     yield emulator
 
 
+def admin(h: EmulatorHandle, verb: str, key: TaskKey, **fields: object) -> dict[str, Any]:
+    """``POST /_emulator/tasks/<verb>``: the emulator's admin API over real HTTP."""
+    resp = httpx.post(f"{h.url}/_emulator/tasks/{verb}", json={**key.identity(), **fields})
+    resp.raise_for_status()
+    return dict(resp.json()["task"])
+
+
 def synced_once(d: DaemonProcess, h: EmulatorHandle) -> None:
     d.wait_event("reconcile.completed")
     d.wait_event("task.synced", count=len(KEYS))
@@ -136,12 +145,13 @@ def test_a_restarted_task_gets_only_the_fields_it_lacks(
     with DaemonProcess(tmp_path, "desired", "--endpoint", h.url, *FAST) as d:
         synced_once(d, h)
         d.wait_event("observe.started")
-        # A new incarnation with StartSegment's defaults: a random Identifier, Duration 20.
-        fresh = h.restart_task(key)
-        assert fresh.identifier != "edu-hall-0" and fresh.duration == 20
+        # A new incarnation with StartSegment's defaults (a random Identifier, Duration 20),
+        # through the emulator's admin API, as an application backend would restart it.
+        fresh = admin(h, "restart", key)
+        assert fresh["Identifier"] != "edu-hall-0" and fresh["Duration"] == 20
         (restarted,) = d.wait_event("task.restarted", timeout=15)
-        assert restarted["new_start_time"] == fresh.start_time_ms
-        assert restarted["live"]["Identifier"] == fresh.identifier
+        assert restarted["new_start_time"] == fresh["StartTime"]
+        assert restarted["live"]["Identifier"] == fresh["Identifier"]
         wait_for(lambda: calls(h)[key] == 2, timeout=15)
         live = h.live(key)
         assert live is not None and live.identifier == "edu-hall-0"
@@ -159,7 +169,7 @@ def test_drift_by_another_client_is_healed(tmp_path: Path, running: EmulatorHand
     key = KEYS[1]
     with DaemonProcess(tmp_path, "desired", "--endpoint", h.url, *FAST) as d:
         synced_once(d, h)
-        h.set_task(key, duration=45)
+        admin(h, "set", key, Duration=45)  # as another client would
         (drift,) = d.wait_event("task.drifted", timeout=15)
         assert drift["policy"] == "heal"
         assert drift["fields"] == {"Duration": {"last_applied": 20, "live": 45}}
@@ -212,7 +222,7 @@ def test_an_ended_task_costs_no_calls_and_a_new_incarnation_is_applied_at_once(
     key = KEYS[0]
     with DaemonProcess(tmp_path, "desired", "--endpoint", h.url, *FAST) as d:
         synced_once(d, h)
-        h.end_task(key)
+        admin(h, "end", key)  # IdleTimeOut, as the service would end it
         (ended,) = d.wait_event(
             "task.not_running", lambda e: e.get("source") == "observation", timeout=15
         )

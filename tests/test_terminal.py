@@ -216,3 +216,23 @@ def test_apply_progress_moves_as_results_land_with_log_lines_above_it(
     assert again.returncode == 0
     assert "━" not in again.stderr and "\x1b[" not in again.stderr, "no bar off a terminal"
     assert "30 synced" in again.stdout
+
+
+def test_plan_refresh_shows_its_reads_moving_on_a_terminal(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    rooms = [f"room-{i:02d}" for i in range(10)]
+    for room in rooms:
+        emulator.start_task(app_id=APP, room_id=room, task_id="seg", duration=8)
+    rows = [{"RoomId": room, "TaskId": "seg", "Duration": 8} for room in rooms]
+    write(tmp_path / "desired", "many.yaml", tasks_yaml(APP, rows))
+    args = ("plan", "desired", "--refresh", "--endpoint", emulator.url, "--read-qps", "4")
+    mid_run = re.compile(rb"reads.*\b[1-9]/10\b")
+    with TerminalRun(*args, cwd=tmp_path) as term:
+        term.wait_for(lambda out: mid_run.search(out) is not None)
+        assert term.proc.poll() is None, "the bar moved while reads were still being made"
+        assert term.finish() == 0
+    screen = [row for row in term.screen() if row]
+    (bar,) = [row for row in screen if re.search(r"reads.*10/10", row)]
+    assert "10 running" in bar
+    assert any("Live tasks match the desired tree (10 read just now)" in row for row in screen)
