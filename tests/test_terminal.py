@@ -192,7 +192,7 @@ def test_apply_progress_moves_as_results_land_with_log_lines_above_it(
         emulator.start_task(app_id=APP, room_id=room, task_id="seg")
     rows = [{"RoomId": room, "TaskId": "seg", "Duration": 8} for room in rooms]
     write(tmp_path / "desired", "many.yaml", tasks_yaml(APP, rows))
-    args = ("apply", "desired", "--state", "state.db", "--endpoint", emulator.url, "--qps", "10")
+    args = ("apply", "desired", "--state", "state.db", "--endpoint", emulator.url, "--qps", "5")
     mid_run = re.compile(rb"calls.*\b([1-9]|1[0-9]|2[0-8])/30\b")
     with TerminalRun(*args, cwd=tmp_path, rows=80) as term:
         term.wait_for(lambda out: mid_run.search(out) is not None)
