@@ -541,6 +541,7 @@ class RtcClient:
         log_fields: Mapping[str, object] | None = None,
         attempts: int | None = None,
         before_send: Callable[[], bool] | None = None,
+        abort: asyncio.Event | None = None,
     ) -> CallResult:
         """Override Identifier / Handle / Duration of a running task."""
         return await self.call(
@@ -549,6 +550,7 @@ class RtcClient:
             log_fields=log_fields,
             attempts=attempts,
             before_send=before_send,
+            abort=abort,
         )
 
     async def start_segment(
@@ -576,6 +578,7 @@ class RtcClient:
         log_fields: Mapping[str, object] | None = None,
         attempts: int | None = None,
         before_send: Callable[[], bool] | None = None,
+        abort: asyncio.Event | None = None,
     ) -> CallResult:
         """Call ``action``: a POST with a JSON ``body``, or a GET with ``query``.
 
@@ -588,7 +591,8 @@ class RtcClient:
         QPS slots and is about to go out: it may record that the call is being
         made, or return ``False`` to withdraw it unsent
         (:class:`~reconciler.errors.CallWithdrawn`): a run that is stopping
-        drops calls still waiting for a slot instead of sending them.
+        drops calls still waiting for a slot instead of sending them. ``abort``
+        set while the first attempt waits for its QPS slot withdraws it at once.
         """
         cfg = self.config
         max_attempts = attempts or cfg.max_attempts
@@ -608,6 +612,7 @@ class RtcClient:
                 params=params,
                 payload=payload,
                 before_send=before_send if attempt == 1 else None,
+                abort=abort if attempt == 1 else None,
             )
             answer, latency = tried.answer, round(tried.latency_ms, 1)
             if isinstance(answer, _Success):
@@ -718,11 +723,12 @@ class RtcClient:
         params: Mapping[str, str],
         payload: bytes,
         before_send: Callable[[], bool] | None = None,
+        abort: asyncio.Event | None = None,
     ) -> _Attempt:
         if method == "GET" and self._transport is None:
             return await self._read_attempt(action, params=params)
         headers = {"Content-Type": "application/json"} if method == "POST" else {}
-        slot = await self.limiter.reserve(action)
+        slot = await self._reserve(action, abort)
         try:
             # The seat after the QPS slot: a caller waiting for its action's budget
             # holds no seat that a call of another action could use.
@@ -774,6 +780,37 @@ class RtcClient:
             # count it from now, which is never before it could have arrived.
             slot.mark()
         return _Attempt(self._interpret(action, method, response), latency, _retry_after(response))
+
+    async def _reserve(self, action: str, abort: asyncio.Event | None) -> Slot:
+        """The action's QPS slot, unless ``abort`` is set first (:class:`CallWithdrawn`).
+
+        A stopping run has hundreds of calls queued for slots; each would
+        otherwise wait its turn only to decline it, at the budget's pace.
+        """
+        if abort is None:
+            return await self.limiter.reserve(action)
+        if abort.is_set():
+            raise CallWithdrawn(action)
+        reserving = asyncio.ensure_future(self.limiter.reserve(action))
+        stopping = asyncio.ensure_future(abort.wait())
+        try:
+            await asyncio.wait([reserving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            reserving.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if not reserving.done():
+            reserving.cancel()  # the limiter gives a cancelled waiter's place up
+            try:
+                await reserving  # settles; it may have been granted in the meantime
+            except asyncio.CancelledError:
+                raise CallWithdrawn(action) from None
+        slot = reserving.result()
+        if abort.is_set():
+            slot.mark()  # granted, never used: it counts as sent, which is safe
+            raise CallWithdrawn(action)
+        return slot
 
     async def _read_attempt(self, action: str, *, params: Mapping[str, str]) -> _Attempt:
         """One GET through aiohttp; the same slots, signing and interpretation as a POST."""

@@ -302,6 +302,7 @@ class TaskReconciler:
                 log_fields=task_fields(key),
                 attempts=None if self._credentials_proven else self.probe_attempts,
                 before_send=before_send,
+                abort=self.stop,
             )
         except FatalError as exc:
             self._refused(exc)
