@@ -12,77 +12,47 @@ older commit) with this venv, so before/after figures come from one run.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import math
-import os
-import pty
-import re
-import select
-import signal
-import struct
-import subprocess
 import sys
 import tempfile
-import termios
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.terminal import TerminalRun  # noqa: E402
+
 COLUMNS = 120
 
 
 def run_demo(repo: Path, *, timeout: float = 60.0) -> str:
-    """The demo's terminal output up to its first ``reconcile.completed``."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, COLUMNS, 0, 0))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILER_", "NO_COLOR"))}
-    env.update(COLUMNS=str(COLUMNS), LINES="50", TERM="xterm-256color")
+    """The demo's terminal output (escape codes removed) up to its first ``reconcile.completed``."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "reconciler",
-            "run",
-            str(repo / "desired"),
-            "--emulator",
-            "--emulator-port",
-            "0",
+        args = ("run", repo / "desired", "--emulator", "--emulator-port", "0")
+        with TerminalRun(
+            *args,
             "--health-port",
             "0",
             "--state",
-            str(Path(tmp) / "state.db"),
-        ]
-        proc = subprocess.Popen(
-            cmd, cwd=repo, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True
-        )
-        os.close(slave)
-        out = b""
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline and b"reconcile.completed" not in out:
-                ready, _, _ = select.select([master], [], [], 0.2)
-                if ready:
-                    try:
-                        out += os.read(master, 65536)
-                    except OSError:
-                        break
-            time.sleep(0.3)  # anything printed right after the line itself
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
-                out += os.read(master, 65536)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            os.close(master)
-    text = out.decode(errors="replace").replace("\r\n", "\n")
-    if "reconcile.completed" not in text:
-        raise SystemExit(f"no reconcile.completed within {timeout}s:\n{text[-2000:]}")
-    head, _, rest = text.partition("reconcile.completed")
-    return head + "reconcile.completed" + rest.split("\n", 1)[0] + "\n"
+            Path(tmp) / "state.db",
+            cwd=repo,
+            env={"PYTHONPATH": str(repo)},
+            columns=COLUMNS,
+            rows=50,
+        ) as term:
+            # Today's console line says "every task handled"; older ones the event's name.
+            term.wait_for(
+                lambda out: b"every task handled" in out or b"reconcile.completed" in out,
+                timeout=timeout,
+            )
+            term.read(0.3)  # anything printed right after it
+            term.press("\x03")
+            term.finish(30)
+            text = term.text()
+    marker = "every task handled" if "every task handled" in text else "reconcile.completed"
+    head, _, rest = text.partition(marker)
+    return head + marker + rest.split("\n", 1)[0] + "\n"
 
 
 def main() -> None:
@@ -91,7 +61,7 @@ def main() -> None:
     parser.add_argument("--show", action="store_true", help="print the captured output too")
     args = parser.parse_args()
     text = run_demo(args.repo.resolve())
-    lines = [ANSI.sub("", line).rstrip("\r") for line in text.splitlines()]
+    lines = [line.rstrip("\r") for line in text.splitlines()]
     rows = sum(max(1, math.ceil(len(line) / COLUMNS)) for line in lines)
     if args.show:
         print(text)

@@ -22,7 +22,7 @@ import secrets
 import signal
 import sys
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
@@ -250,6 +250,13 @@ def read_applied(path: Path) -> tuple[dict[TaskKey, AppliedRecord], str | None]:
         return store.applied(), store.tree_root()
 
 
+def _stacked(f: F, decorators: Sequence[Callable[[Any], Any]]) -> F:
+    """Apply ``decorators`` as if written above ``f`` in this order."""
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
 def guard_options(f: F) -> F:
     """The guards against a wrong or emptied tree, shared by ``plan``, ``apply`` and ``run``."""
     decorators = [
@@ -277,9 +284,7 @@ def guard_options(f: F) -> F:
             help="Forget more tasks than --max-forget allows.",
         ),
     ]
-    for decorator in reversed(decorators):
-        f = decorator(f)
-    return f
+    return _stacked(f, decorators)
 
 
 def _check_max_forget(_: click.Context, param: click.Parameter, value: str) -> ForgetLimit:
@@ -722,9 +727,7 @@ def api_options(f: F) -> F:
             f"budget of their own beside --qps; the API allows {READ_QPS_MAX}.",
         ),
     ]
-    for decorator in reversed(decorators):
-        f = decorator(f)
-    return f
+    return _stacked(f, decorators)
 
 
 def client_config(
@@ -1015,10 +1018,7 @@ def record_live_outcomes(plan: Plan, recorder: Recorder, index: DesiredIndex) ->
         recorder.live_not_running(ended.task, ended.observation)
     for d in plan.drifts:
         if not d.healed:
-            moved = ", ".join(f"{n} {a!r} → {b!r}" for n, (a, b) in d.fields.items())
-            recorder.out_of_sync(
-                index.tasks[d.key], f"live values changed by another client: {moved}"
-            )
+            recorder.out_of_sync(index.tasks[d.key], d)
 
 
 async def _apply(

@@ -602,8 +602,7 @@ class Daemon:
                     desired={n: task.fields[n] for n in d.fields},
                 )
             if not d.healed:
-                changed = ", ".join(f"{n} {a!r} → {b!r}" for n, (a, b) in d.fields.items())
-                self.recorder.out_of_sync(task, f"live values changed by another client: {changed}")
+                self.recorder.out_of_sync(task, d)
                 self._out_of_sync.add(key)
         if not plan.drifts and key in self._out_of_sync:
             self._out_of_sync.discard(key)

@@ -35,7 +35,7 @@ from reconciler.errors import (
 )
 from reconciler.live import Observation
 from reconciler.observe import read_task
-from reconciler.plan import Call, Plan
+from reconciler.plan import Call, Drift, Plan
 from reconciler.state import StateStore
 from reconciler.task import AppliedRecord, DesiredTask, FieldValue, TaskKey
 
@@ -132,8 +132,12 @@ class Recorder:
             task.key, message=message, code=code, request_id=None, source=task.source
         )
 
-    def out_of_sync(self, task: DesiredTask, message: str) -> None:
-        self.store.record_out_of_sync(task.key, message=message, source=task.source)
+    def out_of_sync(self, task: DesiredTask, drift: Drift) -> None:
+        """Drift reported, not healed (``--drift report``): OutOfSync, saying what moved."""
+        moved = ", ".join(f"{n} {a!r} → {b!r}" for n, (a, b) in drift.fields.items())
+        self.store.record_out_of_sync(
+            task.key, message=f"live values changed by another client: {moved}", source=task.source
+        )
 
     def not_running(self, task: DesiredTask, error: ApiError) -> None:
         self.store.record_not_running(
