@@ -6,8 +6,12 @@ formats text itself. Output is JSON lines when stdout is not a terminal (or
 with ``--log-format json``) and short lines for people on a terminal
 (:mod:`reconciler.console`).
 
-A last processor drops any value that looks like a secret key, so a key that
-slips into an event by mistake is redacted rather than written.
+A processor drops any value that looks like a secret key, so a key that
+slips into an event by mistake is redacted rather than written. Only then do
+*subscribers* (:func:`subscribe`: the dashboard's recent events, webhook
+notifications) see each event, as a redacted copy; a subscriber must return
+at once, and one that raises is ignored, so it can never slow or break the
+code that logged.
 
 Writing an event never breaks control flow. Events go through
 :class:`SafeStream`: when its stream breaks (the reader of a pipe died, as in
@@ -25,7 +29,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -53,6 +57,34 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
             for secret in _redacted:
                 value = value.replace(secret, "[redacted]")
             event[key] = value
+    return event
+
+
+Subscriber = Callable[[Mapping[str, Any]], None]
+_subscribers: list[Subscriber] = []
+
+
+def subscribe(subscriber: Subscriber) -> Callable[[], None]:
+    """Call ``subscriber`` with every event written from now on; returns the unsubscribe.
+
+    It is called on the thread that logged, with the redacted event
+    (``event``, ``level``, ``timestamp`` and the fields), and must not block.
+    """
+    _subscribers.append(subscriber)
+
+    def unsubscribe() -> None:
+        with contextlib.suppress(ValueError):
+            _subscribers.remove(subscriber)
+
+    return unsubscribe
+
+
+def _publish(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _subscribers:
+        copy = dict(event)
+        for subscriber in tuple(_subscribers):
+            with contextlib.suppress(Exception):  # a subscriber never breaks the caller
+                subscriber(copy)
     return event
 
 
@@ -151,6 +183,7 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
+        _publish,
     ]
     if use_json:
         processors.append(structlog.processors.JSONRenderer(sort_keys=False))
