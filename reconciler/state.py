@@ -8,7 +8,11 @@ since when, when the daemon will try it again, the last call and error, and
 where the task was declared. The planner reads the rows as
 :class:`~reconciler.task.AppliedRecord` values; ``apply`` and the daemon write
 one result at a time; ``reconciler status`` lists them. A ``meta`` table holds
-facts about the whole store: the tree root it was applied from.
+facts about the whole store: the tree root it was applied from, and its
+*lineage* and *generation* (Terraform's lineage and serial): a random id made
+with the store, and a number bumped by every transaction that changes what
+the planner reads (anything but an observation), so a saved plan can tell
+that the store it was made from is still the store, unchanged.
 
 Durability. Every writer is one transaction, committed before it returns, so
 a process killed mid-run loses nothing already recorded. The database runs in
@@ -42,6 +46,7 @@ import gc
 import json
 import os
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,15 +181,28 @@ def _v4_live_observations(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v5_lineage_and_generation(conn: sqlite3.Connection) -> None:
+    # Saved plans (``plan --out``) name the store they were made from and its
+    # generation; ``apply FILE`` refuses a plan whose store has moved on.
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)",
+        [(LINEAGE_KEY, uuid.uuid4().hex), (GENERATION_KEY, "0")],
+    )
+
+
 #: Forward schema steps; step ``i`` takes a store from version ``i`` to ``i + 1``.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _v1_base,
     _v2_source_path_and_refusals,
     _v3_status_times_and_tree_root,
     _v4_live_observations,
+    _v5_lineage_and_generation,
 )
 #: ``meta`` key of the tree root the store was last applied from.
 TREE_ROOT_KEY: Final = "tree_root"
+#: ``meta`` keys of the store's random id and of its change counter.
+LINEAGE_KEY: Final = "lineage"
+GENERATION_KEY: Final = "generation"
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -418,16 +436,83 @@ WHERE business_id IS NOT excluded.business_id
 """
 
 
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    """A filter over the recorded tasks, for pages of them (every part empty: no filter).
+
+    Made for the dashboard, which pages through 100k rows in SQL rather than
+    loading them. ``path_glob`` is SQLite's ``GLOB`` on the recorded source
+    path (``*`` also crosses ``/``); ``text`` is a case-insensitive substring
+    of the ids, the source or the last error.
+    """
+
+    statuses: frozenset[str] = frozenset()
+    apps: frozenset[str] = frozenset()
+    #: :class:`~reconciler.live.LiveState` values; a task never read is ``unknown``.
+    lives: frozenset[str] = frozenset()
+    path_glob: str | None = None
+    text: str | None = None
+
+    def where(self, *, before: TaskKey | None = None) -> tuple[str, list[object]]:
+        """The ``WHERE`` clause (``"1"`` when empty) over ``tasks`` and its parameters."""
+        parts: list[str] = []
+        params: list[object] = []
+
+        def among(column: str, values: frozenset[str]) -> None:
+            parts.append(f"{column} IN ({', '.join('?' * len(values))})")
+            params.extend(sorted(values))
+
+        if self.statuses:
+            among("status", self.statuses)
+        if self.apps:
+            among("app_id", self.apps)
+        if self.lives:
+            # A correlated lookup by primary key, so the rows stay in key order.
+            among(
+                "COALESCE((SELECT o.state FROM observations o WHERE o.app_id = tasks.app_id"
+                " AND o.room_id = tasks.room_id AND o.task_id = tasks.task_id), 'unknown')",
+                self.lives,
+            )
+        if self.path_glob:
+            parts.append("source_path GLOB ?")
+            params.append(self.path_glob)
+        if self.text:
+            parts.append(
+                "instr(lower(app_id || ' ' || room_id || ' ' || task_id || ' ' ||"
+                " COALESCE(source, '') || ' ' || COALESCE(last_error_code, '') || ' ' ||"
+                " COALESCE(last_error, '')), ?) > 0"
+            )
+            params.append(self.text.lower())
+        if before is not None:
+            parts.append("(app_id, room_id, task_id) < (?, ?, ?)")
+            params.extend(before)
+        return " AND ".join(parts) or "1", params
+
+
 class StateStore:
     """The SQLite state store at :attr:`path`; open with :meth:`open`."""
 
     path: Path
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    #: The schema version the file had before this open migrated it (0: new).
+    opened_schema: int
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        *,
+        opened_schema: int = SCHEMA_VERSION,
+        read_only: bool = False,
+    ) -> None:
         # Use StateStore.open: it prepares the file, pragmas and schema.
         self.path = path
+        self.opened_schema = opened_schema
+        self._read_only = read_only
         self._conn: sqlite3.Connection | None = conn
         self._depth = 0
+        # A write inside the current transaction changed what the planner reads.
+        self._changed = False
 
     def __repr__(self) -> str:
         return f"StateStore(path={str(self.path)!r})"
@@ -447,16 +532,17 @@ class StateStore:
         path = Path(path)
         if read_only:
             _prepare_file(path, create=False)
-            return cls(path, _connect_read_only(path))
+            conn, opened_schema = _connect_read_only(path)
+            return cls(path, conn, opened_schema=opened_schema, read_only=True)
         # Process-wide, so set only while the files are made: WAL and SHM files
         # appear on the first access, and must come out owner-only too.
         old_umask = os.umask(0o077)
         try:
             _prepare_file(path, create=create)
-            conn = _connect(path)
+            conn, opened_schema = _connect(path)
         finally:
             os.umask(old_umask)
-        return cls(path, conn)
+        return cls(path, conn, opened_schema=opened_schema)
 
     def close(self) -> None:
         """Close the connection; further use is a :class:`StateError`. Idempotent."""
@@ -545,9 +631,53 @@ class StateStore:
             out[SyncStatus(status)] = n
         return out
 
+    def count_tasks(self, query: TaskQuery, *, before: TaskKey | None = None) -> int:
+        """How many rows ``query`` matches (only those sorting before ``before``, if given)."""
+        where, params = query.where(before=before)
+        ((n,),) = self._query(f"SELECT COUNT(*) FROM tasks WHERE {where}", params)
+        return int(n)
+
+    def page_tasks(self, query: TaskQuery, *, offset: int, limit: int) -> list[TaskState]:
+        """The rows ``query`` matches, sorted by key, from ``offset``: at most ``limit``."""
+        where, params = query.where()
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM tasks WHERE {where}"
+            " ORDER BY app_id, room_id, task_id LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        )
+        return [_row_to_state(row) for row in rows]
+
+    def latest_in_status(self, statuses: Sequence[SyncStatus], *, limit: int) -> list[TaskState]:
+        """Up to ``limit`` rows in ``statuses``, the latest to enter its status first."""
+        marks = ", ".join("?" * len(statuses))
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM tasks WHERE status IN ({marks})"
+            " ORDER BY status_since DESC, app_id, room_id, task_id LIMIT ?",
+            [*map(str, statuses), limit],
+        )
+        return [_row_to_state(row) for row in rows]
+
     def tree_root(self) -> str | None:
         """The tree root the store was last applied from (``None``: never recorded)."""
-        rows = self._query("SELECT value FROM meta WHERE key = ?", (TREE_ROOT_KEY,))
+        return self._meta(TREE_ROOT_KEY)
+
+    def lineage(self) -> str | None:
+        """The store's random id, made with it; ``None`` while an older file is only
+        migrated in memory (a read-only open), since that id is not the file's."""
+        if self.read_only and self.opened_schema < SCHEMA_VERSION:
+            return None
+        return self._meta(LINEAGE_KEY)
+
+    def generation(self) -> int:
+        """How many transactions changed what the planner reads (observations aside)."""
+        return int(self._meta(GENERATION_KEY) or 0)
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def _meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0][0]) if rows else None
 
     # -- writing -------------------------------------------------------------
@@ -575,7 +705,7 @@ class StateStore:
         All or nothing: an exception inside rolls every write of the block
         back. Nested blocks join the outermost one.
         """
-        with self._transaction("bulk write"):
+        with self._transaction("bulk write", changes_plan=False):
             yield
 
     def mark_pending(
@@ -766,6 +896,7 @@ class StateStore:
                 obs.stop_reason,
                 _encode_fields(obs.fields),
             ),
+            changes_plan=False,  # a read: the daemon's readers must not stale every saved plan
         )
 
     def record_incarnation(self, key: TaskKey, incarnation: int | None) -> None:
@@ -838,13 +969,21 @@ class StateStore:
         except sqlite3.Error as exc:
             raise StateError(f"state store {self.path}: cannot read: {exc}") from exc
 
-    def _execute(self, what: str, sql: str, params: Sequence[object]) -> None:
-        with self._transaction(what) as conn:
+    def _execute(
+        self, what: str, sql: str, params: Sequence[object], *, changes_plan: bool = True
+    ) -> None:
+        with self._transaction(what, changes_plan=changes_plan) as conn:
             conn.execute(sql, params)
 
     @contextmanager
-    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, what: str, *, changes_plan: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction (or a part of the enclosing ``bulk`` one).
+
+        ``changes_plan``: the writes change what the planner reads, so the
+        commit bumps the generation (once per transaction, in it).
+        """
         conn = self._connection()
+        self._changed |= changes_plan
         if self._depth:
             # Inside bulk(): the outer block commits.
             self._depth += 1
@@ -858,10 +997,13 @@ class StateStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            self._changed = False
             raise StateError(f"state store {self.path}: cannot {what}: {exc}") from exc
         self._depth = 1
         try:
             yield conn
+            if self._changed:
+                conn.execute(_BUMP_GENERATION, (GENERATION_KEY,))
             conn.execute("COMMIT")
         except BaseException as exc:
             _rollback(conn)
@@ -870,9 +1012,15 @@ class StateStore:
             raise
         finally:
             self._depth = 0
+            self._changed = False
 
 
 _MISSING: Final = object()
+
+_BUMP_GENERATION: Final = """
+INSERT INTO meta (key, value) VALUES (?, '1')
+ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
+"""
 
 _RECORD_OBSERVATION: Final = """
 INSERT INTO observations (app_id, room_id, task_id, observed_at, state, status, start_time,
@@ -943,8 +1091,9 @@ def _prepare_file(path: Path, *, create: bool) -> None:
         raise StateError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """Connect, set pragmas, check the file is ours, and migrate it forward."""
+def _connect(path: Path) -> tuple[sqlite3.Connection, int]:
+    """Connect, set pragmas, check the file is ours, and migrate it forward;
+    also returns the schema version the file had."""
     try:
         conn = sqlite3.connect(
             path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
@@ -953,7 +1102,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise StateError(f"state store {path}: cannot open: {exc}") from exc
     try:
         _configure(conn, path)
-        _migrate(conn, path)
+        opened_schema = _migrate(conn, path)
         _check_integrity(conn, path)
     except sqlite3.Error as exc:
         conn.close()
@@ -961,10 +1110,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     except BaseException:
         conn.close()
         raise
-    return conn
+    return conn, opened_schema
 
 
-def _connect_read_only(path: Path) -> sqlite3.Connection:
+def _connect_read_only(path: Path) -> tuple[sqlite3.Connection, int]:
     """A connection that cannot write ``path``; an old schema is migrated in memory."""
     try:
         conn = sqlite3.connect(
@@ -987,12 +1136,12 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
             )
         _check_integrity(conn, path)
         if version == SCHEMA_VERSION:
-            return conn
+            return conn, version
         memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         conn.backup(memory)
         conn.close()
         _migrate(memory, path, announce=False)
-        return memory
+        return memory, version
     except sqlite3.Error as exc:
         conn.close()
         raise StateError(f"state store {path} {_describe(exc)}") from exc
@@ -1021,7 +1170,8 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
-def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> int:
+    """Apply the forward steps the file lacks; returns the version it started at."""
     started: int | None = None
     while True:
         # Version read and step applied under one write lock, so two processes
@@ -1050,6 +1200,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> 
             log.info("state.migrated", path=str(path), from_schema=version, to_schema=version + 1)
     if started == 0 and announce:
         log.info("state.created", path=str(path), schema=SCHEMA_VERSION)
+    return started or 0
 
 
 def _check_identity(conn: sqlite3.Connection, path: Path, version: int) -> None:

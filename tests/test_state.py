@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import NotRunningError
+from reconciler.live import LiveState, Observation
 from reconciler.reconcile import Recorder
 from reconciler.state import (
     APPLICATION_ID,
@@ -596,7 +598,7 @@ def user_version(path: Path) -> int:
 def test_new_store_is_at_the_current_schema(db: Path) -> None:
     with open_store(db):
         pass
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     assert user_version(db) == SCHEMA_VERSION
     conn = sqlite3.connect(db)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
@@ -831,6 +833,47 @@ def test_read_only_open_migrates_a_v2_store_in_memory_only(tmp_path: Path) -> No
         (row,) = store.all()
         assert row.status_since == T0 and row.next_retry_at is None
     assert path.read_bytes() == before and user_version(path) == 2
+
+
+def test_generation_counts_changes_to_what_the_planner_reads_and_reads_do_not(db: Path) -> None:
+    with open_store(db) as store:
+        lineage = store.lineage()
+        assert lineage is not None and len(lineage) == 32 and store.generation() == 0
+        assert store.opened_schema == 0
+        store.mark_pending(KEY, source=SRC, business_id=None, at=T1)
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, at=T2
+        )
+        assert store.generation() == 2
+        store.record_observation(
+            Observation(key=KEY, observed_at=T2.timestamp(), state=LiveState.UNKNOWN)
+        )
+        assert store.generation() == 2, "a read changes nothing a plan depends on"
+        with store.bulk():  # one transaction, one bump
+            store.record_incarnation(KEY, 123)
+            store.record_tree_root("/srv/config/desired")
+        assert store.generation() == 3
+        with contextlib.suppress(RuntimeError), store.bulk():
+            store.forget(KEY)
+            raise RuntimeError("rolled back")
+        assert store.generation() == 3 and store.get(KEY) is not None
+    with StateStore.open(db, create=False, read_only=True) as store:
+        assert (store.lineage(), store.generation(), store.opened_schema) == (lineage, 3, 5)
+    with StateStore.open(db, create=False) as store:
+        assert store.lineage() == lineage, "the lineage is made once, with the store"
+
+
+def test_an_older_store_gets_its_lineage_when_the_file_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    write_v2_store(path)
+    with StateStore.open(path, create=False, read_only=True) as store:
+        # Migrated in memory only: an id made now would not be the file's.
+        assert store.lineage() is None and store.generation() == 0 and store.opened_schema == 2
+    with StateStore.open(path, create=False) as store:
+        assert store.opened_schema == 2 and store.lineage() is not None
+        lineage = store.lineage()
+    with StateStore.open(path, create=False, read_only=True) as store:
+        assert store.lineage() == lineage
 
 
 def test_status_since_survives_retries_that_end_where_they_began(db: Path) -> None:
