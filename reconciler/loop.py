@@ -136,7 +136,10 @@ class Daemon:
         self._out_of_sync: set[TaskKey] = set(
             recorder.store.keys_with_status(SyncStatus.OUT_OF_SYNC)
         )
-        metrics.watch_observations(self.oldest_observation_age)
+        metrics.watch_observations(self.oldest_observation_age, sweep=self.sweep_seconds)
+        metrics.watch_readiness(
+            ready=lambda: self.readiness() is None, paused=lambda: self._paused_reason is not None
+        )
         self._announced: dict[tuple[TaskKey, str], object] = {}
 
     # --- readiness ---------------------------------------------------------------
@@ -470,6 +473,15 @@ class Daemon:
             for k in self.index.tasks
         )
         return max(0.0, time.time() - oldest)
+
+    def sweep_seconds(self) -> float:
+        """Seconds one full sweep of reads should take now (0: not observing)."""
+        if not self.config.observe:
+            return 0.0
+        cfg = self.config
+        return sweep_seconds(
+            len(self.index.tasks), interval=cfg.observe_interval, read_qps=cfg.read_qps
+        )
 
     def _track_desired(self) -> None:
         """Keep the read schedule in line with the desired index."""

@@ -4,7 +4,8 @@ Counters and the latency histogram are fed by the client's per-attempt
 observer (:meth:`Metrics.on_call`); gauges that describe current state (tasks
 by sync status, queue depth, invalid files) are read at scrape time from
 callables the daemon hands in, so they can never drift from the truth: tasks
-by status, tasks held by invalid files, forgets refused by the guard.
+by status, tasks held by invalid files, forgets refused by the guard,
+readiness and the credentials pause (so alerts need no probe of their own).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from reconciler.client import CallEvent
 from reconciler.task import SyncStatus
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: ``reconciler_notifications_total``'s ``result`` values (:mod:`reconciler.notify`).
+NOTIFICATION_RESULTS = ("sent", "failed", "dropped")
 
 
 class _StatusCollector(Collector):
@@ -55,8 +58,11 @@ class _DaemonCollector(Collector):
 
 
 class _ObservationCollector(Collector):
-    def __init__(self, oldest_age: Callable[[], float | None]) -> None:
+    def __init__(
+        self, oldest_age: Callable[[], float | None], sweep: Callable[[], float] | None
+    ) -> None:
         self._oldest_age = oldest_age
+        self._sweep = sweep
 
     def collect(self) -> Iterator[Metric]:
         age = self._oldest_age()
@@ -65,6 +71,32 @@ class _ObservationCollector(Collector):
             "Seconds since the least recently read desired task was read "
             "(a task never read counts from the daemon's start).",
             value=0.0 if age is None else age,
+        )
+        if self._sweep is not None:
+            yield GaugeMetricFamily(
+                "reconciler_observe_sweep_seconds",
+                "Seconds one full sweep of reads should take: max(--observe-interval, "
+                "desired tasks / --read-qps); 0 with --no-observe. The oldest observation's "
+                "age stays near it while the observer keeps up.",
+                value=self._sweep(),
+            )
+
+
+class _ReadinessCollector(Collector):
+    def __init__(self, *, ready: Callable[[], bool], paused: Callable[[], bool]) -> None:
+        self._ready = ready
+        self._paused = paused
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "reconciler_ready",
+            "1 while /readyz answers 200 (first reconcile done, calls not paused), else 0.",
+            value=1 if self._ready() else 0,
+        )
+        yield GaugeMetricFamily(
+            "reconciler_calls_paused",
+            "1 while every call and read is paused by a credentials or permission error.",
+            value=1 if self._paused() else 0,
         )
 
 
@@ -158,6 +190,16 @@ class Metrics:
             "Unix time when the last full reconcile pass finished.",
             registry=r,
         )
+        self.notifications = Counter(
+            "reconciler_notifications",
+            "Webhook notifications (one per task or daemon event, per --notify URL) by "
+            "result: sent, failed (the message was refused or unreachable after retries), "
+            "dropped (the queue was full, or shutdown came first).",
+            ["result"],
+            registry=r,
+        )
+        for result in NOTIFICATION_RESULTS:  # every series exists from the start, at 0
+            self.notifications.labels(result)
 
     def watch_status(self, counts: Callable[[], Mapping[SyncStatus, int]]) -> None:
         self.registry.register(_StatusCollector(counts))
@@ -170,9 +212,20 @@ class Metrics:
             _DaemonCollector(held_tasks=held_tasks, forget_refused=forget_refused)
         )
 
-    def watch_observations(self, oldest_age: Callable[[], float | None]) -> None:
-        """The age of the oldest observation of a desired task, read at scrape time."""
-        self.registry.register(_ObservationCollector(oldest_age))
+    def watch_observations(
+        self,
+        oldest_age: Callable[[], float | None],
+        *,
+        sweep: Callable[[], float] | None = None,
+    ) -> None:
+        """The age of the oldest observation of a desired task, and the sweep it should
+        stay near (an alert compares the two), read at scrape time."""
+        self.registry.register(_ObservationCollector(oldest_age, sweep))
+
+    def watch_readiness(self, *, ready: Callable[[], bool], paused: Callable[[], bool]) -> None:
+        """Readiness and the credentials pause as gauges, read at scrape time, so an
+        alert needs no probe of its own."""
+        self.registry.register(_ReadinessCollector(ready=ready, paused=paused))
 
     def watch_client(
         self, *, limit: Callable[[], int], latency_ms: Callable[[], Mapping[str, float]]
