@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from reconciler.events import get_logger
 from reconciler.live import LiveState, Observation
@@ -71,6 +71,26 @@ log = get_logger()
 
 class StateError(Exception):
     """The state store cannot be used: missing, unreadable, corrupt, too new, closed."""
+
+
+class FencedError(StateError):
+    """A write refused because this replica no longer leads (another one took over).
+
+    Raised by a :class:`Fencing` check inside the write's own transaction, so
+    the transaction records nothing.
+    """
+
+
+class Fencing(Protocol):
+    """What a shared (PostgreSQL) store asks before every write transaction.
+
+    ``check`` runs inside the transaction, before its writes, on the same
+    connection (``cursor`` is that connection's); it raises
+    :class:`FencedError` when the writer has been deposed.
+    :class:`reconciler.leader.Leadership` is the one implementation.
+    """
+
+    def check(self, cursor: Any) -> None: ...
 
 
 Migration = Callable[[sqlite3.Connection], None]
