@@ -1077,6 +1077,17 @@ def _start_tree_tasks(emulator: Emulator, index: DesiredIndex) -> int:
     return len(index.tasks)
 
 
+def _check_notify(
+    _: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    from reconciler.notify import check_url, redact_url
+
+    for url in value:
+        if (problem := check_url(url)) is not None:
+            raise click.BadParameter(f"{redact_url(url)}: {problem}", param=param)
+    return value
+
+
 @main.command()
 @dir_argument
 @state_option
@@ -1149,6 +1160,16 @@ def _start_tree_tasks(emulator: Emulator, index: DesiredIndex) -> int:
     help="Read live tasks (GetSegmentTask) and plan against them; --no-observe compares "
     "with last-applied only.",
 )
+@_option(
+    "--notify",
+    env="NOTIFY",
+    metavar="URL",
+    multiple=True,
+    callback=_check_notify,
+    help="Post Slack-compatible JSON to this webhook when a task fails, a restart or drift "
+    "is healed, calls pause or resume, or a mass forget is held (repeatable; the variable "
+    "takes URLs separated by spaces). Bursts are coalesced; the URL is never logged whole.",
+)
 def run(
     directory: Path,
     state: Path,
@@ -1165,6 +1186,7 @@ def run(
     drift: DriftPolicy,
     observe_interval: float,
     observe: bool,
+    notify: tuple[str, ...],
     **api: Any,
 ) -> None:
     """The daemon: watch the tree, reconcile, resync; SIGTERM/SIGINT drain and exit 0."""
@@ -1205,6 +1227,7 @@ def run(
                 embedded=embedded,
                 emulator_port=emulator_port,
                 health=(health_host, health_port),
+                notify=notify,
             )
         )
 
@@ -1218,6 +1241,7 @@ async def _run_daemon(
     embedded: bool,
     emulator_port: int,
     health: tuple[str, int],
+    notify: Sequence[str] = (),
 ) -> None:
     from reconciler.client import RtcClient
     from reconciler.emulator import Emulator, EmulatorConfig
@@ -1248,6 +1272,13 @@ async def _run_daemon(
     metrics = Metrics()
     recorder = Recorder(store)
     metrics.watch_status(store.counts)
+    notifier = None
+    if notify:
+        from reconciler.notify import Notifier
+
+        # Before the daemon, so the first pass's failures are told too.
+        notifier = Notifier(notify, counter=metrics.notifications)
+        await notifier.start()
     try:
         async with RtcClient(creds, config=config, on_call=metrics.on_call) as client:
             metrics.watch_client(
@@ -1285,6 +1316,8 @@ async def _run_daemon(
             finally:
                 await server.stop()
     finally:
+        if notifier is not None:
+            await notifier.close()  # bounded: a hanging webhook cannot hold the exit
         if emulator is not None:
             await emulator.stop()
 
