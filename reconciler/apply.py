@@ -22,15 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from reconciler import events
 from reconciler.errors import CallWithdrawn, FatalError
-from reconciler.plan import Call, Plan
-from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler
-from reconciler.task import TaskKey
+from reconciler.live import Observation
+from reconciler.plan import SETTLE_S, Call, Plan
+from reconciler.reconcile import Outcome, Recorder, Result
+from reconciler.rollout import CanaryState, Gate, TokenBucket, check_canary, judge
+from reconciler.task import DesiredTask, TaskKey
 
 
 @dataclass(slots=True)
@@ -44,6 +49,10 @@ class ApplyReport:
     fatal: FatalError | None = None
     #: ``stop`` was set before every call was made.
     interrupted: bool = False
+    #: Why the canaries failed (``--canary``); the rest of the rollout was not sent.
+    canary_failed: str | None = None
+    #: Changes held back because the canaries failed (also in ``not_started``).
+    held: list[TaskKey] = field(default_factory=list)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome is outcome)
@@ -59,10 +68,16 @@ class ApplyReport:
         )
 
 
+class Reconciles(Protocol):
+    """What a pass needs of a reconciler: :class:`TaskReconciler`, or one pacing it."""
+
+    async def reconcile(self, call: Call) -> Result: ...
+
+
 async def apply_plan(
     plan: Plan,
     *,
-    reconciler: TaskReconciler,
+    reconciler: Reconciles,
     recorder: Recorder,
     workers: int,
     on_result: Callable[[Result], None] | None = None,
@@ -137,7 +152,7 @@ class _PassEnd:
 async def _pass(
     calls: Sequence[Call],
     *,
-    reconciler: TaskReconciler,
+    reconciler: Reconciles,
     workers: int,
     stop: asyncio.Event,
     drain_timeout: float,
@@ -186,3 +201,169 @@ async def _pass(
     if crashed:
         raise crashed[0]
     return _PassEnd(abandoned=abandoned, fatal=fatal[0] if fatal else None)
+
+
+class PacedReconciler:
+    """A reconciler whose calls for ``paced`` keys wait for a token first.
+
+    ``--max-changes-per-minute``: changes are paced, heals are not.
+
+    The bucket is a value (:class:`~reconciler.rollout.TokenBucket`); this
+    shell only keeps it and sleeps. A call still waiting when ``stop`` is set
+    is withdrawn unsent (:class:`~reconciler.errors.CallWithdrawn`).
+    """
+
+    def __init__(
+        self,
+        inner: Reconciles,
+        *,
+        bucket: TokenBucket,
+        paced: Collection[TaskKey],
+        stop: asyncio.Event,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.bucket = bucket
+        self.paced = paced
+        self.stop = stop
+        self._clock = clock
+
+    async def reconcile(self, call: Call) -> Result:
+        if call.key in self.paced:
+            while True:
+                bucket, wait = self.bucket.take(self._clock())
+                if not wait:
+                    self.bucket = bucket
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), wait)
+                if self.stop.is_set():
+                    raise CallWithdrawn(call.action)
+        return await self.inner.reconcile(call)
+
+
+async def apply_rollout(
+    plan: Plan,
+    gate: Gate,
+    *,
+    reconciler: Reconciles,
+    recorder: Recorder,
+    desired: Mapping[TaskKey, DesiredTask],
+    read_back: Callable[[Sequence[TaskKey]], Awaitable[Mapping[TaskKey, Observation]]],
+    workers: int,
+    on_result: Callable[[Result], None] | None = None,
+    stop: asyncio.Event | None = None,
+    drain_timeout: float = 20.0,
+    settle_s: float = SETTLE_S,
+) -> ApplyReport:
+    """Make the calls ``gate`` lets go: heals and canaries first, the rest once the
+    canaries are observed Synced (``read_back`` reads them after the settle window).
+
+    Without canaries this is one :func:`apply_plan` of ``gate.send``. A canary
+    that fails (its call failed or found the task not running, or the read
+    shows other values or no running task) stops the rollout: the rest are
+    not sent, and the report's ``canary_failed`` says why.
+    """
+    stop = stop if stop is not None else asyncio.Event()
+    later = set(gate.after_canaries)
+    first = dataclasses.replace(plan, calls=tuple(c for c in gate.send if c.key not in later))
+    report = await apply_plan(
+        first,
+        reconciler=reconciler,
+        recorder=recorder,
+        workers=workers,
+        on_result=on_result,
+        stop=stop,
+        drain_timeout=drain_timeout,
+    )
+    rest = tuple(c for c in gate.send if c.key in later)
+    if not rest or not report.ok or stop.is_set():
+        report.not_started += [c.key for c in rest]
+        return report
+    verdict, why = await _confirm_canaries(
+        gate.canaries,
+        report=report,
+        recorder=recorder,
+        desired=desired,
+        read_back=read_back,
+        stop=stop,
+        settle_s=settle_s,
+    )
+    log = events.get_logger()
+    if verdict is not CanaryState.PASSED:
+        report.canary_failed = why
+        report.held = [c.key for c in rest]
+        report.not_started += report.held
+        log.error(
+            "rollout.canary_failed",
+            canaries=[str(k) for k in gate.canaries],
+            reason=why,
+            held=len(rest),
+        )
+        return report
+    log.info("rollout.promoted", canaries=[str(k) for k in gate.canaries], changes=len(rest))
+    second = dataclasses.replace(
+        plan, calls=rest, releases=(), forgotten=(), bookkeeping=(), incarnations=()
+    )
+    more = await apply_plan(
+        second,
+        reconciler=reconciler,
+        recorder=recorder,
+        workers=workers,
+        on_result=on_result,
+        stop=stop,
+        drain_timeout=drain_timeout,
+    )
+    report.results += more.results
+    report.not_started += more.not_started
+    report.abandoned += more.abandoned
+    report.fatal = more.fatal
+    report.interrupted = more.interrupted
+    return report
+
+
+async def _confirm_canaries(
+    canaries: Sequence[TaskKey],
+    *,
+    report: ApplyReport,
+    recorder: Recorder,
+    desired: Mapping[TaskKey, DesiredTask],
+    read_back: Callable[[Sequence[TaskKey]], Awaitable[Mapping[TaskKey, Observation]]],
+    stop: asyncio.Event,
+    settle_s: float,
+) -> tuple[CanaryState, str]:
+    """Wait out the settle window after the canaries' calls, read them, judge them."""
+    outcomes = {r.key: r for r in report.results}
+    failures: dict[TaskKey, str] = {}
+    for key in canaries:
+        result = outcomes.get(key)
+        if result is not None and result.outcome is not Outcome.SYNCED:
+            failures[key] = f"its call ended {result.outcome.value}: {result.error or ''}".rstrip(
+                ": "
+            )
+    if not failures:
+        applied = [recorder.applied[k].applied_at for k in canaries if k in recorder.applied]
+        last = max((a for a in applied if a is not None), default=time.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, last + settle_s + 0.2 - time.time()))
+        if stop.is_set():
+            return CanaryState.PENDING, "interrupted before the canaries were confirmed"
+        for obs in (await read_back(list(canaries))).values():
+            recorder.observed(obs)
+    checks = [
+        check_canary(
+            key,
+            task.spec_hash() if (task := desired.get(key)) is not None else "",
+            task=task,
+            record=recorder.applied.get(key),
+            observation=recorder.observations.get(key),
+            failure=failures.get(key),
+            settle_s=settle_s,
+        )
+        for key in canaries
+    ]
+    state, why = judge(checks)
+    if state is CanaryState.PENDING:
+        pending = next(c for c in checks if c.state is not CanaryState.PASSED)
+        why = f"{pending.key}: not confirmed: {pending.reason}"
+    return state, why

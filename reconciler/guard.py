@@ -38,8 +38,12 @@ FORGET_FLOOR: Final = 5
 _LIMIT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*")
 
 
-def parse_max_forget(text: str) -> float:
-    """``"10%"`` or ``"0.1"`` → ``0.1``; a :class:`ValueError` says what to write instead."""
+def parse_share(text: str) -> float:
+    """``"10%"`` or ``"0.1"`` → ``0.1``; a :class:`ValueError` says what to write instead.
+
+    The one parser of a share of the known tasks: ``--max-forget`` here,
+    ``--max-change`` in :mod:`reconciler.rollout`.
+    """
     match = _LIMIT.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a percentage such as 10% or a fraction such as 0.1")
@@ -51,6 +55,16 @@ def parse_max_forget(text: str) -> float:
     if number > 1:
         raise ValueError(f"{text!r} is more than 1: write {match.group(1)}% for a percentage")
     return number
+
+
+#: The name ``--max-forget`` was parsed by first.
+parse_max_forget = parse_share
+
+
+def allowed_at_once(fraction: float, floor: int, known: int) -> int:
+    """The most of ``known`` tasks one plan may touch: a share, never below ``floor``."""
+    # The epsilon keeps 10% of 50 at 5, not 4, despite 0.1 * 50 in floats.
+    return max(floor, math.floor(fraction * known + 1e-9))
 
 
 def format_fraction(fraction: float) -> str:
@@ -67,8 +81,7 @@ class ForgetLimit:
 
     def allowed(self, known: int) -> int:
         """The most tasks of ``known`` that one plan may forget."""
-        # The epsilon keeps 10% of 50 at 5, not 4, despite 0.1 * 50 in floats.
-        return max(self.floor, math.floor(self.fraction * known + 1e-9))
+        return allowed_at_once(self.fraction, self.floor, known)
 
     def __str__(self) -> str:
         return format_fraction(self.fraction)

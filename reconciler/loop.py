@@ -62,7 +62,23 @@ from reconciler.live import Observation
 from reconciler.metrics import Metrics
 from reconciler.observe import ObserveSchedule, sweep_seconds
 from reconciler.plan import SETTLE_S, DriftPolicy, Plan, compute_plan
-from reconciler.reconcile import Outcome, Recorder, TaskReconciler, task_fields
+from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler, task_fields
+from reconciler.rollout import (
+    CanaryState,
+    ChangeControl,
+    ChangeKind,
+    MassChange,
+    Reason,
+    Rollout,
+    TokenBucket,
+    Waiting,
+    check_canary,
+    check_changes,
+    classify,
+    judge,
+    start_rollout,
+    window_waiting,
+)
 from reconciler.task import SyncStatus, TaskKey
 from reconciler.watch import TreeChange, watch_tree
 from reconciler.workqueue import WorkQueue
@@ -90,6 +106,8 @@ class DaemonConfig:
     read_qps: int = 20
     drift: DriftPolicy = "heal"
     settle_s: float = SETTLE_S
+    #: Sync windows, the mass-change gate, the rate cap and the canary.
+    control: ChangeControl = dataclasses.field(default_factory=ChangeControl)
 
 
 class Daemon:
@@ -141,6 +159,21 @@ class Daemon:
             ready=lambda: self.readiness() is None, paused=lambda: self._paused_reason is not None
         )
         self._announced: dict[tuple[TaskKey, str], object] = {}
+        # Change control, decided by rollout.py from these (see "change control" below).
+        self._pending: dict[TaskKey, tuple[ChangeKind, str]] = {}
+        self._pending_changes = 0
+        self._waiting: dict[TaskKey, Waiting] = {}
+        self._wait_told: dict[TaskKey, object] = {}
+        self._mass: MassChange | None = None
+        self._rollout: Rollout | None = None
+        self._canary_failures: dict[TaskKey, str] = {}
+        cap = config.control.max_changes_per_minute
+        self._bucket = TokenBucket(cap) if cap else None
+        metrics.watch_change_control(
+            waiting=self.waiting_counts,
+            mass_change_held=lambda: 0 if self._mass is None else self._pending_changes,
+            canary_failed=lambda: self._rollout is not None and self._rollout.failed is not None,
+        )
 
     # --- readiness ---------------------------------------------------------------
 
@@ -169,6 +202,14 @@ class Daemon:
             out.append(f"{_count(invalid, 'invalid file')} holding {_count(held, 'task')}")
         if self._refusal is not None:
             out.append(f"{self._refusal}; their records are kept")
+        if self._mass is not None:
+            out.append(f"{self._mass}; the changes are held until fewer are pending")
+        if self._rollout is not None and self._rollout.failed is not None:
+            held = sum(1 for w in self._waiting.values() if w.reason is Reason.CANARY_FAILED)
+            out.append(
+                f"rollout stopped: canary failed: {self._rollout.failed}; "
+                f"{_count(held, 'change')} held until the desired spec changes"
+            )
         return out
 
     def held_tasks(self) -> int:
@@ -315,6 +356,7 @@ class Daemon:
             only = {*only, *self._withheld}  # decide the withheld forgets with the rest
         plan = self._guard(self._plan(only))
         self.recorder.bookkeeping(plan)
+        self._note(plan, only)
         for w in plan.warnings:
             self.log.warning("plan.warning", code=w.code, message=w.message, **task_fields(w.key))
         for key in (c.key for c in plan.calls):
@@ -380,9 +422,14 @@ class Daemon:
             self._withheld |= {key}
             plan = dataclasses.replace(plan, forgotten=())
         self.recorder.bookkeeping(plan)
+        self._note(plan, [key])
         if not plan.calls:
             self.queue.forget(key)
             return True
+        if (wait := self._admit(plan)) is not None:
+            self._hold(wait)
+            return True
+        self._release(key)
         try:
             result = await self.reconciler.reconcile(plan.calls[0])
         except CallWithdrawn:
@@ -392,6 +439,7 @@ class Daemon:
             await self._pause(exc)
             return False
         self._fatal_pauses = 0
+        self._after_call(plan, result)
         if self.config.observe and key in self.index.tasks:
             # Read-after-write: confirm soon, but after the settle window, so the
             # read that counts shows our call (a stale one never causes another).
@@ -420,6 +468,228 @@ class Daemon:
         self._running.set()
         if not self._stop.is_set():
             self.log.info("daemon.resumed")
+
+    # --- change control ------------------------------------------------------------
+    #
+    # Level-based: ``_pending`` mirrors the non-heal calls the latest plans hold
+    # (key -> kind and desired spec), updated wherever a plan is made. The
+    # decisions are rollout.py's pure functions of it, the recorded and observed
+    # state and the clock; a waiting task is queued again when its gate can open
+    # (a window's opening, the next token), or when the hold is lifted
+    # (the mass change clears, the canaries pass or the rollout ends).
+
+    def waiting_counts(self) -> dict[str, int]:
+        """Tasks waiting by reason (every reason, zeros included)."""
+        counts = {str(r): 0 for r in Reason}
+        for w in self._waiting.values():
+            counts[str(w.reason)] += 1
+        return counts
+
+    def _kind(self, plan: Plan, key: TaskKey) -> ChangeKind:
+        call = plan.calls[0]
+        drifted = next((tuple(d.fields) for d in plan.drifts if d.key == key and d.healed), ())
+        return classify(
+            call,
+            record=self.recorder.applied.get(key),
+            restarted=any(r.key == key for r in plan.restarts),
+            drifted=drifted,
+        )
+
+    def _note(self, plan: Plan, only: Iterable[TaskKey] | None) -> None:
+        """Bring the mirror of pending changes in line with ``plan`` (of ``only``, or all)."""
+        calls = {c.key: c for c in plan.calls}
+        scope: Iterable[TaskKey] = self._pending.keys() | calls.keys() if only is None else only
+        for key in list(scope):
+            call = calls.get(key)
+            old = self._pending.pop(key, None)
+            if old is not None and old[0] is ChangeKind.CHANGE:
+                self._pending_changes -= 1
+            if call is None:
+                self._release(key)
+                continue
+            kind = self._kind(dataclasses.replace(plan, calls=(call,)), key)
+            if kind is ChangeKind.HEAL:
+                continue
+            self._pending[key] = (kind, call.task.spec_hash())
+            self._pending_changes += kind is ChangeKind.CHANGE
+        self._judge_mass()
+        if self._rollout is not None:
+            self._judge_rollout()
+
+    def _judge_mass(self) -> None:
+        control = self.config.control
+        if control.allow_mass_change:
+            return
+        refusal = check_changes(
+            self._pending_changes, known=len(self.recorder.applied), limit=control.max_change
+        )
+        if refusal is not None and self._mass is None:
+            self.log.error(
+                "plan.mass_change_held",
+                root=str(self.config.root),
+                changes=refusal.changes,
+                known=refusal.known,
+                allowed=refusal.allowed,
+                max_change=str(refusal.limit),
+            )
+        elif refusal is None and self._mass is not None:
+            self.log.info("plan.mass_change_cleared", changes=self._pending_changes)
+            self._requeue(Reason.MASS_CHANGE)
+        self._mass = refusal
+
+    def _admit(self, plan: Plan) -> Waiting | None:
+        """``None`` if the plan's one call may go now, else why it waits."""
+        call, control = plan.calls[0], self.config.control
+        key = call.key
+        kind = self._kind(plan, key)
+        now = datetime.now(UTC)
+        verdict = control.windows.verdict(
+            app_id=key.app_id, path=call.source.path, heal=kind is ChangeKind.HEAL, now=now
+        )
+        if not verdict.allowed:
+            return window_waiting(key, verdict)
+        if kind is ChangeKind.HEAL:
+            return None
+        spec = call.task.spec_hash()
+        if kind is ChangeKind.CHANGE and self._mass is not None:
+            return Waiting(key, Reason.MASS_CHANGE, f"held: {self._mass}")
+        if control.canary:
+            rollout = self._current_rollout()
+            if rollout is not None and (held := rollout.admits(key, spec)) is not None:
+                return held
+        if self._bucket is not None:
+            bucket, wait = self._bucket.take(time.monotonic())
+            if wait:
+                ahead = sum(1 for w in self._waiting.values() if w.reason is Reason.CAP)
+                wait += ahead * bucket.interval if key not in self._waiting else 0.0
+                return Waiting(
+                    key,
+                    Reason.CAP,
+                    f"waiting for the rate cap ({control.max_changes_per_minute} changes a minute)",
+                    until=now + timedelta(seconds=wait),
+                )
+            self._bucket = bucket
+        return None
+
+    def _hold(self, wait: Waiting) -> None:
+        """Keep a waiting task, tell it once per window (or hold), and wake it when due."""
+        key = wait.key
+        self._waiting[key] = wait
+        # Once per task and window opening (or hold); a cap wait once until the call goes.
+        told: object = (wait.reason, tuple(w.source for w in wait.windows), wait.until)
+        if wait.reason is Reason.CAP:
+            told = wait.reason
+        if self._wait_told.get(key) != told:
+            self._wait_told[key] = told
+            self.log.info(
+                "task.waiting",
+                **task_fields(key),
+                reason=str(wait.reason),
+                message=wait.message,
+                until=None if wait.until is None else wait.until.isoformat(),
+                windows=[w.label for w in wait.windows],
+            )
+        if wait.until is not None:
+            delay = (wait.until - datetime.now(UTC)).total_seconds()
+            self.queue.add_after(key, max(0.05, delay + 0.05))
+
+    def _release(self, key: TaskKey) -> None:
+        self._waiting.pop(key, None)
+        self._wait_told.pop(key, None)
+
+    def _requeue(self, *reasons: Reason) -> None:
+        for key, w in list(self._waiting.items()):
+            if w.reason in reasons:
+                self.queue.add(key)
+        self.metrics.queue_depth.set(len(self.queue))
+
+    def _current_rollout(self) -> Rollout | None:
+        if self._rollout is None:
+            pending = {k: spec for k, (_, spec) in self._pending.items()}
+            if not pending:
+                return None
+            self._rollout = start_rollout(
+                pending, k=self.config.control.canary, observations=self.recorder.observations
+            )
+            self._canary_failures = {}
+            self.log.info(
+                "rollout.started",
+                canaries=[str(k) for k in self._rollout.canaries],
+                changes=len(pending),
+            )
+        return self._rollout
+
+    def _after_call(self, plan: Plan, result: Result) -> None:
+        rollout = self._rollout
+        if rollout is None or result.key not in rollout.canaries:
+            return
+        if result.outcome in (Outcome.FAILED, Outcome.NOT_RUNNING):
+            detail = f": {result.error}" if result.error is not None else ""
+            self._canary_failures[result.key] = f"its call ended {result.outcome.value}{detail}"
+        self._judge_rollout()
+
+    def _judge_rollout(self) -> None:
+        """Promote, fail, end or drop the rollout from what is recorded and observed."""
+        rollout = self._rollout
+        if rollout is None:
+            return
+        desired = self.index.tasks
+        if rollout.failed is not None or rollout.promoted:
+            changed = any(
+                (t := desired.get(k)) is None or t.spec_hash() != spec
+                for k, spec in rollout.members.items()
+                if rollout.failed is not None
+            )
+            live = any(
+                self._pending.get(k, (None, None))[1] == s for k, s in rollout.members.items()
+            )
+            if changed or (rollout.promoted and not live):
+                self.log.info(
+                    "rollout.completed" if rollout.promoted else "rollout.cleared",
+                    canaries=[str(k) for k in rollout.canaries],
+                )
+                self._rollout = None
+                self._requeue(Reason.CANARY, Reason.CANARY_FAILED)
+            return
+        checks = [
+            check_canary(
+                key,
+                spec,
+                task=desired.get(key),
+                record=self.recorder.applied.get(key),
+                observation=self.recorder.observations.get(key),
+                failure=self._canary_failures.get(key),
+                settle_s=self.config.settle_s,
+            )
+            for key, spec in rollout.canaries.items()
+        ]
+        state, why = judge(checks)
+        if state is CanaryState.CHANGED:
+            self.log.info("rollout.cleared", canaries=[str(k) for k in rollout.canaries])
+            self._rollout = None
+            self._requeue(Reason.CANARY, Reason.CANARY_FAILED)
+        elif state is CanaryState.FAILED:
+            self._rollout = dataclasses.replace(rollout, failed=why)
+            held = [k for k in rollout.members if k not in rollout.canaries]
+            self.log.error(
+                "rollout.canary_failed",
+                canaries=[str(k) for k in rollout.canaries],
+                reason=why,
+                held=len(held),
+            )
+            for key, w in list(self._waiting.items()):
+                if w.reason is Reason.CANARY:
+                    self._waiting[key] = Waiting(
+                        key, Reason.CANARY_FAILED, f"held: canary failed: {why}"
+                    )
+        elif state is CanaryState.PASSED:
+            self._rollout = dataclasses.replace(rollout, promoted=True)
+            self.log.info(
+                "rollout.promoted",
+                canaries=[str(k) for k in rollout.canaries],
+                changes=len(rollout.members) - len(rollout.canaries),
+            )
+            self._requeue(Reason.CANARY)
 
     # --- the loop -----------------------------------------------------------------
 
@@ -634,6 +904,9 @@ class Daemon:
                 end_time=obs.end_time_ms,
             )
         self.recorder.bookkeeping(plan)
+        self._note(plan, [key])
+        if self._rollout is not None and key in self._rollout.canaries:
+            self._judge_rollout()
         if plan.calls:
             reason = "restarted" if plan.restarts else "drift" if plan.drifts else "observed"
             if not self.queue.is_scheduled(key) or plan.restarts:

@@ -100,6 +100,41 @@ class _ReadinessCollector(Collector):
         )
 
 
+class _ChangeControlCollector(Collector):
+    def __init__(
+        self,
+        *,
+        waiting: Callable[[], Mapping[str, int]],
+        mass_change_held: Callable[[], int],
+        canary_failed: Callable[[], bool],
+    ) -> None:
+        self._waiting = waiting
+        self._mass_change_held = mass_change_held
+        self._canary_failed = canary_failed
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "reconciler_waiting_tasks",
+            "Tasks whose call change control holds, by reason: window, cap, canary, "
+            "canary_failed, mass_change.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self._waiting().items()):
+            family.add_metric([reason], n)
+        yield family
+        yield GaugeMetricFamily(
+            "reconciler_mass_change_held_tasks",
+            "Pending changes to applied tasks held because there are more than --max-change "
+            "allows (0: none held).",
+            value=self._mass_change_held(),
+        )
+        yield GaugeMetricFamily(
+            "reconciler_rollout_canary_failed",
+            "1 while a failed canary holds the rest of its rollout, else 0.",
+            value=1 if self._canary_failed() else 0,
+        )
+
+
 class _ClientCollector(Collector):
     def __init__(
         self, *, limit: Callable[[], int], latency_ms: Callable[[], Mapping[str, float]]
@@ -232,6 +267,20 @@ class Metrics:
     ) -> None:
         """The client's adaptive in-flight limit and its latency estimates, read at scrape time."""
         self.registry.register(_ClientCollector(limit=limit, latency_ms=latency_ms))
+
+    def watch_change_control(
+        self,
+        *,
+        waiting: Callable[[], Mapping[str, int]],
+        mass_change_held: Callable[[], int],
+        canary_failed: Callable[[], bool],
+    ) -> None:
+        """Tasks waiting for change control, and its holds, read at scrape time."""
+        self.registry.register(
+            _ChangeControlCollector(
+                waiting=waiting, mass_change_held=mass_change_held, canary_failed=canary_failed
+            )
+        )
 
     def on_call(self, event: CallEvent) -> None:
         self.attempts.labels(event.action, event.code or "ok").inc()

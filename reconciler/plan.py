@@ -245,7 +245,8 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         """The stable ``plan --output json`` shape (documented in the README)."""
         return {
-            "format_version": 2,
+            # 3: calls' "waiting" and the top-level "waiting" (change control, added by the CLI).
+            "format_version": 3,
             "refreshed": self.refreshed,
             "observed": self.observed,
             "settling": self.settling,

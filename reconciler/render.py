@@ -14,8 +14,9 @@ terminal, so piping a plan into a file or a PR comment gives plain text.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import click
 
@@ -24,6 +25,9 @@ from reconciler.live import LiveState
 from reconciler.plan import SETTLE_S, Plan
 from reconciler.status import NEW, LiveView, NextAction, StatusReport, TaskStatus, TreeState
 from reconciler.task import FieldValue, SyncStatus, TaskKey
+
+if TYPE_CHECKING:
+    from reconciler.rollout import Waiting
 
 _STATUS_COLOURS: dict[str, str] = {
     SyncStatus.SYNCED: "green",
@@ -88,9 +92,17 @@ def validation_json(index: DesiredIndex, *, given: str, root: str) -> dict[str, 
     }
 
 
-def plan_text(plan: Plan, *, root: str = "", forgets_refused: bool = False) -> str:
-    """``forgets_refused``: the forget guard refuses this plan; its forgets are marked so."""
+def plan_text(
+    plan: Plan,
+    *,
+    root: str = "",
+    forgets_refused: bool = False,
+    waiting: Mapping[TaskKey, Waiting] | None = None,
+) -> str:
+    """``forgets_refused``: the forget guard refuses this plan; its forgets are marked so.
+    ``waiting``: calls change control holds (a sync window, a mass change), with why."""
     out: list[str] = []
+    held = waiting or {}
     if plan.calls:
         out.append("The reconciler will make these calls:\n")
     restarted = {r.key for r in plan.restarts}
@@ -112,6 +124,8 @@ def plan_text(plan: Plan, *, root: str = "", forgets_refused: bool = False) -> s
             + (click.style("  first sync", fg="cyan") if call.first else "")
             + basis
         )
+        if (why_held := held.get(call.key)) is not None:
+            out.append(click.style(f"  ⏸ {why_held.message}", fg="blue"))
         out.append(click.style(f"  ~ {call.action}", fg="yellow") + " {")
         width = max(len(n) for n in call.body)
         changed = {c.field: c for c in call.changes}
@@ -199,6 +213,8 @@ def plan_text(plan: Plan, *, root: str = "", forgets_refused: bool = False) -> s
         for k in ("restarted", "drifted", "not_running", "held", "blocked", "warnings")
         if s[k]
     ]
+    if held:
+        extras.insert(0, f"{len(held)} waiting")
     if extras:
         tail += " (" + ", ".join(extras) + ")"
     if not plan.calls and not plan.releases and not plan.forgotten:
