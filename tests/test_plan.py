@@ -189,7 +189,7 @@ def test_json_shape_is_serialisable_and_stable() -> None:
         recs(rec(fields={"Duration": 30, "Handle": True}), rec(K2, {"Handle": False})),
     )
     doc = json.loads(json.dumps(plan.to_json()))
-    assert doc["format_version"] == 2
+    assert doc["format_version"] == 3
     assert set(doc) == {
         "format_version",
         "refreshed",
