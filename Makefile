@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Debian's chromium, for the dashboard's headless-browser test; outside the venv
+# because apt installs it system-wide, so `make clean` does not drop it.
+BROWSER_STAMP := .reconciler/.chromium
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean browser
 
 # The distribution was called `reconciler` before it became rtc-segment-reconciler;
 # a venv made before then drops it, so one distribution owns the `reconciler` script.
@@ -24,6 +27,23 @@ demo: $(STAMP)
 	rm -f .reconciler/demo-state.db .reconciler/demo-state.db-wal .reconciler/demo-state.db-shm
 	$(BIN)/reconciler run desired --emulator --state .reconciler/demo-state.db $(DEMO_ARGS)
 
+# Installed here, before pytest starts, so the install never counts against the
+# suite's time. Without root or apt-get it says how, and the browser test skips.
+$(BROWSER_STAMP):
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium for the dashboard's browser test (apt-get)"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else \
+	  echo "chromium is missing and cannot be installed here (needs root and apt-get):" \
+	    "the dashboard's browser test will skip; install it with" \
+	    "'sudo apt-get install --no-install-recommends chromium'" >&2; \
+	fi
+	@if command -v chromium >/dev/null 2>&1; then mkdir -p $(@D) && touch $@; fi
+
+browser: $(BROWSER_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check reconciler tests bench
 	$(BIN)/ruff format --check reconciler tests bench
@@ -33,7 +53,7 @@ typecheck: $(STAMP)
 
 # Four workers: most tests wait on real subprocesses, sockets and clocks, not the CPU.
 TEST_WORKERS ?= 4
-unit: $(STAMP)
+unit: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 test: lint typecheck unit

@@ -1467,3 +1467,5 @@ def entry_point() -> None:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)
+    from reconciler.dashboard import Dashboard
+                dashboard=Dashboard(daemon=daemon, store_path=store.path),

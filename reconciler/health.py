@@ -8,17 +8,22 @@ paused by a credentials error, with the reason in the body. Ready is not the
 same as whole: while invalid files hold tasks or the forget guard keeps
 records, ``/readyz`` still answers 200 (restarting or unrouting the pod would
 not help, and calls go on) with ``ready, degraded: ...`` saying what is held.
-``/metrics`` is Prometheus' text format.
+``/metrics`` is Prometheus' text format. The read-only dashboard
+(:mod:`reconciler.dashboard`), when given, serves ``/`` and ``/task`` beside them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from reconciler.metrics import Metrics
+
+if TYPE_CHECKING:
+    from reconciler.dashboard import Dashboard
 
 
 class HealthServer:
@@ -29,6 +34,7 @@ class HealthServer:
         readiness: Callable[[], str | None],
         liveness: Callable[[], str | None] = lambda: None,
         degraded: Callable[[], Sequence[str]] = lambda: (),
+        dashboard: Dashboard | None = None,
     ) -> None:
         """``readiness`` and ``liveness`` return ``None`` when fine, else why not;
         ``degraded`` says what a ready daemon is holding back (empty: nothing)."""
@@ -36,6 +42,7 @@ class HealthServer:
         self._readiness = readiness
         self._liveness = liveness
         self._degraded = degraded
+        self._dashboard = dashboard
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -44,6 +51,8 @@ class HealthServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_page)
+        if self._dashboard is not None:
+            self._dashboard.add_routes(app)
         return app
 
     async def start(self, *, host: str, port: int) -> str:

@@ -175,6 +175,18 @@ class Daemon:
             canary_failed=lambda: self._rollout is not None and self._rollout.failed is not None,
         )
 
+    # --- what the dashboard reads ---------------------------------------------------
+
+    @property
+    def scan_problems(self) -> tuple[Problem, ...]:
+        """Problems met finding the files (refused paths), beside :attr:`index`'s own."""
+        return tuple(self._scan_problems)
+
+    @property
+    def started_wall(self) -> float:
+        """When the daemon started (epoch seconds): the age of a task never read."""
+        return self._started_wall
+
     # --- readiness ---------------------------------------------------------------
 
     def liveness(self) -> str | None:
