@@ -4,7 +4,9 @@
 refused as bad input (``task.failed`` with ``terminal: true``), when a restart
 or drift was healed (``task.restarted`` or ``task.drifted`` with the heal
 policy, then ``task.synced`` for the same task), when calls are paused by a
-credentials error and resumed (``daemon.paused``, ``daemon.resumed``), and
+credentials error (the first ``daemon.paused`` of an outage: the growing
+pauses that follow are one outage) and when they work again (the first
+``call.succeeded`` after it: ``daemon.resumed`` only says a pause ran out), and
 when the forget guard holds a mass forget and lets it go
 (``plan.mass_forget_refused``, ``plan.mass_forget_cleared``).
 
@@ -178,6 +180,7 @@ class NoticeFilter:
 
     def __init__(self) -> None:
         self._pending: OrderedDict[str, str] = OrderedDict()
+        self._paused = False
 
     def feed(self, event: Mapping[str, Any]) -> Notice | None:
         name = event.get("event")
@@ -201,14 +204,18 @@ class NoticeFilter:
             if cause is None:
                 return None
             return Notice("healed", _task(event), _cut(_changes(event.get("changes"))), cause)
+        if name == "call.succeeded" and self._paused:
+            self._paused = False
+            return Notice("resumed")
         if name == "daemon.paused":
+            if self._paused:
+                return None  # the same outage, paused again for longer
+            self._paused = True
             retry = event.get("retry_in_s")
             detail = str(event.get("error") or event.get("code") or "")
             if isinstance(retry, int | float):
                 detail += f" (next try in {retry:g} s)"
             return Notice("paused", None, _cut(detail))
-        if name == "daemon.resumed":
-            return Notice("resumed")
         if name == "plan.mass_forget_refused":
             return Notice(
                 "mass_forget",
@@ -272,10 +279,11 @@ def _line(kind: Kind, group: Sequence[Notice], *, shown: int) -> str:
         return (
             f"Calls paused{times} by a credentials or permission error: "
             f"{_escape(last.detail)}. Nothing is reconciled until the credentials work: "
-            "check VOLC_ACCESSKEY/VOLC_SECRETKEY and the key's permissions."
+            "check VOLC_ACCESSKEY/VOLC_SECRETKEY and the key's permissions (the daemon "
+            "retries by itself and says when calls work again)."
         )
     if kind == "resumed":
-        return "Calls resumed after the pause (they pause again if the next one is refused)."
+        return "Calls resumed: the API accepts the credentials again."
     if kind == "mass_forget":
         return (
             f"Mass forget held: {_escape(last.detail)}; their records are kept and calls go "

@@ -187,13 +187,16 @@ def test_events_become_notices_and_a_burst_one_message() -> None:
     assert f.feed(task("task.drifted", key, policy="report")) is None
     assert f.feed(task("task.synced", key)) is None, "a reported drift is not healed"
     paused = f.feed({"event": "daemon.paused", "error": "InvalidAccessKey", "retry_in_s": 30.0})
+    # One outage is one notice: pauses that grow, and the timer running out, say nothing.
+    assert f.feed({"event": "daemon.resumed"}) is None
+    assert f.feed({"event": "daemon.paused", "error": "InvalidAccessKey"}) is None
+    resumed = f.feed({"event": "call.succeeded", "action": "GetSegmentTask"})
+    assert f.feed({"event": "call.succeeded", "action": "UpdateSegment"}) is None
     refused = f.feed(
         {"event": "plan.mass_forget_refused", "forget": 8, "known": 10, "allowed": 1,
          "max_forget": "10%"}
     )  # fmt: skip
-    batch = [
-        n for n in [*notices, healed, paused, f.feed({"event": "daemon.resumed"}), refused] if n
-    ]
+    batch = [n for n in [*notices, healed, paused, resumed, refused] if n]
     lines = render(batch, source="pod-1")["text"].splitlines()
     assert lines == [
         "*reconciler* on `pod-1`",
@@ -203,8 +206,9 @@ def test_events_become_notices_and_a_burst_one_message() -> None:
         f"• Task `{APP}/hall-0/seg` healed after a restart: Identifier 'x' → 'edu-hall-0'.",
         "• Calls paused by a credentials or permission error: InvalidAccessKey (next try in "
         "30 s). Nothing is reconciled until the credentials work: check "
-        "VOLC_ACCESSKEY/VOLC_SECRETKEY and the key's permissions.",
-        "• Calls resumed after the pause (they pause again if the next one is refused).",
+        "VOLC_ACCESSKEY/VOLC_SECRETKEY and the key's permissions (the daemon retries by itself "
+        "and says when calls work again).",
+        "• Calls resumed: the API accepts the credentials again.",
         "• Mass forget held: refusing to forget 8 of 10 known tasks (--max-forget 10% allows 1 "
         "at once); their records are kept and calls go on. Check the tree (an emptied folder, "
         "a wrong git revision); if it is meant, restart with --allow-mass-forget or a larger "
