@@ -1244,6 +1244,7 @@ async def _run_daemon(
     notify: Sequence[str] = (),
 ) -> None:
     from reconciler.client import RtcClient
+    from reconciler.dashboard import Dashboard
     from reconciler.emulator import Emulator, EmulatorConfig
     from reconciler.health import HealthServer
     from reconciler.loop import Daemon
@@ -1295,6 +1296,7 @@ async def _run_daemon(
                 readiness=daemon.readiness,
                 liveness=daemon.liveness,
                 degraded=daemon.degraded,
+                dashboard=Dashboard(daemon=daemon, store_path=store.path),
             )
             health_url = await listen(
                 server.start(host=health[0], port=health[1]),
@@ -1467,5 +1469,3 @@ def entry_point() -> None:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)
-    from reconciler.dashboard import Dashboard
-                dashboard=Dashboard(daemon=daemon, store_path=store.path),
