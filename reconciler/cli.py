@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import click
 
-from reconciler import events, render
+from reconciler import events, render, savedplan
 from reconciler.credentials import Credentials, CredentialsError, load_credentials
-from reconciler.desired import SUFFIXES, DesiredIndex, load_file, load_tree
+from reconciler.desired import SUFFIXES, DesiredIndex, discover, load_file, load_tree
 from reconciler.errors import FatalError
 from reconciler.guard import (
     DEFAULT_MAX_FORGET,
@@ -42,13 +42,15 @@ from reconciler.guard import (
     check_root,
     format_fraction,
     parse_max_forget,
+    parse_share,
     tree_root,
 )
 from reconciler.live import LiveState, Observation
 from reconciler.plan import DriftPolicy, Plan, compute_plan, records_from_tree
 from reconciler.ratelimit import READ_QPS_MAX, RateLimits
+from reconciler.savedplan import SavedPlan, StoreStamp, TreeDigest
 from reconciler.schema import desired_schema_text
-from reconciler.state import StateError, StateStore
+from reconciler.state import SCHEMA_VERSION, StateError, StateStore
 from reconciler.status import build_report, parse_live_states, parse_statuses, report_statuses
 from reconciler.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
 
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from reconciler.loop import DaemonConfig
     from reconciler.progress import ApplyProgress
     from reconciler.reconcile import Recorder, Result
+    from reconciler.rollout import ChangeControl, Gate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -236,18 +239,38 @@ def open_store(path: Path, *, create: bool, read_only: bool = False) -> StateSto
         fail(str(exc))
 
 
-def read_applied(path: Path) -> tuple[dict[TaskKey, AppliedRecord], str | None]:
-    """Records and recorded tree root for a dry run: read-only; a missing store is
-    an empty one, not created."""
+def read_applied(path: Path) -> tuple[dict[TaskKey, AppliedRecord], str | None, StoreStamp]:
+    """Records, recorded tree root and the store's stamp (for a saved plan) for a
+    dry run: read-only; a missing store is an empty one, not created."""
     if not path.exists():
         click.echo(
             click.style("note: ", fg="yellow")
             + f"no state store at {path}: every task is planned as a first sync",
             err=True,
         )
-        return {}, None
+        return {}, None, StoreStamp(str(path), None, 0)
     with open_store(path, create=False, read_only=True) as store:
-        return store.applied(), store.tree_root()
+        stamp = StoreStamp(str(path), store.lineage(), store.generation())
+        return store.applied(), store.tree_root(), stamp
+
+
+def digest_loaded_tree(directory: Path, index: DesiredIndex, *, before: TreeDigest) -> TreeDigest:
+    """The digest of the files ``index`` was loaded from, which must be ``before``'s:
+    a file saved while the plan was made would leave a plan of neither version."""
+    after = savedplan.digest_tree(directory, sorted(index.paths))
+    if after != before:
+        fail(f"desired tree {directory} changed while it was read; plan again")
+    return after
+
+
+def digest_before_load(directory: Path) -> TreeDigest:
+    if not directory.is_dir():
+        fail(f"desired tree {directory} does not exist or is not a directory")
+    try:
+        paths, _ = discover(directory)
+        return savedplan.digest_tree(directory, paths)
+    except OSError as exc:
+        fail(f"desired tree {directory}: cannot read: {exc}")
 
 
 def _stacked(f: F, decorators: Sequence[Callable[[Any], Any]]) -> F:
@@ -285,6 +308,177 @@ def guard_options(f: F) -> F:
         ),
     ]
     return _stacked(f, decorators)
+
+
+_CONTROL = f"{__name__}.change_control"
+
+
+def _remember_control(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    ctx.meta.setdefault(_CONTROL, {})[param.name] = value
+
+
+def _load_sync_windows(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    from reconciler.windows import NO_WINDOWS, WindowConfigError, load_windows_file
+
+    windows = NO_WINDOWS
+    if value is not None and not ctx.resilient_parsing:
+        try:
+            windows = load_windows_file(value)
+        except WindowConfigError as exc:
+            fail(f"--sync-windows: {exc}")
+    _remember_control(ctx, param, windows)
+
+
+def _check_max_change(ctx: click.Context, param: click.Parameter, value: str) -> None:
+    from reconciler.rollout import ChangeLimit
+
+    try:
+        _remember_control(ctx, param, ChangeLimit(parse_share(value)))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from exc
+
+
+def change_control_options(*, pacing: bool = False, override: bool = False) -> Callable[[F], F]:
+    """Change control (sync windows, mass changes; with ``pacing`` the rate cap and the
+    canary; with ``override`` ``--override-window``): read back by :func:`change_control`."""
+    from reconciler.rollout import CHANGE_FLOOR, DEFAULT_MAX_CHANGE
+
+    common: dict[str, Any] = {"expose_value": False, "callback": _remember_control}
+    decorators = [
+        _option(
+            "--sync-windows",
+            env="SYNC_WINDOWS",
+            metavar="FILE",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            expose_value=False,
+            callback=_load_sync_windows,
+            help="YAML file of sync windows: when calls may go out (see the README).",
+        ),
+        _option(
+            "--max-change",
+            env="MAX_CHANGE",
+            metavar="SHARE",
+            default=format_fraction(DEFAULT_MAX_CHANGE),
+            show_default=True,
+            expose_value=False,
+            callback=_check_max_change,
+            help="The most of the known tasks one plan may change, as a percentage or a "
+            f"fraction; up to {CHANGE_FLOOR} at once are always allowed.",
+        ),
+        _option(
+            "--allow-mass-change",
+            env="ALLOW_MASS_CHANGE",
+            is_flag=True,
+            help="Change more tasks at once than --max-change allows.",
+            **common,
+        ),
+    ]
+    if pacing:
+        decorators += [
+            _option(
+                "--max-changes-per-minute",
+                env="MAX_CHANGES_PER_MINUTE",
+                metavar="N",
+                type=click.IntRange(1, 100_000),
+                default=None,
+                help="Pace changes (not heals) to at most N a minute, evenly spaced.",
+                **common,
+            ),
+            _option(
+                "--canary",
+                env="CANARY",
+                metavar="K",
+                type=click.IntRange(0, 100_000),
+                default=0,
+                show_default=True,
+                help="Send the first K changes of a rollout first; the rest wait until those "
+                "are observed Synced (read back after the settle window).",
+                **common,
+            ),
+        ]
+    if override:
+        decorators.append(
+            _option(
+                "--override-window",
+                env="OVERRIDE_WINDOW",
+                is_flag=True,
+                help="Send calls that a sync window holds, and log window.overridden.",
+                **common,
+            )
+        )
+
+    def decorate(f: F) -> F:
+        return _stacked(f, decorators)
+
+    return decorate
+
+
+def change_control() -> ChangeControl:
+    """The change-control options of the current command."""
+    from reconciler.rollout import ChangeControl, ChangeLimit
+    from reconciler.windows import NO_WINDOWS
+
+    given = click.get_current_context().meta.get(_CONTROL, {})
+    return ChangeControl(
+        windows=given.get("sync_windows") or NO_WINDOWS,
+        max_change=given.get("max_change") or ChangeLimit(),
+        allow_mass_change=bool(given.get("allow_mass_change")),
+        override_window=bool(given.get("override_window")),
+        max_changes_per_minute=given.get("max_changes_per_minute"),
+        canary=int(given.get("canary") or 0),
+    )
+
+
+def change_control_gate(
+    plan: Plan,
+    *,
+    applied: Mapping[TaskKey, AppliedRecord],
+    control: ChangeControl,
+    tree: Path,
+    observations: Mapping[TaskKey, Observation] | None = None,
+) -> Gate:
+    """``apply``'s change control, for a plan of a tree or a saved plan alike.
+
+    Ends the command (exit 1, nothing sent or recorded) on a mass change not
+    allowed; logs ``window.overridden`` for each call ``--override-window``
+    sends through a window; returns the :class:`~reconciler.rollout.Gate`
+    whose ``send`` calls may go (paced and canaried by :func:`_apply`).
+    """
+    from reconciler.rollout import gate_plan
+
+    gate = gate_plan(
+        plan, applied=applied, control=control, now=datetime.now(UTC), observations=observations
+    )
+    log = events.get_logger()
+    if gate.mass_change is not None:
+        log_mass_change(gate, root=tree)
+        fail(
+            f"{gate.mass_change}; nothing was applied. Check the change; to make it on "
+            "purpose, pass --allow-mass-change (or a larger --max-change)"
+        )
+    for call, windows in gate.overridden:
+        log.warning(
+            "window.overridden",
+            **call.key._asdict(),
+            windows=[w.label for w in windows],
+            sources=[w.source for w in windows],
+        )
+    return gate
+
+
+def log_mass_change(gate: Gate, *, root: Path) -> None:
+    refusal = gate.mass_change
+    if refusal is None:
+        return
+    events.get_logger().error(
+        "plan.mass_change_refused",
+        root=str(root),
+        changes=refusal.changes,
+        known=refusal.known,
+        allowed=refusal.allowed,
+        max_change=str(refusal.limit),
+    )
 
 
 def _check_max_forget(_: click.Context, param: click.Parameter, value: str) -> ForgetLimit:
@@ -534,6 +728,14 @@ def validate(directory: str, output: str) -> None:
 def schema() -> None:
     """Print the JSON Schema of a desired file, for editors (see the README)."""
     click.echo(desired_schema_text(), nl=False)
+
+
+def _key_args(identity: Mapping[str, str]) -> dict[str, str]:
+    return {
+        "app_id": identity["AppId"],
+        "room_id": identity["RoomId"],
+        "task_id": identity["TaskId"],
+    }
 
 
 def _refusal_json(refusal: MassForget) -> dict[str, object]:
@@ -858,12 +1060,20 @@ def _outcome_line(result: Result) -> str:
 )
 @output_option("plan")
 @_option(
+    "--out",
+    env="PLAN_OUT",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also save the plan to FILE, for `reconciler apply FILE` to make exactly its calls.",
+)
+@_option(
     "--detailed-exitcode",
     env="DETAILED_EXITCODE",
     is_flag=True,
     help="Exit 0 when no call is needed, 2 when calls are pending, 1 on error.",
 )
 @guard_options
+@change_control_options()
 @refresh_option
 @drift_option
 @api_options
@@ -872,6 +1082,7 @@ def plan(
     state: Path,
     base: Path | None,
     output: str,
+    out: Path | None,
     detailed_exitcode: bool,
     allow_root_change: bool,
     max_forget: ForgetLimit,
@@ -884,27 +1095,79 @@ def plan(
 
     Without --refresh the plan compares with the last-applied state; with it,
     with the live tasks as GetSegmentTask shows them now (restarts, drift).
+    With --out FILE the plan is also saved, with what it was made from, for
+    `reconciler apply FILE` (which refuses it once the tree or store changed).
     """
     configure_events(report=True)
+    if out is not None and base is not None:
+        fail("--out saves a plan against the state store for apply; --base has none")
+    digest = digest_before_load(directory) if out is not None else None
     index = load_valid_tree(directory)
     if base:
         if refresh:
             fail("--refresh reads live tasks; --base compares two trees: use one of them")
         applied = records_from_tree(load_base_tree(base))
     else:
-        applied, recorded_root = read_applied(state)
+        applied, recorded_root, stamp = read_applied(state)
         check_tree_root(recorded_root, directory, store=state, allow=allow_root_change)
     observations = refresh_live(index, config=client_config(**api)) if refresh else None
     result = make_plan(index, applied, observations=observations, drift=drift)
+    if out is not None and digest is not None:
+        saved = savedplan.make(
+            result,
+            root=str(directory),
+            tree=digest_loaded_tree(directory, index, before=digest),
+            store=stamp,
+            drift=drift,
+            observations=observations,
+        )
+        try:
+            savedplan.save(out, saved)
+        except OSError as exc:
+            fail(f"cannot save the plan to {out}: {exc}")
     refusal = (
         None if allow_mass_forget else check_forgets(result, known=len(applied), limit=max_forget)
     )
+    from reconciler.rollout import gate_plan
+
+    gate = gate_plan(
+        result,
+        applied=applied,
+        control=change_control(),
+        now=datetime.now(UTC),
+        observations=observations,
+    )
+    waiting = gate.waiting_by_key()
     if output == "json":
         doc = result.to_json()
         doc["refusals"] = [] if refusal is None else [_refusal_json(refusal)]
+        if gate.mass_change is not None:
+            doc["refusals"].append(gate.mass_change.to_json())
+        for call in doc["calls"]:
+            held = waiting.get(TaskKey(**_key_args(call["task"])))
+            call["waiting"] = None if held is None else str(held.reason)
+        doc["waiting"] = gate.waiting_json()
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
-        click.echo(render.plan_text(result, root=str(directory), forgets_refused=bool(refusal)))
+        click.echo(
+            render.plan_text(
+                result, root=str(directory), forgets_refused=bool(refusal), waiting=waiting
+            )
+        )
+    if gate.mass_change is not None:
+        log_mass_change(gate, root=directory)
+        if refusal is None:
+            fail(
+                f"{gate.mass_change}; apply would refuse it and run would hold the changes. "
+                "Check the change; to make it on purpose, pass --allow-mass-change "
+                "(or a larger --max-change)"
+            )
+    if out is not None:
+        click.echo(
+            f"Saved the plan to {out}: `reconciler apply {out}` makes exactly these "
+            f"{len(result.calls)} call(s), or refuses if the tree or the store changes first.",
+            err=True,
+        )
     if refusal is not None:
         mass_forget_refused(refusal, directory=directory, what="apply and run would refuse it")
     if detailed_exitcode and result.calls:
@@ -922,16 +1185,22 @@ def drain_option(f: F) -> F:
     )(f)
 
 
+def plan_or_tree_argument(f: F) -> F:
+    """``apply``'s argument: the desired tree, or a plan saved by ``plan --out``."""
+    return dir_argument(f, file_okay=True)
+
+
 @main.command()
-@dir_argument
+@plan_or_tree_argument
 @state_option
 @api_options
 @drain_option
 @guard_options
+@change_control_options(pacing=True, override=True)
 @refresh_option
 @drift_option
 def apply(
-    directory: Path,
+    directory: str,
     state: Path,
     drain_timeout: float,
     allow_root_change: bool,
@@ -946,37 +1215,95 @@ def apply(
     Ctrl-C (or SIGTERM) starts no new call, lets the calls in flight finish
     and records them, prints the summary and exits 1; a second Ctrl-C aborts
     at once.
+
+    Given a FILE saved by `plan --out`, makes exactly that plan's calls, and
+    refuses ("plan is stale") when the tree or the state store changed since.
     """
     from reconciler.progress import ApplyProgress
     from reconciler.reconcile import Outcome, Recorder
 
-    index = load_valid_tree(directory)
+    saved = None
+    if Path(directory).is_file():
+        saved = load_saved_plan(Path(directory), refresh=refresh, drift=drift)
+        tree = Path(saved.root)
+        digest = digest_before_load(tree)
+    else:
+        tree = Path(directory)
+    index = load_valid_tree(tree)
+    if saved is not None:
+        # Before the store is opened: a refused plan must not create one either.
+        stale = savedplan.tree_staleness(saved, digest_loaded_tree(tree, index, before=digest))
+        if not stale and saved.store.lineage is not None and not state.exists():
+            stale = [
+                f"there is no state store at {state}; the plan was made from {saved.store.path}"
+            ]
+        if stale:
+            stale_plan_refused(directory, stale)
     creds = credentials_or_fail()
     config = client_config(**api)
     quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
     with open_store(state, create=True) as store:
-        check_tree_root(store.tree_root(), directory, store=state, allow=allow_root_change)
+        check_tree_root(store.tree_root(), tree, store=state, allow=allow_root_change)
         recorder = Recorder(store)
         observations = None
-        if refresh:
-            for obs in refresh_live(index, config=config, last=recorder.observations).values():
+        if saved is not None:
+            stale = savedplan.store_staleness(
+                saved,
+                StoreStamp(str(state), store.lineage(), store.generation()),
+                store_is_new=store.opened_schema < SCHEMA_VERSION,
+            )
+            if saved.observations is not None:
+                observations = dict(saved.observations)
+            the_plan = make_plan(
+                index, recorder.applied, observations=observations, drift=saved.drift
+            )
+            if not stale and (differ := savedplan.different_calls(saved, the_plan)):
+                differences = savedplan.listing(differ, shown=3, sep="; ")
+                stale = [f"it no longer computes the same calls: {differences}"]
+            if stale:
+                stale_plan_refused(directory, stale)
+            for obs in (observations or {}).values():
                 recorder.observed(obs)
-            observations = recorder.observations
-        the_plan = make_plan(index, recorder.applied, observations=observations, drift=drift)
+        else:
+            if refresh:
+                for obs in refresh_live(index, config=config, last=recorder.observations).values():
+                    recorder.observed(obs)
+                observations = recorder.observations
+            the_plan = make_plan(index, recorder.applied, observations=observations, drift=drift)
         refusal = check_forgets(the_plan, known=len(recorder.applied), limit=max_forget)
         if refusal is not None and not allow_mass_forget:
-            mass_forget_refused(refusal, directory=directory, what="nothing was applied")
-        record_tree_root(store, directory)
+            mass_forget_refused(refusal, directory=tree, what="nothing was applied")
+        control = change_control()
+        gate = change_control_gate(
+            the_plan,
+            applied=recorder.applied,
+            control=control,
+            tree=tree,
+            observations=recorder.observations,
+        )
+        record_tree_root(store, tree)
         record_live_outcomes(the_plan, recorder, index)
-        if not the_plan.calls:
+        if not gate.send:
             recorder.bookkeeping(the_plan)
-            click.echo(render.plan_text(the_plan, root=str(directory)))
+            click.echo(render.plan_text(the_plan, root=str(tree), waiting=gate.waiting_by_key()))
+            echo_waiting(gate)
             return
-        click.echo(f"Applying {len(the_plan.calls)} call(s) at up to {api['qps']}/s ...")
-        progress = ApplyProgress(len(the_plan.calls), enabled=sys.stderr.isatty() and not quiet)
+        echo_waiting(gate)
+        click.echo(f"Applying {len(gate.send)} call(s) at up to {api['qps']}/s ...")
+        progress = ApplyProgress(len(gate.send), enabled=sys.stderr.isatty() and not quiet)
         try:
             report = asyncio.run(
-                _apply(the_plan, creds, config, recorder, progress, drain_timeout=drain_timeout)
+                _apply(
+                    the_plan,
+                    creds,
+                    config,
+                    recorder,
+                    progress,
+                    drain_timeout=drain_timeout,
+                    gate=gate,
+                    control=control,
+                    desired=index.tasks,
+                )
             )
         except asyncio.CancelledError:
             pending = store.counts()[SyncStatus.PENDING]
@@ -1002,6 +1329,11 @@ def apply(
         )
     if report.fatal is not None:
         fail(f"{report.fatal}; stopped the run: {stopped}")
+    if report.canary_failed is not None:
+        fail(
+            f"canary failed: {report.canary_failed}; the rollout stopped: {len(report.held)} "
+            "change(s) held, not sent. Fix or revert the change, then apply again"
+        )
     if report.interrupted:
         click.echo(
             click.style("Interrupted: ", fg="yellow", bold=True)
@@ -1010,6 +1342,40 @@ def apply(
         )
     if not report.ok:
         sys.exit(1)
+
+
+def stale_plan_refused(path: str, reasons: Sequence[str]) -> NoReturn:
+    fail(
+        f"plan {path} is stale: {'; '.join(reasons)}. Nothing was applied; "
+        "make a new plan and review it."
+    )
+
+
+def load_saved_plan(path: Path, *, refresh: bool, drift: DriftPolicy) -> SavedPlan:
+    """A plan saved by ``plan --out``; options that would change it are refused."""
+    ctx = click.get_current_context()
+    for name, flag in (("refresh", "--refresh"), ("drift", "--drift")):
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
+            fail(f"{flag} shapes a plan: give it to `plan --out`; a saved plan is applied as made")
+    try:
+        return savedplan.load(path)
+    except savedplan.SavedPlanError as exc:
+        fail(str(exc))
+
+
+def echo_waiting(gate: Gate) -> None:
+    """The calls change control holds, one line each (the first 50), on stderr."""
+    for w in gate.waiting[:50]:
+        click.echo(click.style("waiting: ", fg="blue") + f"{w.key}: {w.message}", err=True)
+    if gate.waiting:
+        more = len(gate.waiting) - 50
+        click.echo(
+            click.style("Waiting: ", fg="blue", bold=True)
+            + f"{len(gate.waiting)} call(s) not made now"
+            + (f" ({more} not listed)" if more > 0 else "")
+            + "; apply again when they may go (the daemon sends them by itself).",
+            err=True,
+        )
 
 
 def record_live_outcomes(plan: Plan, recorder: Recorder, index: DesiredIndex) -> None:
@@ -1029,11 +1395,20 @@ async def _apply(
     progress: ApplyProgress,
     *,
     drain_timeout: float,
+    gate: Gate | None = None,
+    control: ChangeControl | None = None,
+    desired: Mapping[TaskKey, DesiredTask] | None = None,
 ) -> ApplyReport:
-    """Run the plan; the first SIGINT/SIGTERM drains, a second one cancels everything."""
-    from reconciler.apply import apply_plan
+    """Run the plan; the first SIGINT/SIGTERM drains, a second one cancels everything.
+
+    With ``gate`` (:func:`change_control_gate`), only its calls are made:
+    changes paced by ``control``'s rate cap, canaries first and read back.
+    """
+    from reconciler.apply import PacedReconciler, Reconciles, apply_plan, apply_rollout
     from reconciler.client import RtcClient
+    from reconciler.observe import observe_all
     from reconciler.reconcile import TaskReconciler
+    from reconciler.rollout import ChangeKind, TokenBucket
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1052,12 +1427,38 @@ async def _apply(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     async with RtcClient(creds, config=config) as client:
-        reconciler = TaskReconciler(client=client, recorder=recorder, stop=stop)
+        reconciler: Reconciles = TaskReconciler(client=client, recorder=recorder, stop=stop)
+        if gate is None:
+            with progress:
+                return await apply_plan(
+                    plan,
+                    reconciler=reconciler,
+                    recorder=recorder,
+                    workers=config.max_in_flight,
+                    on_result=progress.advance,
+                    stop=stop,
+                    drain_timeout=drain_timeout,
+                )
+        if control is not None and control.max_changes_per_minute:
+            changes = {k for k, kind in gate.kinds.items() if kind is not ChangeKind.HEAL}
+            reconciler = PacedReconciler(
+                reconciler,
+                bucket=TokenBucket(control.max_changes_per_minute),
+                paced=changes,
+                stop=stop,
+            )
+
+        async def read_back(keys: Sequence[TaskKey]) -> Mapping[TaskKey, Observation]:
+            return await observe_all(client, keys, last=recorder.observations)
+
         with progress:
-            return await apply_plan(
+            return await apply_rollout(
                 plan,
+                gate,
                 reconciler=reconciler,
                 recorder=recorder,
+                desired=desired if desired is not None else {c.key: c.task for c in plan.calls},
+                read_back=read_back,
                 workers=config.max_in_flight,
                 on_result=progress.advance,
                 stop=stop,
@@ -1142,6 +1543,7 @@ def _check_notify(
 )
 @drain_option
 @guard_options
+@change_control_options(pacing=True)
 @drift_option
 @_option(
     "--observe-interval",
@@ -1202,6 +1604,9 @@ def run(
     )
     events.register_secret(creds.secret_key)
     config = client_config(**api)
+    control = change_control()
+    if control.canary and not observe:
+        fail("--canary confirms canaries by reading them back: it needs --observe")
     daemon_config = DaemonConfig(
         root=directory,
         workers=config.max_in_flight,
@@ -1214,6 +1619,7 @@ def run(
         observe_interval=observe_interval,
         read_qps=config.limits.get,
         drift=drift,
+        control=control,
     )
     with open_store(state, create=True) as store:
         check_tree_root(store.tree_root(), directory, store=state, allow=allow_root_change)
