@@ -42,7 +42,8 @@ import fnmatch
 import heapq
 import json
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -280,31 +281,33 @@ class TaskDetail:
 
 
 def new_tasks(
-    desired: Mapping[TaskKey, DesiredTask], recorded: Collection[TaskKey]
+    desired: Mapping[TaskKey, DesiredTask], recorded: Mapping[TaskKey, object]
 ) -> list[DesiredTask]:
     """Tasks the tree declares that the store has never seen (status ``New``)."""
-    return [t for k, t in desired.items() if k not in recorded]
+    # A set difference of the keys runs in C: 100k keys in a few milliseconds.
+    return [desired[k] for k in desired.keys() - recorded.keys()]
 
 
 def live_counts(
     observations: Mapping[TaskKey, Observation],
     *,
-    known: Callable[[TaskKey], bool],
+    desired: Collection[TaskKey],
+    recorded: Collection[TaskKey],
     total: int,
 ) -> dict[LiveState, int]:
-    """Tasks by live state; of ``total`` known tasks, those never read are ``unknown``."""
+    """Tasks by live state; of ``total`` known tasks, those never read are ``unknown``.
+
+    Observations of keys neither ``desired`` nor ``recorded`` (a task just
+    forgotten) do not count.
+    """
     out = dict.fromkeys(LiveState, 0)
-    read = 0
-    for key, obs in observations.items():
-        if known(key):
-            out[obs.state] += 1
-            read += 1
-    out[LiveState.UNKNOWN] += max(0, total - read)
+    out.update(Counter(o.state for k, o in observations.items() if k in desired or k in recorded))
+    out[LiveState.UNKNOWN] += max(0, total - sum(out.values()))
     return out
 
 
 def stale_tasks(
-    keys: Iterable[TaskKey],
+    keys: Collection[TaskKey],
     observations: Mapping[TaskKey, Observation],
     *,
     now: float,
@@ -317,15 +320,19 @@ def stale_tasks(
     A task never read counts from ``started`` (the daemon's start): it is stale
     only once the daemon has had the time to read it.
     """
-    seen = observations.get
-    count = 0
-    found: list[tuple[float, TaskKey, bool]] = []
-    for key in keys:
-        obs = seen(key)
-        age = now - (started if obs is None else obs.observed_at)
-        if age > after_s:
-            count += 1
-            found.append((age, key, obs is None))
+    # Over the observations, not the keys: at 100k tasks the common case (nothing
+    # stale) then costs one pass in Python and one set difference in C.
+    wanted = keys if isinstance(keys, Set) else frozenset(keys)
+    cutoff = now - after_s
+    found: list[tuple[float, TaskKey, bool]] = [
+        (now - obs.observed_at, key, False)
+        for key, obs in observations.items()
+        if obs.observed_at < cutoff and key in wanted
+    ]
+    if started < cutoff:
+        never = wanted - observations.keys()
+        found.extend((now - started, key, True) for key in never)
+    count = len(found)
     oldest = heapq.nlargest(limit, found, key=lambda item: (item[0], item[1]))
     return count, [StaleTask(key, age, never) for age, key, never in oldest]
 
@@ -1024,11 +1031,7 @@ class Dashboard:
                 else []
             )
             total = len(applied) + len(new)
-            lives = live_counts(
-                observations,
-                known=lambda k: k in applied or k in desired,
-                total=total,
-            )
+            lives = live_counts(observations, desired=desired, recorded=applied, total=total)
             cfg = d.config
             stale_s: float | None = None
             stale_n, stale = 0, list[StaleTask]()
@@ -1037,7 +1040,7 @@ class Dashboard:
                     len(desired), interval=cfg.observe_interval, read_qps=cfg.read_qps
                 )
                 stale_n, stale = stale_tasks(
-                    desired,
+                    desired.keys(),
                     observations,
                     now=now.timestamp(),
                     started=d.started_wall,
@@ -1051,7 +1054,13 @@ class Dashboard:
 
         def read(store: StateStore) -> tuple[Any, ...]:
             counts = store.counts()
-            matched = len(new_keys) + (0 if query is None else store.count_tasks(query))
+            if query is None:
+                recorded = 0
+            elif query == TaskQuery():
+                recorded = sum(counts.values())  # no filter: the counts say it
+            else:
+                recorded = store.count_tasks(query)
+            matched = len(new_keys) + recorded
             pages = max(1, -(-matched // filters.per_page))
             page = min(filters.page, pages)
             rows, keys = merge_page(
