@@ -8,6 +8,8 @@ paused by a credentials error, with the reason in the body. Ready is not the
 same as whole: while invalid files hold tasks or the forget guard keeps
 records, ``/readyz`` still answers 200 (restarting or unrouting the pod would
 not help, and calls go on) with ``ready, degraded: ...`` saying what is held.
+A warm standby replica answers 200 ``standby: leader is ...`` (503 while it
+cannot reach the shared store).
 ``/metrics`` is Prometheus' text format. The read-only dashboard
 (:mod:`reconciler.dashboard`), when given, serves ``/`` and ``/task`` beside them.
 """
@@ -34,14 +36,17 @@ class HealthServer:
         readiness: Callable[[], str | None],
         liveness: Callable[[], str | None] = lambda: None,
         degraded: Callable[[], Sequence[str]] = lambda: (),
+        standby: Callable[[], str | None] = lambda: None,
         dashboard: Dashboard | None = None,
     ) -> None:
         """``readiness`` and ``liveness`` return ``None`` when fine, else why not;
-        ``degraded`` says what a ready daemon is holding back (empty: nothing)."""
+        ``degraded`` says what a ready daemon is holding back (empty: nothing);
+        ``standby`` who leads while another replica does (``None``: this one)."""
         self._metrics = metrics
         self._readiness = readiness
         self._liveness = liveness
         self._degraded = degraded
+        self._standby = standby
         self._dashboard = dashboard
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -79,6 +84,10 @@ class HealthServer:
         reason = self._readiness()
         if reason is not None:
             return web.Response(status=503, text=f"not ready: {reason}\n")
+        if (standby := self._standby()) is not None:
+            # Ready to take over: a warm standby. Nothing routes traffic to a replica,
+            # and an unready one would stall a RollingUpdate and every node drain.
+            return web.Response(text=f"{standby}\n")
         degraded = self._degraded()
         if degraded:
             return web.Response(text=f"ready, degraded: {'; '.join(degraded)}\n")

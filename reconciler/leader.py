@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -72,8 +73,23 @@ _SETUP_KEY: Final = LOCK_KEY + 1
 TABLE: Final = "reconciler_leader"
 CHANNEL: Final = "reconciler_leader"
 
-_SETUP = f"""
-CREATE TABLE IF NOT EXISTS {TABLE} (
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def table_name(schema: str | None) -> str:
+    """The leader table, in ``schema`` (the store's own) or on the search path."""
+    if schema is None:
+        return TABLE
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ValueError(f"not a plain schema name: {schema!r}")
+    return f'"{schema}".{TABLE}'
+
+
+def _setup_sql(schema: str | None) -> str:
+    create_schema = f'CREATE SCHEMA IF NOT EXISTS "{schema}";' if schema else ""
+    return f"""
+{create_schema}
+CREATE TABLE IF NOT EXISTS {table_name(schema)} (
     id          integer PRIMARY KEY CHECK (id = 1),
     epoch       bigint NOT NULL DEFAULT 0,
     holder      text,
@@ -81,9 +97,12 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     heartbeat   timestamptz,
     released_at timestamptz
 );
-INSERT INTO {TABLE} (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
+INSERT INTO {table_name(schema)} (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
 """
-_ROW = f"SELECT epoch, holder, since, heartbeat, released_at FROM {TABLE} WHERE id = 1"
+
+
+def _row_sql(table: str) -> str:
+    return f"SELECT epoch, holder, since, heartbeat, released_at FROM {table} WHERE id = 1"
 
 
 def default_replica() -> str:
@@ -140,16 +159,17 @@ def _iso(at: datetime | None) -> str | None:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def read_leader(url: str, *, timeout_s: float = 5.0) -> LeaderRow | None:
+def read_leader(url: str, *, schema: str | None = None, timeout_s: float = 5.0) -> LeaderRow | None:
     """The leader row of the database at ``url`` (``None``: no replica ever ran there).
 
     Read-only and short-lived, for ``reconciler status``.
     """
+    table = table_name(schema)
     with psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(timeout_s))) as conn:
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,)).fetchone()
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
         if not exists or not exists[0]:
             return None
-        row = conn.execute(_ROW).fetchone()
+        row = conn.execute(_row_sql(table)).fetchone()
         return None if row is None else LeaderRow.from_row(row)
 
 
@@ -167,12 +187,15 @@ class Leadership:
         url: str,
         *,
         replica: str | None = None,
+        schema: str | None = None,
         retry_s: float = 1.0,
         keepalive_s: float = 1.0,
         timeout_s: float = 1.0,
         connect_timeout_s: float = 5.0,
     ) -> None:
         self._url = url
+        self._schema = schema
+        self._table = table_name(schema)
         params = conninfo_to_dict(url)
         if password := params.get("password"):
             events.register_secret(str(password))
@@ -225,7 +248,7 @@ class Leadership:
         ours = self._fence_epoch
         if ours is None:
             raise FencedError(f"replica {self.holder} has never led: a standby records nothing")
-        cursor.execute(f"SELECT epoch, holder FROM {TABLE} WHERE id = 1 FOR SHARE")
+        cursor.execute(f"SELECT epoch, holder FROM {self._table} WHERE id = 1 FOR SHARE")
         row = cursor.fetchone()
         if row is None or int(row[0]) != ours:
             now = "nobody" if row is None else f"{row[1]} (epoch {row[0]})"
@@ -292,7 +315,7 @@ class Leadership:
             if epoch is not None and not conn.closed:
                 async with asyncio.timeout(self.timeout_s * 3):
                     await conn.execute(
-                        f"UPDATE {TABLE} SET released_at = now(), heartbeat = now() "
+                        f"UPDATE {self._table} SET released_at = now(), heartbeat = now() "
                         "WHERE id = 1 AND epoch = %s",
                         (epoch,),
                     )
@@ -337,7 +360,7 @@ class Leadership:
         try:
             async with asyncio.timeout(self.connect_timeout_s), conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_KEY,))
-                await conn.execute(_SETUP)
+                await conn.execute(_setup_sql(self._schema))
             await conn.execute(f"LISTEN {CHANNEL}")
         except BaseException:
             await self._close()
@@ -346,10 +369,10 @@ class Leadership:
 
     async def _read_row(self, conn: psycopg.AsyncConnection[Any]) -> LeaderRow:
         async with asyncio.timeout(self.timeout_s * 3):
-            cur = await conn.execute(_ROW)
+            cur = await conn.execute(_row_sql(self._table))
             row = await cur.fetchone()
         if row is None:
-            raise psycopg.OperationalError(f"the {TABLE} row is missing")
+            raise psycopg.OperationalError(f"the {self._table} row is missing")
         self.leader = LeaderRow.from_row(row)
         return self.leader
 
@@ -383,13 +406,13 @@ class Leadership:
         """Bump the epoch; return it and the grace to wait before calling."""
         async with asyncio.timeout(self.timeout_s * 3), conn.transaction():
             cur = await conn.execute(
-                f"UPDATE {TABLE} SET epoch = epoch + 1, holder = %s, since = now(), "
+                f"UPDATE {self._table} SET epoch = epoch + 1, holder = %s, since = now(), "
                 "heartbeat = now(), released_at = NULL WHERE id = 1 RETURNING epoch",
                 (self.holder,),
             )
             row = await cur.fetchone()
         if row is None:
-            raise psycopg.OperationalError(f"the {TABLE} row is missing")
+            raise psycopg.OperationalError(f"the {self._table} row is missing")
         self._last_ok = time.monotonic()
         self._told = None
         await self._read_row(conn)
@@ -401,7 +424,7 @@ class Leadership:
         try:
             async with asyncio.timeout(self.timeout_s):
                 cur = await conn.execute(
-                    f"UPDATE {TABLE} SET heartbeat = now() WHERE id = 1 AND epoch = %s "
+                    f"UPDATE {self._table} SET heartbeat = now() WHERE id = 1 AND epoch = %s "
                     "RETURNING heartbeat",
                     (epoch,),
                 )

@@ -35,6 +35,21 @@ Pieces, each a thin shell around the functional core:
   ``task.drifted``, ``task.not_running`` (``source: observation``).
 - **Shutdown**: stop watching, stop taking keys, let in-flight calls finish
   within the drain deadline (each result is recorded as it lands), exit.
+- **Leadership** (a PostgreSQL store shared by replicas,
+  :class:`~reconciler.leader.Leadership`): the daemon starts as a standby. It
+  loads and watches the tree (the index stays warm) but plans nothing,
+  writes nothing and makes no request, reads included (the observer is held
+  like the workers: its reads would spend the account's read budget for a
+  view the leader already keeps). Elected, it re-reads the store (another
+  replica recorded since), re-plans everything and goes; losing the lead
+  holds the workers and the observer at once and withdraws the calls
+  waiting for a QPS slot. Calls already on the wire finish; their results are
+  recorded unless another replica took over (the store's fence refuses
+  them). On shutdown the leader drains, then releases the lock, so a standby
+  takes over within a second. ``/readyz`` of a warm standby is 200
+  ``standby: leader is ...``: it is ready to take over, and an unready
+  standby would stall a RollingUpdate and block every node drain through the
+  PodDisruptionBudget; nothing routes requests to a replica anyway.
 
 Crash safety comes from ordering: desired state lives in files, and a
 result is recorded only after the server confirmed it, so a restart re-plans
@@ -53,6 +68,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler import events
 from reconciler.desired import DesiredIndex, Problem, discover, read_file
@@ -79,9 +95,13 @@ from reconciler.rollout import (
     start_rollout,
     window_waiting,
 )
+from reconciler.state import FencedError
 from reconciler.task import SyncStatus, TaskKey
 from reconciler.watch import TreeChange, watch_tree
 from reconciler.workqueue import WorkQueue
+
+if TYPE_CHECKING:
+    from reconciler.leader import Leadership
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +138,12 @@ class Daemon:
         reconciler: TaskReconciler,
         recorder: Recorder,
         metrics: Metrics,
+        leadership: Leadership | None = None,
     ) -> None:
+        """``leadership``: elect a leader among replicas sharing the store (a
+        PostgreSQL store); ``None``: the only replica, leading from the start."""
         self.config = config
+        self.leadership = leadership
         self.reconciler = reconciler
         self.recorder = recorder
         self.metrics = metrics
@@ -136,6 +160,19 @@ class Daemon:
         self._first_pass_done = False
         self._running = asyncio.Event()
         self._running.set()
+        # Leading (always, without leadership); ``_go``: running and leading, or
+        # stopping (so that held workers see the stop): what calls and reads wait for.
+        self._leading = asyncio.Event()
+        self._go = asyncio.Event()
+        if leadership is None:
+            self._leading.set()
+            self._go.set()
+        self._leader_task: asyncio.Task[None] | None = None
+        # Set when this replica's term as leader ends (or it stops): its calls
+        # still waiting for a QPS slot are withdrawn (TaskReconciler.stop).
+        self._term = asyncio.Event()
+        if leadership is not None:
+            reconciler.may_send = self._may_send
         self._paused_reason: str | None = None
         self._fatal_pauses = 0
         self._root_missing = False
@@ -199,11 +236,20 @@ class Daemon:
     def readiness(self) -> str | None:
         if (dead := self.liveness()) is not None:
             return dead
+        if self.leadership is not None and not self._leading.is_set():
+            # A warm standby is ready (to take over) while it can reach the store.
+            return self.leadership.problem
         if self._paused_reason is not None:
             return self._paused_reason
         if not self._first_pass_done:
             return f"first reconcile in progress ({len(self._pass)} tasks to go)"
         return None
+
+    def standby(self) -> str | None:
+        """``standby: leader is ...`` while another replica leads (``None``: we lead)."""
+        if self.leadership is None or self._leading.is_set():
+            return None
+        return self.leadership.standby_reason()
 
     def degraded(self) -> list[str]:
         """Why the daemon, though ready, is not reconciling everything (empty: it is)."""
@@ -405,7 +451,7 @@ class Daemon:
         while (key := await self.queue.get()) is not None:
             handled = False
             try:
-                await self._running.wait()
+                await self._go.wait()
                 if self._stop.is_set():
                     return  # shutting down: take no new call, even one already dequeued
                 self.metrics.in_flight.inc()
@@ -413,6 +459,8 @@ class Daemon:
                     handled = await self._process(key)
                 finally:
                     self.metrics.in_flight.dec()
+            except FencedError as exc:  # another replica leads: its plan covers this key
+                self._lost(str(exc))
             except Exception as exc:  # one task's surprise must not stop a worker
                 delay = self.queue.add_rate_limited(key)
                 self.log.exception(
@@ -445,7 +493,10 @@ class Daemon:
         try:
             result = await self.reconciler.reconcile(plan.calls[0])
         except CallWithdrawn:
-            return False  # shutting down: it waited for a slot and was never sent
+            # Stopping, or the lead was lost: it waited for a slot and was never sent.
+            if not self._stop.is_set():
+                self.queue.add(key)  # planned afresh if this replica leads again
+            return False
         except FatalError as exc:
             self.queue.add(key)
             await self._pause(exc)
@@ -470,6 +521,7 @@ class Daemon:
         if not self._running.is_set():
             return
         self._running.clear()
+        self._sync_go()
         pause = min(self.config.fatal_pause_cap, self.config.fatal_pause * 2**self._fatal_pauses)
         self._fatal_pauses += 1
         self._paused_reason = f"calls paused: {exc}"
@@ -478,6 +530,7 @@ class Daemon:
             await asyncio.wait_for(self._stop.wait(), pause)
         self._paused_reason = None
         self._running.set()
+        self._sync_go()
         if not self._stop.is_set():
             self.log.info("daemon.resumed")
 
@@ -726,7 +779,7 @@ class Daemon:
             "desired.changed", files=len(change.paths), rescan=change.rescan, tasks=len(affected)
         )
         self._report_files()
-        if affected:
+        if affected and self._leading.is_set():  # a standby only keeps its index warm
             self.replan(affected, reason="file_changed")
 
     async def _resync(self, stop: asyncio.Event) -> None:
@@ -737,6 +790,8 @@ class Daemon:
             try:
                 self.scan()
                 self._report_files()
+                if not self._leading.is_set():
+                    continue
                 plan = self.replan(None, reason="resync")
                 if not self._pass:
                     self._start_pass(plan, reason="resync")
@@ -818,9 +873,9 @@ class Daemon:
                     window, released = max(window + period, time.monotonic()), 0
                 released += 1
                 await slots.acquire()
-                # Last, right before the read: a pause (credentials error) that began
-                # while this one waited for its turn holds it back too.
-                await self._running.wait()
+                # Last, right before the read: a pause (credentials error), or the
+                # lead lost, while this one waited for its turn holds it back too.
+                await self._go.wait()
                 if stop.is_set():
                     break
                 read = asyncio.create_task(self._read_in_slot(key, slots))
@@ -834,6 +889,8 @@ class Daemon:
     async def _read_in_slot(self, key: TaskKey, slots: asyncio.Semaphore) -> None:
         try:
             await self._read_one(key)
+        except FencedError as exc:  # another replica leads: it reads for itself
+            self._lost(str(exc))
         except Exception as exc:  # one odd answer must not stop the observer
             self.log.exception("observe.failed", error=repr(exc), **task_fields(key))
         finally:
@@ -926,6 +983,51 @@ class Daemon:
                 self.log.info("task.queued", reason=reason, **task_fields(key))
                 self.metrics.queue_depth.set(len(self.queue))
 
+    # --- leadership -------------------------------------------------------------------
+
+    def _sync_go(self) -> None:
+        if self._stop.is_set() or (self._running.is_set() and self._leading.is_set()):
+            self._go.set()
+        else:
+            self._go.clear()
+
+    def _elected(self, epoch: int) -> None:
+        """This replica leads now: start from the store as it is, plan everything, go."""
+        assert self.leadership is not None
+        # Another replica recorded results (and reads) since this one last looked.
+        self.recorder.reload()
+        self._out_of_sync = set(self.recorder.store.keys_with_status(SyncStatus.OUT_OF_SYNC))
+        self.scan()
+        self._report_files()
+        if self.config.observe:
+            # Due again by the reads the store holds: the last leader's, oldest first.
+            self.schedule.untrack(self.schedule.keys())
+            self._track_desired()
+        # Calls of this term wait for a slot only while the term lasts.
+        self._term = asyncio.Event()
+        self.reconciler.stop = self._term
+        self._first_pass_done = False
+        self._leading.set()
+        self._sync_go()
+        plan = self.replan(None, reason="elected")
+        self._start_pass(plan, reason="elected")
+
+    def _lost(self, why: str) -> None:
+        """Stop calling at once: hold workers and reads, withdraw calls waiting for a slot."""
+        if not self._leading.is_set() or self.leadership is None:
+            return
+        self._leading.clear()
+        self._sync_go()
+        self._term.set()
+        self._pass = set()
+        self._first_pass_done = False
+        if self.leadership.leading:  # the fence noticed first: the keepalive will follow
+            self.log.error("leader.fenced", why=why)
+
+    def _may_send(self) -> bool:
+        """Whether a call may go out now: leading on a fresh lease (the reconciler's gate)."""
+        return self.leadership is None or (self._leading.is_set() and self.leadership.holds())
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain."""
         self._stop = stop
@@ -940,8 +1042,9 @@ class Daemon:
             invalid_files=len(self.index.invalid_files),
             seconds=round(time.monotonic() - started, 3),
         )
-        plan = self.replan(None, reason="start")
-        self._start_pass(plan, reason="start")
+        if self.leadership is None:  # else planned once elected (_elected)
+            plan = self.replan(None, reason="start")
+            self._start_pass(plan, reason="start")
 
         workers = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
         self._background = [
@@ -951,17 +1054,33 @@ class Daemon:
         if self.config.observe:
             self._track_desired()
             self._background.append(asyncio.create_task(self._observe(stop), name="observer"))
+        if self.leadership is not None:
+            self._leader_task = asyncio.create_task(
+                self.leadership.run(on_elected=self._elected, on_lost=self._lost),
+                name="leadership",
+            )
+            self._background.append(self._leader_task)
         await stop.wait()
+        self._term.set()  # withdraw calls waiting for a slot (without leadership: stop itself)
+        self._sync_go()  # held workers and readers see the stop
 
         self.log.info("daemon.draining", in_flight=self.queue.processing, queued=len(self.queue))
+        # The lead is kept (alive) while in-flight calls drain, and let go after.
         for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+            if task is not self._leader_task:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in self._background if t is not self._leader_task), return_exceptions=True
+        )
         self.queue.shutdown()
         _, late = await asyncio.wait(workers, timeout=self.config.drain_timeout)
         for task in late:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        if self.leadership is not None and self._leader_task is not None:
+            self._leader_task.cancel()
+            await asyncio.gather(self._leader_task, return_exceptions=True)
+            await self.leadership.release()
         self.log.info("daemon.stopped", abandoned_in_flight=len(late))
 
 

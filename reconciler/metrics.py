@@ -100,6 +100,30 @@ class _ReadinessCollector(Collector):
         )
 
 
+class _LeaderCollector(Collector):
+    def __init__(
+        self, *, replica: str, leading: Callable[[], bool], epoch: Callable[[], int | None]
+    ) -> None:
+        self._replica = replica
+        self._leading = leading
+        self._epoch = epoch
+
+    def collect(self) -> Iterator[Metric]:
+        leader = GaugeMetricFamily(
+            "reconciler_leader",
+            "1 while this replica leads (makes calls), 0 while it stands by.",
+            labels=["replica"],
+        )
+        leader.add_metric([self._replica], 1 if self._leading() else 0)
+        yield leader
+        epoch = self._epoch()
+        yield GaugeMetricFamily(
+            "reconciler_leader_epoch",
+            "The fencing epoch of the lead this replica holds, or last saw held (0: none yet).",
+            value=epoch or 0,
+        )
+
+
 class _ChangeControlCollector(Collector):
     def __init__(
         self,
@@ -261,6 +285,12 @@ class Metrics:
         """Readiness and the credentials pause as gauges, read at scrape time, so an
         alert needs no probe of its own."""
         self.registry.register(_ReadinessCollector(ready=ready, paused=paused))
+
+    def watch_leader(
+        self, *, replica: str, leading: Callable[[], bool], epoch: Callable[[], int | None]
+    ) -> None:
+        """Leadership among replicas sharing a PostgreSQL store, read at scrape time."""
+        self.registry.register(_LeaderCollector(replica=replica, leading=leading, epoch=epoch))
 
     def watch_client(
         self, *, limit: Callable[[], int], latency_ms: Callable[[], Mapping[str, float]]

@@ -85,6 +85,11 @@ class Recorder:
         #: ``None``: nothing scheduled, as for ``apply``.
         self.retry_at: Callable[[TaskKey], datetime | None] = lambda _key: None
 
+    def reload(self) -> None:
+        """Read the planner's view from the store again (another replica wrote it)."""
+        self.applied = self.store.applied()
+        self.observations = self.store.observations()
+
     def pending(self, task: DesiredTask) -> None:
         self.store.mark_pending(task.key, source=task.source, business_id=task.business_id)
         if task.key not in self.applied:
@@ -230,6 +235,9 @@ class TaskReconciler:
         #: Once set, calls still waiting for a slot are withdrawn unsent
         #: (:class:`~reconciler.errors.CallWithdrawn`), never sent late.
         self.stop = stop
+        #: Asked as each call is about to go out; ``False`` withdraws it unsent
+        #: (a replica whose lead is in doubt sends nothing). ``None``: always.
+        self.may_send: Callable[[], bool] | None = None
         self.not_running_retry = not_running_retry
         self.failed_retry = failed_retry
         self.probe_attempts = probe_attempts
@@ -295,6 +303,8 @@ class TaskReconciler:
             # Pending (one more attempt) only once the call really goes out: a
             # call withdrawn while it waited for a slot leaves no trace.
             if self.stop is not None and self.stop.is_set():
+                return False
+            if self.may_send is not None and not self.may_send():
                 return False
             self.recorder.pending(task)
             log.debug("call.sending", action=call.action, changes=_changes(call))

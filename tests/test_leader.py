@@ -18,7 +18,7 @@ from reconciler.leader import Leadership, read_leader
 from reconciler.state import FencedError
 from tests.pg_leader import pg_server, pg_url  # noqa: F401  (fixtures)
 
-FAST = {"retry_s": 0.2, "keepalive_s": 0.2, "timeout_s": 0.5}
+FAST: dict[str, Any] = {"retry_s": 0.2, "keepalive_s": 0.2, "timeout_s": 0.5}
 
 
 class Replica:

@@ -339,7 +339,7 @@ class Emulator:
         try:
             self._route(action, version, request.method)
             body = await request.read()
-            verify_signature(
+            access_key = verify_signature(
                 method=request.method,
                 path=request.rel_url.path,
                 query=list(query.items()),
@@ -351,6 +351,7 @@ class Emulator:
                 service=self._config.service,
                 now=datetime.now(UTC),
             )
+            self.stats.record_key(access_key, action, time.time())
             if not self._limiters[action].admit(arrived):
                 self.stats.throttled += 1
                 raise ApiError(
