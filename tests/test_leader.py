@@ -1,7 +1,8 @@
 """Leader election against a real PostgreSQL server (no mocks): :mod:`reconciler.leader`.
 
-Each test gets a fresh database; two :class:`Leadership` objects in one
-process are two sessions, which is all an advisory lock tells apart.
+Each test gets a fresh database (``postgres_url``, tests/postgres.py); two
+:class:`Leadership` objects in one process are two sessions, which is all an
+advisory lock tells apart.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import psycopg
 import pytest
 
 from reconciler.leader import Leadership, read_leader
-from reconciler.state import FencedError
-from tests.pg_leader import pg_server, pg_url  # noqa: F401  (fixtures)
+from reconciler.state import FencedError, StateStore
+from reconciler.state_postgres import SCHEMA
+from reconciler.task import Source, TaskKey
 
 FAST: dict[str, Any] = {"retry_s": 0.2, "keepalive_s": 0.2, "timeout_s": 0.5}
 
@@ -24,8 +26,8 @@ FAST: dict[str, Any] = {"retry_s": 0.2, "keepalive_s": 0.2, "timeout_s": 0.5}
 class Replica:
     """A :class:`Leadership` running in the test's loop, with what it was told."""
 
-    def __init__(self, url: str, name: str) -> None:
-        self.lead = Leadership(url, replica=name, **FAST)
+    def __init__(self, url: str, name: str, *, schema: str | None = None) -> None:
+        self.lead = Leadership(url, replica=name, schema=schema, **FAST)
         self.elected: list[tuple[int, float]] = []
         self.lost: list[tuple[str, float]] = []
         self.task = asyncio.create_task(
@@ -67,16 +69,16 @@ def cut_off(url: str, lead: Leadership) -> bool:
     return bool(row and row[0])
 
 
-def test_one_leader_and_a_clean_handover_bumps_the_epoch(pg_url: str) -> None:  # noqa: F811
+def test_one_leader_and_a_clean_handover_bumps_the_epoch(postgres_url: str) -> None:
     async def scenario() -> None:
-        a = Replica(pg_url, "a")
+        a = Replica(postgres_url, "a")
         await until(lambda: a.elected)
-        b = Replica(pg_url, "b")
+        b = Replica(postgres_url, "b")
         await until(lambda: b.lead.leader is not None)
         await asyncio.sleep(0.6)  # several of b's tries: the lock stays a's
         assert not b.elected and a.lead.leading and not b.lead.leading
         assert b.lead.standby_reason().startswith(f"standby: leader is {a.lead.holder} (epoch 1)")
-        row = await asyncio.to_thread(read_leader, pg_url)
+        row = await asyncio.to_thread(read_leader, postgres_url)
         assert row is not None and row.holder == a.lead.holder and row.epoch == 1
 
         released = time.monotonic()
@@ -87,28 +89,28 @@ def test_one_leader_and_a_clean_handover_bumps_the_epoch(pg_url: str) -> None:  
         assert at - released < 0.5
         assert not b.lost
         await b.stop()
-        row = await asyncio.to_thread(read_leader, pg_url)
+        row = await asyncio.to_thread(read_leader, postgres_url)
         assert row is not None and row.epoch == 2 and row.released_at is not None
 
     run(scenario)
 
 
-def test_a_deposed_leaders_write_is_refused_and_records_nothing(pg_url: str) -> None:  # noqa: F811
+def test_a_deposed_leaders_write_is_refused_and_records_nothing(postgres_url: str) -> None:
     async def scenario() -> None:
-        a = Replica(pg_url, "a")
+        a = Replica(postgres_url, "a")
         await until(lambda: a.elected)
-        b = Replica(pg_url, "b")
+        b = Replica(postgres_url, "b")
         await until(lambda: b.lead.leader is not None)
         with pytest.raises(FencedError, match="never led"):
             b.lead.check(None)  # a standby writes nothing, and asks nothing to know it
-        with psycopg.connect(pg_url, autocommit=True) as conn:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute("CREATE TABLE results (n int)")
             with conn.transaction(), conn.cursor() as cur:
                 a.lead.check(cur)  # a leads: its write goes through
                 cur.execute("INSERT INTO results VALUES (1)")
             # a is cut off without letting go: its session ends, the lock frees
             await a.stop(release=False)
-            assert cut_off(pg_url, a.lead)
+            assert cut_off(postgres_url, a.lead)
             await until(lambda: b.elected)
             with (
                 pytest.raises(FencedError, match="deposed"),
@@ -127,14 +129,52 @@ def test_a_deposed_leaders_write_is_refused_and_records_nothing(pg_url: str) -> 
     run(scenario)
 
 
-def test_losing_the_lock_connection_stops_the_leader_at_once(pg_url: str) -> None:  # noqa: F811
+def test_the_store_refuses_a_deposed_leaders_result(postgres_url: str) -> None:
+    """The contract with the store: its write transactions check the fence first."""
+    key = TaskKey("app", "room", "task")
+    where = Source("a.yaml", 1, 1)
+
     async def scenario() -> None:
-        a = Replica(pg_url, "a")
+        # The store first: it makes the schema the leader row then joins.
+        StateStore.open(postgres_url, create=True).close()
+        a = Replica(postgres_url, "a", schema=SCHEMA)
         await until(lambda: a.elected)
-        b = Replica(pg_url, "b")
+        b = Replica(postgres_url, "b", schema=SCHEMA)
+        await until(lambda: b.lead.leader is not None)
+        with StateStore.open(postgres_url, fencing=a.lead) as store:
+            store.record_success(
+                key, fields={"Duration": 30}, business_id=None, request_id="r1", source=where
+            )
+            await a.stop(release=False)
+            assert cut_off(postgres_url, a.lead)
+            await until(lambda: b.elected)
+            with pytest.raises(FencedError, match="deposed"):
+                store.record_success(
+                    key, fields={"Duration": 60}, business_id=None, request_id="r2", source=where
+                )
+        with StateStore.open(postgres_url, fencing=b.lead) as store:
+            record = store.get(key)
+            assert record is not None and record.request_id == "r1"
+            store.record_success(
+                key, fields={"Duration": 90}, business_id=None, request_id="r3", source=where
+            )
+            record = store.get(key)
+            assert record is not None and record.request_id == "r3"
+        await b.stop()
+        row = await asyncio.to_thread(read_leader, postgres_url, schema=SCHEMA)
+        assert row is not None and row.epoch == 2 and row.holder == b.lead.holder
+
+    run(scenario)
+
+
+def test_losing_the_lock_connection_stops_the_leader_at_once(postgres_url: str) -> None:
+    async def scenario() -> None:
+        a = Replica(postgres_url, "a")
+        await until(lambda: a.elected)
+        b = Replica(postgres_url, "b")
         await until(lambda: b.lead.leader is not None)
         assert a.lead.holds()
-        assert cut_off(pg_url, a.lead)
+        assert cut_off(postgres_url, a.lead)
         cut = time.monotonic()
         (why, lost_at), *_ = await until(lambda: a.lost)
         # Noticed by the next keepalive (0.2 s apart), and from then on no call may go.
