@@ -46,7 +46,6 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlencode
 
@@ -58,7 +57,14 @@ from reconciler.events import subscribe
 from reconciler.live import LiveState, Observation
 from reconciler.observe import sweep_seconds
 from reconciler.recent_events import Event, RecentEvents
-from reconciler.state import StateError, StateStore, TaskQuery, TaskState, format_time
+from reconciler.state import (
+    StateError,
+    StateStore,
+    StoreLocation,
+    TaskQuery,
+    TaskState,
+    format_time,
+)
 from reconciler.status import (
     NEW,
     StatusReport,
@@ -942,7 +948,7 @@ class Dashboard:
     """The dashboard's routes over a running :class:`~reconciler.loop.Daemon`."""
 
     def __init__(
-        self, *, daemon: Daemon, store_path: Path, events: RecentEvents | None = None
+        self, *, daemon: Daemon, store_path: StoreLocation, events: RecentEvents | None = None
     ) -> None:
         """``events``: the buffer of recent events; by default one of its own, subscribed
         to every event while the app runs (from before the daemon's first pass)."""

@@ -1,4 +1,4 @@
-"""The state store: what the server last confirmed for each task, in SQLite.
+"""The state store: what the server last confirmed for each task, in SQLite or PostgreSQL.
 
 One row per task (``app_id``, ``room_id``, ``task_id``) holds the last-applied
 managed values the server accepted with ``Result: "ok"`` (JSON text; ``NULL``
@@ -14,30 +14,48 @@ with the store, and a number bumped by every transaction that changes what
 the planner reads (anything but an observation), so a saved plan can tell
 that the store it was made from is still the store, unchanged.
 
+Backends. A store is a SQLite file (``--state PATH``,
+:mod:`reconciler.state_sqlite`) or a PostgreSQL database (``--state
+postgresql://...``, :mod:`reconciler.state_postgres`, its tables in a schema
+of their own so the database can be shared). :class:`StateStore` is the one
+interface: its methods, the SQL of every read and write, the generation
+bookkeeping and the transactions live here, written once in SQLite's
+dialect. A backend is a small connection object (:class:`Backend`) that
+opens, checks and migrates its store; PostgreSQL's translates the few
+spellings that differ (placeholders, ``IS NOT``), and :class:`Dialect` those
+of the dashboard's filters. The column types keep values alike on both sides
+(times as ISO-8601 text, ids in byte order), so rows, their order and a
+digest of them do not depend on the backend; :meth:`StateStore.snapshot` and
+:meth:`StateStore.restore` move a store from one to the other
+(``reconciler state migrate``).
+
 Durability. Every writer is one transaction, committed before it returns, so
-a process killed mid-run loses nothing already recorded. The database runs in
-WAL mode with ``synchronous=NORMAL``: a commit is appended to the write-ahead
-log before the writer returns, and the log survives the process being killed
-(only a power loss or OS crash can roll back the last few commits, never
-corrupt the file). :meth:`StateStore.bulk` groups many writes into one
-transaction when that matters for speed (a first sync of 100k in-sync tasks).
+a process killed mid-run loses nothing already recorded.
+:meth:`StateStore.bulk` groups many writes into one transaction when that
+matters for speed (a first sync of 100k in-sync tasks).
 
-Files. The store and its ``-wal``/``-shm`` companions are created owner-only
-(0600), a missing parent directory 0700: the rows name tasks and ids, never
-secrets, but nothing here is for other users. No column holds headers, raw
-requests or credentials.
+Schema. Each backend keeps a schema version and forward steps up to
+:data:`SCHEMA_VERSION`, each applied in its own transaction together with
+the version bump. A store written by a newer reconciler, or something that
+is not a store (a foreign database, a corrupt file), is a :class:`StateError`
+naming the store and what is wrong: the store is never silently reset or
+re-created. A read-only open (``plan``, ``status``) never writes the store.
 
-Schema. ``PRAGMA user_version`` is the schema version; :data:`MIGRATIONS` are
-forward steps, each applied in its own transaction together with the version
-bump. A store written by a newer reconciler, a file that is not a database, a
-foreign SQLite database or a corrupt one is a :class:`StateError` naming the
-path and what is wrong: the store is never silently reset or re-created.
+Secrets. No column holds headers, raw requests or credentials. A PostgreSQL
+store is named by a :class:`PostgresURL`, whose ``str`` and ``repr`` leave
+the password out: logs, messages, ``status`` and saved plans show that form,
+and the password (and ``PGPASSWORD``) is scrubbed from whatever the driver
+says.
+
+Fencing. A PostgreSQL store may be given a :class:`Fencing` object: every
+write transaction calls its ``check(cursor)`` first, on the store's own
+connection, so a replica that lost the leadership records nothing
+(:class:`FencedError`).
 
 Concurrency. A :class:`StateStore` keeps one connection and is meant for one
 asyncio program: callers make one call at a time (it may come from a worker
-thread, hence ``check_same_thread=False``). Other processes may read
-concurrently (``status`` while the daemon runs); writers from two processes
-wait on each other up to the busy timeout.
+thread). The calls are synchronous and short. Other processes may read
+concurrently (``status`` while the daemon runs).
 """
 
 from __future__ import annotations
@@ -45,8 +63,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-import sqlite3
-import uuid
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,17 +71,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol
+from urllib.parse import unquote
 
 from reconciler.events import get_logger
 from reconciler.live import LiveState, Observation
 from reconciler.task import MANAGED_FIELDS, AppliedRecord, FieldValue, Source, SyncStatus, TaskKey
 
-#: Marks a SQLite file as a reconciler state store (``PRAGMA application_id``).
-APPLICATION_ID: Final = 0x52435354
 #: Default location, relative to the current folder.
 DEFAULT_PATH: Final = Path(".reconciler") / "state.db"
-#: How long a writer waits for another process holding the write lock.
+#: How long a writer waits for another one holding the lock (SQLite's busy
+#: timeout, PostgreSQL's lock timeout).
 BUSY_TIMEOUT_S: Final = 5.0
+#: The schema version this code writes; every backend's forward steps reach it.
+SCHEMA_VERSION: Final = 5
+#: ``meta`` key of the tree root the store was last applied from.
+TREE_ROOT_KEY: Final = "tree_root"
+#: ``meta`` keys of the store's random id and of its change counter.
+LINEAGE_KEY: Final = "lineage"
+GENERATION_KEY: Final = "generation"
 
 log = get_logger()
 
@@ -93,138 +117,189 @@ class Fencing(Protocol):
     def check(self, cursor: Any) -> None: ...
 
 
-Migration = Callable[[sqlite3.Connection], None]
+class PostgresURL:
+    """A ``postgresql://`` (or ``postgres://``) URL naming a PostgreSQL state store.
 
+    ``str`` and ``repr`` are the URL without its password (nor a ``password``
+    query parameter): the form that logs, messages, ``status`` and saved
+    plans show. :meth:`conninfo` is the URL itself, for connecting only. The
+    password may be left out, for libpq to find in ``PGPASSWORD`` or a
+    password file.
+    """
 
-def _v1_base(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """
-        CREATE TABLE tasks (
-            app_id          TEXT NOT NULL,
-            room_id         TEXT NOT NULL,
-            task_id         TEXT NOT NULL,
-            business_id     TEXT,
-            applied_fields  TEXT,
-            applied_at      TEXT,
-            request_id      TEXT,
-            status          TEXT NOT NULL
-                CHECK (status IN ('Synced', 'Pending', 'NotRunning', 'Failed')),
-            attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-            last_call_at    TEXT,
-            last_error      TEXT,
-            last_error_code TEXT,
-            source          TEXT,
-            updated_at      TEXT NOT NULL,
-            PRIMARY KEY (app_id, room_id, task_id)
-        ) WITHOUT ROWID
-        """
-    )
-    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    __slots__ = ("_url",)
 
+    SCHEMES: Final = ("postgresql://", "postgres://")
 
-def _path_of_source(text: str | None) -> str | None:
-    """``"a/b.yaml:3:5"`` → ``"a/b.yaml"``; text without a position is kept whole."""
-    if text is None:
+    def __init__(self, url: str) -> None:
+        if not url.startswith(self.SCHEMES):
+            raise ValueError("a PostgreSQL URL starts with postgresql:// or postgres://")
+        self._url = url
+
+    def conninfo(self) -> str:
+        """The URL as given, password included: for the driver, never for a message."""
+        return self._url
+
+    @property
+    def password(self) -> str | None:
+        """The URL's password, if it has one (percent-decoded)."""
+        userinfo = _netloc(self._url).rpartition("@")[0]
+        if ":" in userinfo:
+            return unquote(userinfo.partition(":")[2])
+        for name, value in _query_params(self._url):
+            if name == "password":
+                return value
         return None
-    parts = text.rsplit(":", 2)
-    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-        return parts[0]
-    return text
+
+    def __str__(self) -> str:
+        scheme, _, rest = self._url.partition("://")
+        netloc = _netloc(self._url)
+        userinfo, at, hosts = netloc.rpartition("@")
+        path, question, query = rest[len(netloc) :].partition("?")
+        if question:
+            query = "&".join(
+                p for p in query.split("&") if unquote(p.partition("=")[0]) != "password"
+            )
+            question = "?" if query else ""
+        return f"{scheme}://{userinfo.partition(':')[0]}{at}{hosts}{path}{question}{query}"
+
+    def __repr__(self) -> str:
+        return f"PostgresURL({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PostgresURL) and other._url == self._url
+
+    def __hash__(self) -> int:
+        return hash(self._url)
+
+    def scrub(self, text: str) -> str:
+        """``text`` without this URL's password or ``PGPASSWORD``: a driver's message
+        may quote a connection string, or a part of one it could not parse."""
+        text = text.replace(self._url, str(self))
+        raw = _netloc(self._url).rpartition("@")[0].partition(":")[2]
+        secrets = {raw, self.password or "", os.environ.get("PGPASSWORD", "")}
+        for secret in sorted(filter(None, secrets), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    def exists(self) -> bool:
+        """Whether the database holds a state store (its schema); connects to find
+        out, so a database that cannot be reached is a :class:`StateError`."""
+        from reconciler.state_postgres import store_exists
+
+        return store_exists(self)
 
 
-def _v2_source_path_and_refusals(conn: sqlite3.Connection) -> None:
-    # The planner holds tasks of an invalid file by path, and blocks a refused
-    # spec by hash; v1 kept only the "file:line:column" text and no hash. The
-    # request id of a failed call gets its own column so that ``request_id``
-    # stays the one of the last success.
-    conn.execute("ALTER TABLE tasks ADD COLUMN source_path TEXT")
-    conn.execute("ALTER TABLE tasks ADD COLUMN failed_spec TEXT")
-    conn.execute("ALTER TABLE tasks ADD COLUMN last_error_request_id TEXT")
-    conn.create_function("_path_of_source", 1, _path_of_source, deterministic=True)
-    conn.execute("UPDATE tasks SET source_path = _path_of_source(source)")
+def _netloc(url: str) -> str:
+    rest = url.partition("://")[2]
+    return re.split(r"[/?]", rest, maxsplit=1)[0]
 
 
-def _v3_status_times_and_tree_root(conn: sqlite3.Connection) -> None:
-    # ``status`` shows since when a task is in its status and when the daemon
-    # tries it again. ``prior_*`` keep the settled status a call started from,
-    # so a retry that ends where it began (NotRunning again) keeps its
-    # since-time. ``meta`` records the tree root the store was applied from,
-    # so a plan of the wrong tree cannot forget every task outside it.
-    # Rows from v2 have no history: their last write is the best since-time.
-    conn.execute("ALTER TABLE tasks ADD COLUMN status_since TEXT")
-    conn.execute("ALTER TABLE tasks ADD COLUMN prior_status TEXT")
-    conn.execute("ALTER TABLE tasks ADD COLUMN prior_since TEXT")
-    conn.execute("ALTER TABLE tasks ADD COLUMN next_retry_at TEXT")
-    conn.execute("UPDATE tasks SET status_since = updated_at")
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+def _query_params(url: str) -> list[tuple[str, str]]:
+    query = url.partition("?")[2]
+    pairs = [p.partition("=") for p in query.split("&") if p]
+    return [(unquote(k), unquote(v)) for k, _, v in pairs]
 
 
-_STATUS_CHECK_V1: Final = "'NotRunning', 'Failed')"
+#: Where a store is: a SQLite file or a PostgreSQL database.
+StoreLocation = Path | PostgresURL
 
 
-def _v4_live_observations(conn: sqlite3.Connection) -> None:
-    # Live observation (GetSegmentTask): the latest read of each task, the
-    # incarnation (StartTime) that last-applied values were applied to, and a
-    # fifth status, OutOfSync, for drift that is reported instead of healed.
-    # SQLite cannot change a CHECK constraint in place: the table is rebuilt
-    # from its own CREATE text with the wider list, rows copied as they are.
-    (sql,) = conn.execute(
-        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'tasks'"
-    ).fetchone()
-    if _STATUS_CHECK_V1 not in sql:
-        raise StateError("the tasks table does not have the status check this step widens")
-    wider = sql.replace("CREATE TABLE tasks", "CREATE TABLE tasks_v4", 1).replace(
-        _STATUS_CHECK_V1, "'NotRunning', 'Failed', 'OutOfSync')"
-    )
-    conn.execute(wider)
-    conn.execute("INSERT INTO tasks_v4 SELECT * FROM tasks")
-    conn.execute("DROP TABLE tasks")
-    conn.execute("ALTER TABLE tasks_v4 RENAME TO tasks")
-    conn.execute("ALTER TABLE tasks ADD COLUMN applied_incarnation INTEGER")
-    conn.execute(
-        """
-        CREATE TABLE observations (
-            app_id      TEXT NOT NULL,
-            room_id     TEXT NOT NULL,
-            task_id     TEXT NOT NULL,
-            observed_at REAL NOT NULL,
-            state       TEXT NOT NULL
-                CHECK (state IN ('running', 'ended', 'not_found', 'unknown')),
-            status      INTEGER,
-            start_time  INTEGER,
-            end_time    INTEGER,
-            stop_reason TEXT,
-            fields      TEXT NOT NULL,
-            PRIMARY KEY (app_id, room_id, task_id)
-        ) WITHOUT ROWID
-        """
-    )
+def parse_location(text: str | Path) -> StoreLocation:
+    """``--state`` as given: a ``postgresql://``/``postgres://`` URL, else a file path."""
+    if isinstance(text, str) and text.startswith(PostgresURL.SCHEMES):
+        return PostgresURL(text)
+    return Path(text)
 
 
-def _v5_lineage_and_generation(conn: sqlite3.Connection) -> None:
-    # Saved plans (``plan --out``) name the store they were made from and its
-    # generation; ``apply FILE`` refuses a plan whose store has moved on.
-    conn.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?)",
-        [(LINEAGE_KEY, uuid.uuid4().hex), (GENERATION_KEY, "0")],
-    )
+def _glob_to_regex(pattern: str) -> str:
+    """SQLite's ``GLOB`` pattern as an anchored regular expression for PostgreSQL's
+    ``~``: ``*`` any text (``/`` included), ``?`` one character, ``[...]`` a class
+    (``[^...]`` negated, a leading ``]`` literal), case-sensitive."""
+    out = ["^"]
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        close = -1
+        if c == "[":
+            first = i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1
+            close = pattern.find("]", first + 1)
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif close > 0:
+            body = pattern[i + 1 : close]
+            negate = body.startswith("^")
+            body = (body[1:] if negate else body).replace("\\", "\\\\").replace("]", "\\]")
+            out.append(f"[{'^' if negate else ''}{body}]")
+            i = close
+        else:
+            out.append(re.escape(c))
+        i += 1
+    out.append("$")
+    return "".join(out)
 
 
-#: Forward schema steps; step ``i`` takes a store from version ``i`` to ``i + 1``.
-MIGRATIONS: Final[tuple[Migration, ...]] = (
-    _v1_base,
-    _v2_source_path_and_refusals,
-    _v3_status_times_and_tree_root,
-    _v4_live_observations,
-    _v5_lineage_and_generation,
-)
-#: ``meta`` key of the tree root the store was last applied from.
-TREE_ROOT_KEY: Final = "tree_root"
-#: ``meta`` keys of the store's random id and of its change counter.
-LINEAGE_KEY: Final = "lineage"
-GENERATION_KEY: Final = "generation"
-#: The schema version this code writes.
-SCHEMA_VERSION: Final = len(MIGRATIONS)
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """The spellings of :class:`TaskQuery`'s filters that differ between backends."""
+
+    name: str
+    #: A ``WHERE`` clause that matches every row.
+    true: str
+    #: ``column <glob_operator> ?``, with the GLOB pattern turned into its parameter.
+    glob_operator: str
+    glob_pattern: Callable[[str], str]
+    #: ``find(haystack, needle)``: the needle's 1-based position, 0 when absent.
+    find: str
+
+
+SQLITE: Final = Dialect("sqlite", "1", "GLOB", lambda pattern: pattern, "instr")
+POSTGRES: Final = Dialect("postgresql", "TRUE", "~", _glob_to_regex, "strpos")
+
+
+class Backend(Protocol):
+    """A store's connection, as :class:`StateStore` uses it (one per backend module).
+
+    ``query`` and ``execute`` take SQLite's spelling (``?`` placeholders); a
+    backend translates what its database spells otherwise. Errors are the
+    driver's own (:attr:`errors`); the store turns them into
+    :class:`StateError` with :meth:`describe`.
+    """
+
+    @property
+    def location(self) -> StoreLocation:
+        """The store as messages name it: a path, or a URL (shown without its password)."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    @property
+    def errors(self) -> tuple[type[Exception], ...]:
+        """The driver's errors, which the store reports as :class:`StateError`."""
+
+    def query(self, sql: str, params: Sequence[object]) -> list[Any]: ...
+
+    def execute(self, sql: str, params: Sequence[object]) -> None: ...
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
+
+    def begin(self) -> None:
+        """Start a write transaction (PostgreSQL: and check the fence in it)."""
+
+    def begin_snapshot(self) -> None:
+        """Start a read transaction that sees one consistent snapshot."""
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None:
+        """Roll back if a transaction is open; never raises for a dead connection."""
+
+    def close(self) -> None: ...
+
+    def describe(self, exc: BaseException) -> str:
+        """A driver error as message text, with no secret in it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,28 +423,31 @@ def _row_to_state(row: Sequence[Any]) -> TaskState:
 
 # Writers are upserts: a result for a task with no row creates it with no
 # last-applied values, so a caller that skipped mark_pending loses nothing.
-# In an upsert's SET every bare column name is the row's value before the
-# update, so the CASE expressions below see the old status.
+# In an upsert's SET, ``tasks.column`` is the row's value before the update
+# (so the CASE expressions below see the old status) and ``excluded.column``
+# the value offered; PostgreSQL insists on the table name, SQLite accepts it.
 _MARK_PENDING: Final = """
 INSERT INTO tasks (app_id, room_id, task_id, business_id, status, attempts,
                    last_call_at, source, source_path, updated_at, status_since)
 VALUES (?, ?, ?, ?, 'Pending', 1, ?, ?, ?, ?, ?)
 ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     status = 'Pending',
-    attempts = attempts + 1,
+    attempts = tasks.attempts + 1,
     last_call_at = excluded.last_call_at,
     -- business_id belongs to the last-applied record once there is one
-    business_id = CASE WHEN applied_fields IS NULL
-                       THEN excluded.business_id ELSE business_id END,
+    business_id = CASE WHEN tasks.applied_fields IS NULL
+                       THEN excluded.business_id ELSE tasks.business_id END,
     source = excluded.source,
     source_path = excluded.source_path,
     updated_at = excluded.updated_at,
     -- the settled status this call starts from; a row left Pending by a
     -- killed process keeps the one from before that call
-    prior_status = CASE WHEN status = 'Pending' THEN prior_status ELSE status END,
-    prior_since = CASE WHEN status = 'Pending' THEN prior_since ELSE status_since END,
-    status_since = CASE WHEN status = 'Pending'
-                        THEN status_since ELSE excluded.status_since END,
+    prior_status = CASE WHEN tasks.status = 'Pending'
+                        THEN tasks.prior_status ELSE tasks.status END,
+    prior_since = CASE WHEN tasks.status = 'Pending'
+                       THEN tasks.prior_since ELSE tasks.status_since END,
+    status_since = CASE WHEN tasks.status = 'Pending'
+                        THEN tasks.status_since ELSE excluded.status_since END,
     next_retry_at = NULL
 """
 
@@ -385,7 +463,7 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     request_id = excluded.request_id,
     status = 'Synced',
     attempts = 0,
-    last_call_at = COALESCE(last_call_at, excluded.last_call_at),
+    last_call_at = COALESCE(tasks.last_call_at, excluded.last_call_at),
     last_error = NULL,
     last_error_code = NULL,
     last_error_request_id = NULL,
@@ -407,7 +485,7 @@ INSERT INTO tasks (app_id, room_id, task_id, status, attempts, last_call_at, las
 VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     status = excluded.status,
-    last_call_at = COALESCE(last_call_at, excluded.last_call_at),
+    last_call_at = COALESCE(tasks.last_call_at, excluded.last_call_at),
     last_error = excluded.last_error,
     last_error_code = excluded.last_error_code,
     last_error_request_id = excluded.last_error_request_id,
@@ -417,8 +495,9 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     updated_at = excluded.updated_at,
     -- NotRunning for two days stays "since two days" across its retries
     status_since = CASE
-        WHEN status = excluded.status THEN status_since
-        WHEN status = 'Pending' AND prior_status = excluded.status THEN prior_since
+        WHEN tasks.status = excluded.status THEN tasks.status_since
+        WHEN tasks.status = 'Pending' AND tasks.prior_status = excluded.status
+            THEN tasks.prior_since
         ELSE excluded.status_since END,
     prior_status = NULL,
     prior_since = NULL,
@@ -441,18 +520,19 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     source = excluded.source,
     source_path = excluded.source_path,
     updated_at = excluded.updated_at,
-    status_since = CASE WHEN status = 'Synced' THEN status_since ELSE excluded.status_since END,
+    status_since = CASE WHEN tasks.status = 'Synced'
+                        THEN tasks.status_since ELSE excluded.status_since END,
     prior_status = NULL,
     prior_since = NULL,
     next_retry_at = NULL
 -- a resync of an unchanged tree rewrites nothing, so updated_at stays meaningful
-WHERE business_id IS NOT excluded.business_id
-   OR applied_fields IS NOT excluded.applied_fields
-   OR status != 'Synced' OR attempts != 0
-   OR last_error IS NOT NULL OR last_error_code IS NOT NULL
-   OR last_error_request_id IS NOT NULL OR failed_spec IS NOT NULL
-   OR source IS NOT excluded.source OR source_path IS NOT excluded.source_path
-   OR next_retry_at IS NOT NULL
+WHERE tasks.business_id IS NOT excluded.business_id
+   OR tasks.applied_fields IS NOT excluded.applied_fields
+   OR tasks.status != 'Synced' OR tasks.attempts != 0
+   OR tasks.last_error IS NOT NULL OR tasks.last_error_code IS NOT NULL
+   OR tasks.last_error_request_id IS NOT NULL OR tasks.failed_spec IS NOT NULL
+   OR tasks.source IS NOT excluded.source OR tasks.source_path IS NOT excluded.source_path
+   OR tasks.next_retry_at IS NOT NULL
 """
 
 
@@ -462,8 +542,9 @@ class TaskQuery:
 
     Made for the dashboard, which pages through 100k rows in SQL rather than
     loading them. ``path_glob`` is SQLite's ``GLOB`` on the recorded source
-    path (``*`` also crosses ``/``); ``text`` is a case-insensitive substring
-    of the ids, the source or the last error.
+    path (``*`` also crosses ``/``; PostgreSQL matches the same pattern as a
+    regular expression); ``text`` is a case-insensitive substring of the ids,
+    the source or the last error.
     """
 
     statuses: frozenset[str] = frozenset()
@@ -473,8 +554,11 @@ class TaskQuery:
     path_glob: str | None = None
     text: str | None = None
 
-    def where(self, *, before: TaskKey | None = None) -> tuple[str, list[object]]:
-        """The ``WHERE`` clause (``"1"`` when empty) over ``tasks`` and its parameters."""
+    def where(
+        self, *, before: TaskKey | None = None, dialect: Dialect = SQLITE
+    ) -> tuple[str, list[object]]:
+        """The ``WHERE`` clause (always true when empty) over ``tasks`` and its
+        parameters, in ``dialect``'s spelling."""
         parts: list[str] = []
         params: list[object] = []
 
@@ -494,11 +578,11 @@ class TaskQuery:
                 self.lives,
             )
         if self.path_glob:
-            parts.append("source_path GLOB ?")
-            params.append(self.path_glob)
+            parts.append(f"source_path {dialect.glob_operator} ?")
+            params.append(dialect.glob_pattern(self.path_glob))
         if self.text:
             parts.append(
-                "instr(lower(app_id || ' ' || room_id || ' ' || task_id || ' ' ||"
+                f"{dialect.find}(lower(app_id || ' ' || room_id || ' ' || task_id || ' ' ||"
                 " COALESCE(source, '') || ' ' || COALESCE(last_error_code, '') || ' ' ||"
                 " COALESCE(last_error, '')), ?) > 0"
             )
@@ -506,30 +590,32 @@ class TaskQuery:
         if before is not None:
             parts.append("(app_id, room_id, task_id) < (?, ?, ?)")
             params.extend(before)
-        return " AND ".join(parts) or "1", params
+        return " AND ".join(parts) or dialect.true, params
 
 
 class StateStore:
-    """The SQLite state store at :attr:`path`; open with :meth:`open`."""
+    """The state store at :attr:`path`, a SQLite file or a PostgreSQL database;
+    open with :meth:`open`."""
 
-    path: Path
+    #: Where the store is; its ``str`` never shows a password.
+    path: StoreLocation
 
-    #: The schema version the file had before this open migrated it (0: new).
+    #: The schema version the store had before this open migrated it (0: new).
     opened_schema: int
 
     def __init__(
         self,
-        path: Path,
-        conn: sqlite3.Connection,
+        backend: Backend,
         *,
         opened_schema: int = SCHEMA_VERSION,
         read_only: bool = False,
     ) -> None:
-        # Use StateStore.open: it prepares the file, pragmas and schema.
-        self.path = path
+        # Use StateStore.open: the backend prepares the file or database and its schema.
+        self.path = backend.location
         self.opened_schema = opened_schema
         self._read_only = read_only
-        self._conn: sqlite3.Connection | None = conn
+        self._backend = backend
+        self._open = True
         self._depth = 0
         # A write inside the current transaction changed what the planner reads.
         self._changed = False
@@ -540,35 +626,48 @@ class StateStore:
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True, read_only: bool = False) -> StateStore:
+    def open(
+        cls,
+        location: StoreLocation | str,
+        *,
+        create: bool = True,
+        read_only: bool = False,
+        fencing: Fencing | None = None,
+    ) -> StateStore:
         """Open (and, with ``create``, create) the store, migrating it forward.
 
-        With ``create=False`` a missing file is a :class:`StateError` (``status``
-        reports on a store, it never makes one). ``read_only`` (``plan``,
-        ``status``) never writes the file: an older schema is migrated in a
-        private in-memory copy, so a newer CLI's dry run cannot upgrade a store
-        that a running older daemon still uses.
+        ``location`` is a file path (SQLite) or a :class:`PostgresURL` (text
+        is parsed with :func:`parse_location`). With ``create=False`` a
+        missing store is a :class:`StateError` (``status`` reports on a store,
+        it never makes one). ``read_only`` (``plan``, ``status``) never writes
+        the store: SQLite migrates an older schema in a private in-memory
+        copy, so a newer CLI's dry run cannot upgrade a store that a running
+        older daemon still uses; PostgreSQL refuses an older schema until
+        ``apply`` or ``run`` migrates it. ``fencing`` (PostgreSQL only) is
+        checked in every write transaction, before its writes.
         """
-        path = Path(path)
-        if read_only:
-            _prepare_file(path, create=False)
-            conn, opened_schema = _connect_read_only(path)
-            return cls(path, conn, opened_schema=opened_schema, read_only=True)
-        # Process-wide, so set only while the files are made: WAL and SHM files
-        # appear on the first access, and must come out owner-only too.
-        old_umask = os.umask(0o077)
-        try:
-            _prepare_file(path, create=create)
-            conn, opened_schema = _connect(path)
-        finally:
-            os.umask(old_umask)
-        return cls(path, conn, opened_schema=opened_schema)
+        if isinstance(location, str):
+            location = parse_location(location)
+        backend: Backend
+        if isinstance(location, PostgresURL):
+            from reconciler.state_postgres import open_postgres
+
+            backend, opened_schema = open_postgres(
+                location, create=create, read_only=read_only, fencing=fencing
+            )
+        else:
+            if fencing is not None:
+                raise ValueError("fencing is for a shared (PostgreSQL) store, not a SQLite file")
+            from reconciler.state_sqlite import open_sqlite
+
+            backend, opened_schema = open_sqlite(location, create=create, read_only=read_only)
+        return cls(backend, opened_schema=opened_schema, read_only=read_only)
 
     def close(self) -> None:
         """Close the connection; further use is a :class:`StateError`. Idempotent."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
+        if self._open:
+            self._open = False
+            self._backend.close()
 
     def __enter__(self) -> StateStore:
         return self
@@ -653,13 +752,13 @@ class StateStore:
 
     def count_tasks(self, query: TaskQuery, *, before: TaskKey | None = None) -> int:
         """How many rows ``query`` matches (only those sorting before ``before``, if given)."""
-        where, params = query.where(before=before)
+        where, params = query.where(before=before, dialect=self._backend.dialect)
         ((n,),) = self._query(f"SELECT COUNT(*) FROM tasks WHERE {where}", params)
         return int(n)
 
     def page_tasks(self, query: TaskQuery, *, offset: int, limit: int) -> list[TaskState]:
         """The rows ``query`` matches, sorted by key, from ``offset``: at most ``limit``."""
-        where, params = query.where()
+        where, params = query.where(dialect=self._backend.dialect)
         rows = self._query(
             f"SELECT {_COLUMNS} FROM tasks WHERE {where}"
             " ORDER BY app_id, room_id, task_id LIMIT ? OFFSET ?",
@@ -850,10 +949,11 @@ class StateStore:
         text = _encode_fields(fields)
         now = _stamp(at)
         with self._transaction("record release") as conn:
-            row = conn.execute(
+            rows = conn.query(
                 "SELECT applied_fields FROM tasks WHERE app_id = ? AND room_id = ? AND task_id = ?",
                 tuple(key),
-            ).fetchone()
+            )
+            row = rows[0] if rows else None
             if row is None or row[0] is None:
                 raise StateError(f"task {key} has no last-applied values to release from")
             current: dict[str, FieldValue] = json.loads(row[0])
@@ -977,17 +1077,17 @@ class StateStore:
             ),
         )
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
+    def _connection(self) -> Backend:
+        if not self._open:
             raise StateError(f"state store {self.path} is closed")
-        return self._conn
+        return self._backend
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         conn = self._connection()
         try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StateError(f"state store {self.path}: cannot read: {exc}") from exc
+            return conn.query(sql, params)
+        except conn.errors as exc:
+            raise StateError(f"state store {self.path}: cannot read: {conn.describe(exc)}") from exc
 
     def _execute(
         self, what: str, sql: str, params: Sequence[object], *, changes_plan: bool = True
@@ -996,11 +1096,13 @@ class StateStore:
             conn.execute(sql, params)
 
     @contextmanager
-    def _transaction(self, what: str, *, changes_plan: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, what: str, *, changes_plan: bool = True) -> Iterator[Backend]:
         """One transaction (or a part of the enclosing ``bulk`` one).
 
         ``changes_plan``: the writes change what the planner reads, so the
-        commit bumps the generation (once per transaction, in it).
+        commit bumps the generation (once per transaction, in it). A
+        :class:`StateError` from the backend's start (a fence) rolls back and
+        reaches the caller as it is.
         """
         conn = self._connection()
         self._changed |= changes_plan
@@ -1009,26 +1111,26 @@ class StateStore:
             self._depth += 1
             try:
                 yield conn
-            except sqlite3.Error as exc:
-                raise StateError(f"state store {self.path}: cannot {what}: {exc}") from exc
+            except conn.errors as exc:
+                raise StateError(
+                    f"state store {self.path}: cannot {what}: {conn.describe(exc)}"
+                ) from exc
             finally:
                 self._depth -= 1
             return
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            self._changed = False
-            raise StateError(f"state store {self.path}: cannot {what}: {exc}") from exc
         self._depth = 1
         try:
+            conn.begin()
             yield conn
             if self._changed:
                 conn.execute(_BUMP_GENERATION, (GENERATION_KEY,))
-            conn.execute("COMMIT")
+            conn.commit()
         except BaseException as exc:
-            _rollback(conn)
-            if isinstance(exc, sqlite3.Error):
-                raise StateError(f"state store {self.path}: cannot {what}: {exc}") from exc
+            conn.rollback()
+            if isinstance(exc, conn.errors):
+                raise StateError(
+                    f"state store {self.path}: cannot {what}: {conn.describe(exc)}"
+                ) from exc
             raise
         finally:
             self._depth = 0
@@ -1039,7 +1141,7 @@ _MISSING: Final = object()
 
 _BUMP_GENERATION: Final = """
 INSERT INTO meta (key, value) VALUES (?, '1')
-ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
+ON CONFLICT (key) DO UPDATE SET value = CAST(meta.value AS INTEGER) + 1
 """
 
 _RECORD_OBSERVATION: Final = """
@@ -1080,169 +1182,3 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    # SQLite may already have rolled back on its own (e.g. SQLITE_FULL).
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
-
-
-def _prepare_file(path: Path, *, create: bool) -> None:
-    """Make sure ``path`` is a regular file, creating it (0600) if allowed."""
-    try:
-        if path.exists() or path.is_symlink():
-            if not path.is_file():
-                kind = "a directory" if path.is_dir() else "not a regular file"
-                raise StateError(f"state store {path} is {kind}")
-            st = path.stat()
-            if create and st.st_uid == os.getuid() and st.st_mode & 0o077:
-                path.chmod(0o600)  # a store made by other means: owner-only, as ours are
-            return
-        if not create:
-            raise StateError(f"state store {path} does not exist")
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            return  # another process made it first; it is checked like any other
-        os.close(fd)
-    except OSError as exc:
-        raise StateError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
-
-
-def _connect(path: Path) -> tuple[sqlite3.Connection, int]:
-    """Connect, set pragmas, check the file is ours, and migrate it forward;
-    also returns the schema version the file had."""
-    try:
-        conn = sqlite3.connect(
-            path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-    except sqlite3.Error as exc:
-        raise StateError(f"state store {path}: cannot open: {exc}") from exc
-    try:
-        _configure(conn, path)
-        opened_schema = _migrate(conn, path)
-        _check_integrity(conn, path)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise StateError(f"state store {path} {_describe(exc)}") from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn, opened_schema
-
-
-def _connect_read_only(path: Path) -> tuple[sqlite3.Connection, int]:
-    """A connection that cannot write ``path``; an old schema is migrated in memory."""
-    try:
-        conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro",
-            uri=True,
-            timeout=BUSY_TIMEOUT_S,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-    except sqlite3.Error as exc:
-        raise StateError(f"state store {path}: cannot open: {exc}") from exc
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        _check_identity(conn, path, version)
-        if version > SCHEMA_VERSION:
-            raise StateError(
-                f"state store {path} was written by a newer reconciler "
-                f"(schema {version}, this one knows up to {SCHEMA_VERSION})"
-            )
-        _check_integrity(conn, path)
-        if version == SCHEMA_VERSION:
-            return conn, version
-        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        conn.backup(memory)
-        conn.close()
-        _migrate(memory, path, announce=False)
-        return memory, version
-    except sqlite3.Error as exc:
-        conn.close()
-        raise StateError(f"state store {path} {_describe(exc)}") from exc
-    except BaseException:
-        conn.close()
-        raise
-
-
-def _describe(exc: sqlite3.Error) -> str:
-    """What an error while opening says about the file, for a message."""
-    name = getattr(exc, "sqlite_errorname", "")
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return f"is locked by another process: {exc}"
-    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_IOERR")):
-        return f"cannot be read and written: {exc}"
-    return f"is not a usable SQLite database: {exc}"
-
-
-def _configure(conn: sqlite3.Connection, path: Path) -> None:
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-    if str(mode).lower() != "wal":
-        raise StateError(
-            f"state store {path}: the file system does not support WAL mode (got {mode})"
-        )
-    conn.execute("PRAGMA synchronous = NORMAL")
-
-
-def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> int:
-    """Apply the forward steps the file lacks; returns the version it started at."""
-    started: int | None = None
-    while True:
-        # Version read and step applied under one write lock, so two processes
-        # opening an old store at once cannot both apply a step.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if started is None:
-                started = version
-                _check_identity(conn, path, version)
-            if version > SCHEMA_VERSION:
-                raise StateError(
-                    f"state store {path} was written by a newer reconciler "
-                    f"(schema {version}, this one knows up to {SCHEMA_VERSION})"
-                )
-            if version == SCHEMA_VERSION:
-                conn.execute("COMMIT")
-                break
-            MIGRATIONS[version](conn)
-            conn.execute(f"PRAGMA user_version = {version + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-        if started and announce:  # an existing store upgraded, not a new one built
-            log.info("state.migrated", path=str(path), from_schema=version, to_schema=version + 1)
-    if started == 0 and announce:
-        log.info("state.created", path=str(path), schema=SCHEMA_VERSION)
-    return started or 0
-
-
-def _check_identity(conn: sqlite3.Connection, path: Path, version: int) -> None:
-    """Refuse a SQLite file that some other program wrote."""
-    if version == 0:
-        (objects,) = conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
-        if objects:
-            raise StateError(
-                f"state store {path} is a SQLite database of something else "
-                "(it has tables but no reconciler schema version)"
-            )
-        return
-    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
-    if app_id != APPLICATION_ID:
-        raise StateError(
-            f"state store {path} is a SQLite database of something else "
-            f"(application id {app_id:#x}, expected {APPLICATION_ID:#x})"
-        )
-
-
-def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
-    problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
-    if problems != ["ok"]:
-        details = "; ".join(problems).replace("\n", "; ")
-        raise StateError(f"state store {path} is corrupt: {details}")

@@ -21,6 +21,9 @@ ACCESS_KEY = "AKLTtestAccessKey0001"
 SECRET_KEY = "c2VjcmV0LXRoYXQtbXVzdC1uZXZlci1sZWFrLTAwMDE="
 REPO = Path(__file__).resolve().parents[1]
 
+# The PostgreSQL fixtures (postgres_server, postgres_url): one server per session.
+pytest_plugins = ("tests.postgres",)
+
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for a CLI subprocess: test credentials, JSON events, no user config."""

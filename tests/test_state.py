@@ -1,4 +1,9 @@
-"""The SQLite state store, exercised on real files under ``tmp_path``."""
+"""The state store, exercised on real files under ``tmp_path`` and on a real PostgreSQL.
+
+Tests of the interface take ``store_at`` and run on both backends; those of
+files, pragmas and SQLite's migrations take ``db``. PostgreSQL's own opening,
+schema and secrets are in ``test_state_postgres.py``.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,16 @@ from reconciler.errors import NotRunningError
 from reconciler.live import LiveState, Observation
 from reconciler.reconcile import Recorder
 from reconciler.state import (
-    APPLICATION_ID,
     SCHEMA_VERSION,
+    PostgresURL,
     StateError,
     StateStore,
+    StoreLocation,
     TaskState,
 )
+from reconciler.state_sqlite import APPLICATION_ID, SqliteConnection
 from reconciler.task import AppliedRecord, DesiredTask, FieldValue, Source, SyncStatus, TaskKey
+from tests.postgres import PostgresServer
 
 KEY = TaskKey("app1", "room1", "task1")
 SRC = Source("rooms/a.yaml", 3, 5)
@@ -41,11 +49,20 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "state" / "state.db"
 
 
-def open_store(path: Path) -> StateStore:
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> StoreLocation:
+    """Where a new store goes, on each backend: the interface tests run on both."""
+    if request.param == "sqlite":
+        return tmp_path / "state" / "state.db"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return PostgresURL(server.create_database())
+
+
+def open_store(path: StoreLocation) -> StateStore:
     return StateStore.open(path)
 
 
-def reopened(path: Path, key: TaskKey = KEY) -> TaskState:
+def reopened(path: StoreLocation, key: TaskKey = KEY) -> TaskState:
     """The row as a fresh process would see it: proves the write was committed."""
     with StateStore.open(path, create=False) as store:
         state = store.get(key)
@@ -107,8 +124,8 @@ def test_parent_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
         StateStore.open(path)
 
 
-def test_closed_store_refuses_use(db: Path) -> None:
-    store = open_store(db)
+def test_closed_store_refuses_use(store_at: StoreLocation) -> None:
+    store = open_store(store_at)
     store.close()
     store.close()  # idempotent
     with pytest.raises(StateError, match="is closed"):
@@ -120,11 +137,11 @@ def test_closed_store_refuses_use(db: Path) -> None:
 # -- writers -------------------------------------------------------------------
 
 
-def test_mark_pending_creates_a_row_and_counts_attempts(db: Path) -> None:
-    with open_store(db) as store:
+def test_mark_pending_creates_a_row_and_counts_attempts(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.mark_pending(KEY, source=SRC, business_id="biz", at=T0)
         store.mark_pending(KEY, source=Source("rooms/b.yaml", 1, 1), business_id="biz2", at=T1)
-    state = reopened(db)
+    state = reopened(store_at)
     assert state.status is SyncStatus.PENDING
     assert state.attempts == 2
     assert state.fields is None
@@ -138,8 +155,8 @@ def test_mark_pending_creates_a_row_and_counts_attempts(db: Path) -> None:
     assert state.updated_at == T1
 
 
-def test_record_success_sets_last_applied_and_clears_the_past(db: Path) -> None:
-    with open_store(db) as store:
+def test_record_success_sets_last_applied_and_clears_the_past(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.mark_pending(KEY, source=SRC, business_id="biz", at=T0)
         store.record_failure(
             KEY,
@@ -154,7 +171,7 @@ def test_record_success_sets_last_applied_and_clears_the_past(db: Path) -> None:
         store.record_success(
             KEY, fields=FIELDS, business_id="biz", request_id="req-ok", source=SRC, at=T3
         )
-    state = reopened(db)
+    state = reopened(store_at)
     assert state.status is SyncStatus.SYNCED
     assert state.fields == FIELDS
     assert isinstance(state.fields["Handle"], bool)
@@ -171,8 +188,8 @@ def test_record_success_sets_last_applied_and_clears_the_past(db: Path) -> None:
     assert state.business_id == "biz"
 
 
-def test_business_id_of_an_applied_record_changes_only_on_success(db: Path) -> None:
-    with open_store(db) as store:
+def test_business_id_of_an_applied_record_changes_only_on_success(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.record_success(
             KEY, fields=FIELDS, business_id="old", request_id="r1", source=SRC, at=T0
         )
@@ -182,8 +199,8 @@ def test_business_id_of_an_applied_record_changes_only_on_success(db: Path) -> N
         assert store.applied()[KEY].business_id == "new"
 
 
-def test_record_not_running_keeps_last_applied(db: Path) -> None:
-    with open_store(db) as store:
+def test_record_not_running_keeps_last_applied(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.record_success(
             KEY, fields=FIELDS, business_id=None, request_id="req-ok", source=SRC, at=T0
         )
@@ -196,7 +213,7 @@ def test_record_not_running_keeps_last_applied(db: Path) -> None:
             source=SRC,
             at=T2,
         )
-    state = reopened(db)
+    state = reopened(store_at)
     assert state.status is SyncStatus.NOT_RUNNING
     assert state.fields == FIELDS
     assert state.applied_at == T0
@@ -209,9 +226,9 @@ def test_record_not_running_keeps_last_applied(db: Path) -> None:
     assert state.updated_at == T2
 
 
-def test_record_failure_terminal_and_retryable(db: Path) -> None:
+def test_record_failure_terminal_and_retryable(store_at: StoreLocation) -> None:
     other = TaskKey("app1", "room1", "task2")
-    with open_store(db) as store:
+    with open_store(store_at) as store:
         store.mark_pending(KEY, source=SRC, business_id=None, at=T0)
         store.record_failure(
             KEY,
@@ -236,45 +253,45 @@ def test_record_failure_terminal_and_retryable(db: Path) -> None:
         applied = store.applied()
     assert applied[KEY] == AppliedRecord(KEY, None, None, "rooms/a.yaml", "0123456789abcdef")
     assert applied[other] == AppliedRecord(other, None, None, "rooms/a.yaml", None)
-    state = reopened(db)
+    state = reopened(store_at)
     assert state.status is SyncStatus.FAILED
     assert state.fields is None
     assert state.last_error == "Duration out of range"
     assert state.last_error_code == "InvalidParameter"
-    retry = reopened(db, other)
+    retry = reopened(store_at, other)
     assert retry.status is SyncStatus.FAILED
     assert retry.attempts == 3
     assert retry.last_error_code is None
     assert retry.failed_spec is None
 
 
-def test_a_result_without_mark_pending_still_creates_the_row(db: Path) -> None:
-    with open_store(db) as store:
+def test_a_result_without_mark_pending_still_creates_the_row(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.record_not_running(
             KEY, message="gone", code="InvalidParameter", request_id=None, source=SRC, at=T0
         )
-    state = reopened(db)
+    state = reopened(store_at)
     assert state.status is SyncStatus.NOT_RUNNING
     assert state.attempts == 1
     assert state.last_call_at == T0
     assert state.fields is None
 
 
-def test_record_release_drops_fields(db: Path) -> None:
-    with open_store(db) as store:
+def test_record_release_drops_fields(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.record_success(
             KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, at=T0
         )
         store.record_release(KEY, fields={"Identifier": "slice_1"}, at=T1)
-    state = reopened(db)
+    state = reopened(store_at)
     assert state.fields == {"Identifier": "slice_1"}
     assert state.status is SyncStatus.SYNCED
     assert state.applied_at == T0
     assert state.updated_at == T1
 
 
-def test_record_release_refuses_values_never_applied(db: Path) -> None:
-    with open_store(db) as store:
+def test_record_release_refuses_values_never_applied(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         with pytest.raises(StateError, match="no last-applied values"):
             store.record_release(KEY, fields={})
         store.mark_pending(KEY, source=SRC, business_id=None)
@@ -289,21 +306,21 @@ def test_record_release_refuses_values_never_applied(db: Path) -> None:
         assert store.applied()[KEY].fields == FIELDS
 
 
-def test_null_fields_differ_from_empty_fields(db: Path) -> None:
+def test_null_fields_differ_from_empty_fields(store_at: StoreLocation) -> None:
     never = TaskKey("app1", "room1", "never")
     empty = TaskKey("app1", "room1", "empty")
-    with open_store(db) as store:
+    with open_store(store_at) as store:
         store.mark_pending(never, source=SRC, business_id=None)
         store.record_in_sync(empty, business_id=None, source=SRC, fields={})
-    with StateStore.open(db) as store:
+    with StateStore.open(store_at) as store:
         applied = store.applied()
     assert applied[never].fields is None
     assert applied[empty].fields == {}
     assert applied[empty].source == "rooms/a.yaml"
 
 
-def test_record_in_sync_creates_clears_and_skips_no_op_writes(db: Path) -> None:
-    with open_store(db) as store:
+def test_record_in_sync_creates_clears_and_skips_no_op_writes(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.record_in_sync(KEY, business_id="b", source=SRC, fields=FIELDS, at=T0)
         first = store.get(KEY)
         assert first is not None
@@ -327,7 +344,7 @@ def test_record_in_sync_creates_clears_and_skips_no_op_writes(db: Path) -> None:
         )
         moved = Source("rooms/b.yaml", 9, 3)
         store.record_in_sync(KEY, business_id="b", source=moved, fields=FIELDS, at=T2)
-    state = reopened(db)
+    state = reopened(store_at)
     assert state.status is SyncStatus.SYNCED
     assert state.attempts == 0
     assert state.last_error is None
@@ -338,17 +355,17 @@ def test_record_in_sync_creates_clears_and_skips_no_op_writes(db: Path) -> None:
     assert state.updated_at == T2
 
 
-def test_forget_removes_the_row(db: Path) -> None:
-    with open_store(db) as store:
+def test_forget_removes_the_row(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.record_in_sync(KEY, business_id=None, source=SRC, fields={})
         store.forget(KEY)
         store.forget(KEY)  # already gone: fine
         assert store.get(KEY) is None
-    with StateStore.open(db) as store:
+    with StateStore.open(store_at) as store:
         assert store.applied() == {}
 
 
-def test_all_is_sorted_and_counts_cover_every_status(db: Path) -> None:
+def test_all_is_sorted_and_counts_cover_every_status(store_at: StoreLocation) -> None:
     keys = [
         TaskKey("b", "r", "t"),
         TaskKey("a", "r2", "t"),
@@ -356,7 +373,7 @@ def test_all_is_sorted_and_counts_cover_every_status(db: Path) -> None:
         TaskKey("a", "r1", "z"),
         TaskKey("a", "r1", "Z"),
     ]
-    with open_store(db) as store:
+    with open_store(store_at) as store:
         assert store.counts() == dict.fromkeys(SyncStatus, 0)
         for key in keys:
             store.record_in_sync(key, business_id=None, source=SRC, fields={})
@@ -374,8 +391,8 @@ def test_all_is_sorted_and_counts_cover_every_status(db: Path) -> None:
         }
 
 
-def test_writers_reject_bad_input(db: Path) -> None:
-    with open_store(db) as store:
+def test_writers_reject_bad_input(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         with pytest.raises(ValueError, match="no timezone"):
             store.mark_pending(KEY, source=SRC, business_id=None, at=datetime(2024, 1, 1))
         with pytest.raises(ValueError, match="not managed fields: AppId"):
@@ -400,8 +417,8 @@ def test_times_are_stored_in_utc(db: Path) -> None:
     assert reopened(db).last_call_at == plus8
 
 
-def test_to_json_shape(db: Path) -> None:
-    with open_store(db) as store:
+def test_to_json_shape(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.mark_pending(KEY, source=SRC, business_id="biz", at=T0)
         store.record_success(
             KEY, fields=FIELDS, business_id="biz", request_id="req-1", source=SRC, at=T1
@@ -437,18 +454,18 @@ def test_to_json_shape(db: Path) -> None:
 # -- transactions --------------------------------------------------------------
 
 
-def test_each_writer_commits_before_returning(db: Path) -> None:
-    with open_store(db) as store:
+def test_each_writer_commits_before_returning(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.mark_pending(KEY, source=SRC, business_id=None)
         # A second connection (another process, e.g. `status`) already sees it.
-        with StateStore.open(db, create=False) as reader:
+        with StateStore.open(store_at, create=False) as reader:
             state = reader.get(KEY)
         assert state is not None and state.status is SyncStatus.PENDING
 
 
-def test_bulk_is_one_transaction(db: Path) -> None:
+def test_bulk_is_one_transaction(store_at: StoreLocation) -> None:
     keys = [TaskKey("a", "r", f"t{i}") for i in range(50)]
-    with open_store(db) as store, StateStore.open(db) as reader:
+    with open_store(store_at) as store, StateStore.open(store_at) as reader:
         with store.bulk():
             for key in keys:
                 store.record_in_sync(key, business_id=None, source=SRC, fields={})
@@ -459,8 +476,8 @@ def test_bulk_is_one_transaction(db: Path) -> None:
         assert len(reader.applied()) == 50
 
 
-def test_bulk_rolls_back_everything_on_error(db: Path) -> None:
-    with open_store(db) as store:
+def test_bulk_rolls_back_everything_on_error(store_at: StoreLocation) -> None:
+    with open_store(store_at) as store:
         store.record_in_sync(KEY, business_id=None, source=SRC, fields={})
         with pytest.raises(RuntimeError), store.bulk():
             store.forget(KEY)
@@ -835,8 +852,10 @@ def test_read_only_open_migrates_a_v2_store_in_memory_only(tmp_path: Path) -> No
     assert path.read_bytes() == before and user_version(path) == 2
 
 
-def test_generation_counts_changes_to_what_the_planner_reads_and_reads_do_not(db: Path) -> None:
-    with open_store(db) as store:
+def test_generation_counts_changes_to_what_the_planner_reads_and_reads_do_not(
+    store_at: StoreLocation,
+) -> None:
+    with open_store(store_at) as store:
         lineage = store.lineage()
         assert lineage is not None and len(lineage) == 32 and store.generation() == 0
         assert store.opened_schema == 0
@@ -857,9 +876,9 @@ def test_generation_counts_changes_to_what_the_planner_reads_and_reads_do_not(db
             store.forget(KEY)
             raise RuntimeError("rolled back")
         assert store.generation() == 3 and store.get(KEY) is not None
-    with StateStore.open(db, create=False, read_only=True) as store:
+    with StateStore.open(store_at, create=False, read_only=True) as store:
         assert (store.lineage(), store.generation(), store.opened_schema) == (lineage, 3, 5)
-    with StateStore.open(db, create=False) as store:
+    with StateStore.open(store_at, create=False) as store:
         assert store.lineage() == lineage, "the lineage is made once, with the store"
 
 
@@ -876,62 +895,66 @@ def test_an_older_store_gets_its_lineage_when_the_file_is_migrated(tmp_path: Pat
         assert store.lineage() == lineage
 
 
-def test_status_since_survives_retries_that_end_where_they_began(db: Path) -> None:
+def test_status_since_survives_retries_that_end_where_they_began(store_at: StoreLocation) -> None:
     days = [T0 + timedelta(days=d) for d in range(6)]
-    with open_store(db) as store:
+    with open_store(store_at) as store:
         store.mark_pending(KEY, source=SRC, business_id=None, at=days[0])
         store.record_not_running(
             KEY, message="gone", code="X", request_id=None, source=SRC, at=days[0]
         )
         for day in days[1:3]:  # two retries, both NotRunning again
             store.mark_pending(KEY, source=SRC, business_id=None, at=day)
-            assert reopened(db).status is SyncStatus.PENDING
-            assert reopened(db).status_since == day, "Pending since the call started"
+            assert reopened(store_at).status is SyncStatus.PENDING
+            assert reopened(store_at).status_since == day, "Pending since the call started"
             store.record_not_running(
                 KEY, message="gone", code="X", request_id=None, source=SRC, at=day
             )
-            assert reopened(db).status_since == days[0], "NotRunning since the first answer"
+            assert reopened(store_at).status_since == days[0], "NotRunning since the first answer"
         store.mark_pending(KEY, source=SRC, business_id=None, at=days[3])
         store.record_failure(
             KEY, message="500", code=None, request_id=None, source=SRC, failed_spec=None, at=days[3]
         )
-        assert reopened(db).status_since == days[3], "a new status starts a new since"
+        assert reopened(store_at).status_since == days[3], "a new status starts a new since"
         store.mark_pending(KEY, source=SRC, business_id=None, at=days[4])
         store.record_success(
             KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, at=days[4]
         )
-        assert reopened(db).status_since == days[4]
+        assert reopened(store_at).status_since == days[4]
         # Bookkeeping of an unchanged, synced task (a file moved) keeps the since-time.
         moved = Source("rooms/b.yaml", 1, 1)
         store.record_in_sync(KEY, business_id=None, source=moved, fields=FIELDS, at=days[5])
-    state = reopened(db)
+    state = reopened(store_at)
     assert state.source_path == "rooms/b.yaml" and state.status_since == days[4]
 
 
-def test_a_row_left_pending_by_a_killed_process_keeps_its_prior_status(db: Path) -> None:
-    with open_store(db) as store:
+def test_a_row_left_pending_by_a_killed_process_keeps_its_prior_status(
+    store_at: StoreLocation,
+) -> None:
+    with open_store(store_at) as store:
         store.record_not_running(KEY, message="gone", code="X", request_id=None, source=SRC, at=T0)
         store.mark_pending(KEY, source=SRC, business_id=None, at=T1)
         # killed here; the next run calls again
         store.mark_pending(KEY, source=SRC, business_id=None, at=T2)
-        assert reopened(db).status_since == T1
+        assert reopened(store_at).status_since == T1
         store.record_not_running(KEY, message="gone", code="X", request_id=None, source=SRC, at=T3)
-    assert reopened(db).status_since == T0
+    assert reopened(store_at).status_since == T0
 
 
-def test_next_retry_at_comes_with_the_result_and_goes_with_the_next_call(db: Path) -> None:
+def test_next_retry_at_comes_with_the_result_and_goes_with_the_next_call(
+    store_at: StoreLocation,
+) -> None:
     later = T0 + timedelta(minutes=5)
-    with open_store(db) as store:
+    with open_store(store_at) as store:
         store.record_not_running(
             KEY, message="gone", code="X", request_id=None, source=SRC, next_retry_at=later, at=T0
         )
-        assert reopened(db).next_retry_at == later
+        assert reopened(store_at).next_retry_at == later
         store.mark_pending(KEY, source=SRC, business_id=None, at=T1)
-        assert reopened(db).next_retry_at is None, "the retry is happening"
+        assert reopened(store_at).next_retry_at is None, "the retry is happening"
         store.record_failure(
             KEY, message="500", code=None, request_id=None, source=SRC, failed_spec=None, at=T2
         )
-        assert reopened(db).next_retry_at is None, "nothing scheduled (apply)"
+        assert reopened(store_at).next_retry_at is None, "nothing scheduled (apply)"
         store.record_failure(
             KEY,
             message="500",
@@ -943,7 +966,7 @@ def test_next_retry_at_comes_with_the_result_and_goes_with_the_next_call(db: Pat
             at=T2,
         )
         store.record_in_sync(KEY, business_id=None, source=SRC, fields={}, at=T3)
-        assert reopened(db).next_retry_at is None
+        assert reopened(store_at).next_retry_at is None
         with pytest.raises(ValueError, match="no timezone"):
             store.record_not_running(
                 KEY,
@@ -962,7 +985,9 @@ def test_a_result_with_its_retry_time_is_one_transaction(db: Path) -> None:
         recorder = Recorder(store)
         recorder.retry_at = lambda key: later if key == KEY else None
         statements: list[str] = []
-        store._connection().set_trace_callback(statements.append)
+        conn = store._connection()
+        assert isinstance(conn, SqliteConnection)
+        conn.conn.set_trace_callback(statements.append)
         recorder.not_running(
             task,
             NotRunningError(
@@ -972,22 +997,24 @@ def test_a_result_with_its_retry_time_is_one_transaction(db: Path) -> None:
                 request_id="r",
             ),
         )
-        store._connection().set_trace_callback(None)
+        conn.conn.set_trace_callback(None)
     assert [s for s in statements if s.startswith("BEGIN")] == ["BEGIN IMMEDIATE"]
     state = reopened(db)
     assert state.status is SyncStatus.NOT_RUNNING and state.next_retry_at == later
 
 
-def test_tree_root_is_kept_as_given_and_must_be_absolute(db: Path, tmp_path: Path) -> None:
+def test_tree_root_is_kept_as_given_and_must_be_absolute(
+    store_at: StoreLocation, tmp_path: Path
+) -> None:
     target = tmp_path / "revs" / "rev1"
     target.mkdir(parents=True)
     link = tmp_path / "current"
     link.symlink_to(target)
-    with open_store(db) as store:
+    with open_store(store_at) as store:
         assert store.tree_root() is None
         store.record_tree_root(str(link))
         store.record_tree_root(str(link))  # recording it again is fine
         with pytest.raises(ValueError, match="not an absolute path"):
             store.record_tree_root("desired")
-    with StateStore.open(db, create=False) as store:
+    with StateStore.open(store_at, create=False) as store:
         assert store.tree_root() == str(link), "the link, not today's target"
