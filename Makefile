@@ -44,6 +44,21 @@ $(BROWSER_STAMP):
 
 browser: $(BROWSER_STAMP)
 
+# promtool checks and unit-tests the alert rules (tests/test_monitoring.py). Only
+# the binary is taken out of Debian's prometheus package, into the venv, so no
+# service is installed or started. Without apt that one test skips.
+$(BIN)/promtool: | $(STAMP)
+	@tmp=$$(mktemp -d); \
+	if command -v apt-get >/dev/null 2>&1 && (cd "$$tmp" && \
+	    { apt-get download prometheus >/dev/null 2>&1 || \
+	      { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; } && \
+	    dpkg -x prometheus_*.deb x && install -m 0755 x/usr/bin/promtool $(CURDIR)/$(BIN)/promtool); then \
+	  echo "promtool: $$($(BIN)/promtool --version 2>&1 | head -n 1)"; \
+	else \
+	  echo "promtool could not be installed (needs apt-get): the alert rules' promtool test will skip" >&2; \
+	fi; \
+	rm -rf "$$tmp"
+
 lint: $(STAMP)
 	$(BIN)/ruff check reconciler tests bench
 	$(BIN)/ruff format --check reconciler tests bench
@@ -53,8 +68,8 @@ typecheck: $(STAMP)
 
 # Four workers: most tests wait on real subprocesses, sockets and clocks, not the CPU.
 TEST_WORKERS ?= 4
-unit: $(STAMP) $(BROWSER_STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS)
+unit: $(STAMP) $(BROWSER_STAMP) $(BIN)/promtool
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q -n $(TEST_WORKERS)
 
 test: lint typecheck unit
 
