@@ -50,7 +50,6 @@ from reconciler.windows import (
     load_windows_file,
 )
 from tests.conftest import ACCESS_KEY, REPO, SECRET_KEY, run_cli, tasks_yaml, wait_for, write
-from tests.harness import DaemonProcess
 
 APP = "661e4a7b9c0d1e2f"
 T0 = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)  # a Tuesday, 11:00 in Shanghai
@@ -331,31 +330,6 @@ def test_apply_stops_a_rollout_whose_canary_is_not_running(
 # --- end to end: the daemon -------------------------------------------------------------
 
 
-def test_the_daemon_sends_a_change_when_its_deny_window_closes(tmp_path: Path) -> None:
-    write(tmp_path, "desired/a.yaml", tasks_yaml(APP, [{"RoomId": "d1", "TaskId": "seg"}]))
-    (tmp_path / "w.yaml").write_text(open_now_for(3))
-    rows = [{"RoomId": "d1", "TaskId": "seg", "Duration": 45}]
-    write(tmp_path, "desired/a.yaml", tasks_yaml(APP, rows))
-    d = DaemonProcess(
-        tmp_path,
-        *("desired", "--emulator", "--emulator-port", "0", "--health-port", "0"),
-        *("--state", "s.db", "--resync", "3600", "--sync-windows", "w.yaml"),
-    )
-    with d:
-        (waiting,) = d.wait_event("task.waiting")
-        assert waiting["reason"] == "window" and waiting["windows"] == ["freeze"]
-        d.wait_ready()
-        assert d.metric("reconciler_waiting_tasks", 'reason="window"') == 1
-        assert d.live_tasks()[(APP, "d1", "seg")]["UpdateCalls"] == 0
-        (synced,) = d.wait_event("task.synced", timeout=10)
-        assert datetime.fromisoformat(synced["timestamp"]) >= datetime.fromisoformat(
-            waiting["until"]
-        )
-        assert d.live_tasks()[(APP, "d1", "seg")]["Duration"] == 45
-        assert d.metric("reconciler_waiting_tasks", 'reason="window"') == 0
-        assert len(d.events("task.waiting")) == 1, "one event per task and window"
-
-
 def run_daemon(
     tmp_path: Path,
     emulator: EmulatorHandle,
@@ -395,6 +369,28 @@ def run_daemon(
 
 def durations(emulator: EmulatorHandle) -> dict[str, int]:
     return {t.key.room_id: t.duration for t in emulator.tasks()}
+
+
+def test_the_daemon_sends_a_change_when_its_deny_window_closes(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    emulator.start_task(app_id=APP, room_id="d1", task_id="seg")
+    write(tmp_path, "desired/a.yaml", tasks_yaml(APP, [{"RoomId": "d1", "TaskId": "seg"}]))
+    rows = [{"RoomId": "d1", "TaskId": "seg", "Duration": 45}]
+    write(tmp_path, "desired/a.yaml", tasks_yaml(APP, rows))
+    windows = load_windows(open_now_for(2), path="w.yaml")
+
+    def scenario(d: Daemon) -> None:
+        wait_for(lambda: d.waiting_counts()["window"] == 1, timeout=5)
+        (held,) = d._waiting.values()
+        assert held.reason is Reason.WINDOW and held.until is not None
+        assert 'reconciler_waiting_tasks{reason="window"} 1.0' in d.metrics.render().decode()
+        assert durations(emulator)["d1"] != 45
+        wait_for(lambda: durations(emulator)["d1"] == 45, timeout=10)
+        assert datetime.now(UTC) >= held.until, "sent once the window closed, not before"
+        assert d.waiting_counts()["window"] == 0
+
+    run_daemon(tmp_path, emulator, ChangeControl(windows=windows), scenario)
 
 
 def test_the_daemon_canaries_a_rollout_and_holds_it_when_a_canary_fails(
