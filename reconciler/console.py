@@ -185,6 +185,12 @@ _OUTCOMES: Final[dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]]]
         "blue",
         lambda e: f"{e.get('outcome')}: tried again in {e.get('after_s')} s",
     ),
+    "task.waiting": ("⏸ waiting", "yellow", lambda e: str(e.get("message") or e.get("reason"))),
+    "window.overridden": (
+        "! override",
+        "yellow",
+        lambda e: "sent inside " + ", ".join(map(str, e.get("windows") or [])),
+    ),
 }
 
 # --- sentences for lifecycle events ----------------------------------------------------
@@ -222,6 +228,43 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
         f"{_plural(e.get('files'), 'file')} changed, {_plural(e.get('tasks'), 'task')} to re-plan"
         + (" (rescanned)" if e.get("rescan") else "")
     ),
+    "plan.mass_change_refused": lambda e: _mass_change(e, "refused: nothing is changed"),
+    "plan.mass_change_held": lambda e: _mass_change(e, "held: heals and first syncs still go"),
+    "plan.mass_change_cleared": lambda e: (
+        f"{_plural(e.get('changes'), 'change')} pending, within --max-change: sending them"
+    ),
+    "rollout.started": lambda e: (
+        f"{_plural(e.get('changes'), 'change')}; canaries first: {_keys(e.get('canaries'))}"
+    ),
+    "rollout.promoted": lambda e: (
+        f"canaries {_keys(e.get('canaries'))} confirmed: sending "
+        f"{_plural(e.get('changes'), 'more change')}"
+    ),
+    "rollout.completed": lambda e: "every change of the rollout is made",
+    "rollout.cleared": lambda e: "the rollout ended: its changes are gone or changed again",
+    "rollout.canary_failed": lambda e: (
+        f"{e.get('reason')}; the rest of the rollout is held"
+        + (f" ({_plural(e['held'], 'change')})" if e.get("held") else "")
+        + " until the spec changes"
+    ),
+    "notify.sent": lambda e: f"{_plural(e.get('notices'), 'notice')} delivered to {e.get('url')}",
+    "notify.retried": lambda e: (
+        f"{e.get('url')} answered {e.get('status') or e.get('error')}; "
+        f"retrying in {e.get('delay_s')} s (attempt {e.get('attempt')})"
+    ),
+    "notify.failed": lambda e: (
+        f"{e.get('url')}: {_plural(e.get('notices'), 'notice')} not delivered after "
+        f"{_plural(e.get('attempt'), 'attempt')} ({e.get('status') or e.get('error')})"
+    ),
+    "notify.dropped": lambda e: (
+        f"{e.get('url')}: {_plural(e.get('notices'), 'notice')} dropped ({e.get('reason')})"
+    ),
+    "leader.elected": lambda e: (
+        f"{e.get('holder')} leads (epoch {e.get('epoch')})"
+        + (f", after {e['previous']}" if e.get("previous") else "")
+    ),
+    "leader.standby": lambda e: str(e.get("message") or f"standby; {e.get('leader')} leads"),
+    "leader.lost": lambda e: f"{e.get('holder')} no longer leads: {e.get('why')}; calls stopped",
     "daemon.signal": lambda e: f"{e.get('signal')} received: stopping",
     "daemon.draining": lambda e: (
         f"waiting for {_plural(e.get('in_flight'), 'call')} in flight; "
@@ -236,6 +279,20 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
         )
     ),
 }
+
+
+def _keys(keys: object, *, shown: int = 3) -> str:
+    names = [str(k) for k in keys] if isinstance(keys, list | tuple) else []
+    head = ", ".join(names[:shown])
+    return head if len(names) <= shown else f"{head} and {len(names) - shown} more"
+
+
+def _mass_change(event: Mapping[str, Any], what: str) -> str:
+    return (
+        f"{_plural(event.get('changes'), 'change')} to {event.get('known')} applied tasks, over "
+        f"--max-change {event.get('max_change')} ({event.get('allowed')} allowed); {what}; "
+        "--allow-mass-change lets them go"
+    )
 
 
 class ConsoleRenderer:

@@ -75,6 +75,47 @@ def test_failures_say_what_and_what_next_and_are_never_cut() -> None:
     assert retry.endswith("InternalError: boom; tried again later")
 
 
+def test_change_control_leadership_and_notices_read_as_sentences() -> None:
+    canaries = [f"{APP}/room-{i}/seg" for i in range(5)]
+    lines = {
+        "waiting": render(
+            event="task.waiting", **TASK, reason="window", message="deny window freeze until 18:00"
+        ),
+        "override": render(event="window.overridden", **TASK, windows=["freeze"], sources=["x"]),
+        "held": render(
+            level="warning",
+            event="plan.mass_change_held",
+            root="desired",
+            changes=400,
+            known=1000,
+            allowed=200,
+            max_change="20%",
+        ),
+        "started": render(200, event="rollout.started", canaries=canaries, changes=40),
+        "failed": render(
+            level="error", event="rollout.canary_failed", canaries=canaries[:1], reason="x ended"
+        ),
+        "elected": render(event="leader.elected", holder="pod-a", epoch=7, previous="pod-b"),
+        "notice": render(event="notify.retried", url="https://hooks…", status=500, delay_s=2.0),
+    }
+    assert lines["waiting"].endswith(
+        f"⏸ waiting {APP}/hall-b-0902/asr-segment  deny window freeze until 18:00"
+    )
+    assert lines["override"].endswith(
+        "! override " + f"{APP}/hall-b-0902/asr-segment  sent inside freeze"
+    )
+    assert "400 changes to 1000 applied tasks, over --max-change 20% (200 allowed)" in lines["held"]
+    assert lines["started"].endswith(
+        f"40 changes; canaries first: {', '.join(canaries[:3])} and 2 more"
+    )
+    assert lines["failed"].endswith(
+        "x ended; the rest of the rollout is held until the spec changes"
+    )
+    assert lines["elected"].endswith("pod-a leads (epoch 7), after pod-b")
+    assert "answered 500; retrying in 2.0 s" in lines["notice"]
+    assert not any("=" in line.split("  ", 1)[1] for line in lines.values()), "no key=value"
+
+
 def test_other_events_are_compact_pairs_cut_to_the_width() -> None:
     line = render(event="plan.odd", level="info", nested={"a": [1, 2]}, text="two words")
     assert line.endswith('info  plan.odd  nested={"a":[1,2]} text="two words"')
