@@ -64,7 +64,7 @@ import dataclasses
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -139,11 +139,15 @@ class Daemon:
         recorder: Recorder,
         metrics: Metrics,
         leadership: Leadership | None = None,
+        on_elected: Callable[[], None] = lambda: None,
     ) -> None:
         """``leadership``: elect a leader among replicas sharing the store (a
-        PostgreSQL store); ``None``: the only replica, leading from the start."""
+        PostgreSQL store); ``None``: the only replica, leading from the start.
+        ``on_elected``: the first thing a new leader does (a standby writes nothing,
+        so e.g. the tree root is recorded then)."""
         self.config = config
         self.leadership = leadership
+        self._on_elected = on_elected
         self.reconciler = reconciler
         self.recorder = recorder
         self.metrics = metrics
@@ -244,6 +248,11 @@ class Daemon:
         if not self._first_pass_done:
             return f"first reconcile in progress ({len(self._pass)} tasks to go)"
         return None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica leads (always, without leadership)."""
+        return self._leading.is_set()
 
     def standby(self) -> str | None:
         """``standby: leader is ...`` while another replica leads (``None``: we lead)."""
@@ -994,6 +1003,7 @@ class Daemon:
     def _elected(self, epoch: int) -> None:
         """This replica leads now: start from the store as it is, plan everything, go."""
         assert self.leadership is not None
+        self._on_elected()
         # Another replica recorded results (and reads) since this one last looked.
         self.recorder.reload()
         self._out_of_sync = set(self.recorder.store.keys_with_status(SyncStatus.OUT_OF_SYNC))

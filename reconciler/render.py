@@ -544,7 +544,24 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
     lines.append("")
     lines.append(summary)
     lines.append(_live_summary(report))
+    if report.shared:
+        lines.append(_leader_summary(report))
     return "\n".join(lines)
+
+
+def _leader_summary(report: StatusReport) -> str:
+    """``Leader: pod-a/7 (epoch 3) since 12-01 21:04Z, heartbeat 1s ago.``"""
+    row = report.leader
+    if row is None or row.holder is None:
+        return "Leader: none elected yet (no replica has run on this database)."
+    since = "?" if row.since is None else row.since.astimezone(UTC).strftime("%m-%d %H:%MZ")
+    if row.released_at is not None:
+        return f"Leader: none; {row.holder} (epoch {row.epoch}) released the lead."
+    beat = ""
+    if row.heartbeat is not None:
+        age = max(0.0, (report.generated_at - row.heartbeat).total_seconds())
+        beat = f", heartbeat {ago(age)} ago"
+    return f"Leader: {row.holder} (epoch {row.epoch}) since {since}{beat}."
 
 
 def _live_summary(report: StatusReport) -> str:

@@ -39,7 +39,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from reconciler.desired import DesiredIndex, Problem
 from reconciler.live import LiveState, Observation
@@ -47,9 +47,13 @@ from reconciler.plan import Call, compute_plan
 from reconciler.state import TaskState, format_time
 from reconciler.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
 
+if TYPE_CHECKING:  # psycopg is imported only for a PostgreSQL store
+    from reconciler.leader import LeaderRow
+
 #: ``status -o json`` shape version; 2 added the tree, since-times and retries,
-#: 3 the live axis (``live`` per task, ``live_counts``, the ``live`` filter).
-FORMAT_VERSION: Final = 3
+#: 3 the live axis (``live`` per task, ``live_counts``, the ``live`` filter),
+#: 4 ``leader`` (who leads the replicas of a PostgreSQL store).
+FORMAT_VERSION: Final = 4
 
 
 #: The status of a task in the tree that the store has never seen.
@@ -303,6 +307,11 @@ class StatusReport:
     status_filter: frozenset[str] = frozenset()
     app_filter: frozenset[str] = frozenset()
     live_filter: frozenset[LiveState] = frozenset()
+    #: Who leads the replicas sharing a PostgreSQL store (``None``: a SQLite store,
+    #: one replica, no election; or no replica has run on the database yet).
+    leader: LeaderRow | None = None
+    #: Whether the store is shared by replicas (PostgreSQL), so ``leader`` applies.
+    shared: bool = False
 
     @property
     def filtered(self) -> bool:
@@ -388,6 +397,7 @@ class StatusReport:
             "counts": self.counts(),
             "tree_counts": {s.value: n for s, n in self.tree_counts().items()},
             "live_counts": {s.value: n for s, n in self.live_counts().items()},
+            "leader": (None if self.leader is None else self.leader.to_json(now=self.generated_at)),
             "tasks": [t.to_json() for t in self.tasks],
         }
 

@@ -109,7 +109,8 @@ def test_status_shows_new_held_and_removed_tasks(tmp_path: Path, emulator: Emula
 
     r = status(tmp_path, "-o", "json")
     doc = json.loads(r.stdout)
-    assert doc["format_version"] == 3
+    assert doc["format_version"] == 4
+    assert doc["leader"] is None  # a SQLite store: one replica, no election
     assert doc["tree"]["root"] == str(desired) and doc["tree"]["root_matches"] is True
     (invalid,) = doc["tree"]["invalid_files"]
     assert invalid["path"] == "d.yaml" and invalid["held_tasks"] == 1
@@ -366,7 +367,7 @@ NEVER_READ_JSON = {
 def test_the_json_live_object_for_each_state(tmp_path: Path) -> None:
     tasks = observed_store(tmp_path / "state.db", NOW)
     doc = report_of(tmp_path / "state.db", NOW).to_json()
-    assert doc["format_version"] == 3
+    assert doc["format_version"] == 4
     live = {t["room_id"]: t["live"] for t in doc["tasks"]}
     assert live[tasks["running"].room_id] == {
         "state": "running",
@@ -462,7 +463,7 @@ def test_status_cli_reads_observations_and_filters_on_both_axes(tmp_path: Path) 
     assert live_summary_of(r.stdout).startswith("Live: 2 running, 1 ended, 1 not found, 3 unknown")
 
     doc = json.loads(status(tmp_path, "-o", "json").stdout)
-    assert doc["format_version"] == 3
+    assert doc["format_version"] == 4
     rows = {t["room_id"]: t for t in doc["tasks"]}
     assert rows["r7"]["status"] == "New" and rows["r7"]["live"] == NEVER_READ_JSON
     running = rows["r1"]["live"]
