@@ -50,7 +50,15 @@ from reconciler.plan import DriftPolicy, Plan, compute_plan, records_from_tree
 from reconciler.ratelimit import READ_QPS_MAX, RateLimits
 from reconciler.savedplan import SavedPlan, StoreStamp, TreeDigest
 from reconciler.schema import desired_schema_text
-from reconciler.state import SCHEMA_VERSION, StateError, StateStore
+from reconciler.state import (
+    SCHEMA_VERSION,
+    Fencing,
+    PostgresURL,
+    StateError,
+    StateStore,
+    StoreLocation,
+    parse_location,
+)
 from reconciler.status import build_report, parse_live_states, parse_statuses, report_statuses
 from reconciler.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
 
@@ -60,6 +68,7 @@ if TYPE_CHECKING:
     from reconciler.apply import ApplyReport
     from reconciler.client import ClientConfig
     from reconciler.emulator import Emulator
+    from reconciler.leader import LeaderRow, Leadership
     from reconciler.loop import DaemonConfig
     from reconciler.progress import ApplyProgress
     from reconciler.reconcile import Recorder, Result
@@ -149,14 +158,29 @@ def tree_or_file_argument(f: F) -> F:
     return dir_argument(f, file_okay=True)
 
 
+class StoreLocationType(click.ParamType[StoreLocation]):
+    """``--state``: a SQLite file path, or a ``postgresql://`` URL (kept whole:
+    a path type would fold its ``//``)."""
+
+    name = "PATH|URL"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> StoreLocation:
+        if isinstance(value, Path | PostgresURL):
+            return value
+        return parse_location(str(value))
+
+
 def state_option(f: F) -> F:
     return _option(
         "--state",
         env="STATE",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=StoreLocationType(),
         default=DEFAULT_STATE,
         show_default=True,
-        help="SQLite state store of last-applied values.",
+        help="State store of last-applied values: a SQLite file, or a postgresql:// URL "
+        "(a database that replicas of run share, electing one leader).",
     )(f)
 
 
@@ -232,17 +256,30 @@ def load_base_tree(base: Path) -> Mapping[TaskKey, DesiredTask]:
     return index.tasks
 
 
-def open_store(path: Path, *, create: bool, read_only: bool = False) -> StateStore:
+def open_store(
+    path: StoreLocation, *, create: bool, read_only: bool = False, fencing: Fencing | None = None
+) -> StateStore:
     try:
-        return StateStore.open(path, create=create, read_only=read_only)
+        return StateStore.open(path, create=create, read_only=read_only, fencing=fencing)
     except StateError as exc:
         fail(str(exc))
 
 
-def read_applied(path: Path) -> tuple[dict[TaskKey, AppliedRecord], str | None, StoreStamp]:
+def store_exists(location: StoreLocation) -> bool:
+    """Whether there is a store at ``location`` (a PostgreSQL one is asked, and an
+    unreachable server ends the command)."""
+    try:
+        return location.exists()
+    except StateError as exc:
+        fail(str(exc))
+
+
+def read_applied(
+    path: StoreLocation,
+) -> tuple[dict[TaskKey, AppliedRecord], str | None, StoreStamp]:
     """Records, recorded tree root and the store's stamp (for a saved plan) for a
     dry run: read-only; a missing store is an empty one, not created."""
-    if not path.exists():
+    if not store_exists(path):
         click.echo(
             click.style("note: ", fg="yellow")
             + f"no state store at {path}: every task is planned as a first sync",
@@ -488,7 +525,9 @@ def _check_max_forget(_: click.Context, param: click.Parameter, value: str) -> F
         raise click.BadParameter(str(exc), param=param) from exc
 
 
-def check_tree_root(recorded: str | None, directory: Path, *, store: Path, allow: bool) -> None:
+def check_tree_root(
+    recorded: str | None, directory: Path, *, store: StoreLocation, allow: bool
+) -> None:
     """End the command when the store was applied from another tree, unless allowed."""
     mismatch = check_root(recorded, tree_root(directory), store=str(store))
     if mismatch is None:
@@ -801,7 +840,7 @@ def _check_live_states(
 @output_option("status")
 def status(
     directory: Path,
-    state: Path,
+    state: StoreLocation,
     statuses: frozenset[str],
     lives: frozenset[LiveState],
     apps: tuple[str, ...],
@@ -809,7 +848,7 @@ def status(
 ) -> None:
     """Per task: sync status and since when, the live task as last read and how long ago,
     the last call, next retry, and its place in the tree (read-only)."""
-    if not state.exists():
+    if not store_exists(state):
         fail(
             f"state store {state} does not exist: nothing has been applied with it "
             "(give the store with --state, or run apply first)"
@@ -838,12 +877,27 @@ def status(
         apps=frozenset(apps),
         lives=lives,
     )
+    if isinstance(state, PostgresURL):
+        report = dataclasses.replace(report, shared=True, leader=read_leader_or_fail(state))
     for note in report.notes():
         click.echo(click.style("note: ", fg="yellow") + note, err=True)
     if output == "json":
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
         click.echo(render.status_table(report, root=str(directory)))
+
+
+def read_leader_or_fail(url: PostgresURL) -> LeaderRow | None:
+    """Who leads the replicas sharing the store at ``url`` (``None``: none ever ran)."""
+    import psycopg
+
+    from reconciler.leader import read_leader
+    from reconciler.state_postgres import SCHEMA
+
+    try:
+        return read_leader(url.conninfo(), schema=SCHEMA)
+    except psycopg.Error as exc:
+        fail(f"state store {url}: cannot read who leads: {url.scrub(str(exc))}")
 
 
 def _check_endpoint(_: click.Context, param: click.Parameter, value: str) -> str:
@@ -1079,7 +1133,7 @@ def _outcome_line(result: Result) -> str:
 @api_options
 def plan(
     directory: Path,
-    state: Path,
+    state: StoreLocation,
     base: Path | None,
     output: str,
     out: Path | None,
@@ -1201,7 +1255,7 @@ def plan_or_tree_argument(f: F) -> F:
 @drift_option
 def apply(
     directory: str,
-    state: Path,
+    state: StoreLocation,
     drain_timeout: float,
     allow_root_change: bool,
     max_forget: ForgetLimit,
@@ -1233,7 +1287,7 @@ def apply(
     if saved is not None:
         # Before the store is opened: a refused plan must not create one either.
         stale = savedplan.tree_staleness(saved, digest_loaded_tree(tree, index, before=digest))
-        if not stale and saved.store.lineage is not None and not state.exists():
+        if not stale and saved.store.lineage is not None and not store_exists(state):
             stale = [
                 f"there is no state store at {state}; the plan was made from {saved.store.path}"
             ]
@@ -1572,9 +1626,17 @@ def _check_notify(
     "is healed, calls pause or resume, or a mass forget is held (repeatable; the variable "
     "takes URLs separated by spaces). Bursts are coalesced; the URL is never logged whole.",
 )
+@_option(
+    "--replica",
+    env="REPLICA",
+    default=None,
+    metavar="NAME",
+    help="This replica's name in the leader election of a postgresql:// store (default: "
+    "the host name, a pod's name in Kubernetes); status and metrics show it.",
+)
 def run(
     directory: Path,
-    state: Path,
+    state: StoreLocation,
     embedded: bool,
     emulator_port: int,
     health_host: str,
@@ -1589,6 +1651,7 @@ def run(
     observe_interval: float,
     observe: bool,
     notify: tuple[str, ...],
+    replica: str | None,
     **api: Any,
 ) -> None:
     """The daemon: watch the tree, reconcile, resync; SIGTERM/SIGINT drain and exit 0."""
@@ -1621,9 +1684,17 @@ def run(
         drift=drift,
         control=control,
     )
-    with open_store(state, create=True) as store:
+    leadership = None
+    if isinstance(state, PostgresURL):
+        # A shared store: replicas elect a leader; the fence guards every write.
+        from reconciler.leader import Leadership
+        from reconciler.state_postgres import SCHEMA
+
+        leadership = Leadership(state.conninfo(), replica=replica, schema=SCHEMA)
+    with open_store(state, create=True, fencing=leadership) as store:
         check_tree_root(store.tree_root(), directory, store=state, allow=allow_root_change)
-        record_tree_root(store, directory)
+        if leadership is None:
+            record_tree_root(store, directory)
         asyncio.run(
             _run_daemon(
                 daemon_config,
@@ -1634,6 +1705,8 @@ def run(
                 emulator_port=emulator_port,
                 health=(health_host, health_port),
                 notify=notify,
+                leadership=leadership,
+                on_elected=lambda: record_tree_root(store, directory),
             )
         )
 
@@ -1648,6 +1721,8 @@ async def _run_daemon(
     emulator_port: int,
     health: tuple[str, int],
     notify: Sequence[str] = (),
+    leadership: Leadership | None = None,
+    on_elected: Callable[[], None] = lambda: None,
 ) -> None:
     from reconciler.client import RtcClient
     from reconciler.dashboard import Dashboard
@@ -1696,12 +1771,22 @@ async def _run_daemon(
                 reconciler=TaskReconciler(client=client, recorder=recorder, stop=stop),
                 recorder=recorder,
                 metrics=metrics,
+                leadership=leadership,
+                on_elected=on_elected,
             )
+            if leadership is not None:
+                lead = leadership
+                metrics.watch_leader(
+                    replica=lead.replica,
+                    leading=lambda: daemon.leading,
+                    epoch=lambda: lead.epoch or (lead.leader.epoch if lead.leader else None),
+                )
             server = HealthServer(
                 metrics=metrics,
                 readiness=daemon.readiness,
                 liveness=daemon.liveness,
                 degraded=daemon.degraded,
+                standby=daemon.standby,
                 dashboard=Dashboard(daemon=daemon, store_path=store.path),
             )
             health_url = await listen(
@@ -1718,6 +1803,7 @@ async def _run_daemon(
                 state=str(store.path),
                 qps=config.limits.update,
                 workers=daemon_config.workers,
+                replica=None if leadership is None else leadership.holder,
             )
             try:
                 await daemon.run(stop)
@@ -1749,6 +1835,65 @@ def _emulator_option(name: str, **kwargs: Any) -> Callable[[F], F]:
     """
     bare = name.removeprefix("--").replace("-", "_").upper()
     return _option(name, env=f"EMULATOR_{bare}", deprecated_env=bare, **kwargs)
+
+
+@main.group("state", cls=ReconcilerGroup)
+def state_group() -> None:
+    """Manage state stores (SQLite files and PostgreSQL databases)."""
+
+
+@state_group.command("migrate")
+@_option(
+    "--from",
+    "source",
+    env="STATE_MIGRATE_FROM",
+    type=StoreLocationType(),
+    required=True,
+    help="The store to copy (usually the SQLite file); only read, so a daemon may run on it.",
+)
+@_option(
+    "--to",
+    "target",
+    env="STATE_MIGRATE_TO",
+    type=StoreLocationType(),
+    required=True,
+    help="The empty store to fill (usually a postgresql:// URL); a store with any record "
+    "is refused.",
+)
+def state_migrate(source: StoreLocation, target: StoreLocation) -> None:
+    """Copy a state store into an empty one: every task row, observation and the meta
+    (lineage, generation, tree root) in one transaction, checked by counts and a
+    digest of the rows before it commits. Stop the daemon first: results it records
+    after the copy's snapshot stay behind (a warning says so)."""
+    configure_events()
+    if str(source) == str(target):
+        fail(f"--from and --to name the same store ({source})")
+    if not store_exists(source):
+        fail(f"state store {source} does not exist: nothing to migrate")
+    with open_store(source, create=False, read_only=True) as store:
+        snapshot = store.snapshot()
+    with open_store(target, create=True) as store:
+        try:
+            store.restore(snapshot)
+        except StateError as exc:
+            fail(str(exc))
+    with open_store(source, create=False, read_only=True) as store:
+        generation = store.generation()
+    meta = snapshot.meta
+    click.echo(
+        f"migrated {len(snapshot.tasks)} task(s), {len(snapshot.observations)} "
+        f"observation(s) and the meta (lineage {meta.get('lineage')}, generation "
+        f"{meta.get('generation', '0')}, tree root {meta.get('tree_root') or 'none'}) "
+        f"from {source} to {target}; rows digest sha256:{snapshot.digest()}"
+    )
+    if str(generation) != meta.get("generation", "0"):
+        click.echo(
+            click.style("warning: ", fg="yellow", bold=True)
+            + f"{source} recorded results while it was copied (generation "
+            f"{meta.get('generation', '0')} then, {generation} now): stop the daemon and "
+            "migrate again into an empty store",
+            err=True,
+        )
 
 
 @main.command("emulator")
