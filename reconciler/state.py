@@ -83,7 +83,13 @@ DEFAULT_PATH: Final = Path(".reconciler") / "state.db"
 #: timeout, PostgreSQL's lock timeout).
 BUSY_TIMEOUT_S: Final = 5.0
 #: The schema version this code writes; every backend's forward steps reach it.
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
+#: Indexes every backend keeps (schema 6): tasks by status and since-when (the
+#: counts and the needs-attention list) and by file path (the path filter).
+INDEXES: Final = (
+    "CREATE INDEX tasks_by_status ON tasks (status, status_since)",
+    "CREATE INDEX tasks_by_path ON tasks (source_path)",
+)
 #: ``meta`` key of the tree root the store was last applied from.
 TREE_ROOT_KEY: Final = "tree_root"
 #: ``meta`` keys of the store's random id and of its change counter.

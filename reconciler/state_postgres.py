@@ -54,6 +54,7 @@ from reconciler.events import get_logger, register_secret
 from reconciler.state import (
     BUSY_TIMEOUT_S,
     GENERATION_KEY,
+    INDEXES,
     LINEAGE_KEY,
     POSTGRES,
     SCHEMA_VERSION,
@@ -137,8 +138,17 @@ def _base_v5(cur: Cursor) -> None:
     )
 
 
+def _v6_status_and_path_indexes(cur: Cursor) -> None:
+    # As SQLite's step 6: the dashboard's counts, trouble list and path filter.
+    for sql in INDEXES:
+        cur.execute(sql.replace(" ON tasks ", f" ON {SCHEMA}.tasks "))
+
+
 #: Forward steps: the version a step starts from → (the version it reaches, the step).
-MIGRATIONS: Final[Mapping[int, tuple[int, Step]]] = {0: (SCHEMA_VERSION, _base_v5)}
+MIGRATIONS: Final[Mapping[int, tuple[int, Step]]] = {
+    0: (5, _base_v5),
+    5: (6, _v6_status_and_path_indexes),
+}
 
 
 def _latest(steps: Mapping[int, tuple[int, Step]]) -> int:

@@ -37,6 +37,7 @@ from reconciler.events import get_logger
 from reconciler.state import (
     BUSY_TIMEOUT_S,
     GENERATION_KEY,
+    INDEXES,
     LINEAGE_KEY,
     SCHEMA_VERSION,
     SQLITE,
@@ -166,6 +167,14 @@ def _v5_lineage_and_generation(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v6_status_and_path_indexes(conn: sqlite3.Connection) -> None:
+    # The dashboard counts tasks by status, lists the latest in trouble and
+    # filters by file path on every page: without these, each is a full scan
+    # (80 ms at 100k tasks for the counts alone).
+    for sql in INDEXES:
+        conn.execute(sql)
+
+
 #: Forward schema steps; step ``i`` takes a store from version ``i`` to ``i + 1``.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _v1_base,
@@ -173,6 +182,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     _v3_status_times_and_tree_root,
     _v4_live_observations,
     _v5_lineage_and_generation,
+    _v6_status_and_path_indexes,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step belongs to every backend"
 

@@ -615,7 +615,7 @@ def user_version(path: Path) -> int:
 def test_new_store_is_at_the_current_schema(db: Path) -> None:
     with open_store(db):
         pass
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     assert user_version(db) == SCHEMA_VERSION
     conn = sqlite3.connect(db)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
@@ -877,7 +877,11 @@ def test_generation_counts_changes_to_what_the_planner_reads_and_reads_do_not(
             raise RuntimeError("rolled back")
         assert store.generation() == 3 and store.get(KEY) is not None
     with StateStore.open(store_at, create=False, read_only=True) as store:
-        assert (store.lineage(), store.generation(), store.opened_schema) == (lineage, 3, 5)
+        assert (store.lineage(), store.generation(), store.opened_schema) == (
+            lineage,
+            3,
+            SCHEMA_VERSION,
+        )
     with StateStore.open(store_at, create=False) as store:
         assert store.lineage() == lineage, "the lineage is made once, with the store"
 
