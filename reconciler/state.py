@@ -61,6 +61,7 @@ concurrently (``status`` while the daemon runs).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import re
@@ -805,6 +806,36 @@ class StateStore:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0][0]) if rows else None
 
+    def snapshot(self) -> Snapshot:
+        """Every row of every table, as one consistent snapshot (a daemon may be writing)."""
+        conn = self._connection()
+        try:
+            conn.begin_snapshot()
+            try:
+                snap = self._read_snapshot(conn)
+            finally:
+                conn.rollback()  # a read: nothing to commit
+        except conn.errors as exc:
+            raise StateError(f"state store {self.path}: cannot read: {conn.describe(exc)}") from exc
+        return snap
+
+    @staticmethod
+    def _read_snapshot(conn: Backend) -> Snapshot:
+        with _gc_paused():
+            return Snapshot(
+                tasks=[
+                    tuple(r)
+                    for r in conn.query(f"SELECT {_TASK_ROW} FROM tasks ORDER BY {_KEY}", ())
+                ],
+                observations=[
+                    tuple(r)
+                    for r in conn.query(
+                        f"SELECT {_OBSERVATION_ROW} FROM observations ORDER BY {_KEY}", ()
+                    )
+                ],
+                meta=dict(conn.query("SELECT key, value FROM meta ORDER BY key", ())),
+            )
+
     # -- writing -------------------------------------------------------------
 
     def record_tree_root(self, root: str) -> None:
@@ -822,6 +853,42 @@ class StateStore:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (TREE_ROOT_KEY, root),
         )
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Fill this empty store with ``snapshot``, lineage and generation included.
+
+        One transaction: the rows are read back in it and must have the
+        snapshot's digest, or nothing is written. A store that holds any
+        task, observation, tree root or recorded result is refused
+        (:class:`StateError`), and nothing is written either.
+        """
+        with self._transaction("copy the store into", changes_plan=False) as conn:
+            ((tasks,),) = conn.query("SELECT COUNT(*) FROM tasks", ())
+            ((observations,),) = conn.query("SELECT COUNT(*) FROM observations", ())
+            meta = dict(conn.query("SELECT key, value FROM meta", ()))
+            generation = int(meta.get(GENERATION_KEY) or 0)
+            if tasks or observations or generation or TREE_ROOT_KEY in meta:
+                raise StateError(
+                    f"state store {self.path} is not empty ({tasks} tasks, {observations} "
+                    f"observations, generation {generation}): nothing was copied into it"
+                )
+            conn.execute("DELETE FROM meta", ())
+            conn.execute_many(
+                "INSERT INTO meta (key, value) VALUES (?, ?)", list(snapshot.meta.items())
+            )
+            marks = ", ".join("?" * len(_TASK_ROW.split(",")))
+            conn.execute_many(f"INSERT INTO tasks ({_TASK_ROW}) VALUES ({marks})", snapshot.tasks)
+            marks = ", ".join("?" * len(_OBSERVATION_ROW.split(",")))
+            conn.execute_many(
+                f"INSERT INTO observations ({_OBSERVATION_ROW}) VALUES ({marks})",
+                snapshot.observations,
+            )
+            copied = self._read_snapshot(conn)
+            if copied.digest() != snapshot.digest():
+                raise StateError(
+                    f"state store {self.path}: the copied rows differ from the source's "
+                    f"({copied.counts()} against {snapshot.counts()}): nothing was copied"
+                )
 
     @contextmanager
     def bulk(self) -> Iterator[None]:
@@ -1144,6 +1211,43 @@ class StateStore:
 
 
 _MISSING: Final = object()
+
+_KEY: Final = "app_id, room_id, task_id"
+#: Every column, for copying a store whole (:meth:`StateStore.snapshot`).
+_TASK_ROW: Final = (
+    "app_id, room_id, task_id, business_id, applied_fields, applied_at, request_id, status,"
+    " attempts, last_call_at, last_error, last_error_code, source, updated_at, source_path,"
+    " failed_spec, last_error_request_id, status_since, prior_status, prior_since,"
+    " next_retry_at, applied_incarnation"
+)
+_OBSERVATION_ROW: Final = (
+    "app_id, room_id, task_id, observed_at, state, status, start_time, end_time, stop_reason,"
+    " fields"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A whole store's rows at one moment, in key order: what ``state migrate`` moves."""
+
+    tasks: list[tuple[Any, ...]]
+    observations: list[tuple[Any, ...]]
+    meta: dict[str, str]
+
+    def digest(self) -> str:
+        """SHA-256 of every row and meta entry: equal on both backends for equal stores."""
+        h = hashlib.sha256()
+        for name, rows in (("tasks", self.tasks), ("observations", self.observations)):
+            h.update(name.encode())
+            for row in rows:
+                h.update(json.dumps(row, ensure_ascii=False).encode())
+                h.update(b"\n")
+        h.update(json.dumps(sorted(self.meta.items()), ensure_ascii=False).encode())
+        return h.hexdigest()
+
+    def counts(self) -> str:
+        return f"{len(self.tasks)} tasks, {len(self.observations)} observations"
+
 
 _BUMP_GENERATION: Final = """
 INSERT INTO meta (key, value) VALUES (?, '1')

@@ -66,6 +66,8 @@ from reconciler.state import (
 
 #: The schema that holds the store's tables.
 SCHEMA: Final = "reconciler"
+#: The store's tables in :data:`SCHEMA` (others may keep tables there too).
+TABLES: Final = ("tasks", "observations", "meta")
 #: What ``schema_version.application`` says in a reconciler store.
 APPLICATION: Final = "rtc-segment-reconciler"
 #: Key of the advisory lock that serialises schema steps (per database).
@@ -193,9 +195,11 @@ class PostgresConnection:
         self._in_transaction = False
 
     def query(self, sql: str, params: Sequence[object]) -> list[Any]:
-        cur = self._cursor()
-        cur.execute(translate(sql), params, prepare=True)
-        return cur.fetchall()
+        if self._in_transaction:
+            self._cur.execute(translate(sql), params, prepare=True)
+        else:
+            self._retried(translate(sql), params, prepare=True)
+        return self._cur.fetchall()
 
     def execute(self, sql: str, params: Sequence[object]) -> None:
         self._cursor().execute(translate(sql), params, prepare=True)
@@ -204,14 +208,13 @@ class PostgresConnection:
         self._cursor().executemany(translate(sql), rows)
 
     def begin(self) -> None:
-        cur = self._cursor()
-        cur.execute("BEGIN", prepare=False)
+        self._retried("BEGIN", (), prepare=False)
         self._in_transaction = True
         if self._fencing is not None:
-            self._fencing.check(cur)
+            self._fencing.check(self._cur)
 
     def begin_snapshot(self) -> None:
-        self._cursor().execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", prepare=False)
+        self._retried("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", (), prepare=False)
         self._in_transaction = True
 
     def commit(self) -> None:
@@ -233,14 +236,29 @@ class PostgresConnection:
         return self._url.scrub(" ".join(str(exc).split()))
 
     def _cursor(self) -> Cursor:
-        # Between transactions a dead connection (server restart, failover) is
-        # opened again: nothing is lost, no transaction was open. Inside one,
-        # the error reaches the writer, whose transaction recorded nothing.
-        if (self._conn.broken or self._conn.closed) and not self._in_transaction:
-            self._conn = _connect(self._url, read_only=self._read_only)
-            self._cur = self._conn.cursor()
-            log.info("state.reconnected", path=str(self._url))
+        if self._conn.broken or self._conn.closed:
+            self._reconnect()
         return self._cur
+
+    def _retried(self, sql: str, params: Sequence[object], *, prepare: bool) -> None:
+        """A statement that starts a transaction or is a read on its own: the
+        connection found dead there (server restart, failover) is opened again
+        and the statement sent once more, since nothing was done. A connection
+        lost inside a transaction fails that write instead: it recorded nothing."""
+        try:
+            self._cursor().execute(sql, params, prepare=prepare)
+        except psycopg.OperationalError:
+            if not self._conn.broken:
+                raise
+            self._reconnect()
+            self._cur.execute(sql, params, prepare=prepare)
+
+    def _reconnect(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self._conn.close()
+        self._conn = _connect(self._url, read_only=self._read_only)
+        self._cur = self._conn.cursor()
+        log.info("state.reconnected", path=str(self._url))
 
 
 def open_postgres(
@@ -324,19 +342,22 @@ def _connect(url: PostgresURL, *, read_only: bool) -> psycopg.Connection[Any]:
 
 def _version(cur: Cursor, url: PostgresURL) -> int:
     """The schema version of the store (0: no schema yet); refuses a foreign one."""
+    # Tables of others in the schema (a leader lease) are theirs; ours without
+    # a version row mean something else made them.
     cur.execute(
-        "SELECT to_regclass(%s) IS NOT NULL, (SELECT count(*) FROM pg_class c"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s)",
-        (f"{SCHEMA}.schema_version", SCHEMA),
+        "SELECT to_regclass(%s) IS NOT NULL, ARRAY(SELECT c.relname::text FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = ANY(%s) ORDER BY 1)",
+        (f"{SCHEMA}.schema_version", SCHEMA, list(TABLES)),
     )
     row = cur.fetchone()
     assert row is not None
-    has_version, objects = row
+    has_version, ours = row
     if not has_version:
-        if objects:
+        if ours:
             raise StateError(
                 f"state store {url} is not a reconciler database: its {SCHEMA!r} schema "
-                "has tables but no reconciler schema version"
+                f"has tables named {', '.join(ours)} but no reconciler schema version"
             )
         return 0
     cur.execute(f"SELECT application, version FROM {SCHEMA}.schema_version")
