@@ -14,20 +14,27 @@ the emulator enforces 150/s over any one-second window and answers after 40 ms.
 The emulator runs as its own process (``reconciler emulator``) so it does not
 share a GIL with the client; ``apply`` runs in this process through the same
 ``apply_plan`` / ``TaskReconciler`` / ``RtcClient`` path the CLI uses, and a
-real SQLite store in a temp dir records every result.
+real SQLite store in a temp dir records every result. With ``--state-url URL``
+(an empty PostgreSQL database) or ``--postgres`` (a server started for the
+run, from the tests' harness, fsync on) the throughput run is repeated with a
+PostgreSQL store, in the same run: recording must not be the bottleneck.
 
     python bench/apply_throughput.py [--tasks 3000] [--skip-sequential] [--only throughput|faults]
+                                     [--postgres | --state-url postgresql://...]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,24 +144,37 @@ def update_counts(stats: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
-def throughput(tree: Path, n: int, *, skip_sequential: bool) -> None:
+@contextmanager
+def sqlite_store() -> Iterator[StateStore]:
+    with tempfile.TemporaryDirectory() as tmp, StateStore.open(Path(tmp) / "s.db") as store:
+        yield store
+
+
+Stores = list[tuple[str, Callable[[], AbstractContextManager[StateStore]]]]
+
+
+def throughput(tree: Path, n: int, *, skip_sequential: bool, stores: Stores) -> None:
     emulator = EmulatorProcess(tree)
     try:
-        with tempfile.TemporaryDirectory() as tmp, StateStore.open(Path(tmp) / "s.db") as store:
-            plan, recorder = fresh_plan(tree, store)
-            assert len(plan.calls) == n
-            seconds, report = asyncio.run(concurrent_apply(plan, recorder, emulator.url))
-            stats = emulator.stats()
-            rate = n / seconds
-            print(f"throughput: {n} calls in {seconds:.2f} s = {rate:.1f} calls/s")
-            print(f"  fraction of 150/s: {rate / 150:.3f}   (target >= 0.95)")
-            print(f"  FlowLimitExceeded answers: {stats['throttled']}   (target 0)")
-            print(f"  synced: {report.count(Outcome.SYNCED)} / {n}")
-            if not skip_sequential:
+        for label, open_store in stores:
+            emulator.reset()
+            with open_store() as store:
+                plan, recorder = fresh_plan(tree, store)
+                assert len(plan.calls) == n
+                seconds, report = asyncio.run(concurrent_apply(plan, recorder, emulator.url))
+                stats = emulator.stats()
+                rate = n / seconds
+                print(f"throughput ({label} store): {n} calls in {seconds:.2f} s = {rate:.1f}/s")
+                print(f"  fraction of 150/s: {rate / 150:.3f}   (target >= 0.95)")
+                print(f"  FlowLimitExceeded answers: {stats['throttled']}   (target 0)")
+                print(f"  synced: {report.count(Outcome.SYNCED)} / {n}")
+                print(f"  recorded Synced: {store.counts()[SyncStatus.SYNCED]} / {n}")
+        if not skip_sequential:
+            with sqlite_store() as store:
+                plan, _ = fresh_plan(tree, store)
                 emulator.reset()
                 seq = asyncio.run(sequential(plan, emulator.url))
                 print(f"sequential loop, same {n} calls: {seq:.1f} s ({n / seq:.1f} calls/s)")
-                print(f"  wall-time ratio sequential / apply: {seq / seconds:.1f}x")
     finally:
         emulator.close()
 
@@ -191,6 +211,9 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=3000)
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--only", choices=["throughput", "faults"])
+    pg = ap.add_mutually_exclusive_group()
+    pg.add_argument("--state-url", help="also measure with this empty PostgreSQL database")
+    pg.add_argument("--postgres", action="store_true", help="also measure with a server of its own")
     args = ap.parse_args()
     configure(fmt="json", level="error")
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,7 +221,18 @@ def main() -> None:
         tree.mkdir()
         make_tree(tree, args.tasks)
         if args.only in (None, "throughput"):
-            throughput(tree, args.tasks, skip_sequential=args.skip_sequential)
+            stores: Stores = [("SQLite", sqlite_store)]
+            with contextlib.ExitStack() as stack:
+                url = args.state_url
+                if args.postgres:
+                    from tests.postgres import PostgresServer
+
+                    server = PostgresServer.start(fsync=True)
+                    stack.callback(server.stop)
+                    url = server.create_database()
+                if url:
+                    stores.append(("PostgreSQL", lambda: StateStore.open(url)))
+                throughput(tree, args.tasks, skip_sequential=args.skip_sequential, stores=stores)
         if args.only in (None, "faults"):
             faults(tree, args.tasks)
 
