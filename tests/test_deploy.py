@@ -46,6 +46,8 @@ from tests.conftest import REPO, tasks_yaml, write
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
+#: The two-replica overlay: PostgreSQL store, leader election.
+K8S_HA = DEPLOY / "kubernetes-ha"
 DOCKERFILE = DEPLOY / "Dockerfile"
 UNIT = DEPLOY / "systemd" / "reconciler.service"
 ENV_EXAMPLE = DEPLOY / "systemd" / "env.example"
@@ -421,9 +423,88 @@ def test_pod_outlives_the_drain_and_fits_its_memory(
 # --- every RECONCILER_* variable is a real option ---------------------------------
 
 
+# --- Kubernetes, two replicas (deploy/kubernetes-ha: an overlay of the above) -----
+
+
+def test_two_replica_overlay_lists_its_files() -> None:
+    kustomization = yaml.safe_load((K8S_HA / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert "../kubernetes" in kustomization["resources"]
+    mine = {r for r in kustomization["resources"] if not r.startswith("..")}
+    patches = {p["path"] for p in kustomization["patches"] if "path" in p}
+    present = {p.name for p in K8S_HA.glob("*.yaml")} - {"kustomization.yaml"}
+    assert mine | patches == present
+
+
+@pytest.fixture(scope="module")
+def ha_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl not installed: the overlay is what kustomize renders")
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S_HA)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out)}
+
+
+def test_two_replicas_roll_one_at_a_time_with_a_disruption_budget(
+    ha_objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    deployment = only(ha_objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    # Safe with leader election: a new pod starts as a standby, ready, and calls nothing.
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    labels = spec["template"]["metadata"]["labels"]
+    pdb = only(ha_objects, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # The state is in PostgreSQL: no claim, no state volume, nothing mounted for it.
+    assert not [k for k in ha_objects if k[0] == "PersistentVolumeClaim"]
+    pod = spec["template"]["spec"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    mounts = {m["mountPath"] for m in container(pod, "reconciler")["volumeMounts"]}
+    assert mounts == {"/git", "/tmp"}
+    # A standby answers /readyz 200 (a 503 would stall this rollout and every drain).
+    probe = container(pod, "reconciler")["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/readyz" and "/readyz" in health_routes()
+    assert ("Service", "reconciler") in ha_objects
+
+
+def test_two_replicas_read_the_postgresql_url_from_a_secret(
+    ha_objects: dict[tuple[str, str], dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler.state import PostgresURL
+
+    pod = only(ha_objects, "Deployment")["spec"]["template"]["spec"]
+    c = container(pod, "reconciler")
+    env = {e["name"]: e for e in c["env"]}
+    assert "value" not in env["RECONCILER_STATE"], "the URL holds a password: a Secret only"
+    ref = env["RECONCILER_STATE"]["valueFrom"]["secretKeyRef"]
+    url = ha_objects[("Secret", ref["name"])]["stringData"][ref["key"]]
+    assert env["RECONCILER_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    given = {**plain_env(c), "RECONCILER_STATE": url, "RECONCILER_REPLICA": "reconciler-7d9f-x2"}
+    params = parse_invocation(list(c["args"]), given, monkeypatch)
+    assert isinstance(params["state"], PostgresURL)
+    assert "REPLACE-WITH-PASSWORD" not in str(params["state"])
+    assert params["replica"] == "reconciler-7d9f-x2"
+    assert params["health_host"] == "0.0.0.0"
+
+
 def env_files() -> list[tuple[Path, tuple[str, ...]]]:
     """Each artefact and the commands its RECONCILER_* variables feed."""
-    daemon = [DOCKERFILE, UNIT, ENV_EXAMPLE, *sorted(K8S.glob("*.yaml"))]
+    daemon = [
+        DOCKERFILE,
+        UNIT,
+        ENV_EXAMPLE,
+        *sorted(K8S.glob("*.yaml")),
+        *sorted(K8S_HA.glob("*.yaml")),
+    ]
     ci = sorted((DEPLOY / "ci").glob("*.y*ml"))
     return [(p, ("run",)) for p in daemon] + [(p, ("validate", "plan")) for p in ci]
 
