@@ -810,8 +810,9 @@ class Daemon:
     # --- observing live tasks ------------------------------------------------------
 
     def oldest_observation_age(self) -> float | None:
-        """Seconds since the least recently read desired task was read (``None``: off)."""
-        if not self.config.observe or not self.index.tasks:
+        """Seconds since the least recently read desired task was read (``None``: off,
+        or a standby, which reads nothing: the leader's gauge is the one to watch)."""
+        if not self.config.observe or not self.index.tasks or not self._leading.is_set():
             return None
         observations = self.recorder.observations
         oldest = min(
