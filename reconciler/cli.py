@@ -1166,19 +1166,6 @@ def plan(
         check_tree_root(recorded_root, directory, store=state, allow=allow_root_change)
     observations = refresh_live(index, config=client_config(**api)) if refresh else None
     result = make_plan(index, applied, observations=observations, drift=drift)
-    if out is not None and digest is not None:
-        saved = savedplan.make(
-            result,
-            root=str(directory),
-            tree=digest_loaded_tree(directory, index, before=digest),
-            store=stamp,
-            drift=drift,
-            observations=observations,
-        )
-        try:
-            savedplan.save(out, saved)
-        except OSError as exc:
-            fail(f"cannot save the plan to {out}: {exc}")
     refusal = (
         None if allow_mass_forget else check_forgets(result, known=len(applied), limit=max_forget)
     )
@@ -1216,12 +1203,26 @@ def plan(
                 "Check the change; to make it on purpose, pass --allow-mass-change "
                 "(or a larger --max-change)"
             )
-    if out is not None:
+    if out is not None and digest is not None and refusal is None:
+        saved = savedplan.make(
+            result,
+            root=str(directory),
+            tree=digest_loaded_tree(directory, index, before=digest),
+            store=stamp,
+            drift=drift,
+            observations=observations,
+        )
+        try:
+            savedplan.save(out, saved)
+        except OSError as exc:
+            fail(f"cannot save the plan to {out}: {exc}")
         click.echo(
             f"Saved the plan to {out}: `reconciler apply {out}` makes exactly these "
             f"{len(result.calls)} call(s), or refuses if the tree or the store changes first.",
             err=True,
         )
+    elif out is not None:
+        click.echo(f"The plan was not saved to {out}: it is refused (below).", err=True)
     if refusal is not None:
         mass_forget_refused(refusal, directory=directory, what="apply and run would refuse it")
     if detailed_exitcode and result.calls:
@@ -1280,6 +1281,12 @@ def apply(
     if Path(directory).is_file():
         saved = load_saved_plan(Path(directory), refresh=refresh, drift=drift)
         tree = Path(saved.root)
+        if not tree.is_dir():
+            fail(
+                f"the tree of plan {directory}, {saved.root}, is not here: a saved plan's tree "
+                "is taken from the folder apply runs in; run it where plan ran"
+                + (f" ({saved.made_in})" if saved.made_in else "")
+            )
         digest = digest_before_load(tree)
     else:
         tree = Path(directory)
@@ -1317,7 +1324,9 @@ def apply(
             if stale:
                 stale_plan_refused(directory, stale)
             for obs in (observations or {}).values():
-                recorder.observed(obs)
+                known = recorder.observations.get(obs.key)
+                if known is None or known.observed_at < obs.observed_at:
+                    recorder.observed(obs)  # never over a newer read
         else:
             if refresh:
                 for obs in refresh_live(index, config=config, last=recorder.observations).values():
@@ -1342,7 +1351,7 @@ def apply(
             click.echo(render.plan_text(the_plan, root=str(tree), waiting=gate.waiting_by_key()))
             echo_waiting(gate)
             return
-        echo_waiting(gate)
+        echo_waiting(gate, used_up=saved is not None)
         click.echo(f"Applying {len(gate.send)} call(s) at up to {api['qps']}/s ...")
         progress = ApplyProgress(len(gate.send), enabled=sys.stderr.isatty() and not quiet)
         try:
@@ -1417,8 +1426,12 @@ def load_saved_plan(path: Path, *, refresh: bool, drift: DriftPolicy) -> SavedPl
         fail(str(exc))
 
 
-def echo_waiting(gate: Gate) -> None:
-    """The calls change control holds, one line each (the first 50), on stderr."""
+def echo_waiting(gate: Gate, *, used_up: bool = False) -> None:
+    """The calls change control holds, one line each (the first 50), on stderr.
+
+    ``used_up``: a saved plan whose other calls are being sent; recording them
+    makes the file stale, so it cannot be applied again for the held ones.
+    """
     for w in gate.waiting[:50]:
         click.echo(click.style("waiting: ", fg="blue") + f"{w.key}: {w.message}", err=True)
     if gate.waiting:
@@ -1427,7 +1440,12 @@ def echo_waiting(gate: Gate) -> None:
             click.style("Waiting: ", fg="blue", bold=True)
             + f"{len(gate.waiting)} call(s) not made now"
             + (f" ({more} not listed)" if more > 0 else "")
-            + "; apply again when they may go (the daemon sends them by itself).",
+            + (
+                "; this saved plan is used up by the calls sent now: make and review a new "
+                "plan for them when they may go."
+                if used_up
+                else "; apply again when they may go (the daemon sends them by itself)."
+            ),
             err=True,
         )
 

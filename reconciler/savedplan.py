@@ -88,6 +88,8 @@ class SavedPlan:
     plan: Mapping[str, Any]
     #: The live observations a ``--refresh`` plan compared with; ``None`` otherwise.
     observations: Mapping[TaskKey, Observation] | None = field(default=None)
+    #: The folder ``plan`` ran in (a relative ``root`` is relative to it), for messages.
+    made_in: str | None = None
 
     @property
     def calls(self) -> list[tuple[TaskKey, dict[str, Any]]]:
@@ -98,6 +100,7 @@ class SavedPlan:
             "kind": KIND,
             "format_version": FORMAT_VERSION,
             "created_at": self.created_at,
+            "made_in": self.made_in,
             "root": self.root,
             "tree": {"sha256": self.tree.sha256, "files": dict(sorted(self.tree.files.items()))},
             "state": {
@@ -132,6 +135,7 @@ def make(
         created_at=at.isoformat(timespec="seconds").replace("+00:00", "Z"),
         plan=plan.to_json(),
         observations=None if observations is None else dict(observations),
+        made_in=os.getcwd(),
     )
 
 
@@ -245,28 +249,32 @@ def load(path: Path) -> SavedPlan:
         )
     try:
         return _from_json(doc)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SavedPlanError(f"{path}: a damaged saved plan: {_what(exc)}") from exc
 
 
 def _from_json(doc: Mapping[str, Any]) -> SavedPlan:
-    tree = doc["tree"]
-    files = {str(p): str(h) for p, h in tree["files"].items()}
+    tree = _typed(doc, "tree", dict)
+    files = {str(p): str(h) for p, h in _typed(tree, "files", dict, at="tree").items()}
     digest = TreeDigest(files)
-    if digest.sha256 != tree["sha256"]:
+    if digest.sha256 != tree.get("sha256"):
         raise ValueError("tree.sha256 does not match tree.files")
-    state = doc["state"]
-    lineage = state["lineage"]
-    drift = doc["options"]["drift"]
+    state = _typed(doc, "state", dict)
+    lineage = _typed(state, "lineage", (str, type(None)), at="state")
+    drift = _typed(doc, "options", dict).get("drift")
     if drift not in ("heal", "report"):
-        raise ValueError(f"options.drift {drift!r}")
-    plan = doc["plan"]
-    for call in plan["calls"]:
-        _key(call["task"]), dict(call["body"])
-    raw_obs = doc.get("observations")
+        raise ValueError(f"options.drift is {drift!r}, not heal or report")
+    plan = _typed(doc, "plan", dict)
+    for i, call in enumerate(_typed(plan, "calls", list, at="plan")):
+        where = f"plan.calls[{i}]"
+        if not isinstance(call, dict):
+            raise TypeError(f"{where} is not an object")
+        _key(_typed(call, "task", dict, at=where)), _typed(call, "body", dict, at=where)
+    raw_obs = _typed(doc, "observations", (list, type(None)))
     observations = None if raw_obs is None else dict(_observation(o) for o in raw_obs)
+    made_in = doc.get("made_in")
     return SavedPlan(
-        root=str(doc["root"]),
+        root=_typed(doc, "root", str),
         tree=digest,
         store=StoreStamp(
             path=str(state["path"]),
@@ -277,7 +285,21 @@ def _from_json(doc: Mapping[str, Any]) -> SavedPlan:
         created_at=str(doc["created_at"]),
         plan=plan,
         observations=observations,
+        made_in=made_in if isinstance(made_in, str) else None,
     )
+
+
+def _typed(
+    doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, at: str = ""
+) -> Any:
+    """``doc[name]``, which must be of ``kind``; the error names the field."""
+    where = f"{at}.{name}" if at else name
+    if name not in doc:
+        raise KeyError(where)
+    value = doc[name]
+    if not isinstance(value, kind):
+        raise TypeError(f"{where} is {type(value).__name__ if value is not None else 'null'}")
+    return value
 
 
 def _key(task: Mapping[str, Any]) -> TaskKey:

@@ -16,6 +16,7 @@ from reconciler.emulator import EmulatorHandle
 from reconciler.live import LiveState, Observation
 from reconciler.plan import SETTLE_S, compute_plan
 from reconciler.savedplan import StoreStamp, TreeDigest
+from reconciler.state import StateStore
 from reconciler.task import DesiredTask, Source, TaskKey
 from tests.conftest import run_cli, tasks_yaml, write
 
@@ -131,12 +132,60 @@ def test_an_edited_or_broken_plan_file_is_refused_clearly(
     path.write_text(json.dumps({"kind": "reconciler/saved-plan", "format_version": 1}))
     code, _, err = cli(tmp_path, emulator, "apply", "p.json")
     assert code == 1 and "p.json: a damaged saved plan: missing 'tree'" in err
+    good = json.loads(json.dumps(doc))
+    for damage, said in (
+        ({"tree": {"files": [], "sha256": ""}}, "tree.files is list"),
+        ({"plan": {"calls": None}}, "plan.calls is null"),
+        ({"plan": {"calls": ["x"]}}, "plan.calls[0] is not an object"),
+        ({"root": None}, "root is null"),
+    ):
+        path.write_text(json.dumps({**good, **damage}))
+        code, _, err = cli(tmp_path, emulator, "apply", "p.json")
+        assert code == 1 and f"p.json: a damaged saved plan: {said}" in err, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path.write_text(json.dumps(good))
+    code, _, err = cli(elsewhere, emulator, "apply", str(path))
+    assert code == 1 and "the tree of plan" in err and f"run it where plan ran ({tmp_path})" in err
     path.write_text("{}")
     code, _, err = cli(tmp_path, emulator, "apply", "p.json", "--drift", "report")
     assert code == 1 and "--drift shapes a plan" in err
     code, _, err = cli(tmp_path, emulator, "plan", "desired", "--base", "desired", "--out", "x")
     assert code == 1 and "--base has none" in err
     assert emulator.stats_snapshot()["total_requests"] == 0
+
+
+def test_a_refused_plan_is_not_saved(tmp_path: Path, emulator: EmulatorHandle) -> None:
+    rooms = [f"room-{i}" for i in range(10)]
+    for room in rooms:
+        emulator.start_task(app_id=APP, room_id=room, task_id="seg")
+    root = tmp_path / "desired"
+    write(
+        root,
+        FILE,
+        tasks_yaml(APP, [{"RoomId": r, "TaskId": "seg"} for r in rooms], {"Duration": 30}),
+    )
+    assert cli(tmp_path, emulator, "apply", "desired", "--state", "s.db")[0] == 0
+    write(
+        root,
+        FILE,
+        tasks_yaml(APP, [{"RoomId": r, "TaskId": "seg"} for r in rooms], {"Duration": 31}),
+    )
+    code, _, err = cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--out", "p.json")
+    assert code == 1 and "--allow-mass-change" in err
+    assert not (tmp_path / "p.json").exists()
+    code, _, err = cli(
+        tmp_path,
+        emulator,
+        "plan",
+        "desired",
+        "--state",
+        "s.db",
+        "--out",
+        "p.json",
+        "--allow-mass-change",
+    )
+    assert code == 0 and (tmp_path / "p.json").exists(), err
 
 
 def test_a_refreshed_plan_keeps_its_observations_and_heals_a_restart(
@@ -159,6 +208,25 @@ def test_a_refreshed_plan_keeps_its_observations_and_heals_a_restart(
     assert code == 0 and "1 synced" in out, err
     live = emulator.live(A)
     assert live is not None and live.duration == 30
+
+
+def test_a_saved_read_never_replaces_a_newer_one_in_the_store(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    started(emulator)
+    tree(tmp_path, a=30, b=30)
+    assert cli(tmp_path, emulator, "apply", "desired", "--state", "s.db")[0] == 0
+    args = ("--state", "s.db", "--refresh")
+    assert cli(tmp_path, emulator, "plan", "desired", *args, "--out", "p.json")[0] == 0
+    assert cli(tmp_path, emulator, "apply", "desired", *args)[0] == 0  # reads again, sends nothing
+    with StateStore.open(tmp_path / "s.db", read_only=True) as store:
+        newer = store.observations()
+    code, _, err = cli(tmp_path, emulator, "apply", "p.json", "--state", "s.db")
+    assert code == 0, err
+    with StateStore.open(tmp_path / "s.db", read_only=True) as store:
+        assert store.observations() == newer
+    saved = json.loads((tmp_path / "p.json").read_text())["observations"]
+    assert all(o["observed_at"] < newer[A].observed_at for o in saved)
 
 
 def test_round_trip_and_staleness_are_pure() -> None:
