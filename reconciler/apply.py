@@ -34,8 +34,24 @@ from reconciler.errors import CallWithdrawn, FatalError
 from reconciler.live import Observation
 from reconciler.plan import SETTLE_S, Call, Plan
 from reconciler.reconcile import Outcome, Recorder, Result
-from reconciler.rollout import CanaryState, Gate, TokenBucket, check_canary, judge
+from reconciler.rollout import (
+    CanaryState,
+    Gate,
+    Reason,
+    TokenBucket,
+    Waiting,
+    check_canary,
+    judge,
+)
 from reconciler.task import DesiredTask, TaskKey
+
+
+class CallHeld(Exception):
+    """Change control holds this call now (a window opened mid-apply): it was not sent."""
+
+    def __init__(self, waiting: Waiting) -> None:
+        super().__init__(waiting.message)
+        self.waiting = waiting
 
 
 @dataclass(slots=True)
@@ -53,6 +69,12 @@ class ApplyReport:
     canary_failed: str | None = None
     #: Changes held back because the canaries failed (also in ``not_started``).
     held: list[TaskKey] = field(default_factory=list)
+    #: Calls change control held when their turn came (a window opened): not sent, and
+    #: not counted as failed, like the calls held before the apply began.
+    waiting: list[Waiting] = field(default_factory=list)
+    #: Why the rest of a rollout was not sent when no canary failed (a first-phase call
+    #: failed); they are in ``not_started``.
+    stopped_rollout: str | None = None
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome is outcome)
@@ -97,6 +119,7 @@ async def apply_plan(
     stop = stop if stop is not None else asyncio.Event()
     report = ApplyReport()
     final: dict[TaskKey, Result] = {}
+    held: dict[TaskKey, Waiting] = {}
     reported: set[TaskKey] = set()
 
     def tell(result: Result) -> None:
@@ -121,6 +144,7 @@ async def apply_plan(
             stop=stop,
             drain_timeout=drain_timeout,
             landed=landed,
+            held=lambda w: held.setdefault(w.key, w),
         )
         report.abandoned += end.abandoned
         report.fatal = end.fatal
@@ -136,7 +160,8 @@ async def apply_plan(
     for result in final.values():  # a retry cut short by a stop is final too
         tell(result)
     report.results = list(final.values())
-    report.not_started = [c.key for c in plan.calls if c.key not in final]
+    report.waiting = list(held.values())
+    report.not_started = [c.key for c in plan.calls if c.key not in final and c.key not in held]
     report.interrupted = (
         report.fatal is None and stop.is_set() and bool(report.not_started or report.abandoned)
     )
@@ -157,6 +182,7 @@ async def _pass(
     stop: asyncio.Event,
     drain_timeout: float,
     landed: Callable[[Result], None],
+    held: Callable[[Waiting], object] = lambda _: None,
 ) -> _PassEnd:
     """One pass over ``calls`` by a pool of workers; drains on ``stop`` or a fatal error."""
     queue = deque(calls)
@@ -171,6 +197,9 @@ async def _pass(
                 result = await reconciler.reconcile(call)
             except CallWithdrawn:
                 return  # stopping: it waited for a slot and was never sent
+            except CallHeld as exc:
+                held(exc.waiting)  # a window opened while it waited: not sent
+                continue
             except FatalError as exc:
                 fatal.append(exc)
                 halt.set()
@@ -204,9 +233,14 @@ async def _pass(
 
 
 class PacedReconciler:
-    """A reconciler whose calls for ``paced`` keys wait for a token first.
+    """A reconciler whose calls for ``paced`` keys wait for a token first, and whose
+    every call is checked by ``hold`` at the moment it would go.
 
-    ``--max-changes-per-minute``: changes are paced, heals are not.
+    ``--max-changes-per-minute``: changes are paced, heals are not (``bucket``
+    ``None``: no cap). ``hold`` (the sync windows, asked at that moment) says
+    whether change control now holds the call: a window that opened while it
+    waited for its token, or for its rollout's canaries. A held call is not sent
+    (:class:`CallHeld`) and spends no token.
 
     The bucket is a value (:class:`~reconciler.rollout.TokenBucket`); this
     shell only keeps it and sleeps. A call still waiting when ``stop`` is set
@@ -217,28 +251,37 @@ class PacedReconciler:
         self,
         inner: Reconciles,
         *,
-        bucket: TokenBucket,
+        bucket: TokenBucket | None,
         paced: Collection[TaskKey],
         stop: asyncio.Event,
         clock: Callable[[], float] = time.monotonic,
+        hold: Callable[[Call], Waiting | None] = lambda _: None,
     ) -> None:
         self.inner = inner
         self.bucket = bucket
         self.paced = paced
         self.stop = stop
         self._clock = clock
+        self._hold = hold
+
+    def _check(self, call: Call) -> None:
+        if (waiting := self._hold(call)) is not None:
+            raise CallHeld(waiting)
 
     async def reconcile(self, call: Call) -> Result:
-        if call.key in self.paced:
+        if self.bucket is not None and call.key in self.paced:
             while True:
                 bucket, wait = self.bucket.take(self._clock())
                 if not wait:
+                    self._check(call)  # at the moment its token is granted
                     self.bucket = bucket
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), wait)
                 if self.stop.is_set():
                     raise CallWithdrawn(call.action)
+        else:
+            self._check(call)
         return await self.inner.reconcile(call)
 
 
@@ -262,7 +305,10 @@ async def apply_rollout(
     Without canaries this is one :func:`apply_plan` of ``gate.send``. A canary
     that fails (its call failed or found the task not running, or the read
     shows other values or no running task) stops the rollout: the rest are
-    not sent, and the report's ``canary_failed`` says why.
+    not sent, ``rollout.canary_failed`` is logged, and the report's
+    ``canary_failed`` says why. A canary held by a window when its turn came
+    holds the rest too (``waiting``); any other first-phase call that failed
+    stops the rollout with the rest not made (``stopped_rollout``).
     """
     stop = stop if stop is not None else asyncio.Event()
     later = set(gate.after_canaries)
@@ -277,7 +323,24 @@ async def apply_rollout(
         drain_timeout=drain_timeout,
     )
     rest = tuple(c for c in gate.send if c.key in later)
-    if not rest or not report.ok or stop.is_set():
+    if not rest:
+        return report
+    if stop.is_set() or report.fatal is not None:
+        report.not_started += [c.key for c in rest]
+        report.interrupted = report.fatal is None
+        return report
+    waiting = {w.key for w in report.waiting}
+    if held_canaries := [k for k in gate.canaries if k in waiting]:
+        names = ", ".join(str(k) for k in held_canaries)
+        report.waiting += [
+            Waiting(c.key, Reason.CANARY, f"waiting for canary {names}, held by a window")
+            for c in rest
+        ]
+        return report
+    outcomes = {r.key: r.outcome for r in report.results}
+    canaries_went = all(outcomes.get(k) is Outcome.SYNCED for k in gate.canaries)
+    if canaries_went and not report.ok:
+        report.stopped_rollout = "a call sent with the canaries (a heal) failed"
         report.not_started += [c.key for c in rest]
         return report
     verdict, why = await _confirm_canaries(

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from reconciler.loop import DaemonConfig
     from reconciler.progress import ApplyProgress
     from reconciler.reconcile import Recorder, Result
-    from reconciler.rollout import ChangeControl, Gate
+    from reconciler.rollout import ChangeControl, Gate, Waiting
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -467,6 +467,11 @@ def change_control() -> ChangeControl:
     )
 
 
+def wall_clock() -> datetime:
+    """Now, for change control's decisions (one place, so a test can set the clock)."""
+    return datetime.now(UTC)
+
+
 def change_control_gate(
     plan: Plan,
     *,
@@ -485,7 +490,7 @@ def change_control_gate(
     from reconciler.rollout import gate_plan
 
     gate = gate_plan(
-        plan, applied=applied, control=control, now=datetime.now(UTC), observations=observations
+        plan, applied=applied, control=control, now=wall_clock(), observations=observations
     )
     log = events.get_logger()
     if gate.mass_change is not None:
@@ -1352,7 +1357,7 @@ def apply(
             echo_waiting(gate)
             return
         echo_waiting(gate, used_up=saved is not None)
-        click.echo(f"Applying {len(gate.send)} call(s) at up to {api['qps']}/s ...")
+        click.echo(f"Applying {len(gate.send)} call(s) at up to {api['qps']}/s{_phases(gate)} ...")
         progress = ApplyProgress(len(gate.send), enabled=sys.stderr.isatty() and not quiet)
         try:
             report = asyncio.run(
@@ -1390,8 +1395,13 @@ def apply(
             f", {report.abandoned} abandoned in flight after the {drain_timeout:g} s drain "
             "(outcome unknown; they stay Pending)"
         )
+    echo_held(report.waiting)
     if report.fatal is not None:
         fail(f"{report.fatal}; stopped the run: {stopped}")
+    if report.stopped_rollout is not None and not report.interrupted:
+        fail(
+            f"{report.stopped_rollout}, so the rollout stopped: {stopped}. Fix it, then apply again"
+        )
     if report.canary_failed is not None:
         fail(
             f"canary failed: {report.canary_failed}; the rollout stopped: {len(report.held)} "
@@ -1424,6 +1434,33 @@ def load_saved_plan(path: Path, *, refresh: bool, drift: DriftPolicy) -> SavedPl
         return savedplan.load(path)
     except savedplan.SavedPlanError as exc:
         fail(str(exc))
+
+
+def _phases(gate: Gate) -> str:
+    """``: 1 first (canary ...), 9 once it is observed Synced`` for a canaried apply."""
+    if not gate.canaries or not gate.after_canaries:
+        return ""
+    names = ", ".join(str(k) for k in gate.canaries)
+    first = len(gate.send) - len(gate.after_canaries)
+    return (
+        f": {first} first (canary {names}), {len(gate.after_canaries)} once the "
+        "canaries are observed Synced"
+    )
+
+
+def echo_held(waiting: Sequence[Waiting]) -> None:
+    """Calls change control held when their turn came (a window opened mid-apply)."""
+    for w in waiting[:50]:
+        click.echo(click.style("waiting: ", fg="blue") + f"{w.key}: {w.message}", err=True)
+    if waiting:
+        more = len(waiting) - 50
+        click.echo(
+            click.style("Waiting: ", fg="blue", bold=True)
+            + f"{len(waiting)} call(s) not made now: held when their turn came"
+            + (f" ({more} not listed)" if more > 0 else "")
+            + "; apply again when they may go (the daemon sends them by itself).",
+            err=True,
+        )
 
 
 def echo_waiting(gate: Gate, *, used_up: bool = False) -> None:
@@ -1479,8 +1516,9 @@ async def _apply(
     from reconciler.apply import PacedReconciler, Reconciles, apply_plan, apply_rollout
     from reconciler.client import RtcClient
     from reconciler.observe import observe_all
+    from reconciler.plan import Call
     from reconciler.reconcile import TaskReconciler
-    from reconciler.rollout import ChangeKind, TokenBucket
+    from reconciler.rollout import ChangeKind, TokenBucket, window_hold
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1511,13 +1549,28 @@ async def _apply(
                     stop=stop,
                     drain_timeout=drain_timeout,
                 )
-        if control is not None and control.max_changes_per_minute:
+        if control is not None and (
+            control.max_changes_per_minute or (control.windows and not control.override_window)
+        ):
             changes = {k for k, kind in gate.kinds.items() if kind is not ChangeKind.HEAL}
+            windows, kinds = control.windows, gate.kinds
+
+            def hold(call: Call) -> Waiting | None:
+                # Asked as each call's turn comes: a window may have opened meanwhile.
+                if control.override_window:
+                    return None
+                kind = kinds.get(call.key, ChangeKind.CHANGE)
+                return window_hold(
+                    call.key, call.source.path, kind, windows=windows, now=wall_clock()
+                )
+
+            cap = control.max_changes_per_minute
             reconciler = PacedReconciler(
                 reconciler,
-                bucket=TokenBucket(control.max_changes_per_minute),
+                bucket=TokenBucket(cap) if cap else None,
                 paced=changes,
                 stop=stop,
+                hold=hold,
             )
 
         async def read_back(keys: Sequence[TaskKey]) -> Mapping[TaskKey, Observation]:

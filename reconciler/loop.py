@@ -89,11 +89,12 @@ from reconciler.rollout import (
     TokenBucket,
     Waiting,
     check_canary,
-    check_changes,
-    classify,
+    classify_plan,
     judge,
+    mass_change,
+    may_go,
+    repick_canary,
     start_rollout,
-    window_waiting,
 )
 from reconciler.state import FencedError
 from reconciler.task import SyncStatus, TaskKey
@@ -560,14 +561,7 @@ class Daemon:
         return counts
 
     def _kind(self, plan: Plan, key: TaskKey) -> ChangeKind:
-        call = plan.calls[0]
-        drifted = next((tuple(d.fields) for d in plan.drifts if d.key == key and d.healed), ())
-        return classify(
-            call,
-            record=self.recorder.applied.get(key),
-            restarted=any(r.key == key for r in plan.restarts),
-            drifted=drifted,
-        )
+        return classify_plan(plan, self.recorder.applied)[key]
 
     def _note(self, plan: Plan, only: Iterable[TaskKey] | None) -> None:
         """Bring the mirror of pending changes in line with ``plan`` (of ``only``, or all)."""
@@ -591,11 +585,10 @@ class Daemon:
             self._judge_rollout()
 
     def _judge_mass(self) -> None:
-        control = self.config.control
-        if control.allow_mass_change:
-            return
-        refusal = check_changes(
-            self._pending_changes, known=len(self.recorder.applied), limit=control.max_change
+        refusal = mass_change(
+            (kind for kind, _ in self._pending.values()),
+            applied=self.recorder.applied,
+            control=self.config.control,
         )
         if refusal is not None and self._mass is None:
             self.log.error(
@@ -617,18 +610,15 @@ class Daemon:
         key = call.key
         kind = self._kind(plan, key)
         now = datetime.now(UTC)
-        verdict = control.windows.verdict(
-            app_id=key.app_id, path=call.source.path, heal=kind is ChangeKind.HEAL, now=now
-        )
-        if not verdict.allowed:
-            return window_waiting(key, verdict)
+        held = may_go(key, call.source.path, kind, control=control, mass=self._mass, now=now)
+        if held is not None:
+            self._canary_held(key, now)
+            return held
         if kind is ChangeKind.HEAL:
             return None
         spec = call.task.spec_hash()
-        if kind is ChangeKind.CHANGE and self._mass is not None:
-            return Waiting(key, Reason.MASS_CHANGE, f"held: {self._mass}")
         if control.canary:
-            rollout = self._current_rollout()
+            rollout = self._current_rollout(now)
             if rollout is not None and (held := rollout.admits(key, spec)) is not None:
                 return held
         if self._bucket is not None:
@@ -677,13 +667,55 @@ class Daemon:
                 self.queue.add(key)
         self.metrics.queue_depth.set(len(self.queue))
 
-    def _current_rollout(self) -> Rollout | None:
+    def _may_go_now(self, now: datetime) -> set[TaskKey]:
+        """The pending changes no window or mass-change hold keeps back at ``now``."""
+        tasks, control = self.index.tasks, self.config.control
+        return {
+            k
+            for k, (kind, _) in self._pending.items()
+            if (t := tasks.get(k)) is not None
+            and may_go(k, t.source.path, kind, control=control, mass=self._mass, now=now) is None
+        }
+
+    def _canary_held(self, key: TaskKey, now: datetime) -> None:
+        """A canary not yet sent that a window or mass change now holds: pick another."""
+        rollout = self._rollout
+        if (
+            rollout is None
+            or rollout.promoted
+            or rollout.failed is not None
+            or key not in rollout.canaries
+        ):
+            return
+        again = repick_canary(
+            rollout,
+            key,
+            k=self.config.control.canary,
+            eligible=self._may_go_now(now),
+            observations=self.recorder.observations,
+        )
+        self._rollout = again
+        self._canary_failures.pop(key, None)
+        if again is None:
+            self.log.info("rollout.cleared", canaries=[str(k) for k in rollout.canaries])
+        else:
+            self.log.info(
+                "rollout.canaries_changed",
+                held=str(key),
+                canaries=[str(k) for k in again.canaries],
+            )
+        self._requeue(Reason.CANARY)
+
+    def _current_rollout(self, now: datetime) -> Rollout | None:
         if self._rollout is None:
             pending = {k: spec for k, (_, spec) in self._pending.items()}
             if not pending:
                 return None
             self._rollout = start_rollout(
-                pending, k=self.config.control.canary, observations=self.recorder.observations
+                pending,
+                k=self.config.control.canary,
+                observations=self.recorder.observations,
+                eligible=self._may_go_now(now),
             )
             self._canary_failures = {}
             self.log.info(

@@ -8,7 +8,10 @@ credentials error (the first ``daemon.paused`` of an outage: the growing
 pauses that follow are one outage) and when they work again (the first
 ``call.succeeded`` after it: ``daemon.resumed`` only says a pause ran out), and
 when the forget guard holds a mass forget and lets it go
-(``plan.mass_forget_refused``, ``plan.mass_forget_cleared``).
+(``plan.mass_forget_refused``, ``plan.mass_forget_cleared``), and when change
+control stops changes: a mass change held and let go
+(``plan.mass_change_held``, ``plan.mass_change_cleared``), a canary failed
+(``rollout.canary_failed``).
 
 The pipeline, each stage unable to slow the one before it:
 
@@ -64,7 +67,17 @@ from reconciler import events
 # does for reads): aiohttp's trust_env would look it up, and netrc, on every request.
 from reconciler.client import _env_proxy
 
-Kind = Literal["failed", "healed", "paused", "resumed", "mass_forget", "mass_forget_cleared"]
+Kind = Literal[
+    "failed",
+    "healed",
+    "paused",
+    "resumed",
+    "mass_forget",
+    "mass_forget_cleared",
+    "mass_change",
+    "mass_change_cleared",
+    "canary_failed",
+]
 
 #: Names listed per kind in one message; the rest are counted ("and 34 more").
 SHOWN: Final = 3
@@ -225,6 +238,25 @@ class NoticeFilter:
             )
         if name == "plan.mass_forget_cleared":
             return Notice("mass_forget_cleared", None, f"{event.get('forget')} forgotten")
+        if name == "plan.mass_change_held":
+            return Notice(
+                "mass_change",
+                None,
+                f"refusing to change {event.get('changes')} of {event.get('known')} applied "
+                f"tasks (--max-change {event.get('max_change')} allows {event.get('allowed')} "
+                "at once)",
+            )
+        if name == "plan.mass_change_cleared":
+            return Notice("mass_change_cleared", None, f"{event.get('changes')} pending")
+        if name == "rollout.canary_failed":
+            canaries = event.get("canaries")
+            names = ", ".join(map(str, canaries)) if isinstance(canaries, list) else None
+            held = event.get("held")
+            return Notice(
+                "canary_failed",
+                names or None,
+                _cut(f"{event.get('reason') or 'no reason given'}; {held} change(s) held"),
+            )
         return None
 
 
@@ -289,6 +321,23 @@ def _line(kind: Kind, group: Sequence[Notice], *, shown: int) -> str:
             f"Mass forget held: {_escape(last.detail)}; their records are kept and calls go "
             "on. Check the tree (an emptied folder, a wrong git revision); if it is meant, "
             "restart with --allow-mass-forget or a larger --max-forget."
+        )
+    if kind == "mass_change":
+        return (
+            f"Mass change held: {_escape(last.detail)}; the changes wait, heals and first "
+            "syncs go on. Check the tree (a wrong git revision, a default changed for every "
+            "task); if it is meant, restart with --allow-mass-change or a larger --max-change."
+        )
+    if kind == "mass_change_cleared":
+        return (
+            "Mass change cleared: the pending changes are within --max-change again "
+            f"({_escape(last.detail)}); they go."
+        )
+    if kind == "canary_failed":
+        canary = f" {_names([last], shown=1)}" if last.subject else ""
+        return (
+            f"Canary{canary} failed: {_escape(last.detail)}, not sent. Fix or revert the "
+            "change in the tree: a new desired spec for the rollout's tasks lets them go."
         )
     return f"Mass forget cleared: the tree is within --max-forget again ({_escape(last.detail)})."
 

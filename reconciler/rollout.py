@@ -36,6 +36,7 @@ What counts as what (:func:`classify`):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -178,6 +179,53 @@ def check_changes(changes: int, *, known: int, limit: ChangeLimit) -> MassChange
     return MassChange(changes=changes, known=max(known, changes), limit=limit)
 
 
+def mass_change(
+    kinds: Iterable[ChangeKind],
+    *,
+    applied: Mapping[TaskKey, AppliedRecord],
+    control: ChangeControl,
+) -> MassChange | None:
+    """The mass-change gate, for a plan (:func:`gate_plan`) and the daemon's pending changes
+    alike: the changes among ``kinds``, as a share of the confirmed tasks
+    (:func:`applied_tasks`); ``None`` when within the limit or allowed."""
+    if control.allow_mass_change:
+        return None
+    changes = sum(1 for k in kinds if k is ChangeKind.CHANGE)
+    return check_changes(changes, known=applied_tasks(applied), limit=control.max_change)
+
+
+def window_hold(
+    key: TaskKey, path: str | None, kind: ChangeKind, *, windows: SyncWindows, now: datetime
+) -> Waiting | None:
+    """Why a window holds the call for ``key`` (declared in ``path``, of ``kind``) at
+    ``now``; ``None``: no window does."""
+    verdict = windows.verdict(app_id=key.app_id, path=path, heal=kind is ChangeKind.HEAL, now=now)
+    return None if verdict.allowed else window_waiting(key, verdict)
+
+
+def mass_hold(key: TaskKey, kind: ChangeKind, mass: MassChange | None) -> Waiting | None:
+    """A change waits while a mass change is held; heals and first syncs never do."""
+    if mass is not None and kind is ChangeKind.CHANGE:
+        return Waiting(key, Reason.MASS_CHANGE, f"held: {mass}")
+    return None
+
+
+def may_go(
+    key: TaskKey,
+    path: str | None,
+    kind: ChangeKind,
+    *,
+    control: ChangeControl,
+    mass: MassChange | None,
+    now: datetime,
+) -> Waiting | None:
+    """The window and mass-change gates for one call (``--override-window`` aside):
+    what :func:`gate_plan` applies to a plan, the daemon to each call, and what a
+    canary must pass to be chosen."""
+    held = window_hold(key, path, kind, windows=control.windows, now=now)
+    return held if held is not None else mass_hold(key, kind, mass)
+
+
 # --- why a call waits ------------------------------------------------------------------
 
 
@@ -224,8 +272,6 @@ class Gate:
     waiting: tuple[Waiting, ...] = ()
     #: Calls a window holds that ``--override-window`` sends anyway, with the windows.
     overridden: tuple[tuple[Call, tuple[SyncWindow, ...]], ...] = ()
-    #: Heals sent through an open deny window (``heals: allow``), with the windows.
-    healed_through: tuple[tuple[Call, tuple[SyncWindow, ...]], ...] = ()
     mass_change: MassChange | None = None
     kinds: Mapping[TaskKey, ChangeKind] = field(default_factory=dict)
     #: Of ``send``: the canaries that go first, and the changes that wait for them.
@@ -256,33 +302,20 @@ def gate_plan(
     (:class:`TokenBucket`).
     """
     kinds = classify_plan(plan, applied)
-    changes = sum(1 for k in kinds.values() if k is ChangeKind.CHANGE)
-    refusal = (
-        None
-        if control.allow_mass_change
-        else check_changes(changes, known=applied_tasks(applied), limit=control.max_change)
-    )
+    refusal = mass_change(kinds.values(), applied=applied, control=control)
     send: list[Call] = []
     waiting: list[Waiting] = []
     overridden: list[tuple[Call, tuple[SyncWindow, ...]]] = []
-    through: list[tuple[Call, tuple[SyncWindow, ...]]] = []
     for call in plan.calls:
         kind = kinds[call.key]
-        verdict = control.windows.verdict(
-            app_id=call.key.app_id,
-            path=call.source.path,
-            heal=kind is ChangeKind.HEAL,
-            now=now,
-        )
-        if not verdict.allowed:
+        held = window_hold(call.key, call.source.path, kind, windows=control.windows, now=now)
+        if held is not None:
             if not control.override_window:
-                waiting.append(window_waiting(call.key, verdict))
+                waiting.append(held)
                 continue
-            overridden.append((call, verdict.holding))
-        if verdict.passed:
-            through.append((call, verdict.passed))
-        if refusal is not None and kind is ChangeKind.CHANGE:
-            waiting.append(Waiting(call.key, Reason.MASS_CHANGE, f"held: {refusal}"))
+            overridden.append((call, held.windows))
+        if (held := mass_hold(call.key, kind, refusal)) is not None:
+            waiting.append(held)
             continue
         send.append(call)
     canaries: tuple[TaskKey, ...] = ()
@@ -295,7 +328,6 @@ def gate_plan(
         send=tuple(send),
         waiting=tuple(waiting),
         overridden=tuple(overridden),
-        healed_through=tuple(through),
         mass_change=refusal,
         kinds=kinds,
         canaries=canaries,
@@ -463,10 +495,37 @@ def start_rollout(
     *,
     k: int,
     observations: Mapping[TaskKey, Observation] | None = None,
+    eligible: Iterable[TaskKey] | None = None,
 ) -> Rollout:
-    """A rollout of the ``pending`` changes (key → spec hash), its first ``k`` as canaries."""
-    canaries = choose_canaries(pending, k=k, observations=observations)
+    """A rollout of the ``pending`` changes (key → spec hash), its first ``k`` as canaries.
+
+    Canaries are chosen among ``eligible`` (default: all pending): the changes
+    no window or mass-change hold keeps from going now, as :func:`gate_plan`
+    chooses them among the calls it sends; a canary that cannot go would hold
+    the whole rollout.
+    """
+    can = set(pending) if eligible is None else set(eligible) & set(pending)
+    canaries = choose_canaries(can, k=k, observations=observations)
     return Rollout(canaries={c: pending[c] for c in canaries}, members=dict(pending))
+
+
+def repick_canary(
+    rollout: Rollout,
+    held: TaskKey,
+    *,
+    k: int,
+    eligible: Iterable[TaskKey],
+    observations: Mapping[TaskKey, Observation] | None = None,
+) -> Rollout | None:
+    """``rollout`` with its canary ``held`` (now held by a window or mass change) replaced
+    by an ``eligible`` member; ``None`` when no canary is left to go (start afresh)."""
+    kept = {c: s for c, s in rollout.canaries.items() if c != held}
+    can = (set(eligible) & set(rollout.members)) - set(rollout.canaries)
+    for c in choose_canaries(can, k=k - len(kept), observations=observations):
+        kept[c] = rollout.members[c]
+    if not kept:
+        return None
+    return dataclasses.replace(rollout, canaries=kept)
 
 
 def judge(checks: Iterable[CanaryCheck]) -> tuple[CanaryState, str]:

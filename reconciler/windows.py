@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -51,6 +52,8 @@ _DURATION: Final = re.compile(r"(\d+)([smhd])")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: How far ahead :meth:`SyncWindows.verdict` looks for the next time a call may go.
 HORIZON: Final = timedelta(days=400)
+#: The longest a window may stay open (a year and a day: a freeze, never forever).
+MAX_DURATION: Final = timedelta(days=366)
 _STR: Final = "tag:yaml.org,2002:str"
 
 
@@ -58,7 +61,8 @@ class WindowConfigError(ValueError):
     """A sync-windows file that cannot be used; ``str()`` is ``file:line: what is wrong``."""
 
     def __init__(self, path: str, line: int, message: str) -> None:
-        super().__init__(f"{path}:{line}: {message}")
+        # Line 0: about the file as a whole (it cannot be read, say): no line to name.
+        super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
         self.path = path
         self.line = line
         self.message = message
@@ -134,8 +138,6 @@ class WindowVerdict:
     holding: tuple[SyncWindow, ...] = ()
     #: When the call may go next (UTC); ``None`` if allowed, or not within the horizon.
     until: datetime | None = None
-    #: Open deny windows a heal passes through (``heals: allow``): for the record.
-    passed: tuple[SyncWindow, ...] = ()
 
     def describe(self) -> str:
         """``deny window 'freeze' is open (closes 18:00 Asia/Shanghai)`` and the like."""
@@ -174,13 +176,10 @@ class SyncWindows:
         now = now.astimezone(UTC)
         mine = self.matching(app_id=app_id, path=path)
         gating = tuple(w for w in mine if w.gates(heal=heal))
-        passed = tuple(
-            w for w in mine if w.kind == "deny" and not w.gates(heal=heal) and w.opened_at(now)
-        )
         holding = _holding(gating, now)
         if not holding:
-            return WindowVerdict(True, passed=passed)
-        return WindowVerdict(False, holding, _next_allowed(gating, _second(now)), passed)
+            return WindowVerdict(True)
+        return WindowVerdict(False, holding, _next_allowed(gating, _second(now)))
 
 
 def _holding(gating: Sequence[SyncWindow], now: datetime) -> tuple[SyncWindow, ...]:
@@ -197,28 +196,86 @@ def _holding(gating: Sequence[SyncWindow], now: datetime) -> tuple[SyncWindow, .
 def _next_allowed(gating: tuple[SyncWindow, ...], now: datetime) -> datetime | None:
     """The first instant after ``now`` at which no window holds the call.
 
-    Steps through the windows' openings and closings; cached, since the tasks
-    a window set gates share the answer within one second.
+    Bounded by :data:`HORIZON` in time, not in steps: while an allow window
+    must open, it jumps to the next opening; while deny windows are open, past
+    the end of the longest open run (occurrences that overlap or touch are one
+    run, found by :func:`_run_end` without visiting each occurrence). Cached,
+    since the tasks a window set gates share the answer within one second.
     """
-    t, end = now, now + HORIZON
-    for _ in range(2_000):
-        moments: list[datetime] = []
-        for w in gating:
-            opened = w.opened_at(t)
-            if opened is not None:
-                moments.append(opened + w.duration)
-            nxt = w.next_start(t)
-            if nxt is not None:
-                moments.append(nxt)
-        later = [m for m in moments if m > t]
-        if not later:
-            return None
-        t = min(later)
-        if t > end:
-            return None
-        if not _holding(gating, t):
-            return t
+    end = now + HORIZON
+    denies = [w for w in gating if w.kind == "deny"]
+    allows = [w for w in gating if w.kind == "allow"]
+    t = now
+    while t <= end:
+        if allows and not any(w.opened_at(t) is not None for w in allows):
+            starts = [s for w in allows if (s := w.next_start(t)) is not None]
+            if not starts:
+                return None
+            t = min(starts)
+            continue
+        open_denies = [w for w in denies if w.opened_at(t) is not None]
+        if not open_denies:
+            if t > now:
+                return t
+            t += timedelta(seconds=1)  # held within this (floored) second
+            continue
+        t = max(_run_end(w, t, end) for w in open_denies)
     return None
+
+
+def _run_end(w: SyncWindow, t: datetime, end: datetime) -> datetime:
+    """When ``w``, open at ``t``, next closes: the end of its run of overlapping occurrences.
+
+    The run is followed on :func:`_coarse`'s schedule (an hour of every-minute
+    openings is one opening of an hour), a step per coarse opening, each checked
+    to be open by the real schedule; the last coarse stretch is then walked on
+    the real schedule, so that daylight-saving days (where the coarse schedule
+    can be off by the hour) end where the real one does.
+    """
+    opened = w.opened_at(t)
+    assert opened is not None
+    coarse, span = _coarse(w.schedule, w.duration)
+    last, close = opened, opened + w.duration
+    while close <= end:
+        start = _last_start(coarse, w.timezone, _second(close))
+        if start is None or start + span <= close or w.opened_at(start) is None:
+            break
+        last, close = start, start + span
+    occurrence = w.opened_at(last)
+    exact = (occurrence or last) + w.duration
+    found = CronSim(w.schedule, last.astimezone(w.zone))
+    while True:
+        start = next(found, None)
+        if start is None:
+            return exact
+        start = start.astimezone(UTC)
+        if start > exact or start > close:
+            return exact
+        exact = max(exact, start + w.duration)
+
+
+@lru_cache(maxsize=256)
+def _coarse(schedule: str, duration: timedelta) -> tuple[str, timedelta]:
+    """A schedule and duration open when ``schedule``'s are, with fewer openings.
+
+    Openings within an hour whose gaps the duration covers are one opening at
+    the hour's first minute (``* 9-17 * * *`` for 1m: ``0 9-17 * * *`` for
+    1h); so are an opening a day's hours whose gaps the new duration covers
+    (that, ``0 9 * * *`` for 9h).
+    """
+    fields = schedule.split()
+    sim = CronSim(schedule, datetime(2026, 1, 1, tzinfo=UTC))
+    minutes, hours = sorted(sim.minutes), sorted(sim.hours)
+    span = duration
+    if len(minutes) > 1:
+        if max(b - a for a, b in pairwise(minutes)) * 60 > span.total_seconds():
+            return schedule, duration
+        span += timedelta(minutes=minutes[-1] - minutes[0])
+        fields[0] = str(minutes[0])
+    if len(hours) > 1 and (max(b - a for a, b in pairwise(hours)) * 3600 <= span.total_seconds()):
+        span += timedelta(hours=hours[-1] - hours[0])
+        fields[1] = str(hours[0])
+    return " ".join(fields), span
 
 
 # --- time helpers ---------------------------------------------------------------------
@@ -305,6 +362,8 @@ def parse_duration(text: str) -> timedelta:
     seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if seconds <= 0:
         raise ValueError(f"duration {text!r} must be longer than 0")
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"duration {text!r} is longer than {_duration_text(MAX_DURATION)}")
     return timedelta(seconds=seconds)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -49,7 +51,17 @@ from reconciler.windows import (
     load_windows,
     load_windows_file,
 )
-from tests.conftest import ACCESS_KEY, REPO, SECRET_KEY, run_cli, tasks_yaml, wait_for, write
+from tests.conftest import (
+    ACCESS_KEY,
+    REPO,
+    SECRET_KEY,
+    cli_env,
+    run_cli,
+    tasks_yaml,
+    wait_for,
+    write,
+)
+from tests.harness import DaemonProcess
 
 APP = "661e4a7b9c0d1e2f"
 T0 = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)  # a Tuesday, 11:00 in Shanghai
@@ -150,6 +162,11 @@ def test_an_open_deny_window_never_lets_a_change_through(
         ("windows:\n  - kind: maybe\n    schedule: '0 9 * * *'\n    duration: 1h\n", 2, "allow or"),
         ("windows:\n  - kind: deny\n    duration: 1h\n", 2, "no 'schedule'"),
         ("window:\n  - kind: deny\n", 1, "unknown key 'window'"),
+        (
+            "windows:\n  - kind: deny\n    schedule: '0 9 * * *'\n    duration: 99999999999d\n",
+            4,
+            "is longer than 366d",
+        ),
     ],
 )
 def test_a_bad_windows_file_names_the_line_and_the_problem(
@@ -159,6 +176,26 @@ def test_a_bad_windows_file_names_the_line_and_the_problem(
         load_windows(text, path="w.yaml")
     assert caught.value.line == line and words in str(caught.value)
     assert str(caught.value).startswith(f"w.yaml:{line}: ")
+
+
+def test_a_run_of_touching_occurrences_ends_where_the_last_one_closes() -> None:
+    monday = datetime(2026, 12, 7, 10, 0, tzinfo=UTC)
+    weekdays = window(schedule="* * * * 1-5", duration=timedelta(minutes=1))
+    held = verdict([weekdays], now=monday)
+    assert held.until == datetime(2026, 12, 12, tzinfo=UTC), "Saturday, 7,000 openings on"
+    assert "may go at 2026-12-12 00:00 UTC" in held.describe()
+    berlin = window(schedule="* * * * 1-5", duration=timedelta(minutes=1), timezone="Europe/Berlin")
+    assert verdict([berlin], now=monday).until == datetime(2026, 12, 11, 23, 0, tzinfo=UTC)
+    nightly = window(kind="allow", schedule="0 2 * * *", duration=timedelta(hours=1))
+    both = verdict([weekdays, nightly], now=monday)
+    assert both.until == datetime(2026, 12, 12, 2, 0, tzinfo=UTC), "the first night it is off"
+    # Sundays in Berlin, the day clocks go forward (23 h): it ends at local midnight.
+    sundays = window(schedule="* * * * 0", duration=timedelta(minutes=1), timezone="Europe/Berlin")
+    spring = verdict([sundays], now=datetime(2026, 3, 29, 10, 0, tzinfo=UTC))
+    assert spring.until == datetime(2026, 3, 29, 22, 0, tzinfo=UTC)
+    always = window(schedule="* * * * *", duration=timedelta(minutes=1), timezone="Europe/Berlin")
+    never = verdict([always], now=monday)
+    assert never.until is None and "no opening within 400 days" in never.describe()
 
 
 def test_the_example_windows_file_loads() -> None:
@@ -284,6 +321,8 @@ def test_plan_shows_waiting_calls_and_refuses_a_mass_change(tmp_path: Path) -> N
     (tmp_path / "bad.yaml").write_text("windows:\n  - kind: deny\n    schedule: '0 9 * * *'\n")
     r = run_cli("plan", "desired", "--sync-windows", "bad.yaml", cwd=tmp_path)
     assert r.returncode == 1 and "bad.yaml:2: the window has no 'duration'" in r.stderr
+    r = run_cli("plan", "desired", "--sync-windows", "nope.yaml", cwd=tmp_path)
+    assert r.returncode == 1 and "nope.yaml: cannot read it" in r.stderr, r.stderr
 
 
 def test_apply_holds_calls_for_a_window_until_overridden(
@@ -455,3 +494,178 @@ def test_the_daemon_holds_a_mass_change_and_lets_it_go_once_within_the_limit(
         assert d._mass is None and d.waiting_counts()["mass_change"] == 0
 
     run_daemon(tmp_path, emulator, ChangeControl(), scenario)
+
+
+# --- change control as each call's turn comes ---------------------------------------------
+
+#: The CLI with its change-control clock set by a file: ``before`` until ``flag`` exists.
+CLOCKED_CLI = """
+import os, sys
+from datetime import datetime
+import reconciler.cli as cli
+flag, before, after = sys.argv[1:4]
+cli.wall_clock = lambda: datetime.fromisoformat(after if os.path.exists(flag) else before)
+sys.argv = ["reconciler", *sys.argv[4:]]
+cli.entry_point()
+"""
+
+
+def test_a_paced_apply_holds_the_calls_a_window_opening_mid_apply_catches(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    names = ["p0", "p1", "p2"]
+    rows = [{"RoomId": n, "TaskId": "seg", "Duration": 30} for n in names]
+    write(tmp_path, "desired/a.yaml", tasks_yaml(APP, rows))
+    for n in names:
+        emulator.start_task(app_id=APP, room_id=n, task_id="seg")
+    (tmp_path / "w.yaml").write_text(
+        'windows:\n  - name: freeze\n    kind: deny\n    schedule: "0 4 * * *"\n    duration: 1h\n'
+    )
+    flag = tmp_path / "opened"
+    clock = (str(flag), "2026-12-01T03:59:00+00:00", "2026-12-01T04:00:00+00:00")
+    args = ("apply", "desired", "--state", "s.db", "--endpoint", emulator.url)
+    paced = ("--sync-windows", "w.yaml", "--max-changes-per-minute", "40")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLOCKED_CLI, *clock, *args, *paced],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def sent() -> int:
+        return sum(t.update_calls for t in emulator.tasks())
+
+    try:
+        wait_for(lambda: sent() >= 1, timeout=15)
+        flag.touch()  # the window opens 1.5 s before the next token
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert sent() == 1, "nothing sent once the window opened"
+    assert "2 call(s) not made now: held when their turn came" in err
+    assert "waiting for window: deny window 'freeze' is open; may go at 2026-12-01 05:00" in err
+    assert "Apply: 1 synced" in out
+
+
+def test_apply_stops_a_rollout_whose_canary_call_fails(
+    tmp_path: Path, make_emulator: Callable[..., EmulatorHandle]
+) -> None:
+    h = make_emulator(app_ids=frozenset({APP}))
+    bad = "000bad0000000000"  # sorts first, so it is the canary; the account does not own it
+    canary = [{"RoomId": "c0", "TaskId": "seg", "Duration": 30}]
+    write(tmp_path, "desired/bad.yaml", tasks_yaml(bad, canary))
+    names = ["c1", "c2", "c3"]
+    rows = [{"RoomId": n, "TaskId": "seg", "Duration": 30} for n in names]
+    write(tmp_path, "desired/a.yaml", tasks_yaml(APP, rows))
+    for n in names:
+        h.start_task(app_id=APP, room_id=n, task_id="seg")
+    args = ("apply", "desired", "--state", "s.db", "--endpoint", h.url, "--canary", "1")
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 1
+    assert (
+        f"Applying 4 call(s) at up to 150/s: 1 first (canary {bad}/c0/seg), 3 once the "
+        "canaries are observed Synced" in r.stdout
+    )
+    (failed,) = [e for e in r.events() if e["event"] == "rollout.canary_failed"]
+    assert failed["held"] == 3 and "its call ended failed" in failed["reason"]
+    assert "canary failed: " in r.stderr and "3 change(s) held, not sent" in r.stderr
+    assert all(t.update_calls == 0 for t in h.tasks()), "the rest were not sent"
+
+
+def test_the_daemon_picks_canaries_among_the_calls_that_may_go(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    # held/ is frozen all test long; its task sorts first, so it would have been the canary.
+    for room in ("a0", "b0", "b1"):
+        emulator.start_task(app_id=APP, room_id=room, task_id="seg")
+    row = {"TaskId": "seg", "Duration": 30}
+    write(tmp_path, "desired/held/a.yaml", tasks_yaml(APP, [{"RoomId": "a0", **row}]))
+    free = [{"RoomId": r, **row} for r in ("b0", "b1")]
+    write(tmp_path, "desired/free/b.yaml", tasks_yaml(APP, free))
+    windows = load_windows(open_now_for(3600, paths='["held/**"]'), path="w.yaml")
+
+    def scenario(d: Daemon) -> None:
+        wait_for(lambda: durations(emulator)["b0"] == durations(emulator)["b1"] == 30, timeout=10)
+        assert d.waiting_counts()["window"] == 1 and durations(emulator)["a0"] != 30
+        assert d.waiting_counts()["canary"] == 0
+
+    run_daemon(tmp_path, emulator, ChangeControl(windows=windows, canary=1), scenario)
+
+
+def test_first_syncs_go_while_a_mass_change_is_held_even_with_a_canary(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    rooms = [f"m{i}" for i in range(6)]
+    for room in [*rooms, "n0", "n1"]:
+        emulator.start_task(app_id=APP, room_id=room, task_id="seg")
+
+    def declare(rows: list[str], duration: int) -> None:
+        tasks = [{"RoomId": r, "TaskId": "seg", "Duration": duration} for r in rows]
+        write(tmp_path, "desired/a.yaml", tasks_yaml(APP, tasks))
+
+    declare(rooms, 30)
+
+    def scenario(d: Daemon) -> None:
+        wait_for(lambda: {durations(emulator)[r] for r in rooms} == {30}, timeout=10)
+        wait_for(lambda: d._rollout is None and not d._waiting, timeout=10)
+        declare([*rooms, "n0", "n1"], 45)  # 6 of 6 applied tasks change: held
+        wait_for(lambda: durations(emulator)["n0"] == durations(emulator)["n1"] == 45, timeout=10)
+        assert d._mass is not None and d.waiting_counts()["mass_change"] == 6
+        assert {durations(emulator)[r] for r in rooms} == {30}
+
+    run_daemon(tmp_path, emulator, ChangeControl(canary=1), scenario)
+
+
+def test_the_daemon_and_plan_count_a_mass_change_of_the_confirmed_tasks(
+    tmp_path: Path, make_emulator: Callable[..., EmulatorHandle]
+) -> None:
+    h = make_emulator(app_ids=frozenset({APP}))
+    rooms = [f"q{i}" for i in range(4)]
+    for room in rooms:
+        h.start_task(app_id=APP, room_id=room, task_id="seg")
+    stranger = "ffff0000aaaa1111"  # refused as bad input: recorded, never confirmed
+    refused = [{"RoomId": f"s{i}", "TaskId": "seg", "Duration": 30} for i in range(4)]
+    write(tmp_path, "desired/strangers.yaml", tasks_yaml(stranger, refused))
+
+    def declare(changed: int) -> None:
+        rows = [
+            {"RoomId": r, "TaskId": "seg", "Duration": 45 if i < changed else 30}
+            for i, r in enumerate(rooms)
+        ]
+        write(tmp_path, "desired/a.yaml", tasks_yaml(APP, rows))
+
+    declare(0)
+    limit = ChangeLimit(0.5, floor=1)
+
+    def scenario(d: Daemon) -> None:
+        wait_for(lambda: set(durations(h).values()) == {30}, timeout=10)
+        wait_for(lambda: len(d.recorder.applied) == 8, timeout=10)
+        declare(3)  # 3 of 4 confirmed tasks (8 records): over 50 %
+        wait_for(lambda: d._mass is not None, timeout=10)
+        assert str(d._mass).startswith("refusing to change 3 of 4 applied tasks")
+        plan = compute_plan(d.index.tasks, d.recorder.applied)
+        control = ChangeControl(max_change=limit)
+        gate = gate_plan(plan, applied=d.recorder.applied, control=control, now=T0)
+        assert gate.mass_change == d._mass, "plan/apply and the daemon judge alike"
+
+    run_daemon(tmp_path, h, ChangeControl(max_change=limit), scenario)
+
+
+def test_run_holds_a_change_while_a_deny_window_is_open(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    emulator.start_task(app_id=APP, room_id="r0", task_id="seg")
+    rows = [{"RoomId": "r0", "TaskId": "seg", "Duration": 45}]
+    write(tmp_path, "desired/a.yaml", tasks_yaml(APP, rows))
+    (tmp_path / "w.yaml").write_text(open_now_for(3600))  # open all test long
+    args = ("--endpoint", emulator.url, "--state", "s.db", "--sync-windows", "w.yaml")
+    with DaemonProcess(tmp_path, "desired", *args, "--health-port", "0") as d:
+        (held,) = d.wait_event("task.waiting")
+        assert held["reason"] == "window" and held["windows"] == ["freeze"]
+        assert held["until"] is not None and held["room_id"] == "r0"
+        d.wait_event("reconcile.completed")
+        assert "UpdateSegment" not in emulator.stats_snapshot()["by_action"]
+        assert d.stop(timeout=10) == 0

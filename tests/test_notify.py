@@ -218,6 +218,38 @@ def test_events_become_notices_and_a_burst_one_message() -> None:
     assert "Task `a/&lt;r&gt;/t` failed: Bad &amp; wrong." in one, "Slack's control characters"
 
 
+def test_change_control_stops_are_notices() -> None:
+    f = NoticeFilter()
+    held = f.feed(
+        {"event": "plan.mass_change_held", "root": "desired", "changes": 8, "known": 10,
+         "allowed": 5, "max_change": "20%"}
+    )  # fmt: skip
+    cleared = f.feed({"event": "plan.mass_change_cleared", "changes": 3})
+    canary = f.feed(
+        {"event": "rollout.canary_failed", "canaries": [f"{APP}/k0/seg"], "held": 3,
+         "reason": f"{APP}/k0/seg: the task is not running (ended: <stopped>)"}
+    )  # fmt: skip
+    assert f.feed({"event": "rollout.promoted", "canaries": [], "changes": 3}) is None
+    assert held == Notice(
+        "mass_change",
+        None,
+        "refusing to change 8 of 10 applied tasks (--max-change 20% allows 5 at once)",
+    )
+    assert canary is not None and canary.subject == f"{APP}/k0/seg"
+    lines = render([n for n in (held, cleared, canary) if n])["text"].splitlines()
+    assert lines[1:] == [
+        "• Mass change held: refusing to change 8 of 10 applied tasks (--max-change 20% allows "
+        "5 at once); the changes wait, heals and first syncs go on. Check the tree (a wrong git "
+        "revision, a default changed for every task); if it is meant, restart with "
+        "--allow-mass-change or a larger --max-change.",
+        "• Mass change cleared: the pending changes are within --max-change again (3 pending); "
+        "they go.",
+        f"• Canary `{APP}/k0/seg` failed: {APP}/k0/seg: the task is not running (ended: "
+        "&lt;stopped&gt;); 3 change(s) held, not sent. Fix or revert the change in the tree: a "
+        "new desired spec for the rollout's tasks lets them go.",
+    ]
+
+
 def test_retries_back_off_up_to_a_cap_and_honour_retry_after() -> None:
     assert [retry_delay(a, base=1.0, cap=30.0) for a in (1, 2, 3, 5, 9)] == [1, 2, 4, 16, 30]
     assert retry_delay(1, retry_after=7.0) == 7.0
