@@ -540,7 +540,7 @@ class RtcClient:
         *,
         log_fields: Mapping[str, object] | None = None,
         attempts: int | None = None,
-        before_send: Callable[[], Awaitable[bool]] | None = None,
+        before_send: Callable[[], bool] | None = None,
         abort: asyncio.Event | None = None,
     ) -> CallResult:
         """Override Identifier / Handle / Duration of a running task."""
@@ -577,7 +577,7 @@ class RtcClient:
         query: Mapping[str, str] | None = None,
         log_fields: Mapping[str, object] | None = None,
         attempts: int | None = None,
-        before_send: Callable[[], Awaitable[bool]] | None = None,
+        before_send: Callable[[], bool] | None = None,
         abort: asyncio.Event | None = None,
     ) -> CallResult:
         """Call ``action``: a POST with a JSON ``body``, or a GET with ``query``.
@@ -722,7 +722,7 @@ class RtcClient:
         method: str,
         params: Mapping[str, str],
         payload: bytes,
-        before_send: Callable[[], Awaitable[bool]] | None = None,
+        before_send: Callable[[], bool] | None = None,
         abort: asyncio.Event | None = None,
     ) -> _Attempt:
         if method == "GET" and self._transport is None:
@@ -741,7 +741,7 @@ class RtcClient:
                 http = self._pools[shard]
                 self._pool_load[shard] += 1
                 try:
-                    if before_send is not None and not await before_send():
+                    if before_send is not None and not before_send():
                         raise CallWithdrawn(action)
                     request = http.build_request(
                         method,

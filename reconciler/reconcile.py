@@ -90,38 +90,8 @@ class Recorder:
         self.applied = self.store.applied()
         self.observations = self.store.observations()
 
-    async def in_thread_if_remote(self, write: Callable[[], None]) -> None:
-        """Run ``write`` (a store write) in a thread when the store waits on the
-        network, so the event loop sends other calls meanwhile; inline for SQLite,
-        whose commit is a local append. The store serialises its transactions."""
-        if self.store.blocks_on_io:
-            await asyncio.to_thread(write)
-        else:
-            write()
-
-    async def pending_async(self, task: DesiredTask) -> None:
-        """:meth:`pending`, the store write off the event loop for a network store."""
-        await self.in_thread_if_remote(lambda: self._write_pending(task))
-        self._mirror_pending(task)
-
-    async def success_async(
-        self, task: DesiredTask, *, request_id: str, incarnation: int | None = None
-    ) -> None:
-        """:meth:`success`, the store write off the event loop for a network store."""
-        await self.in_thread_if_remote(
-            lambda: self._write_success(task, request_id=request_id, incarnation=incarnation)
-        )
-        self._mirror_success(task, incarnation=incarnation)
-
     def pending(self, task: DesiredTask) -> None:
-        self._write_pending(task)
-        self._mirror_pending(task)
-
-    def _write_pending(self, task: DesiredTask) -> None:
         self.store.mark_pending(task.key, source=task.source, business_id=task.business_id)
-
-    def _mirror_pending(self, task: DesiredTask) -> None:
-        # The in-memory mirror changes on the event loop only, never in a thread.
         if task.key not in self.applied:
             self.applied[task.key] = AppliedRecord(
                 task.key, task.business_id, None, source=task.source.path
@@ -131,12 +101,6 @@ class Recorder:
         self, task: DesiredTask, *, request_id: str, incarnation: int | None = None
     ) -> None:
         """The server confirmed ``task``'s fields, for the live incarnation if known."""
-        self._write_success(task, request_id=request_id, incarnation=incarnation)
-        self._mirror_success(task, incarnation=incarnation)
-
-    def _write_success(
-        self, task: DesiredTask, *, request_id: str, incarnation: int | None
-    ) -> None:
         with self.store.bulk():
             self.store.record_success(
                 task.key,
@@ -147,8 +111,6 @@ class Recorder:
             )
             if incarnation is not None:
                 self.store.record_incarnation(task.key, incarnation)
-
-    def _mirror_success(self, task: DesiredTask, *, incarnation: int | None) -> None:
         old = self.applied.get(task.key)
         self.applied[task.key] = AppliedRecord(
             task.key,
@@ -337,14 +299,14 @@ class TaskReconciler:
         started = time.monotonic()
         sent: Mapping[str, FieldValue] = call.body
 
-        async def before_send() -> bool:
+        def before_send() -> bool:
             # Pending (one more attempt) only once the call really goes out: a
             # call withdrawn while it waited for a slot leaves no trace.
             if self.stop is not None and self.stop.is_set():
                 return False
             if self.may_send is not None and not self.may_send():
                 return False
-            await self.recorder.pending_async(task)
+            self.recorder.pending(task)
             log.debug("call.sending", action=call.action, changes=_changes(call))
             return True
 
@@ -363,9 +325,7 @@ class TaskReconciler:
             self._credentials_proven = True
             return self._failed(call, exc, log=log, started=started)
         self._credentials_proven = True
-        await self.recorder.success_async(
-            task, request_id=res.request_id, incarnation=call.incarnation
-        )
+        self.recorder.success(task, request_id=res.request_id, incarnation=call.incarnation)
         log.info(
             "task.synced",
             action=call.action,

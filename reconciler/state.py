@@ -65,7 +65,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -627,9 +626,6 @@ class StateStore:
         self._depth = 0
         # A write inside the current transaction changed what the planner reads.
         self._changed = False
-        # One thread at a time in a transaction or a read: the event loop, or the
-        # thread a network store's hot-path writes run in (see ``blocks_on_io``).
-        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"StateStore(path={str(self.path)!r})"
@@ -805,12 +801,6 @@ class StateStore:
     @property
     def read_only(self) -> bool:
         return self._read_only
-
-    @property
-    def blocks_on_io(self) -> bool:
-        """A write waits on the network (PostgreSQL), not only on a local file:
-        hot-path callers run it in a thread so the event loop goes on meanwhile."""
-        return self._backend.dialect is not SQLITE
 
     def _meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -1168,8 +1158,7 @@ class StateStore:
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         conn = self._connection()
         try:
-            with self._lock:
-                return conn.query(sql, params)
+            return conn.query(sql, params)
         except conn.errors as exc:
             raise StateError(f"state store {self.path}: cannot read: {conn.describe(exc)}") from exc
 
@@ -1188,11 +1177,6 @@ class StateStore:
         :class:`StateError` from the backend's start (a fence) rolls back and
         reaches the caller as it is.
         """
-        with self._lock, self._transaction_locked(what, changes_plan=changes_plan) as conn:
-            yield conn
-
-    @contextmanager
-    def _transaction_locked(self, what: str, *, changes_plan: bool) -> Iterator[Backend]:
         conn = self._connection()
         self._changed |= changes_plan
         if self._depth:
