@@ -44,6 +44,7 @@ import contextlib
 import functools
 import os
 import re
+import select
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -209,16 +210,34 @@ class PostgresConnection:
         self._cursor().executemany(translate(sql), rows)
 
     def begin(self) -> None:
-        """``BEGIN`` on its own (a connection found dead here is opened again), then
-        the rest of the transaction in pipeline mode: the fence, the writes and the
-        ``COMMIT`` cost one round trip together, not one each. At 150 results a
-        second, round trips blocking the event loop were what capped throughput."""
-        self._retried("BEGIN", (), prepare=False)
-        self._in_transaction = True
-        self._pipeline = self._conn.pipeline()
+        """The whole transaction in pipeline mode: ``BEGIN``, the fence, the writes
+        and the ``COMMIT`` cost one round trip (two with a fence, whose answer is
+        needed), not one each. At 150 results a second, round trips blocking the
+        event loop were what capped throughput.
+
+        A connection the server ended while it sat idle (a restart, a terminated
+        backend) has something to read: it is opened again first, since nothing of
+        this transaction was sent yet. That costs no round trip.
+        """
+        if self._idle_connection_lost():
+            self._reconnect()
+        self._pipeline = self._cursor().connection.pipeline()
         self._pipeline.__enter__()
+        self._in_transaction = True
+        self._cur.execute("BEGIN", prepare=False)
         if self._fencing is not None:
             self._fencing.check(self._cur)
+
+    def _idle_connection_lost(self) -> bool:
+        """Between transactions nothing is due from the server: anything readable
+        is its goodbye (a FATAL message, then the end of the stream)."""
+        if self._conn.broken or self._conn.closed:
+            return True
+        try:
+            readable, _, _ = select.select([self._conn.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def begin_snapshot(self) -> None:
         self._retried("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", (), prepare=False)

@@ -191,11 +191,15 @@ class EpochFence:
         self.checks: list[tuple[int, bool]] = []
 
     def check(self, cursor: Cursor) -> None:
-        cursor.execute("SELECT epoch, pg_backend_pid() FROM public.lease FOR SHARE")
+        # now() is when the transaction began, statement_timestamp() this statement:
+        # later only inside a transaction block.
+        cursor.execute(
+            "SELECT epoch, pg_backend_pid(), now() < statement_timestamp()"
+            " FROM public.lease FOR SHARE"
+        )
         row = cursor.fetchone()
         assert row is not None
-        current, pid = row
-        in_transaction = cursor.connection.info.transaction_status.name == "INTRANS"
+        current, pid, in_transaction = row
         self.checks.append((pid, in_transaction))
         if current != self.epoch:
             raise FencedError(
