@@ -46,7 +46,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 from urllib.parse import urlencode
 
 import jinja2
@@ -575,19 +575,37 @@ def live_css(state: LiveState) -> str:
     }[state]
 
 
-def task_row(t: TaskStatus, now: datetime, *, refresh: bool = True) -> TaskRow:
+class _Badges(TypedDict):
+    """What a task row and a task page both show of a task's two axes."""
+
+    status: str
+    status_css: str
+    since: str
+    since_title: str
+    live: str
+    live_css: str
+    next_action: str
+
+
+def _badges(t: TaskStatus, now: datetime) -> _Badges:
     since, title = _since(t.status_since, now)
-    return TaskRow(
-        key=str(t.key),
-        href=task_href(t.key, refresh=refresh),
+    return _Badges(
         status=t.status,
         status_css=status_css(t.status),
         since=since,
         since_title=title,
         live=t.live.state.value.replace("_", " "),
         live_css=live_css(t.live.state),
-        read_age="never" if t.live.never_read else f"{ago(t.live.age_s)} ago",
         next_action=_next(t),
+    )
+
+
+def task_row(t: TaskStatus, now: datetime, *, refresh: bool = True) -> TaskRow:
+    return TaskRow(
+        key=str(t.key),
+        href=task_href(t.key, refresh=refresh),
+        **_badges(t, now),
+        read_age="never" if t.live.never_read else f"{ago(t.live.age_s)} ago",
         source=t.source or "—",
         error=t.last_error or "",
     )
@@ -880,7 +898,6 @@ def task_page(d: TaskDetail) -> TaskPage:
             ("Stop reason", str(o["stop_reason"] or "—")),
             ("API Status", "—" if obs.status is None else str(obs.status)),
         ]
-    since, title = _since(t.status_since, d.now)
     back = "/" if d.refresh else "/?refresh=0"
     return TaskPage(
         title=f"{t.key} · reconciler",
@@ -891,14 +908,8 @@ def task_page(d: TaskDetail) -> TaskPage:
         back=back,
         key=str(t.key),
         facts=tuple(facts),
-        status=t.status,
-        status_css=status_css(t.status),
-        since=since,
-        since_title=title,
-        live=t.live.state.value.replace("_", " "),
-        live_css=live_css(t.live.state),
+        **_badges(t, d.now),
         read="never read" if t.live.never_read else f"read {ago(t.live.age_s)} ago",
-        next_action=_next(t),
         values=values,
         values_note=note,
         live_facts=tuple(live_facts),
