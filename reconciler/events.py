@@ -51,13 +51,25 @@ def register_secret(value: str | None) -> None:
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in event.items():
-        if key.lower() in _SECRET_KEYS:
-            event[key] = "[redacted]"
-        elif isinstance(value, str) and _redacted and any(s in value for s in _redacted):
+        event[key] = _scrub(key, value)
+    return event
+
+
+def _scrub(key: str, value: Any) -> Any:
+    """``value`` with secrets replaced, inside lists and mappings too (a secret
+    in a list of windows or a dict of fields must not slip through either)."""
+    if key.lower() in _SECRET_KEYS:
+        return "[redacted]"
+    if isinstance(value, str):
+        if _redacted and any(s in value for s in _redacted):
             for secret in _redacted:
                 value = value.replace(secret, "[redacted]")
-            event[key] = value
-    return event
+        return value
+    if isinstance(value, Mapping):
+        return {k: _scrub(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub("", v) for v in value]
+    return value
 
 
 Subscriber = Callable[[Mapping[str, Any]], None]

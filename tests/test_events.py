@@ -23,7 +23,13 @@ def test_subscribers_see_redacted_events_and_a_failing_one_breaks_nothing() -> N
     unsubscribe = events.subscribe(seen.append)
     try:
         log = events.get_logger()
-        log.info("task.synced", app_id="a", note="key s3cr3t-value", sk="raw")
+        log.info(
+            "task.synced",
+            app_id="a",
+            note="key s3cr3t-value",
+            sk="raw",
+            nested={"urls": ["https://h/s3cr3t-value"], "password": "pw", "n": 1},
+        )
         log.debug("call.attempt", app_id="a")  # below the level: nobody sees it
         unsubscribe()
         log.info("after.unsubscribe")
@@ -32,6 +38,8 @@ def test_subscribers_see_redacted_events_and_a_failing_one_breaks_nothing() -> N
         events.configure(fmt="json", level="info")
     assert [e["event"] for e in seen] == ["task.synced"]
     assert seen[0]["note"] == "key [redacted]" and seen[0]["sk"] == "[redacted]"
+    assert seen[0]["nested"] == {"urls": ["https://h/[redacted]"], "password": "[redacted]", "n": 1}
+    assert "s3cr3t-value" not in out.getvalue() and '"pw"' not in out.getvalue()
     assert seen[0]["level"] == "info" and "timestamp" in seen[0]
     written = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     assert written == ["task.synced", "after.unsubscribe"]
