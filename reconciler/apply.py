@@ -311,16 +311,21 @@ async def apply_rollout(
     stops the rollout with the rest not made (``stopped_rollout``).
     """
     stop = stop if stop is not None else asyncio.Event()
+
+    async def phase(part: Plan) -> ApplyReport:
+        return await apply_plan(
+            part,
+            reconciler=reconciler,
+            recorder=recorder,
+            workers=workers,
+            on_result=on_result,
+            stop=stop,
+            drain_timeout=drain_timeout,
+        )
+
     later = set(gate.after_canaries)
-    first = dataclasses.replace(plan, calls=tuple(c for c in gate.send if c.key not in later))
-    report = await apply_plan(
-        first,
-        reconciler=reconciler,
-        recorder=recorder,
-        workers=workers,
-        on_result=on_result,
-        stop=stop,
-        drain_timeout=drain_timeout,
+    report = await phase(
+        dataclasses.replace(plan, calls=tuple(c for c in gate.send if c.key not in later))
     )
     rest = tuple(c for c in gate.send if c.key in later)
     if not rest:
@@ -365,17 +370,10 @@ async def apply_rollout(
         )
         return report
     log.info("rollout.promoted", canaries=[str(k) for k in gate.canaries], changes=len(rest))
-    second = dataclasses.replace(
-        plan, calls=rest, releases=(), forgotten=(), bookkeeping=(), incarnations=()
-    )
-    more = await apply_plan(
-        second,
-        reconciler=reconciler,
-        recorder=recorder,
-        workers=workers,
-        on_result=on_result,
-        stop=stop,
-        drain_timeout=drain_timeout,
+    more = await phase(
+        dataclasses.replace(
+            plan, calls=rest, releases=(), forgotten=(), bookkeeping=(), incarnations=()
+        )
     )
     report.results += more.results
     report.not_started += more.not_started

@@ -104,6 +104,14 @@ class StateError(Exception):
     """The state store cannot be used: missing, unreadable, corrupt, too new, closed."""
 
 
+def newer_schema(store: object, version: int, known: int = SCHEMA_VERSION) -> StateError:
+    """The refusal of a store written by a newer reconciler (never migrated back)."""
+    return StateError(
+        f"state store {store} was written by a newer reconciler "
+        f"(schema {version}, this one knows up to {known})"
+    )
+
+
 class FencedError(StateError):
     """A write refused because this replica no longer leads (another one took over).
 

@@ -63,6 +63,7 @@ from reconciler.state import (
     Fencing,
     PostgresURL,
     StateError,
+    newer_schema,
 )
 
 #: The schema that holds the store's tables.
@@ -415,10 +416,7 @@ def _version(cur: Cursor, url: PostgresURL) -> int:
 
 
 def _newer(url: PostgresURL, version: int, steps: Mapping[int, tuple[int, Step]]) -> StateError:
-    return StateError(
-        f"state store {url} was written by a newer reconciler "
-        f"(schema {version}, this one knows up to {_latest(steps)})"
-    )
+    return newer_schema(url, version, _latest(steps))
 
 
 def _migrate(cur: Cursor, url: PostgresURL, steps: Mapping[int, tuple[int, Step]]) -> int:

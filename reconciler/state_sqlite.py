@@ -43,6 +43,7 @@ from reconciler.state import (
     SQLITE,
     Dialect,
     StateError,
+    newer_schema,
 )
 
 #: Marks a SQLite file as a reconciler state store (``PRAGMA application_id``).
@@ -313,10 +314,7 @@ def _connect_read_only(path: Path) -> tuple[sqlite3.Connection, int]:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         _check_identity(conn, path, version)
         if version > SCHEMA_VERSION:
-            raise StateError(
-                f"state store {path} was written by a newer reconciler "
-                f"(schema {version}, this one knows up to {SCHEMA_VERSION})"
-            )
+            raise newer_schema(path, version)
         _check_integrity(conn, path)
         if version == SCHEMA_VERSION:
             return conn, version
@@ -366,10 +364,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> 
                 started = version
                 _check_identity(conn, path, version)
             if version > SCHEMA_VERSION:
-                raise StateError(
-                    f"state store {path} was written by a newer reconciler "
-                    f"(schema {version}, this one knows up to {SCHEMA_VERSION})"
-                )
+                raise newer_schema(path, version)
             if version == SCHEMA_VERSION:
                 conn.execute("COMMIT")
                 break
