@@ -10,7 +10,13 @@ The rules (CONTRACT §2):
   identity (plus ``BusinessId`` when set) and only the managed fields whose
   value differs from last-applied. No difference, no call: an unchanged
   ``Duration`` re-sent would cut the current slice.
-- A task never confirmed by the server gets one call with every managed field.
+- A task never confirmed by the server is *first contact*. Given
+  ``observations``, it is planned against its live values once it has been
+  read, and until then it is *unread*: no call, since re-sending a value live
+  already has would cut its slice for nothing. A task GetSegmentTask cannot
+  see (``unknown``: started more than 72 h ago), or planned without reads,
+  gets one call with every managed field, and the call says why
+  (:attr:`Call.unread`).
 - A managed field that disappears from the file is *released*: no call, the
   record drops it. A task that disappears from the tree is *forgotten*.
 - A task whose file is currently invalid is *held*: neither forgotten nor
@@ -67,6 +73,14 @@ SETTLE_S: Final = 5.0
 DriftPolicy = Literal["heal", "report"]
 #: What a call's ``old`` values are: last-applied, the live task, or nothing known.
 Basis = Literal["last_applied", "live", "none"]
+#: Why a call is made: the first one for a task nothing is known of, a change
+#: of the desired spec, or a heal (a restarted incarnation, drift set back).
+Cause = Literal["first", "change", "restart", "drift"]
+#: Why a call's basis is ``none``: GetSegmentTask cannot see the task (started
+#: more than 72 h ago, or never), or nothing was read (observation off, ``--no-refresh``).
+Unread = Literal["unreadable", "not_read"]
+#: Causes that set back what live lost: they are heals, not changes.
+HEALS: Final = frozenset({"restart", "drift"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +106,13 @@ class Call:
     basis: Basis = "last_applied"
     #: The live incarnation (StartTime, ms) the call brings in line, when known.
     incarnation: int | None = None
+    cause: Cause = "change"
+    #: With basis ``none``: why live was not compared (see :data:`Unread`).
+    unread: Unread | None = None
+
+    @property
+    def heal(self) -> bool:
+        return self.cause in HEALS
 
     @property
     def body(self) -> dict[str, FieldValue]:
@@ -210,6 +231,9 @@ class Plan:
     restarts: tuple[Restart, ...] = ()
     drifts: tuple[Drift, ...] = ()
     ended: tuple[Ended, ...] = ()
+    #: Tasks nothing is known of (never confirmed) and not yet read while reads
+    #: were given: no call until a read shows what live holds (first contact).
+    unread: tuple[TaskKey, ...] = ()
     #: Declared tasks compared with a live observation rather than last-applied.
     observed: int = 0
     #: Declared tasks read within the settle window after our own call to them:
@@ -240,13 +264,15 @@ class Plan:
             "restarted": len(self.restarts),
             "drifted": len(self.drifts),
             "not_running": len(self.ended),
+            "unread": len(self.unread),
         }
 
     def to_json(self) -> dict[str, Any]:
         """The stable ``plan --output json`` shape (documented in the README)."""
         return {
             # 3: calls' "waiting" and the top-level "waiting" (change control, added by the CLI).
-            "format_version": 3,
+            # 4: calls' "cause" and "unread", the top-level "unread" and "refresh" (the CLI's).
+            "format_version": 4,
             "refreshed": self.refreshed,
             "observed": self.observed,
             "settling": self.settling,
@@ -258,6 +284,8 @@ class Plan:
                     "source": str(c.source),
                     "first": c.first,
                     "basis": c.basis,
+                    "cause": c.cause,
+                    "unread": c.unread,
                     "body": dict(c.body),
                     "changes": [{"field": x.field, "old": x.old, "new": x.new} for x in c.changes],
                 }
@@ -311,6 +339,7 @@ class Plan:
                 }
                 for e in self.ended
             ],
+            "unread": [_key_json(k) for k in self.unread],
             "warnings": [
                 {
                     "task": _key_json(w.key),
@@ -375,12 +404,19 @@ def compute_plan(
     observed = settling = 0
     applied_get = applied.get
     live_get = (observations or {}).get
+    unread: list[TaskKey] = []
+    reads_given = observations is not None
     for key in declared:
         task = desired[key]
         record = applied_get(key)
         wanted = task.fields
         last = None if record is None else record.fields
-        obs = live_get(key)
+        obs = raw = live_get(key)
+        if reads_given and raw is None and last is None and wanted:
+            # First contact: what live holds is unknown, and a call that re-sends a
+            # value live already has would cut its slice. Read it first.
+            unread.append(key)
+            continue
         if obs is not None and not _counts(obs, record, settle_s):
             settling += obs.state is not LiveState.UNKNOWN
             obs = None
@@ -392,9 +428,11 @@ def compute_plan(
         basis: Basis = "none" if last is None else "last_applied"
         compare = last
         moved: dict[str, tuple[FieldValue, FieldValue | None]] = {}
+        restarted = False
         if obs is not None and obs.start_time_ms is not None:
             live = obs.fields
             if record is not None and _restarted(record, obs.start_time_ms):
+                restarted = True
                 restarts.append(Restart(key, record.incarnation, obs.start_time_ms, dict(live)))
             elif last is not None:
                 moved = {
@@ -433,6 +471,15 @@ def compute_plan(
             if record is not None and record.failed_spec == task.spec_hash():
                 blocked.append(Blocked(task, _REFUSED))
                 continue
+            cause: Cause = (
+                "restart"
+                if restarted
+                else "drift"
+                if moved and drift == "heal"
+                else "first"
+                if compare is None
+                else "change"
+            )
             calls.append(
                 Call(
                     task,
@@ -440,6 +487,12 @@ def compute_plan(
                     compare,
                     basis=basis,
                     incarnation=incarnation if incarnation is not None else _held(record),
+                    cause=cause,
+                    unread=None
+                    if compare is not None
+                    else "unreadable"
+                    if raw is not None and raw.state is LiveState.UNKNOWN
+                    else "not_read",
                 )
             )
             continue
@@ -469,6 +522,7 @@ def compute_plan(
         restarts=tuple(restarts),
         drifts=tuple(drifts),
         ended=tuple(ended),
+        unread=tuple(unread),
         observed=observed,
         settling=settling,
         refreshed=observations is not None,

@@ -217,6 +217,24 @@ def _changes(call: Call) -> dict[str, Any]:
     return {c.field: {"old": c.old, "new": c.new} for c in call.changes}
 
 
+#: What a call that had to carry every managed field says of it.
+UNREAD_NOTES: Mapping[str, str] = {
+    "unreadable": "GetSegmentTask cannot see this task (started more than 72 h ago, or "
+    "not started): every managed field was sent",
+    "not_read": "live was not read (observation off, or --no-refresh): every managed "
+    "field was sent",
+}
+
+
+def call_fields(call: Call) -> dict[str, Any]:
+    """What every event about a call says of why it was made and what it was compared with."""
+    out: dict[str, Any] = {"cause": call.cause, "basis": call.basis}
+    if call.unread is not None:
+        out["unread"] = call.unread
+        out["note"] = UNREAD_NOTES[call.unread]
+    return out
+
+
 class TaskReconciler:
     """Makes one planned call and records its outcome."""
 
@@ -334,6 +352,7 @@ class TaskReconciler:
             latency_ms=res.latency_ms,  # the answering attempt's, as in call.succeeded
             fields=dict(sent),
             changes=_changes(call),
+            **call_fields(call),
         )
         return Result(key, Outcome.SYNCED, None, None, res.request_id, res.latency_ms)
 

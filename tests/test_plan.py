@@ -189,7 +189,7 @@ def test_json_shape_is_serialisable_and_stable() -> None:
         recs(rec(fields={"Duration": 30, "Handle": True}), rec(K2, {"Handle": False})),
     )
     doc = json.loads(json.dumps(plan.to_json()))
-    assert doc["format_version"] == 3
+    assert doc["format_version"] == 4
     assert set(doc) == {
         "format_version",
         "refreshed",
@@ -204,10 +204,12 @@ def test_json_shape_is_serialisable_and_stable() -> None:
         "restarts",
         "drifts",
         "not_running",
+        "unread",
         "warnings",
     }
     assert doc["refreshed"] is False and doc["observed"] == 0
     assert doc["calls"][0]["basis"] == "last_applied"
+    assert doc["calls"][0]["cause"] == "change" and doc["calls"][0]["unread"] is None
     assert doc["calls"][0]["changes"] == [{"field": "Duration", "old": 30, "new": 45}]
     assert doc["calls"][0]["source"] == "a.yaml:1:1"
     assert doc["releases"][0]["fields"] == ["Handle"]
@@ -223,6 +225,7 @@ def test_json_shape_is_serialisable_and_stable() -> None:
         "restarted": 0,
         "drifted": 0,
         "not_running": 0,
+        "unread": 0,
     }
 
 

@@ -174,3 +174,55 @@ def test_duration_is_sent_exactly_when_live_differs(
     )
     sent = [c for c in plan.calls if "Duration" in c.fields]
     assert bool(sent) == (live_duration != wanted_duration)
+
+
+# --- first contact: nothing recorded, so live is read before anything is sent ---------
+
+
+def test_first_contact_without_a_read_waits_for_one() -> None:
+    """Reads given but none for a task never confirmed: no call until it is read."""
+    plan = compute_plan(desired(**WANTED), {}, observations={})
+    assert plan.calls == () and plan.unread == (K,) and plan.in_sync == ()
+    assert plan.to_json()["unread"] == [K.identity()]
+    pending_first = compute_plan(desired(**WANTED), applied(None), observations={})
+    assert pending_first.unread == (K,), "a first call in doubt (Pending) is read first too"
+
+
+def test_first_contact_matching_live_costs_no_call_and_is_recorded() -> None:
+    plan = compute_plan(desired(**WANTED), {}, observations=live(**WANTED))
+    assert plan.calls == () and plan.unread == () and plan.in_sync == (K,)
+    assert [t.key for t in plan.bookkeeping] == [K], "recorded, so the next plan is empty"
+
+
+def test_first_contact_out_of_sight_sends_every_field_and_says_why() -> None:
+    unknown = not_found(K, observed_at=APPLIED_AT, last=None)
+    plan = compute_plan(desired(**WANTED), {}, observations={K: unknown})
+    (call,) = plan.calls
+    assert dict(call.fields) == WANTED and call.first
+    assert (call.basis, call.cause, call.unread) == ("none", "first", "unreadable")
+    without_reads = compute_plan(desired(**WANTED), {}).calls[0]
+    assert (without_reads.cause, without_reads.unread) == ("first", "not_read")
+
+
+def test_a_call_says_whether_it_heals_or_changes() -> None:
+    restarted = compute_plan(
+        desired(**WANTED), applied(WANTED), observations=live(start=NEW_START, Duration=20)
+    ).calls[0]
+    assert restarted.cause == "restart" and restarted.heal
+    drifted = compute_plan(
+        desired(**WANTED), applied(WANTED), observations=live(**{**WANTED, "Duration": 99})
+    ).calls[0]
+    assert drifted.cause == "drift" and drifted.heal
+    changed = compute_plan(desired(**{**WANTED, "Duration": 30}), applied(WANTED)).calls[0]
+    assert changed.cause == "change" and not changed.heal and changed.unread is None
+
+
+@given(live_duration=st.integers(1, 600), wanted_duration=st.integers(1, 600))
+def test_first_contact_sends_duration_exactly_when_live_differs(
+    live_duration: int, wanted_duration: int
+) -> None:
+    plan = compute_plan(
+        desired(Duration=wanted_duration), {}, observations=live(Duration=live_duration)
+    )
+    sent = [c for c in plan.calls if "Duration" in c.fields]
+    assert bool(sent) == (live_duration != wanted_duration)
