@@ -36,7 +36,7 @@ from reconciler.errors import (
 from reconciler.live import Observation
 from reconciler.observe import read_task
 from reconciler.plan import Call, Drift, Plan
-from reconciler.state import StateStore
+from reconciler.state import StateStore, heal_reason
 from reconciler.task import AppliedRecord, DesiredTask, FieldValue, TaskKey
 
 _T = TypeVar("_T")
@@ -98,9 +98,18 @@ class Recorder:
             )
 
     def success(
-        self, task: DesiredTask, *, request_id: str, incarnation: int | None = None
+        self,
+        task: DesiredTask,
+        *,
+        request_id: str,
+        incarnation: int | None = None,
+        heal: str | None = None,
     ) -> None:
-        """The server confirmed ``task``'s fields, for the live incarnation if known."""
+        """The server confirmed ``task``'s fields, for the live incarnation if known.
+
+        ``heal``: the call set back a restart or drift, and why
+        (:func:`~reconciler.state.heal_reason`): recorded as the task's last heal.
+        """
         with self.store.bulk():
             self.store.record_success(
                 task.key,
@@ -108,6 +117,7 @@ class Recorder:
                 business_id=task.business_id,
                 request_id=request_id,
                 source=task.source,
+                heal=heal,
             )
             if incarnation is not None:
                 self.store.record_incarnation(task.key, incarnation)
@@ -343,7 +353,14 @@ class TaskReconciler:
             self._credentials_proven = True
             return self._failed(call, exc, log=log, started=started)
         self._credentials_proven = True
-        self.recorder.success(task, request_id=res.request_id, incarnation=call.incarnation)
+        self.recorder.success(
+            task,
+            request_id=res.request_id,
+            incarnation=call.incarnation,
+            heal=heal_reason(call.cause, [(c.field, c.old, c.new) for c in call.changes])
+            if call.heal
+            else None,
+        )
         log.info(
             "task.synced",
             action=call.action,

@@ -4,8 +4,9 @@ One row per task (``app_id``, ``room_id``, ``task_id``) holds the last-applied
 managed values the server accepted with ``Result: "ok"`` (JSON text; ``NULL``
 means no call ever succeeded, which is not the same as ``{}``, "nothing to
 manage"), where the task stands (:class:`~reconciler.task.SyncStatus`) and
-since when, when the daemon will try it again, the last call and error, and
-where the task was declared. The planner reads the rows as
+since when, when the daemon will try it again, the last call and error,
+where the task was declared, and when a call last healed it (set back a
+restart or drift) and why. The planner reads the rows as
 :class:`~reconciler.task.AppliedRecord` values; ``apply`` and the daemon write
 one result at a time; ``reconciler status`` lists them. A ``meta`` table holds
 facts about the whole store: the tree root it was applied from, and its
@@ -65,7 +66,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -84,7 +85,7 @@ DEFAULT_PATH: Final = Path(".reconciler") / "state.db"
 #: timeout, PostgreSQL's lock timeout).
 BUSY_TIMEOUT_S: Final = 5.0
 #: The schema version this code writes; every backend's forward steps reach it.
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 #: Indexes every backend keeps (schema 6): tasks by status and since-when (the
 #: counts and the needs-attention list) and by file path (the path filter).
 INDEXES: Final = (
@@ -347,6 +348,11 @@ class TaskState:
     #: When the daemon will try a NotRunning or failed task again; ``None``
     #: when nothing is scheduled (``apply`` schedules nothing).
     next_retry_at: datetime | None = None
+    #: When a call last healed the task (set back a restart or drift: a
+    #: successful call whose cause was ``restart`` or ``drift``), and why
+    #: (:func:`heal_reason`); ``None`` when it never was.
+    last_heal_at: datetime | None = None
+    last_heal_reason: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """A stable, JSON-ready shape: snake_case keys, ISO-8601 UTC times, nulls kept."""
@@ -370,7 +376,27 @@ class TaskState:
             "updated_at": format_time(self.updated_at),
             "status_since": format_time(self.status_since),
             "next_retry_at": format_time(self.next_retry_at),
+            "last_heal_at": format_time(self.last_heal_at),
+            "last_heal_reason": self.last_heal_reason,
         }
+
+
+def heal_reason(cause: str, changes: Iterable[tuple[str, object, object]]) -> str:
+    """Why a call healed a task, for a person: its cause, then each field it set back.
+
+    ``restart: Identifier "3f2a..." → "edu-hall-b-0902", Duration 20 → 60``;
+    ``drift: Duration 45 → 60``. ``changes`` are ``(field, old, new)`` with
+    ``old`` the live value (``None``: live did not say, shown as ``Field=new``).
+    Values are spelled as the files spell them (JSON).
+    """
+    parts = []
+    for name, old, new in changes:
+        shown = json.dumps(new, ensure_ascii=False)
+        if old is None:
+            parts.append(f"{name}={shown}")
+        else:
+            parts.append(f"{name} {json.dumps(old, ensure_ascii=False)} → {shown}")
+    return f"{cause}: {', '.join(parts)}" if parts else cause
 
 
 def format_time(at: datetime | None) -> str | None:
@@ -410,7 +436,8 @@ def _encode_fields(fields: Mapping[str, FieldValue]) -> str:
 _COLUMNS: Final = (
     "app_id, room_id, task_id, status, business_id, applied_fields, applied_at, request_id,"
     " attempts, last_call_at, last_error, last_error_code, source, source_path, failed_spec,"
-    " updated_at, last_error_request_id, status_since, next_retry_at"
+    " updated_at, last_error_request_id, status_since, next_retry_at, last_heal_at,"
+    " last_heal_reason"
 )
 
 
@@ -433,6 +460,8 @@ def _row_to_state(row: Sequence[Any]) -> TaskState:
         last_error_request_id=row[16],
         status_since=_parse_time(row[17]),
         next_retry_at=_parse_time(row[18]),
+        last_heal_at=_parse_time(row[19]),
+        last_heal_reason=row[20],
     )
 
 
@@ -469,8 +498,8 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
 _RECORD_SUCCESS: Final = """
 INSERT INTO tasks (app_id, room_id, task_id, business_id, applied_fields, applied_at,
                    request_id, status, attempts, last_call_at, source, source_path, updated_at,
-                   status_since)
-VALUES (?, ?, ?, ?, ?, ?, ?, 'Synced', 0, ?, ?, ?, ?, ?)
+                   status_since, last_heal_at, last_heal_reason)
+VALUES (?, ?, ?, ?, ?, ?, ?, 'Synced', 0, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     business_id = excluded.business_id,
     applied_fields = excluded.applied_fields,
@@ -490,7 +519,11 @@ ON CONFLICT (app_id, room_id, task_id) DO UPDATE SET
     status_since = excluded.status_since,
     prior_status = NULL,
     prior_since = NULL,
-    next_retry_at = NULL
+    next_retry_at = NULL,
+    -- a heal is remembered until the next heal, whatever comes between
+    last_heal_at = COALESCE(excluded.last_heal_at, tasks.last_heal_at),
+    last_heal_reason = CASE WHEN excluded.last_heal_at IS NULL
+                            THEN tasks.last_heal_reason ELSE excluded.last_heal_reason END
 """
 
 _RECORD_PROBLEM: Final = """
@@ -936,10 +969,15 @@ class StateStore:
         business_id: str | None,
         request_id: str,
         source: Source,
+        heal: str | None = None,
         at: datetime | None = None,
     ) -> None:
         """The server answered ``ok``: last-applied := ``fields`` (the task's full
-        desired managed fields), Synced, attempts and errors cleared."""
+        desired managed fields), Synced, attempts and errors cleared.
+
+        ``heal``: the call set back a restart or drift, and why
+        (:func:`heal_reason`); it becomes the task's last heal, at this time.
+        Without it the last heal recorded stays as it was."""
         now = _stamp(at)
         self._execute(
             "record success",
@@ -955,6 +993,8 @@ class StateStore:
                 source.path,
                 now,
                 now,
+                None if heal is None else now,
+                heal,
             ),
         )
 
@@ -1226,7 +1266,7 @@ _TASK_ROW: Final = (
     "app_id, room_id, task_id, business_id, applied_fields, applied_at, request_id, status,"
     " attempts, last_call_at, last_error, last_error_code, source, updated_at, source_path,"
     " failed_spec, last_error_request_id, status_since, prior_status, prior_since,"
-    " next_retry_at, applied_incarnation"
+    " next_retry_at, applied_incarnation, last_heal_at, last_heal_reason"
 )
 _OBSERVATION_ROW: Final = (
     "app_id, room_id, task_id, observed_at, state, status, start_time, end_time, stop_reason,"

@@ -148,10 +148,17 @@ def _v6_status_and_path_indexes(cur: Cursor) -> None:
         cur.execute(sql.replace(" ON tasks ", f" ON {SCHEMA}.tasks "))
 
 
+def _v7_last_heal(cur: Cursor) -> None:
+    # As SQLite's step 7: when a task was last healed, and why.
+    cur.execute(f"ALTER TABLE {SCHEMA}.tasks ADD COLUMN last_heal_at TEXT")
+    cur.execute(f"ALTER TABLE {SCHEMA}.tasks ADD COLUMN last_heal_reason TEXT")
+
+
 #: Forward steps: the version a step starts from → (the version it reaches, the step).
 MIGRATIONS: Final[Mapping[int, tuple[int, Step]]] = {
     0: (5, _base_v5),
     5: (6, _v6_status_and_path_indexes),
+    6: (7, _v7_last_heal),
 }
 
 

@@ -176,6 +176,14 @@ def _v6_status_and_path_indexes(conn: sqlite3.Connection) -> None:
         conn.execute(sql)
 
 
+def _v7_last_heal(conn: sqlite3.Connection) -> None:
+    # ``status`` and the dashboard say when a task was last healed (a restart or
+    # drift set back by a call) and why; events alone are gone by then. Rows
+    # from v6 have no such history: never healed, as far as the store knows.
+    conn.execute("ALTER TABLE tasks ADD COLUMN last_heal_at TEXT")
+    conn.execute("ALTER TABLE tasks ADD COLUMN last_heal_reason TEXT")
+
+
 #: Forward schema steps; step ``i`` takes a store from version ``i`` to ``i + 1``.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _v1_base,
@@ -184,6 +192,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     _v4_live_observations,
     _v5_lineage_and_generation,
     _v6_status_and_path_indexes,
+    _v7_last_heal,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step belongs to every backend"
 

@@ -30,6 +30,7 @@ from reconciler.state import (
     StateStore,
     StoreLocation,
     TaskState,
+    heal_reason,
 )
 from reconciler.state_sqlite import APPLICATION_ID, SqliteConnection
 from reconciler.task import AppliedRecord, DesiredTask, FieldValue, Source, SyncStatus, TaskKey
@@ -447,6 +448,8 @@ def test_to_json_shape(store_at: StoreLocation) -> None:
         "updated_at": "2024-05-01T12:00:02.000000Z",
         "status_since": "2024-05-01T12:00:02.000000Z",
         "next_retry_at": None,
+        "last_heal_at": None,
+        "last_heal_reason": None,
     }
     assert json.loads(json.dumps(doc)) == doc
 
@@ -615,7 +618,7 @@ def user_version(path: Path) -> int:
 def test_new_store_is_at_the_current_schema(db: Path) -> None:
     with open_store(db):
         pass
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     assert user_version(db) == SCHEMA_VERSION
     conn = sqlite3.connect(db)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
@@ -659,6 +662,8 @@ def test_new_store_is_at_the_current_schema(db: Path) -> None:
         "prior_since",
         "next_retry_at",
         "applied_incarnation",
+        "last_heal_at",
+        "last_heal_reason",
     }
 
 
@@ -683,6 +688,7 @@ def test_v1_store_is_migrated_forward(tmp_path: Path) -> None:
         assert state.status is SyncStatus.NOT_RUNNING
         assert state.attempts == 2
         assert state.last_error_request_id is None
+        assert (state.last_heal_at, state.last_heal_reason) == (None, None), "never healed"
         # The new columns work.
         store.record_failure(
             KEY, message="bad", code="X", request_id="r", source=SRC, failed_spec="feed"
@@ -698,17 +704,17 @@ def test_store_from_a_newer_reconciler_is_refused(db: Path) -> None:
     with open_store(db) as store:
         store.record_in_sync(KEY, business_id=None, source=SRC, fields={})
     conn = sqlite3.connect(db)
-    conn.execute("PRAGMA user_version = 7")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
     expected = (
         f"state store {db} was written by a newer reconciler "
-        f"(schema 7, this one knows up to {SCHEMA_VERSION})"
+        f"(schema {SCHEMA_VERSION + 1}, this one knows up to {SCHEMA_VERSION})"
     )
     with pytest.raises(StateError) as err:
         StateStore.open(db)
     assert str(err.value) == expected
-    assert user_version(db) == 7  # untouched
+    assert user_version(db) == SCHEMA_VERSION + 1  # untouched
 
 
 def test_garbage_file_is_refused_not_reset(db: Path) -> None:
@@ -1022,3 +1028,85 @@ def test_tree_root_is_kept_as_given_and_must_be_absolute(
             store.record_tree_root("desired")
     with StateStore.open(store_at, create=False) as store:
         assert store.tree_root() == str(link), "the link, not today's target"
+
+
+# -- the last heal (schema 7) ------------------------------------------------------
+
+
+def test_a_heal_is_kept_until_the_next_one_whatever_comes_between(
+    store_at: StoreLocation, tmp_path: Path
+) -> None:
+    why = 'restart: Identifier "3f2a" → "slice_1", Duration 20 → 30'
+    with open_store(store_at) as store:
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="r1", source=SRC, at=T0
+        )
+        assert (reopened(store_at).last_heal_at, reopened(store_at).last_heal_reason) == (
+            None,
+            None,
+        ), "a first sync or a change is no heal"
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="r2", source=SRC, heal=why, at=T1
+        )
+        assert (reopened(store_at).last_heal_at, reopened(store_at).last_heal_reason) == (T1, why)
+        # A change, a failure, a retry, bookkeeping: the last heal stands.
+        store.mark_pending(KEY, source=SRC, business_id=None, at=T2)
+        store.record_failure(
+            KEY, message="500", code=None, request_id=None, source=SRC, failed_spec=None, at=T2
+        )
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="r3", source=SRC, at=T2
+        )
+        moved = Source("rooms/b.yaml", 1, 1)
+        store.record_in_sync(KEY, business_id=None, source=moved, fields=FIELDS, at=T3)
+        state = reopened(store_at)
+        assert (state.last_heal_at, state.last_heal_reason) == (T1, why)
+        assert state.to_json()["last_heal_at"] == "2024-05-01T12:00:01.000000Z"
+        assert state.to_json()["last_heal_reason"] == why
+        # The next heal replaces it; a copy of the store carries it.
+        store.record_success(
+            KEY,
+            fields=FIELDS,
+            business_id=None,
+            request_id="r4",
+            source=SRC,
+            heal="drift: Duration 45 → 30",
+            at=T3,
+        )
+        snapshot = store.snapshot()
+    with StateStore.open(tmp_path / "copy.db") as copy:
+        copy.restore(snapshot)
+        row = copy.get(KEY)
+    assert row is not None and (row.last_heal_at, row.last_heal_reason) == (
+        T3,
+        "drift: Duration 45 → 30",
+    )
+    with open_store(store_at) as store:
+        store.forget(KEY)
+        assert store.get(KEY) is None
+
+
+def test_heal_reason_says_the_cause_and_each_field_set_back() -> None:
+    assert (
+        heal_reason("restart", [("Identifier", "3f2a", "edu-1"), ("Duration", 20, 60)])
+        == 'restart: Identifier "3f2a" → "edu-1", Duration 20 → 60'
+    )
+    assert heal_reason("drift", [("Handle", None, True)]) == "drift: Handle=true"
+    assert heal_reason("drift", []) == "drift"
+
+
+def test_the_recorder_records_a_heal_with_the_success(db: Path) -> None:
+    task = DesiredTask(KEY, None, FIELDS, SRC)
+    with open_store(db) as store:
+        recorder = Recorder(store)
+        recorder.success(task, request_id="r1", incarnation=7, heal="restart: Duration 20 → 30")
+        state = store.get(KEY)
+        assert state is not None and state.last_heal_reason == "restart: Duration 20 → 30"
+        assert state.last_heal_at is not None and state.last_heal_at == state.applied_at
+        recorder.success(task, request_id="r2")
+        after = store.get(KEY)
+        assert after is not None and after.request_id == "r2"
+        assert (after.last_heal_at, after.last_heal_reason) == (
+            state.last_heal_at,
+            state.last_heal_reason,
+        ), "a success that is no heal leaves the last heal as it was"

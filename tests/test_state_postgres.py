@@ -122,6 +122,36 @@ def test_a_failed_step_leaves_the_store_as_it_was(postgres_url: str) -> None:
     assert ("half",) not in columns
 
 
+def test_a_schema_6_store_gets_the_last_heal_columns(postgres_url: str) -> None:
+    url = PostgresURL(postgres_url)
+    before_heals = {k: v for k, v in MIGRATIONS.items() if v[0] <= 6}
+    conn, _ = open_postgres(url, create=True, read_only=False, steps=before_heals)
+    conn.close()
+    with admin(postgres_url) as c:
+        c.execute(
+            "INSERT INTO reconciler.tasks (app_id, room_id, task_id, applied_fields, status,"
+            " attempts, source, source_path, updated_at, status_since)"
+            " VALUES ('app1', 'room1', 'task1', '{\"Duration\":30}', 'Synced', 0,"
+            " 'rooms/a.yaml:3:5', 'rooms/a.yaml', '2024-05-01T12:00:00.000000Z',"
+            " '2024-05-01T12:00:00.000000Z')"
+        )
+    assert version_row(postgres_url) == ("rtc-segment-reconciler", 6)
+    with pytest.raises(StateError, match="cannot upgrade it"):
+        StateStore.open(url, read_only=True)
+    with StateStore.open(url) as store:
+        assert store.opened_schema == 6
+        row = store.get(KEY)
+        assert row is not None and row.fields == {"Duration": 30}
+        assert (row.last_heal_at, row.last_heal_reason) == (None, None)
+        store.record_success(
+            KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, heal="restart"
+        )
+    assert version_row(postgres_url) == ("rtc-segment-reconciler", SCHEMA_VERSION)
+    with StateStore.open(url, read_only=True) as store:
+        row = store.get(KEY)
+        assert row is not None and row.last_heal_reason == "restart" and row.last_heal_at
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
@@ -312,6 +342,16 @@ def fill(store: StateStore) -> None:
                 store.record_in_sync(
                     key, business_id=None, source=src, fields={"Duration": n}, at=at
                 )
+            if n % 6 == 1:  # healed: the last heal travels with the row
+                store.record_success(
+                    key,
+                    fields={"Duration": n},
+                    business_id=None,
+                    request_id=f"r{n}",
+                    source=src,
+                    heal=f"drift: Duration 45 → {n}",
+                    at=at,
+                )
             if n % 3 == 0:
                 state = LiveState.RUNNING if n % 2 else LiveState.ENDED
                 store.record_observation(
@@ -376,6 +416,8 @@ def test_state_migrate_moves_every_record_and_refuses_a_non_empty_target(
     with StateStore.open(url, read_only=True) as store:
         assert store.snapshot().digest() == snapshot.digest()
         generation = store.generation()
+        healed = {t.key.task_id: t.last_heal_reason for t in store.all() if t.last_heal_at}
+    assert healed == {f"t{n:02d}": f"drift: Duration 45 → {n}" for n in range(1, 30, 6)}
 
     again = run_cli("state", "migrate", "--from", db, "--to", url, cwd=tmp_path)
     assert again.returncode == 1 and "is not empty (30 tasks" in again.stderr
