@@ -14,6 +14,7 @@ terminal, so piping a plan into a file or a PR comment gives plain text.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -530,6 +531,8 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
             more = f"; {f.problems - 1} more problem(s)" if f.problems > 1 else ""
             lines.append(f"    holds {f.held_tasks} recorded task(s){more}")
 
+    lines.extend(_heals(report, width))
+
     counts = report.counts()
     total = ", ".join(f"{n} {s}" for s, n in counts.items())
     shown = f"{len(report.tasks)} tasks"
@@ -547,6 +550,40 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
     if report.shared:
         lines.append(_leader_summary(report))
     return "\n".join(lines)
+
+
+#: Heals listed below the status table; ``-o json`` has every task's.
+HEALS_SHOWN = 10
+
+
+def _heals(report: StatusReport, width: int) -> list[str]:
+    """When and why the shown tasks were last healed, latest first (none: no lines)::
+
+    Last healed (a call set back a restart or drift), latest first:
+      661e4a7b9c0d1e2f/hall-b-0902/asr-segment  2m ago  restart: Duration 20 → 60
+    """
+    healed = report.healed()
+    if not healed:
+        return []
+    lines = ["", "Last healed (a call set back a restart or drift), latest first:"]
+    for t in healed[:HEALS_SHOWN]:
+        assert t.last_heal_at is not None
+        age = ago((report.generated_at - t.last_heal_at).total_seconds())
+        head, why = f"  {short_key(t.key, 52)}  {age} ago", t.last_heal_reason or "-"
+        if len(head) + 2 + len(why) <= width:
+            lines.append(f"{head}  {why}")
+        else:  # the reason whole on lines of its own, rather than cut short
+            lines.append(head)
+            lines += textwrap.wrap(
+                why,
+                max(20, width),
+                initial_indent="    ",
+                subsequent_indent="      ",
+                break_on_hyphens=False,
+            )
+    if len(healed) > HEALS_SHOWN:
+        lines.append(f"  … and {len(healed) - HEALS_SHOWN} more (-o json has every task's)")
+    return lines
 
 
 def _leader_summary(report: StatusReport) -> str:

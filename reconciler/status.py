@@ -30,7 +30,9 @@ and, from the tree:
   the daemon would not make. The live axis shows what was read instead.
 
 The report is a value: the CLI renders it as text (:func:`reconciler.render.status_table`)
-or as the documented JSON (:meth:`StatusReport.to_json`, ``format_version`` 3).
+or as the documented JSON (:meth:`StatusReport.to_json`, :data:`FORMAT_VERSION`).
+Both say when each task was last healed (a call that set back a restart or
+drift) and why, from the store's row.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ if TYPE_CHECKING:  # psycopg is imported only for a PostgreSQL store
 
 #: ``status -o json`` shape version; 2 added the tree, since-times and retries,
 #: 3 the live axis (``live`` per task, ``live_counts``, the ``live`` filter),
-#: 4 ``leader`` (who leads the replicas of a PostgreSQL store).
-FORMAT_VERSION: Final = 4
+#: 4 ``leader`` (who leads the replicas of a PostgreSQL store), 5 ``last_heal_at``
+#: and ``last_heal_reason`` per task (when a call last set back a restart or drift, and why).
+FORMAT_VERSION: Final = 5
 
 
 #: The status of a task in the tree that the store has never seen.
@@ -230,6 +233,15 @@ class TaskStatus:
         return None if self.record is None else self.record.next_retry_at
 
     @property
+    def last_heal_at(self) -> datetime | None:
+        """When a call last set back a restart or drift of the task (``None``: never)."""
+        return None if self.record is None else self.record.last_heal_at
+
+    @property
+    def last_heal_reason(self) -> str | None:
+        return None if self.record is None else self.record.last_heal_reason
+
+    @property
     def source(self) -> str | None:
         """Where the task is declared now, else where it was last recorded."""
         if self.desired is not None:
@@ -272,6 +284,8 @@ class TaskStatus:
                 "updated_at": None,
                 "status_since": None,
                 "next_retry_at": None,
+                "last_heal_at": None,
+                "last_heal_reason": None,
             }
         if d is not None:
             doc["source"] = str(d.source)
@@ -350,6 +364,12 @@ class StatusReport:
         """The age of the oldest observation among the shown tasks (``None``: none read)."""
         ages = [t.live.age_s for t in self.tasks if t.live.age_s is not None]
         return max(ages) if ages else None
+
+    def healed(self) -> list[TaskStatus]:
+        """Shown tasks a call has healed, the latest heal first."""
+        done = [(t.last_heal_at, t) for t in self.tasks if t.last_heal_at is not None]
+        done.sort(key=lambda pair: (-pair[0].timestamp(), pair[1].key))
+        return [t for _, t in done]
 
     def tree_counts(self) -> dict[TreeState, int]:
         out = dict.fromkeys(TreeState, 0)

@@ -109,7 +109,7 @@ def test_status_shows_new_held_and_removed_tasks(tmp_path: Path, emulator: Emula
 
     r = status(tmp_path, "-o", "json")
     doc = json.loads(r.stdout)
-    assert doc["format_version"] == 4
+    assert doc["format_version"] == 5
     assert doc["leader"] is None  # a SQLite store: one replica, no election
     assert doc["tree"]["root"] == str(desired) and doc["tree"]["root_matches"] is True
     (invalid,) = doc["tree"]["invalid_files"]
@@ -367,7 +367,7 @@ NEVER_READ_JSON = {
 def test_the_json_live_object_for_each_state(tmp_path: Path) -> None:
     tasks = observed_store(tmp_path / "state.db", NOW)
     doc = report_of(tmp_path / "state.db", NOW).to_json()
-    assert doc["format_version"] == 4
+    assert doc["format_version"] == 5
     live = {t["room_id"]: t["live"] for t in doc["tasks"]}
     assert live[tasks["running"].room_id] == {
         "state": "running",
@@ -444,6 +444,54 @@ def test_the_table_shows_live_state_and_read_age_within_120_columns(tmp_path: Pa
     )
 
 
+def test_the_last_heal_of_each_task_with_its_reason_latest_first(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    src = Source("a.yaml", 3, 5)
+    uuid = "0b9f3c52-6f1e-4d5e-9a43-0c1d2e3f4a5b"
+    healed = {
+        key("r1"): (NOW - timedelta(minutes=2), "drift: Duration 45 → 30"),
+        key("r2"): (
+            NOW - timedelta(seconds=40),
+            f'restart: Identifier "{uuid}" → "edu-a-very-long-identifier-of-hall-0902", '
+            "Handle false → true, Duration 20 → 30",
+        ),
+    }
+    with StateStore.open(db) as store:
+        for k in (key("r0"), *healed):
+            store.record_success(
+                k, fields={"Duration": 30}, business_id=None, request_id="q", source=src,
+                at=NOW - timedelta(hours=1),
+            )  # fmt: skip
+        for k, (at, why) in healed.items():
+            store.record_success(
+                k, fields={"Duration": 30}, business_id=None, request_id="h", source=src,
+                heal=why, at=at,
+            )  # fmt: skip
+    report = report_of(db, NOW)
+    rows = {t["room_id"]: t for t in report.to_json()["tasks"]}
+    assert (rows["r0"]["last_heal_at"], rows["r0"]["last_heal_reason"]) == (None, None)
+    assert rows["r1"]["last_heal_at"] == "2026-12-01T19:58:00.000000Z"
+    assert rows["r1"]["last_heal_reason"] == "drift: Duration 45 → 30"
+    assert rows["r2"]["last_heal_reason"] == healed[key("r2")][1]
+    assert [t.key for t in report.healed()] == [key("r2"), key("r1")]
+
+    text = click.unstyle(status_table(report))
+    lines = text.splitlines()
+    assert max(len(ln) for ln in lines) <= 120
+    first = lines.index("Last healed (a call set back a restart or drift), latest first:") + 1
+    # A reason too long for one line gets lines of its own, whole.
+    assert lines[first : first + 4] == [
+        f"  {key('r2')}  40s ago",
+        f'    restart: Identifier "{uuid}" → "edu-a-very-long-identifier-of-hall-0902", Handle '
+        "false",
+        "      → true, Duration 20 → 30",
+        f"  {key('r1')}  2m ago  drift: Duration 45 → 30",
+    ]
+    assert summary_of(text) == f"3 tasks: {counted(Synced=3)}.", "the summary still ends it"
+    # Nothing healed, nothing said.
+    assert "Last healed" not in status_table(report_of(db, NOW, apps={"nobody"}))
+
+
 def test_status_cli_reads_observations_and_filters_on_both_axes(tmp_path: Path) -> None:
     now = datetime.now(UTC)
     tasks = observed_store(tmp_path / "state.db", now)
@@ -463,7 +511,7 @@ def test_status_cli_reads_observations_and_filters_on_both_axes(tmp_path: Path) 
     assert live_summary_of(r.stdout).startswith("Live: 2 running, 1 ended, 1 not found, 3 unknown")
 
     doc = json.loads(status(tmp_path, "-o", "json").stdout)
-    assert doc["format_version"] == 4
+    assert doc["format_version"] == 5
     rows = {t["room_id"]: t for t in doc["tasks"]}
     assert rows["r7"]["status"] == "New" and rows["r7"]["live"] == NEVER_READ_JSON
     running = rows["r1"]["live"]
