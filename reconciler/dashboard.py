@@ -3,9 +3,12 @@
 ``GET /`` shows counts by sync status and by live state, a *needs
 attention* list (Failed, OutOfSync and NotRunning tasks, invalid desired
 files with their problems, stale observations) with reasons and since-when,
-and a filtered, paged task list. ``GET /task?app=&room=&task=`` shows one
-task: desired, last-applied and live values side by side, where it is
-declared, what the next pass would do and its recent events. Filters are a
+a *recent activity* panel (the latest heals, restarts, drift, failures and
+holds, each with its time and task) and a filtered, paged task list.
+``GET /task?app=&room=&task=`` shows one task: desired, last-applied and
+live values side by side, where it is declared, what the next pass would
+do, when it was last healed and why (from the store), its last changes and,
+apart, its latest routine events (reads), which cannot push the changes out. Filters are a
 plain GET form (status, live state, AppId, path glob, free text); pages
 refresh themselves with ``<meta http-equiv="refresh">`` unless ``refresh=0``.
 No route changes anything, and no page needs JavaScript.
@@ -56,7 +59,7 @@ from reconciler.desired import DesiredIndex, FileResult, Problem
 from reconciler.events import subscribe
 from reconciler.live import LiveState, Observation
 from reconciler.observe import sweep_seconds
-from reconciler.recent_events import Event, RecentEvents
+from reconciler.recent_events import Event, RecentEvents, activity_kind, task_key
 from reconciler.state import (
     StateError,
     StateStore,
@@ -64,6 +67,7 @@ from reconciler.state import (
     TaskQuery,
     TaskState,
     format_time,
+    heal_reason,
 )
 from reconciler.status import (
     NEW,
@@ -87,8 +91,11 @@ REFRESH_S: Final = 10
 ATTENTION_LIMIT: Final = 20
 #: Problems shown per invalid file.
 PROBLEMS_PER_FILE: Final = 5
-#: Recent events shown on a task's page.
+#: A task page's last changes shown, and its latest routine events (reads) apart.
 TASK_EVENTS: Final = 20
+TASK_ROUTINE_EVENTS: Final = 10
+#: Entries of the overview's recent-activity panel.
+ACTIVITY_LIMIT: Final = 20
 #: The statuses that need a person's attention.
 ATTENTION_STATUSES: Final = (SyncStatus.FAILED, SyncStatus.OUT_OF_SYNC, SyncStatus.NOT_RUNNING)
 #: An observation is stale after this many full read sweeps (and never sooner than the floor).
@@ -273,6 +280,8 @@ class Overview:
     matched: int
     #: The page shown (the one asked for, or the last one when that is beyond the end).
     page: int
+    #: The latest heals, restarts, drift, failures and holds, newest first.
+    activity: tuple[Event, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,9 +290,12 @@ class TaskDetail:
 
     now: datetime
     task: TaskStatus
+    #: Its last changes (calls, restarts, drift, failures, holds), newest first.
     events: tuple[Event, ...]
     observing: bool
     refresh: bool = True
+    #: Its latest routine events (reads, attempts, queueing), newest first.
+    routine: tuple[Event, ...] = ()
 
 
 def new_tasks(
@@ -508,6 +520,19 @@ class AttentionRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivityRow:
+    time: str
+    time_title: str
+    kind: str
+    css: str
+    #: The task (or file) it is about, and the page that shows it; ``None`` when neither.
+    subject: str
+    href: str | None
+    event: str
+    details: str
+
+
+@dataclass(frozen=True, slots=True)
 class Pager:
     page: int
     pages: int
@@ -543,6 +568,7 @@ class IndexPage:
     total: int
     attention: tuple[AttentionRow, ...]
     attention_more: tuple[Link, ...]
+    activity: tuple[ActivityRow, ...]
     status_choices: tuple[Choice, ...]
     live_choices: tuple[Choice, ...]
     app: str
@@ -680,6 +706,97 @@ def _attention(o: Overview) -> list[AttentionRow]:
     return rows
 
 
+_ACTIVITY_CSS: Final = {
+    "heal": "ok",
+    "restart": "warn",
+    "drift": "warn",
+    "failure": "bad",
+    "hold": "busy",
+}
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _ms_text(ms: object) -> str:
+    if not isinstance(ms, int) or isinstance(ms, bool):
+        return "?"
+    return format_time(datetime.fromtimestamp(ms / 1000, UTC)) or "?"
+
+
+def activity_text(e: Event) -> str:
+    """What an activity entry says, in a line: the heal's reason, what moved, the error."""
+    name = e.get("event")
+    changes, fields = e.get("changes"), e.get("fields")
+    if activity_kind(e) == "heal" and isinstance(changes, Mapping):
+        moved = [
+            (str(n), c.get("old"), c.get("new"))
+            for n, c in changes.items()
+            if isinstance(c, Mapping)
+        ]
+        return heal_reason(str(e.get("cause")), moved)
+    if name == "task.restarted":
+        return (
+            f"a new incarnation: StartTime {_ms_text(e.get('old_start_time'))} → "
+            f"{_ms_text(e.get('new_start_time'))}"
+        )
+    if name == "task.drifted" and isinstance(fields, Mapping):
+        moved_text = ", ".join(
+            f"{n} {_json(c.get('last_applied'))} → {_json(c.get('live'))}"
+            for n, c in fields.items()
+            if isinstance(c, Mapping)
+        )
+        left = "healed" if e.get("policy") == "heal" else "reported and left (--drift report)"
+        return f"changed by another client: {moved_text}; {left}"
+    if name == "task.not_running" and e.get("source") == "observation":
+        why = e.get("stop_reason")
+        return f"read {e.get('state')}" + (f": {why}" if why else "")
+    if name == "desired.invalid_file":
+        problems = e.get("problems")
+        first = problems[0] if isinstance(problems, list) and problems else None
+        held = e.get("held_tasks")
+        text = "invalid" if first is None else str(first)
+        return text + (f"; holds {held} recorded task(s) as they are" if held else "")
+    if name == "plan.mass_change_held":
+        return (
+            f"{e.get('changes')} changes of {e.get('known')} tasks exceed --max-change "
+            f"{e.get('max_change')}: held"
+        )
+    if name == "plan.mass_forget_refused":
+        return (
+            f"{e.get('forget')} of {e.get('known')} tasks to forget exceed --max-forget "
+            f"{e.get('max_forget')}: kept"
+        )
+    message = e.get("message") or e.get("reason") or e.get("error")
+    code = e.get("code")
+    if message:
+        return f"{code}: {message}" if code else str(message)
+    return _details(e)
+
+
+def activity_row(e: Event, now: datetime, *, refresh: bool = True) -> ActivityRow:
+    kind = activity_kind(e) or "event"
+    when, title = _iso_since(str(e.get("timestamp", "")), now)
+    key = task_key(e)
+    path = e.get("path")
+    subject, href = "—", None
+    if key is not None:
+        subject, href = str(key), task_href(key, refresh=refresh)
+    elif isinstance(path, str):
+        subject, href = path, Filters(refresh=refresh).href(path=path)
+    return ActivityRow(
+        time=when,
+        time_title=title,
+        kind=kind,
+        css=_ACTIVITY_CSS.get(kind, "dim"),
+        subject=subject,
+        href=href,
+        event=str(e.get("event", "")),
+        details=activity_text(e),
+    )
+
+
 def _problem_text(p: Problem) -> str:
     where = f"line {p.source.line}:{p.source.column}"
     return f"{where}: {p.field}: {p.message}" if p.field else f"{where}: {p.message}"
@@ -758,6 +875,7 @@ def index_page(o: Overview) -> IndexPage:
         total=o.total,
         attention=tuple(_attention(o)),
         attention_more=tuple(more),
+        activity=tuple(activity_row(e, o.now, refresh=f.refresh) for e in o.activity),
         status_choices=tuple(Choice("status", s, s, s in f.statuses) for s in report_statuses()),
         live_choices=tuple(
             Choice("live", s.value, s.value.replace("_", " "), s in f.lives) for s in LiveState
@@ -815,26 +933,29 @@ class TaskPage:
     values_note: str
     live_facts: tuple[tuple[str, str], ...]
     events: tuple[EventRow, ...]
+    routine: tuple[EventRow, ...]
     observing: bool
 
 
-def _event_row(e: Event, now: datetime) -> EventRow:
-    level = str(e.get("level", ""))
+def _details(e: Event) -> str:
+    """An event's own fields as ``name=value`` pairs (those every event has left out)."""
     rest = []
     for name, value in e.items():
         if name in _EVENT_HEADER:
             continue
-        text = (
-            value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-        )
-        rest.append(f"{name}={text}")
+        rest.append(f"{name}={value if isinstance(value, str) else _json(value)}")
+    return "  ".join(rest)
+
+
+def _event_row(e: Event, now: datetime) -> EventRow:
+    level = str(e.get("level", ""))
     when, _ = _iso_since(str(e.get("timestamp", "")), now)
     return EventRow(
         time=when,
         level=level,
         level_css={"warning": "warn", "error": "bad", "critical": "bad"}.get(level, "dim"),
         event=str(e.get("event", "")),
-        details="  ".join(rest),
+        details=_details(e),
     )
 
 
@@ -881,6 +1002,12 @@ def task_page(d: TaskDetail) -> TaskPage:
             ("Last applied", _since(r.applied_at, d.now)[0]),
             ("Request id (last success)", r.request_id or "—"),
             ("Next retry", format_time(r.next_retry_at) or "—"),
+            (
+                "Last healed",
+                "never"
+                if r.last_heal_at is None
+                else f"{_since(r.last_heal_at, d.now)[0]}: {r.last_heal_reason or '—'}",
+            ),
         ]
         if r.last_error:
             facts += [
@@ -914,6 +1041,7 @@ def task_page(d: TaskDetail) -> TaskPage:
         values_note=note,
         live_facts=tuple(live_facts),
         events=tuple(_event_row(e, d.now) for e in d.events),
+        routine=tuple(_event_row(e, d.now) for e in d.routine),
         observing=d.observing,
     )
 
@@ -1066,6 +1194,7 @@ class Dashboard:
                 )
             infos, invalid = self._invalid()
             readiness, degraded = d.readiness(), tuple(d.degraded())
+            activity = tuple(self._events.activity(limit=ACTIVITY_LIMIT))
 
         query = filters.store_query() if filters.wants_recorded else None
 
@@ -1114,6 +1243,7 @@ class Dashboard:
                 report=report,
                 matched=matched,
                 page=page,
+                activity=activity,
             )
 
     async def detail(
@@ -1132,9 +1262,10 @@ class Dashboard:
             return TaskDetail(
                 now=now,
                 task=task,
-                events=tuple(self._events.for_task(key, limit=TASK_EVENTS)),
+                events=tuple(self._events.changes_of(key, limit=TASK_EVENTS)),
                 observing=self._daemon.config.observe,
                 refresh=refresh,
+                routine=tuple(self._events.routine_of(key, limit=TASK_ROUTINE_EVENTS)),
             )
 
     # -- handlers ---------------------------------------------------------------------

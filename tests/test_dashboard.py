@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import httpx
 import pytest
 
 from reconciler.dashboard import (
+    TASK_ROUTINE_EVENTS,
     Filters,
     glob_match,
     merge_page,
@@ -36,10 +38,10 @@ from reconciler.dashboard import (
 )
 from reconciler.emulator import EmulatorConfig, EmulatorHandle, running_emulator
 from reconciler.live import LiveState, Observation
-from reconciler.recent_events import RecentEvents
+from reconciler.recent_events import RecentEvents, activity_kind
 from reconciler.state import StateStore, TaskQuery
 from reconciler.task import Source, TaskKey
-from tests.conftest import ACCESS_KEY, SECRET_KEY, tasks_yaml, wait_for, write
+from tests.conftest import ACCESS_KEY, SECRET_KEY, run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 
 APP = "661e4a7b9c0d1e2f"
@@ -138,6 +140,14 @@ def test_overview_counts_attention_and_the_task_list(site: Site) -> None:
     assert f"NotRunning {APP}/{room(239)}/seg" in attention
     assert f"Invalid file {BROKEN_FILE}" in attention
     assert "unknown field 'Duraton'" in attention and "ago" in attention
+    # Recent activity: the failures and holds of the first pass, each linked to its page.
+    activity = text.split("Recent activity", 1)[1].split("Tasks", 1)[0]
+    assert f"failure task.failed {GONE_APP}/r1/seg" in activity and "NotExistAppId" in activity
+    assert f"failure task.not_running {APP}/{room(239)}/seg" in activity
+    assert f"hold desired.invalid_file {BROKEN_FILE}" in activity
+    assert f"{BROKEN_FILE}:2:9: RoomId: " in activity.split("hold desired.invalid_file", 1)[1]
+    panel = body.split('<table class="activity">', 1)[1].split("</table>", 1)[0]
+    assert f'href="/task?app={GONE_APP}&amp;room=r1&amp;task=seg"' in panel
     # The first page of the list: 50 rows in key order, and a pager.
     assert f"1–50 of {ROOMS + 2}" in text
     assert 'rel="next"' in body and 'rel="prev"' not in body
@@ -344,28 +354,182 @@ async def _drive(base: str, port: int) -> None:
             assert await tab.eval("document.querySelector('input[name=q]').value") == "room-00"
 
 
+# --------------------------------------------------------------------------- heals stay visible
+
+
+def _section(page: str, heading: str) -> str:
+    """The page's text from ``heading`` up to the next heading."""
+    after = page.split(f">{heading}</h2>", 1)[1]
+    return text_of(after.split("<h2", 1)[0])
+
+
+def test_a_heal_stays_visible_in_the_panel_on_its_page_and_in_status(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    """A task restarted in the emulator is healed; the overview's recent activity
+    lists it with a link to the task, the task page still shows it after more routine
+    reads than the page keeps, and ``status`` says when and why, from the store."""
+    restarted, drifted = TaskKey(APP, "heal-1", "seg"), TaskKey(APP, "heal-2", "seg")
+    rows = [
+        {"RoomId": k.room_id, "TaskId": "seg", "Identifier": f"edu-{k.room_id}", "Duration": 60}
+        for k in (restarted, drifted)
+    ]
+    write(tmp_path / "desired", "edu/heals.yaml", tasks_yaml(APP, rows))
+    for k in (restarted, drifted):
+        emulator.start_task(app_id=k.app_id, room_id=k.room_id, task_id=k.task_id)
+    args = ("desired", "--endpoint", emulator.url, "--state", "state.db", "--health-port", "0")
+    with DaemonProcess(tmp_path, *args, "--observe-interval", "1", "--resync", "3600") as d:
+        d.wait_ready()
+        d.wait_event("task.synced", count=2)
+        incarnation = emulator.restart_task(restarted)  # StartSegment's defaults
+        emulator.set_task(drifted, duration=45)  # another client
+        (heal,) = d.wait_event(
+            "task.synced", lambda e: (e["room_id"], e.get("cause")) == ("heal-1", "restart")
+        )
+        d.wait_event("task.synced", lambda e: (e["room_id"], e.get("cause")) == ("heal-2", "drift"))
+        why = f'restart: Identifier "{incarnation.identifier}" → "edu-heal-1", Duration 20 → 60'
+        site = Site(d.health_url, d, emulator)
+
+        # The overview: newest first, each with its time and a link to its task.
+        def panel() -> str | None:
+            page = site.get("/").text
+            shown = _section(page, "Recent activity")
+            return page if "drift: Duration 45 → 60" in shown and why in shown else None
+
+        page = wait_for(panel)
+        shown = _section(page, "Recent activity")
+        assert shown.index("heal task.synced") < shown.index("restart task.restarted")
+        assert f"heal task.synced {restarted} {why}" in shown
+        assert f"drift task.drifted {drifted} changed by another client: Duration 60 → 45" in shown
+        assert re.search(r"\d+ s ago (heal|drift|restart) ", shown), "each with its time"
+        table = page.split('<table class="activity">', 1)[1].split("</table>", 1)[0]
+        assert 'href="/task?app=661e4a7b9c0d1e2f&amp;room=heal-1&amp;task=seg"' in table
+
+        # Routine reads go on; more of them than a task page keeps go by after the heal.
+        d.wait_event(
+            "call.succeeded",
+            lambda e: (
+                e.get("action") == "GetSegmentTask"
+                and e.get("room_id") == "heal-1"
+                and e["timestamp"] > heal["timestamp"]
+            ),
+            count=TASK_ROUTINE_EVENTS + 2,
+            timeout=40,
+        )
+        task_page = site.get("/task", app=APP, room="heal-1", task="seg").text
+        routine = _section(task_page, "Latest reads and other routine events")
+        assert routine.count("call.succeeded") == TASK_ROUTINE_EVENTS, routine
+        changes = _section(task_page, "Last changes")
+        assert "task.synced" in changes and "cause=restart" in changes
+        assert "task.restarted" in changes
+        assert changes.count("task.synced") == 2, "the first sync (to live values) too"
+        assert "call.succeeded" not in changes
+        assert re.search(rf"Last healed \d+ s ago: {re.escape(why)}", text_of(task_page))
+        pages = page + task_page
+
+        # status, from the store: when and why, in JSON and in the table.
+        r = run_cli("status", "desired", "--state", "state.db", "-o", "json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        tasks = {t["room_id"]: t for t in json.loads(r.stdout)["tasks"]}
+        assert tasks["heal-1"]["last_heal_reason"] == why
+        assert tasks["heal-2"]["last_heal_reason"] == "drift: Duration 45 → 60"
+        healed_at = datetime.fromisoformat(tasks["heal-1"]["last_heal_at"])
+        assert abs(healed_at - datetime.fromisoformat(heal["timestamp"])) < timedelta(seconds=2)
+        text = run_cli("status", "desired", "--state", "state.db", cwd=tmp_path)
+        assert text.returncode == 0, text.stderr
+        listed = text.stdout.split("Last healed (a call set back a restart or drift)", 1)[1]
+        assert f"{restarted}  " in listed and why in " ".join(listed.split())
+        assert f"{drifted}  " in listed and "drift: Duration 45 → 60" in listed
+        assert d.stop() == 0
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
+    for out in (pages, r.stdout, text.stdout, stored.decode("latin-1")):
+        assert SECRET_KEY not in out
+
+
 # --------------------------------------------------------------------------- pure parts
 
 
 def test_recent_events_stay_bounded_and_keep_each_tasks_notable_events() -> None:
-    recent = RecentEvents(size=100, notable_size=50, per_task=5)
+    recent = RecentEvents(size=100, activity_size=50, notable_size=50, changes_size=60, per_task=5)
     failed = TaskKey(APP, "r-failed", "seg")
     recent({"event": "task.failed", "level": "error", "timestamp": "t0", **_fields(failed)})
     for i in range(10_000):
         k = TaskKey(APP, f"r{i}", "seg")
         recent({"event": "task.synced", "level": "info", "timestamp": f"t{i}", **_fields(k)})
-    assert recent.stats() == {"events": 100, "notable": 1, "tasks": 101}
+    assert recent.stats() == {
+        "events": 100,
+        "activity": 1,
+        "notable": 0,
+        "changes": 60,
+        "tasks": 101,
+    }
     # Its routine events are long gone, its failure is still there.
+    assert [e["event"] for e in recent.changes_of(failed)] == ["task.failed"]
     assert [e["event"] for e in recent.for_task(failed)] == ["task.failed"]
     busy = TaskKey(APP, "r9999", "seg")
     for i in range(20):
         recent({"event": "task.queued", "level": "info", "n": i, **_fields(busy)})
-    assert [e.get("n") for e in recent.for_task(busy)] == [19, 18, 17, 16, 15]
+    assert [e.get("n") for e in recent.routine_of(busy, limit=3)] == [19, 18, 17]
+    assert [e["event"] for e in recent.changes_of(busy)] == ["task.synced"]
     recent({"event": "desired.invalid_file", "level": "error", "path": "a.yaml", "timestamp": "T"})
     recent({"event": "desired.invalid_file", "level": "error", "path": "a.yaml", "timestamp": "U"})
     assert recent.invalid_since("a.yaml") == "T"
     recent({"event": "desired.file_fixed", "level": "info", "path": "a.yaml"})
     assert recent.invalid_since("a.yaml") is None
+
+
+def test_routine_reads_never_push_out_a_tasks_last_changes() -> None:
+    """Hours of reads (a GetSegmentTask is a call.succeeded, a failed one observe.failed)
+    leave a task's heal, restart and drift where they were, and in the activity panel."""
+    recent = RecentEvents(size=100, activity_size=50, notable_size=50, changes_size=50, per_task=5)
+    task = TaskKey(APP, "r1", "seg")
+    other = TaskKey(APP, "r2", "seg")
+    at = {**_fields(task), "timestamp": "2026-12-01T20:00:00Z"}
+    recent({"event": "task.synced", "level": "info", "cause": "first", **at})
+    recent({"event": "task.restarted", "level": "warning", "new_start_time": 2, **at})
+    recent({"event": "task.queued", "level": "info", "reason": "restarted", **at})
+    recent(
+        {
+            "event": "task.synced",
+            "level": "info",
+            "cause": "restart",
+            "changes": {"Duration": {"old": 20, "new": 60}},
+            **at,
+        }
+    )
+    recent({"event": "task.drifted", "level": "warning", "policy": "heal", **_fields(other)})
+    for i in range(5_000):
+        for k in (task, other):
+            read = {"action": "GetSegmentTask", "n": i, **_fields(k)}
+            recent({"event": "call.succeeded", "level": "info", **read})
+            if i % 10 == 0:
+                recent({"event": "observe.failed", "level": "warning", "code": "X", **read})
+                recent({"event": "call.retried", "level": "warning", **read})
+    assert [(e["event"], e.get("cause")) for e in recent.changes_of(task)] == [
+        ("task.synced", "restart"),
+        ("task.restarted", None),
+        ("task.synced", "first"),
+    ]
+    assert [e["event"] for e in recent.routine_of(task)][:2] == ["call.succeeded", "call.succeeded"]
+    assert recent.routine_of(task)[0]["n"] == 4999
+    # The panel: heals, restarts, drift, failures and holds only, newest first.
+    kinds = [(activity_kind(e), e["room_id"]) for e in recent.activity()]
+    assert kinds == [("drift", "r2"), ("heal", "r1"), ("restart", "r1")]
+    assert recent.stats()["activity"] == 3 and recent.stats()["notable"] == 0
+
+    # Bounded: the panel holds the last activity_size entries, each task its last per_task.
+    for i in range(200):
+        k = TaskKey(APP, f"f{i % 3}", "seg")
+        recent({"event": "task.failed", "level": "error", "code": f"E{i}", **_fields(k)})
+    assert len(recent.activity(limit=1000)) == 50
+    assert len(recent.changes_of(TaskKey(APP, "f0", "seg"), limit=1000)) == 5
+    # A retry that fails as the last one did is not news for the panel; the task page keeps it.
+    again = TaskKey(APP, "again", "seg")
+    for _ in range(3):
+        recent({"event": "task.not_running", "level": "warning", "code": "Gone", **_fields(again)})
+    assert [activity_kind(e) for e in recent.activity(limit=1)] == ["failure"]
+    assert sum(e.get("room_id") == "again" for e in recent.activity(limit=1000)) == 1
+    assert len(recent.changes_of(again)) == 3
 
 
 def _fields(key: TaskKey) -> dict[str, str]:
