@@ -32,7 +32,7 @@ import click
 from reconciler import events, render, savedplan
 from reconciler.credentials import Credentials, CredentialsError, load_credentials
 from reconciler.desired import SUFFIXES, DesiredIndex, discover, load_file, load_tree
-from reconciler.errors import FatalError
+from reconciler.errors import ApiError, BadInputError, FatalError
 from reconciler.guard import (
     DEFAULT_MAX_FORGET,
     FORGET_FLOOR,
@@ -46,7 +46,15 @@ from reconciler.guard import (
     tree_root,
 )
 from reconciler.live import LiveState, Observation
-from reconciler.plan import DriftPolicy, Plan, compute_plan, records_from_tree
+from reconciler.plan import (
+    DriftPolicy,
+    Plan,
+    Refresh,
+    RefreshMode,
+    compute_plan,
+    keys_to_read,
+    records_from_tree,
+)
 from reconciler.ratelimit import READ_QPS_MAX, RateLimits
 from reconciler.savedplan import SavedPlan, StoreStamp, TreeDigest
 from reconciler.schema import desired_schema_text
@@ -582,6 +590,7 @@ def make_plan(
     *,
     observations: dict[TaskKey, Observation] | None = None,
     drift: DriftPolicy = "heal",
+    refresh: Refresh | None = None,
 ) -> Plan:
     plan = compute_plan(
         index.tasks,
@@ -590,6 +599,7 @@ def make_plan(
         observations=observations,
         drift=drift,
     )
+    plan = dataclasses.replace(plan, refresh=refresh)
     events.get_logger().info("plan.computed", **plan.summary())
     for w in plan.warnings:
         events.get_logger().warning(
@@ -1029,30 +1039,66 @@ def drift_option(f: F) -> F:
 
 def refresh_option(f: F) -> F:
     return _option(
-        "--refresh",
+        "--refresh/--no-refresh",
         env="REFRESH",
-        is_flag=True,
-        help="Read every desired task with GetSegmentTask first (within --read-qps) and plan "
-        "against the live values; needs credentials and --endpoint like apply.",
+        default=None,
+        help="Before planning, read live tasks with GetSegmentTask (within --read-qps). "
+        "By default only the tasks a call would go to and those never confirmed are read, "
+        "so no call re-sends a value live already has; --refresh reads every task (to find "
+        "drift and restarts); --no-refresh reads none and plans against last-applied.",
     )(f)
 
 
-def refresh_live(
+def refresh_mode(refresh: bool | None) -> RefreshMode:
+    """``--refresh`` reads every task, ``--no-refresh`` none, neither the targeted set."""
+    return "targeted" if refresh is None else "full" if refresh else "none"
+
+
+def read_live(
     index: DesiredIndex,
+    applied: Mapping[TaskKey, AppliedRecord],
     *,
+    mode: RefreshMode,
     config: ClientConfig,
+    creds: Credentials | None,
     last: dict[TaskKey, Observation] | None = None,
-) -> dict[TaskKey, Observation]:
-    """``--refresh``: read every desired task once, with a progress bar on a terminal."""
+    offline_ok: bool = False,
+    failures: dict[TaskKey, ApiError] | None = None,
+) -> tuple[dict[TaskKey, Observation] | None, Refresh]:
+    """Read what the plan needs (``mode``), with a progress bar on a terminal.
+
+    Returns the observations to plan with (``None``: nothing read, plan against
+    last-applied) and what was done. An endpoint that cannot be read ends the
+    command: a plan is never silently made from memory instead. ``offline_ok``
+    (``plan`` by default): without credentials, plan against last-applied and
+    say so, as a CI job reviewing a tree does. ``failures`` gets each failed
+    read's error.
+    """
     from reconciler.client import RtcClient
     from reconciler.observe import observe_all
     from reconciler.progress import ReadProgress
 
-    creds = credentials_or_fail()
+    if mode == "none":
+        return None, Refresh("none", reason="--no-refresh")
+    if mode == "full":
+        keys = sorted(index.tasks)
+    else:
+        keys = keys_to_read(index.tasks, applied, held_files=index.invalid_files)
+    if not keys:
+        return {}, Refresh(mode)
+    if creds is None and offline_ok:
+        try:
+            creds = load_credentials()
+        except CredentialsError as exc:
+            return None, Refresh("none", reason=f"{exc}; --refresh needs credentials")
+        events.register_secret(creds.secret_key)
+        events.register_secret(creds.session_token)
+    if creds is None:
+        creds = credentials_or_fail()
     quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
-    keys = sorted(index.tasks)
+    what = "every desired task" if mode == "full" else "the tasks a call would go to"
     click.echo(
-        f"Reading {len(keys)} live task(s) at up to {config.limits.get}/s "
+        f"Reading {len(keys)} live task(s) ({what}) at up to {config.limits.get}/s "
         f"(about {len(keys) / config.limits.get:.0f} s) ...",
         err=True,
     )
@@ -1066,20 +1112,25 @@ def refresh_live(
                     keys,
                     last=last,
                     on_read=lambda _, obs: progress.read(None if obs is None else obs.state),
+                    failures=failures,
                 )
 
     try:
         found = asyncio.run(read_all())
     except* FatalError as group:
-        fail(f"cannot read live tasks: {group.exceptions[0]}; nothing was planned")
+        fail(
+            f"cannot read live tasks: {group.exceptions[0]}; nothing was planned or sent "
+            "(--no-refresh plans against last-applied without reading)"
+        )
     unread = len(keys) - len(found)
     if unread:
         click.echo(
             click.style("warning: ", fg="yellow", bold=True)
-            + f"{unread} task(s) could not be read; they are planned against last-applied",
+            + f"{unread} task(s) could not be read: one never confirmed gets no call until it "
+            "is read, the others are planned against last-applied",
             err=True,
         )
-    return found
+    return found, Refresh(mode, read=len(found), failed=unread)
 
 
 def credentials_or_fail() -> Credentials:
@@ -1146,15 +1197,17 @@ def plan(
     allow_root_change: bool,
     max_forget: ForgetLimit,
     allow_mass_forget: bool,
-    refresh: bool,
+    refresh: bool | None,
     drift: DriftPolicy,
     **api: Any,
 ) -> None:
     """Dry run: show the calls `apply` would make, with exact bodies.
 
-    Without --refresh the plan compares with the last-applied state; with it,
-    with the live tasks as GetSegmentTask shows them now (restarts, drift).
-    With --out FILE the plan is also saved, with what it was made from, for
+    First the tasks a call would go to, and those never confirmed, are read
+    with GetSegmentTask, and the plan compares with what live holds: no call
+    re-sends a value live already has. --refresh reads every task (restarts,
+    drift); --no-refresh, or no credentials, plans against last-applied and
+    says so. With --out FILE the plan is also saved, with what it was made from, for
     `reconciler apply FILE` (which refuses it once the tree or store changed).
     """
     configure_events(report=True)
@@ -1162,15 +1215,24 @@ def plan(
         fail("--out saves a plan against the state store for apply; --base has none")
     digest = digest_before_load(directory) if out is not None else None
     index = load_valid_tree(directory)
+    observations: dict[TaskKey, Observation] | None = None
     if base:
         if refresh:
             fail("--refresh reads live tasks; --base compares two trees: use one of them")
         applied = records_from_tree(load_base_tree(base))
+        basis = Refresh("none", reason="--base compares two trees, the base taken as applied")
     else:
         applied, recorded_root, stamp = read_applied(state)
         check_tree_root(recorded_root, directory, store=state, allow=allow_root_change)
-    observations = refresh_live(index, config=client_config(**api)) if refresh else None
-    result = make_plan(index, applied, observations=observations, drift=drift)
+        observations, basis = read_live(
+            index,
+            applied,
+            mode=refresh_mode(refresh),
+            config=client_config(**api),
+            creds=None,
+            offline_ok=refresh is None,
+        )
+    result = make_plan(index, applied, observations=observations, drift=drift, refresh=basis)
     refusal = (
         None if allow_mass_forget else check_forgets(result, known=len(applied), limit=max_forget)
     )
@@ -1266,11 +1328,16 @@ def apply(
     allow_root_change: bool,
     max_forget: ForgetLimit,
     allow_mass_forget: bool,
-    refresh: bool,
+    refresh: bool | None,
     drift: DriftPolicy,
     **api: Any,
 ) -> None:
     """Plan, then make the calls within the QPS budget and record the results.
+
+    Like plan, it first reads the tasks a call would go to and those never
+    confirmed (--refresh: every task, --no-refresh: none), so a call carries
+    only what live lacks; a task never confirmed that could not be read gets
+    no call.
 
     Ctrl-C (or SIGTERM) starts no new call, lets the calls in flight finish
     and records them, prints the summary and exits 1; a second Ctrl-C aborts
@@ -1311,7 +1378,10 @@ def apply(
     with open_store(state, create=True) as store:
         check_tree_root(store.tree_root(), tree, store=state, allow=allow_root_change)
         recorder = Recorder(store)
-        observations = None
+        observations: dict[TaskKey, Observation] | None = None
+        basis: Refresh | None = None
+        read_failures: dict[TaskKey, ApiError] = {}
+        refused: list[TaskKey] = []
         if saved is not None:
             stale = savedplan.store_staleness(
                 saved,
@@ -1320,8 +1390,13 @@ def apply(
             )
             if saved.observations is not None:
                 observations = dict(saved.observations)
+            basis = saved_refresh(saved)
             the_plan = make_plan(
-                index, recorder.applied, observations=observations, drift=saved.drift
+                index,
+                recorder.applied,
+                observations=observations,
+                drift=saved.drift,
+                refresh=basis,
             )
             if not stale and (differ := savedplan.different_calls(saved, the_plan)):
                 differences = savedplan.listing(differ, shown=3, sep="; ")
@@ -1333,11 +1408,23 @@ def apply(
                 if known is None or known.observed_at < obs.observed_at:
                     recorder.observed(obs)  # never over a newer read
         else:
-            if refresh:
-                for obs in refresh_live(index, config=config, last=recorder.observations).values():
-                    recorder.observed(obs)
-                observations = recorder.observations
-            the_plan = make_plan(index, recorder.applied, observations=observations, drift=drift)
+            observations, basis = read_live(
+                index,
+                recorder.applied,
+                mode=refresh_mode(refresh),
+                config=config,
+                creds=creds,
+                last=recorder.observations,
+                failures=read_failures,
+            )
+            for obs in (observations or {}).values():
+                recorder.observed(obs)
+            refused = record_refused_reads(read_failures, recorder, index)
+            the_plan = make_plan(
+                index, recorder.applied, observations=observations, drift=drift, refresh=basis
+            )
+        if basis is not None and basis.mode == "none":
+            click.echo(click.style("note: ", bold=True) + basis.describe(), err=True)
         refusal = check_forgets(the_plan, known=len(recorder.applied), limit=max_forget)
         if refusal is not None and not allow_mass_forget:
             mass_forget_refused(refusal, directory=tree, what="nothing was applied")
@@ -1355,6 +1442,7 @@ def apply(
             recorder.bookkeeping(the_plan)
             click.echo(render.plan_text(the_plan, root=str(tree), waiting=gate.waiting_by_key()))
             echo_waiting(gate)
+            exit_if_unread(the_plan, refused, read_failures)
             return
         echo_waiting(gate, used_up=saved is not None)
         click.echo(f"Applying {len(gate.send)} call(s) at up to {api['qps']}/s{_phases(gate)} ...")
@@ -1413,8 +1501,68 @@ def apply(
             + f"{stopped}; every answer received was recorded. Run apply again to finish.",
             err=True,
         )
+    exit_if_unread(the_plan, refused, read_failures)
     if not report.ok:
         sys.exit(1)
+
+
+def record_refused_reads(
+    failures: Mapping[TaskKey, ApiError], recorder: Recorder, index: DesiredIndex
+) -> list[TaskKey]:
+    """First-contact reads refused as bad input (an AppId the account does not own, an
+    id the server rejects): UpdateSegment would be refused alike, so each such task is
+    Failed as a refused call leaves it, and waits for its spec to change."""
+    refused = []
+    log = events.get_logger()
+    for key, exc in sorted(failures.items()):
+        record = recorder.applied.get(key)
+        task = index.tasks.get(key)
+        if not isinstance(exc, BadInputError) or task is None:
+            continue
+        if record is not None and record.fields is not None:
+            continue  # confirmed before: planned against last-applied
+        recorder.failure(task, exc, terminal=True)
+        log.error(
+            "task.failed",
+            app_id=key.app_id,
+            room_id=key.room_id,
+            task_id=key.task_id,
+            action="GetSegmentTask",
+            attempt=exc.attempts,
+            code=exc.code,
+            request_id=exc.request_id,
+            message=exc.message,
+            terminal=True,
+        )
+        refused.append(key)
+    return refused
+
+
+def exit_if_unread(
+    plan: Plan, refused: Sequence[TaskKey], failures: Mapping[TaskKey, ApiError]
+) -> None:
+    """First-contact tasks whose read failed got no call: say which and why, and exit 1."""
+    if not plan.unread and not refused:
+        return
+    for key in [*refused, *plan.unread][:50]:
+        exc = failures.get(key)
+        why = f": {exc.code}: {exc.message}" if exc is not None else ""
+        click.echo(click.style("unread: ", fg="yellow") + f"{key}{why}", err=True)
+    listed = len(refused) + len(plan.unread)
+    more = f" ({listed - 50} not listed)" if listed > 50 else ""
+    parts = []
+    if refused:
+        parts.append(
+            f"{len(refused)} task(s) never confirmed were refused as bad input when read: "
+            "Failed, and tried again once their spec changes"
+        )
+    if plan.unread:
+        parts.append(
+            f"{len(plan.unread)} task(s) never confirmed could not be read, so no call was "
+            "made to them (it could re-send what live already has); apply again once "
+            "GetSegmentTask answers for them"
+        )
+    fail("; ".join(parts) + more)
 
 
 def stale_plan_refused(path: str, reasons: Sequence[str]) -> NoReturn:
@@ -1424,7 +1572,13 @@ def stale_plan_refused(path: str, reasons: Sequence[str]) -> NoReturn:
     )
 
 
-def load_saved_plan(path: Path, *, refresh: bool, drift: DriftPolicy) -> SavedPlan:
+def saved_refresh(saved: SavedPlan) -> Refresh | None:
+    """What live state a saved plan stood on (``None``: saved before plans said so)."""
+    doc = saved.plan.get("refresh")
+    return Refresh.from_json(doc) if isinstance(doc, Mapping) else None
+
+
+def load_saved_plan(path: Path, *, refresh: bool | None, drift: DriftPolicy) -> SavedPlan:
     """A plan saved by ``plan --out``; options that would change it are refused."""
     ctx = click.get_current_context()
     for name, flag in (("refresh", "--refresh"), ("drift", "--drift")):

@@ -72,11 +72,11 @@ from typing import TYPE_CHECKING
 
 from reconciler import events
 from reconciler.desired import DesiredIndex, Problem, discover, read_file
-from reconciler.errors import ApiError, CallWithdrawn, FatalError
+from reconciler.errors import ApiError, BadInputError, CallWithdrawn, FatalError
 from reconciler.guard import ForgetLimit, MassForget, check_forgets
 from reconciler.live import Observation
 from reconciler.metrics import Metrics
-from reconciler.observe import ObserveSchedule, sweep_seconds
+from reconciler.observe import GET_ACTION, ObserveSchedule, sweep_seconds
 from reconciler.plan import SETTLE_S, DriftPolicy, Plan, compute_plan
 from reconciler.reconcile import Outcome, Recorder, Result, TaskReconciler, task_fields
 from reconciler.rollout import (
@@ -191,6 +191,10 @@ class Daemon:
         recorder.retry_at = self._retry_at
         metrics.watch_daemon(held_tasks=self.held_tasks, forget_refused=lambda: len(self._withheld))
         self.schedule = ObserveSchedule(interval=config.observe_interval)
+        # Read before write: tasks that get no call until a read newer than the
+        # given wall time shows what live holds (a hold just lifted; first
+        # contact needs no entry: the planner lists it as unread).
+        self._read_first: dict[TaskKey, float] = {}
         self._started_wall = time.time()
         # Tasks marked OutOfSync (drift reported, not healed), to clear when it ends.
         self._out_of_sync: set[TaskKey] = set(
@@ -282,15 +286,19 @@ class Daemon:
 
     def held_tasks(self) -> int:
         """Recorded tasks kept as they are because the file declaring them is invalid."""
+        return len(self.held_keys())
+
+    def held_keys(self) -> set[TaskKey]:
+        """The recorded tasks :meth:`held_tasks` counts."""
         invalid = self.index.invalid_files
         if not invalid:
-            return 0
+            return set()
         desired = self.index.tasks
-        return sum(
-            1
+        return {
+            key
             for key, r in self.recorder.applied.items()
             if r.source in invalid and key not in desired
-        )
+        }
 
     def _retry_at(self, key: TaskKey) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.queue.next_delay(key))
@@ -369,6 +377,14 @@ class Daemon:
             )
         for path in sorted(self._reported_invalid - invalid):
             self.log.info("desired.file_fixed", path=path)
+            if self.config.observe:
+                # Held, its tasks may have been restarted or changed meanwhile:
+                # nothing is sent to them before a read taken from now on.
+                now = time.time()
+                for task in self.index.tasks_of(path):
+                    if task.key in self.recorder.applied:
+                        self._read_first[task.key] = now
+                        self.schedule.urgent(task.key)
         for p in self._scan_problems:
             self.log.error("desired.refused_path", path=p.source.path, message=p.message)
         self._reported_invalid = invalid
@@ -425,6 +441,7 @@ class Daemon:
         plan = self._guard(self._plan(only))
         self.recorder.bookkeeping(plan)
         self._note(plan, only)
+        self._read_unread(plan)
         for w in plan.warnings:
             self.log.warning("plan.warning", code=w.code, message=w.message, **task_fields(w.key))
         for key in (c.key for c in plan.calls):
@@ -436,10 +453,28 @@ class Daemon:
         return plan
 
     def _start_pass(self, plan: Plan, *, reason: str) -> None:
-        self._pass = {c.key for c in plan.calls}
+        # First-contact tasks count too: the pass ends once each was read, and
+        # called if live differs.
+        self._pass = {c.key for c in plan.calls} | set(plan.unread)
         self._pass_started = time.monotonic()
-        self.log.info("reconcile.started", reason=reason, calls=len(self._pass), **plan.summary())
+        self.log.info("reconcile.started", reason=reason, calls=len(plan.calls), **plan.summary())
         self._maybe_finish_pass()
+
+    def _must_read(self, key: TaskKey) -> bool:
+        """Whether ``key`` waits for a read newer than its hold's end (:attr:`_read_first`)."""
+        since = self._read_first.get(key)
+        if since is None:
+            return False
+        obs = self.recorder.observations.get(key)
+        if obs is not None and obs.observed_at >= since:
+            del self._read_first[key]
+            return False
+        return True
+
+    def _read_unread(self, plan: Plan, *keys: TaskKey) -> None:
+        """Read the plan's first-contact tasks (and ``keys``) ahead of every other read."""
+        for key in (*plan.unread, *keys):
+            self.schedule.urgent(key)
 
     def _maybe_finish_pass(self) -> None:
         if self._pass:
@@ -493,6 +528,11 @@ class Daemon:
             plan = dataclasses.replace(plan, forgotten=())
         self.recorder.bookkeeping(plan)
         self._note(plan, [key])
+        if plan.unread or self._must_read(key):
+            # Not before live was read: the observation re-plans and queues it.
+            self._read_unread(plan, key)
+            self.queue.forget(key)
+            return False
         if not plan.calls:
             self.queue.forget(key)
             return True
@@ -746,8 +786,13 @@ class Daemon:
                 for k, spec in rollout.members.items()
                 if rollout.failed is not None
             )
+            # Members a window or a mass change holds do not keep it open: held, they
+            # would keep every later change waiting; released, they get a canary anew.
+            free = self._may_go_now(datetime.now(UTC)) if rollout.promoted else set()
             live = any(
-                self._pending.get(k, (None, None))[1] == s for k, s in rollout.members.items()
+                self._pending.get(k, (None, None))[1] == s
+                for k, s in rollout.members.items()
+                if k in free
             )
             if changed or (rollout.promoted and not live):
                 self.log.info(
@@ -863,13 +908,13 @@ class Daemon:
         )
 
     def _track_desired(self) -> None:
-        """Keep the read schedule in line with the desired index."""
-        desired = self.index.tasks
+        """Keep the read schedule in line with the desired index and the held tasks."""
+        wanted = self.index.tasks.keys() | self.held_keys()
         tracked = self.schedule.keys()
-        self.schedule.untrack(tracked - desired.keys())
+        self.schedule.untrack(tracked - wanted)
         now_wall, now = time.time(), time.monotonic()
         observations = self.recorder.observations
-        for key in desired.keys() - tracked:
+        for key in wanted - tracked:
             obs = observations.get(key)
             # A task read before (an earlier run) waits for its turn, oldest first.
             due = now if obs is None else now + obs.observed_at - now_wall + self.schedule.interval
@@ -951,11 +996,43 @@ class Daemon:
             self.log.warning(
                 "observe.failed", code=exc.code, message=exc.message, **task_fields(key)
             )
+            if isinstance(exc, BadInputError):
+                self._read_refused(key, exc)
             return
         self.metrics.observations.labels(str(obs.state)).inc()
         if key in self.index.tasks:  # not removed from the tree while it was read
             with self.recorder.store.bulk():  # the read and what it settles: one commit
                 self._on_observation(obs, last)
+        elif key in self.held_keys():
+            # Its file is invalid: nothing is planned, but status and the dashboard
+            # show what live holds, and the plan once the hold lifts starts from it.
+            self.recorder.observed(obs)
+
+    def _read_refused(self, key: TaskKey, exc: BadInputError) -> None:
+        """A first-contact read refused as bad input (an unknown AppId, an id the server
+        rejects): UpdateSegment would be refused alike, so the task is Failed as a
+        refused call leaves it, and waits for its spec to change instead of a read."""
+        task = self.index.tasks.get(key)
+        record = self.recorder.applied.get(key)
+        if task is None or (
+            record is not None
+            and (record.fields is not None or record.failed_spec == task.spec_hash())
+        ):
+            return  # confirmed before (planned against last-applied), or refused already
+        with self.recorder.store.bulk():
+            self.recorder.failure(task, exc, terminal=True)
+        self.log.error(
+            "task.failed",
+            **task_fields(key),
+            action=GET_ACTION,
+            attempt=exc.attempts,
+            code=exc.code,
+            request_id=exc.request_id,
+            message=exc.message,
+            terminal=True,
+        )
+        self._pass.discard(key)
+        self._maybe_finish_pass()
 
     def _first_time(self, key: TaskKey, what: str, signature: object) -> bool:
         """Whether this restart, drift or end of ``key`` is news (each is logged once).
@@ -972,6 +1049,8 @@ class Daemon:
         """Record a read and act on it: level-based, from the plan of this one task."""
         key = obs.key
         self.recorder.observed(obs)
+        if (since := self._read_first.get(key)) is not None and obs.observed_at >= since:
+            del self._read_first[key]
         task = self.index.tasks[key]
         plan = self._plan([key])
         for r in plan.restarts:
@@ -1020,10 +1099,15 @@ class Daemon:
             self._judge_rollout()
         if plan.calls:
             reason = "restarted" if plan.restarts else "drift" if plan.drifts else "observed"
+            if prev is None and key not in self.recorder.applied:
+                reason = "first_contact"
             if not self.queue.is_scheduled(key) or plan.restarts:
                 self.queue.add(key)
                 self.log.info("task.queued", reason=reason, **task_fields(key))
                 self.metrics.queue_depth.set(len(self.queue))
+        elif key in self._pass and not plan.unread and key not in self._read_first:
+            self._pass.discard(key)  # read at first contact, and live already matches
+            self._maybe_finish_pass()
 
     # --- leadership -------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ N tasks a full sweep therefore takes ``max(interval, N / read_qps)``. A task
 just updated is read again soon after (:meth:`ObserveSchedule.soon`, the
 read-after-write check); the planner ignores reads taken within the settle
 window after our own call, so that early read confirms rather than misleads.
+A task the daemon may not write to before it has read it (first contact, a
+hold just lifted) is read ahead of every other (:meth:`ObserveSchedule.urgent`).
 
 :func:`read_task` turns one answer into an :class:`~reconciler.live.Observation`
 (or ``None`` for a transient failure: the last observation stands), and
@@ -33,6 +35,8 @@ from reconciler.live import Observation, from_segment_task, not_found
 from reconciler.task import TaskKey
 
 GET_ACTION: Final = "GetSegmentTask"
+#: An urgent read is due this long before now: ahead of any key merely due.
+URGENT_AHEAD_S: Final = 1e9
 
 
 def sweep_seconds(tasks: int, *, interval: float, read_qps: int) -> float:
@@ -92,6 +96,19 @@ class ObserveSchedule:
         current = self._due.get(key)
         if current is None or current[0] > due:
             self._push(key, due)
+
+    def urgent(self, key: TaskKey) -> None:
+        """Read ``key`` before every key merely due: nothing may be sent to it until then.
+
+        First-contact reads (and reads before writing to a task whose hold just
+        lifted) go to the front, oldest request first, on the same read budget.
+        """
+        if key in self._taken:
+            return  # being read right now: that read is the one awaited
+        current = self._due.get(key)
+        front = self._clock() - URGENT_AHEAD_S
+        if current is None or current[0] > front:
+            self._push(key, front)
 
     def done(self, key: TaskKey, *, after: float | None = None) -> None:
         """``key`` was read (or failed to be); it is due again after ``interval``."""
@@ -165,10 +182,11 @@ async def observe_all(
     last: dict[TaskKey, Observation] | None = None,
     concurrency: int = 64,
     on_read: Callable[[TaskKey, Observation | None], None] | None = None,
+    failures: dict[TaskKey, ApiError] | None = None,
 ) -> dict[TaskKey, Observation]:
     """Read every key once, paced by the client's GetSegmentTask budget.
 
-    A task whose read failed has no entry (it is planned against last-applied);
+    A task whose read failed has no entry (and its error goes into ``failures``);
     a :class:`~reconciler.errors.FatalError` ends the whole refresh.
     """
     pending = list(keys)
@@ -183,8 +201,10 @@ async def observe_all(
                 obs = await read_task(client, key, last=previous.get(key))
             except FatalError:
                 raise
-            except ApiError:
-                obs = None  # this task is planned against last-applied
+            except ApiError as exc:
+                obs = None  # this task is planned against last-applied, or not at all
+                if failures is not None:
+                    failures[key] = exc
             if obs is not None:
                 found[key] = obs
             if on_read is not None:

@@ -219,6 +219,47 @@ class PlanWarning:
     source: Source | None
 
 
+#: How far ``plan`` and ``apply`` read live before planning: the tasks a call
+#: would go to and those never confirmed (the default), every task, or none.
+RefreshMode = Literal["targeted", "full", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """What a plan was compared with: how many live tasks were read, or why none."""
+
+    mode: RefreshMode
+    #: Reads answered (a task GetSegmentTask cannot see counts: it was answered).
+    read: int = 0
+    #: Reads that failed: such a task is planned against last-applied, or, never
+    #: confirmed, gets no call (unread).
+    failed: int = 0
+    #: Why nothing was read (mode ``none``): ``--no-refresh``, no credentials, ``--base``.
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "read": self.read, "failed": self.failed, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Refresh:
+        mode = doc.get("mode")
+        if mode not in ("targeted", "full", "none"):
+            raise ValueError(f"refresh mode {mode!r} is not targeted, full or none")
+        return cls(mode, int(doc.get("read", 0)), int(doc.get("failed", 0)), doc.get("reason"))
+
+    def describe(self) -> str:
+        """One sentence for people: what live state the plan stands on."""
+        if self.mode == "none":
+            return (
+                f"Planned against the last-applied state; live tasks were not read "
+                f"({self.reason or '--no-refresh'}). A task never confirmed gets every "
+                "managed field."
+            )
+        what = "every desired task" if self.mode == "full" else "the tasks a call would go to"
+        failed = f"; {self.failed} could not be read" if self.failed else ""
+        return f"Read {self.read} live task(s) first ({what}){failed}."
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     calls: tuple[Call, ...] = ()
@@ -241,6 +282,8 @@ class Plan:
     settling: int = 0
     #: Whether observations were given at all (``plan --refresh``, the daemon).
     refreshed: bool = False
+    #: How ``plan``/``apply`` read live before planning (set by them, not by the planner).
+    refresh: Refresh | None = None
     bookkeeping: tuple[DesiredTask, ...] = field(default=(), repr=False)
     #: ``(key, StartTime)`` to record as the incarnation last-applied holds for.
     incarnations: tuple[tuple[TaskKey, int], ...] = field(default=(), repr=False)
@@ -274,6 +317,7 @@ class Plan:
             # 4: calls' "cause" and "unread", the top-level "unread" and "refresh" (the CLI's).
             "format_version": 4,
             "refreshed": self.refreshed,
+            "refresh": None if self.refresh is None else self.refresh.to_json(),
             "observed": self.observed,
             "settling": self.settling,
             "summary": self.summary(),
@@ -412,7 +456,13 @@ def compute_plan(
         wanted = task.fields
         last = None if record is None else record.fields
         obs = raw = live_get(key)
-        if reads_given and raw is None and last is None and wanted:
+        if (
+            reads_given
+            and raw is None
+            and last is None
+            and wanted
+            and (record is None or record.failed_spec != task.spec_hash())
+        ):
             # First contact: what live holds is unknown, and a call that re-sends a
             # value live already has would cut its slice. Read it first.
             unread.append(key)
@@ -477,7 +527,7 @@ def compute_plan(
                 else "drift"
                 if moved and drift == "heal"
                 else "first"
-                if compare is None
+                if last is None
                 else "change"
             )
             calls.append(
@@ -590,3 +640,16 @@ def records_from_tree(tasks: Mapping[TaskKey, DesiredTask]) -> dict[TaskKey, App
         key: AppliedRecord(key, t.business_id, dict(t.fields), source=t.source.path)
         for key, t in tasks.items()
     }
+
+
+def keys_to_read(
+    desired: Mapping[TaskKey, DesiredTask],
+    applied: Mapping[TaskKey, AppliedRecord],
+    *,
+    held_files: Collection[str] = frozenset(),
+) -> list[TaskKey]:
+    """A targeted refresh: the tasks a plan against last-applied would call, and every
+    task never confirmed (first contact). Read them, then plan against what was read:
+    a call goes only where live really differs, and nothing else costs a read."""
+    probe = compute_plan(desired, applied, held_files=held_files, observations={})
+    return sorted({c.key for c in probe.calls} | set(probe.unread))

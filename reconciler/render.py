@@ -124,6 +124,7 @@ def plan_text(
             + click.style(f"  ({where(root, call.source)})", dim=True)
             + (click.style("  first sync", fg="cyan") if call.first else "")
             + basis
+            + (click.style(f"  {UNREAD_WHY[call.unread]}", fg="yellow") if call.unread else "")
         )
         if (why_held := held.get(call.key)) is not None:
             out.append(click.style(f"  ⏸ {why_held.message}", fg="blue"))
@@ -198,6 +199,11 @@ def plan_text(
             click.style(f"  - {e.task.key}", fg="magenta")
             + f": not running ({how}); no call until it runs again"
         )
+    for key in plan.unread:
+        out.append(
+            click.style(f"  ? {key}", fg="yellow")
+            + ": never confirmed and could not be read; no call until it is read"
+        )
     for w in plan.warnings:
         loc = f" ({where(root, w.source)})" if w.source else ""
         out.append(click.style(f"  ! warning {w.key}", fg="yellow") + f"{loc}: {w.message}")
@@ -211,7 +217,7 @@ def plan_text(
     )
     extras = [
         f"{s[k]} {k.replace('_', ' ')}"
-        for k in ("restarted", "drifted", "not_running", "held", "blocked", "warnings")
+        for k in ("restarted", "drifted", "not_running", "unread", "held", "blocked", "warnings")
         if s[k]
     ]
     if held:
@@ -220,16 +226,34 @@ def plan_text(
         tail += " (" + ", ".join(extras) + ")"
     if not plan.calls and not plan.releases and not plan.forgotten:
         out.append(click.style("No changes. " + _matches(plan), fg="green"))
+    elif plan.refresh is not None:
+        out.append(click.style(plan.refresh.describe(), dim=True))
     out.append(click.style(tail + ".", bold=True))
     return "\n".join(out)
 
 
 def _matches(plan: Plan) -> str:
     """What "no changes" was checked against: never claim live tasks unless they were read."""
+    if plan.refresh is not None and plan.refresh.mode == "none":
+        return (
+            "The desired tree matches the last-applied state "
+            f"(live tasks were not read: {plan.refresh.reason}; --refresh reads them)."
+        )
     if not plan.refreshed:
         return (
             "The desired tree matches the last-applied state "
             "(live tasks were not read; --refresh reads them)."
+        )
+    if plan.refresh is not None and plan.refresh.mode == "targeted":
+        if not plan.observed:
+            return (
+                "The desired tree matches the last-applied state; no task needed a read "
+                "(only tasks a call would go to, or never confirmed, are read; --refresh "
+                "reads every task to find drift and restarts)."
+            )
+        return (
+            f"Live already matches the desired tree for the {plan.observed} task(s) read; the "
+            "others match the last-applied state (--refresh reads every task)."
         )
     declared = len(plan.in_sync) + len(plan.calls) + len(plan.blocked) + len(plan.drifts)
     declared += len(plan.ended)
@@ -248,6 +272,13 @@ def _matches(plan: Plan) -> str:
             "last-applied state"
         )
     return "; ".join(parts) + "."
+
+
+#: Why a first call carries every managed field (:attr:`~reconciler.plan.Call.unread`).
+UNREAD_WHY: dict[str, str] = {
+    "unreadable": "every field: GetSegmentTask cannot see it (started > 72 h ago?)",
+    "not_read": "every field: live not read",
+}
 
 
 def _ms(ms: int | None) -> str:

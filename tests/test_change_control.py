@@ -308,7 +308,8 @@ def test_plan_shows_waiting_calls_and_refuses_a_mass_change(tmp_path: Path) -> N
     r = run_cli(*args, "-o", "json", cwd=tmp_path)
     assert r.returncode == 1 and "refusing to change 10 of 10 applied tasks" in r.stderr
     doc = json.loads(r.stdout)
-    assert doc["format_version"] == 3
+    assert doc["format_version"] == 4
+    assert doc["refresh"]["mode"] == "none" and "--base" in doc["refresh"]["reason"]
     assert [x["code"] for x in doc["refusals"]] == ["MassChange"]
     assert {c["waiting"] for c in doc["calls"]} == {"window"}
     first = doc["waiting"][0]
@@ -338,7 +339,7 @@ def test_apply_holds_calls_for_a_window_until_overridden(
     r = run_cli(*args, "--sync-windows", "w.yaml", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "2 call(s) not made now" in r.stderr
-    assert emulator.stats_snapshot()["total_requests"] == 0
+    assert "UpdateSegment" not in emulator.stats_snapshot()["by_action"], "read, not called"
     r = run_cli(*args, "--sync-windows", "w.yaml", "--override-window", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     overridden = [e for e in r.events() if e["event"] == "window.overridden"]
@@ -355,8 +356,11 @@ def test_apply_stops_a_rollout_whose_canary_is_not_running(
     write(tmp_path, "desired/a.yaml", tasks_yaml(APP, rows))
     for n in names[1:]:  # c0, the first canary, is not running
         emulator.start_task(app_id=APP, room_id=n, task_id="seg")
+    # Without reads, so that c0 is picked (first in order): a read would show it is not
+    # running, and the canary would be picked among the running tasks.
     r = run_cli(
         *("apply", "desired", "--state", "s.db", "--endpoint", emulator.url, "--canary", "1"),
+        "--no-refresh",
         cwd=tmp_path,
     )
     assert r.returncode == 1
@@ -563,7 +567,8 @@ def test_apply_stops_a_rollout_whose_canary_call_fails(
     for n in names:
         h.start_task(app_id=APP, room_id=n, task_id="seg")
     args = ("apply", "desired", "--state", "s.db", "--endpoint", h.url, "--canary", "1")
-    r = run_cli(*args, cwd=tmp_path)
+    # Without reads: a first-contact read would be refused already, and no call made.
+    r = run_cli(*args, "--no-refresh", cwd=tmp_path)
     assert r.returncode == 1
     assert (
         f"Applying 4 call(s) at up to 150/s: 1 first (canary {bad}/c0/seg), 3 once the "

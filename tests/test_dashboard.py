@@ -106,9 +106,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             wait_for(lambda: "NotExistAppId" in site.get("/").text)
 
             # The tasks whose live values the tests look at have been read (60 reads/s).
+            # First contact read them before their call; wait for the read after it.
             def read(i: int) -> bool:
                 page = site.get("/task", app=APP, room=room(i), task="seg").text
-                return 'class="pill ok">running' in page
+                d = 30 + i % 7
+                return 'class="pill ok">running' in page and f"Duration {d} {d} {d}" in text_of(
+                    page
+                )
 
             for i in (3, 5):
                 wait_for(lambda: read(i))  # noqa: B023 (called at once, in this iteration)

@@ -193,6 +193,7 @@ def test_json_shape_is_serialisable_and_stable() -> None:
     assert set(doc) == {
         "format_version",
         "refreshed",
+        "refresh",
         "observed",
         "settling",
         "summary",

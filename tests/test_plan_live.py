@@ -189,7 +189,9 @@ def test_first_contact_without_a_read_waits_for_one() -> None:
 
 
 def test_first_contact_matching_live_costs_no_call_and_is_recorded() -> None:
-    plan = compute_plan(desired(**WANTED), {}, observations=live(**WANTED))
+    plan = compute_plan(
+        desired(**WANTED), {}, observations=live(Identifier="edu-hall-a", Handle=True, Duration=20)
+    )
     assert plan.calls == () and plan.unread == () and plan.in_sync == (K,)
     assert [t.key for t in plan.bookkeeping] == [K], "recorded, so the next plan is empty"
 
@@ -210,7 +212,9 @@ def test_a_call_says_whether_it_heals_or_changes() -> None:
     ).calls[0]
     assert restarted.cause == "restart" and restarted.heal
     drifted = compute_plan(
-        desired(**WANTED), applied(WANTED), observations=live(**{**WANTED, "Duration": 99})
+        desired(**WANTED),
+        applied(WANTED),
+        observations=live(Identifier="edu-hall-a", Handle=True, Duration=99),
     ).calls[0]
     assert drifted.cause == "drift" and drifted.heal
     changed = compute_plan(desired(**{**WANTED, "Duration": 30}), applied(WANTED)).calls[0]
