@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 
 import click
 
@@ -1408,6 +1408,11 @@ def apply(
                 if known is None or known.observed_at < obs.observed_at:
                     recorder.observed(obs)  # never over a newer read
         else:
+            # A mass forget is refused whatever live holds: before any read.
+            forgets = compute_plan(index.tasks, recorder.applied, held_files=index.invalid_files)
+            refusal = check_forgets(forgets, known=len(recorder.applied), limit=max_forget)
+            if refusal is not None and not allow_mass_forget:
+                mass_forget_refused(refusal, directory=tree, what="nothing was applied")
             observations, basis = read_live(
                 index,
                 recorder.applied,
@@ -1547,7 +1552,8 @@ def exit_if_unread(
     for key in [*refused, *plan.unread][:50]:
         exc = failures.get(key)
         why = f": {exc.code}: {exc.message}" if exc is not None else ""
-        click.echo(click.style("unread: ", fg="yellow") + f"{key}{why}", err=True)
+        label = "refused: " if key in refused else "unread: "
+        click.echo(click.style(label, fg="yellow") + f"{key}{why}", err=True)
     listed = len(refused) + len(plan.unread)
     more = f" ({listed - 50} not listed)" if listed > 50 else ""
     parts = []
@@ -1745,16 +1751,42 @@ async def _apply(
             )
 
 
-def _start_tree_tasks(emulator: Emulator, index: DesiredIndex) -> int:
-    """Put every task of a tree in the emulator's running state (as StartSegment would)."""
-    for key, task in index.tasks.items():
+#: ``run --emulator`` starts every this-many-th task of the tree (in key order)
+#: with the tree's own values, the rest with StartSegment's defaults.
+DEMO_MATCHING_EVERY: Final = 3
+
+
+def _start_tree_tasks(
+    emulator: Emulator, index: DesiredIndex, *, matching_every: int = 0
+) -> tuple[int, int]:
+    """Put every task of a tree in the emulator's running state, as StartSegment would.
+
+    With ``matching_every`` N, every Nth task (in key order) runs with the tree's
+    own values already, as an application backend that started it with them, and
+    the others with StartSegment's defaults (a random Identifier, Duration 20,
+    Handle true): a first sync then has some tasks to fix and some that already
+    match live. Returns how many tasks were started, and how many match.
+    """
+    matching = 0
+    for i, key in enumerate(sorted(index.tasks)):
+        task = index.tasks[key]
+        values: dict[str, Any] = {}
+        if matching_every and i % matching_every == 0:
+            fields = task.fields
+            values = {
+                "identifier": fields.get("Identifier"),
+                "handle": fields.get("Handle", True),
+                **({"duration": fields["Duration"]} if "Duration" in fields else {}),
+            }
+            matching += 1
         emulator.start_task(
             app_id=key.app_id,
             room_id=key.room_id,
             task_id=key.task_id,
             business_id=task.business_id,
+            **values,
         )
-    return len(index.tasks)
+    return len(index.tasks), matching
 
 
 def _check_notify(
@@ -1972,9 +2004,11 @@ async def _run_daemon(
             host="127.0.0.1",
             port=emulator_port,
         )
-        started = _start_tree_tasks(emulator, load_tree(daemon_config.root))
+        started, matching = _start_tree_tasks(
+            emulator, load_tree(daemon_config.root), matching_every=DEMO_MATCHING_EVERY
+        )
         config = dataclasses.replace(config, endpoint=url)
-        log.info("emulator.embedded", url=url, running_tasks=started)
+        log.info("emulator.embedded", url=url, running_tasks=started, matching_tree=matching)
 
     metrics = Metrics()
     recorder = Recorder(store)
@@ -2218,7 +2252,7 @@ def emulator_command(
         url = await listen(
             emulator.start(host=host, port=port), what="the emulator", host=host, port=port
         )
-        started = _start_tree_tasks(emulator, index) if index is not None else 0
+        started = _start_tree_tasks(emulator, index)[0] if index is not None else 0
         log.info("emulator.tasks_started", url=url, running_tasks=started)
         click.echo(f"emulator listening on {url}", err=True)
         try:

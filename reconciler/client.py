@@ -563,10 +563,14 @@ class RtcClient:
     ) -> CallResult:
         return await self.call("StopSegment", body=body, log_fields=log_fields)
 
-    async def get_segment_task(self, *, app_id: str, room_id: str, task_id: str) -> CallResult:
+    async def get_segment_task(
+        self, *, app_id: str, room_id: str, task_id: str, attempts: int | None = None
+    ) -> CallResult:
         """Read one task; ``result`` is the ``SegmentTask`` mapping, validated."""
         return await self.call(
-            "GetSegmentTask", query={"AppId": app_id, "RoomId": room_id, "TaskId": task_id}
+            "GetSegmentTask",
+            query={"AppId": app_id, "RoomId": room_id, "TaskId": task_id},
+            attempts=attempts,
         )
 
     async def call(

@@ -202,6 +202,7 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
     ),
     "emulator.embedded": lambda e: (
         f"emulator on {e.get('url')} with {_plural(e.get('running_tasks'), 'task')} running"
+        + (f", {e['matching_tree']} with the tree's values" if e.get("matching_tree") else "")
     ),
     "desired.loaded": lambda e: (
         f"{e.get('root')}: {_plural(e.get('tasks'), 'task')} in {_plural(e.get('files'), 'file')}"
@@ -218,10 +219,16 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
     ),
     "reconcile.started": lambda e: (
         f"{e.get('reason')}: {_plural(e.get('calls'), 'call')} to make"
+        + (f", {e['unread']} to read first (first contact)" if e.get("unread") else "")
         + _extras(e, ("in_sync", "held", "blocked", "fields_released", "tasks_forgotten"))
     ),
     "reconcile.completed": lambda e: (
         f"every task handled in {e.get('seconds')} s: {_plural(e.get('desired_tasks'), 'task')}"
+        + (
+            f", {e['already_matching']} of {e['read_first']} read first already matched live"
+            if e.get("read_first")
+            else ""
+        )
         + _extras(e, ("invalid_files",))
     ),
     "desired.changed": lambda e: (

@@ -162,6 +162,9 @@ class Daemon:
         self._reported_invalid: frozenset[str] = frozenset()
         self._pass: set[TaskKey] = set()
         self._pass_started = 0.0
+        # First contact in the current pass: tasks read before any call, and how
+        # many of them live already matched (no call made).
+        self._first_contact = {"read_first": 0, "already_matching": 0}
         self._first_pass_done = False
         self._running = asyncio.Event()
         self._running.set()
@@ -457,6 +460,7 @@ class Daemon:
         # called if live differs.
         self._pass = {c.key for c in plan.calls} | set(plan.unread)
         self._pass_started = time.monotonic()
+        self._first_contact = {"read_first": len(plan.unread), "already_matching": 0}
         self.log.info("reconcile.started", reason=reason, calls=len(plan.calls), **plan.summary())
         self._maybe_finish_pass()
 
@@ -486,6 +490,7 @@ class Daemon:
                 seconds=round(time.monotonic() - self._pass_started, 3),
                 desired_tasks=len(self.index.tasks),
                 invalid_files=len(self.index.invalid_files),
+                **self._first_contact,
             )
             self._pass_started = 0.0
         self._first_pass_done = True
@@ -1106,7 +1111,10 @@ class Daemon:
                 self.log.info("task.queued", reason=reason, **task_fields(key))
                 self.metrics.queue_depth.set(len(self.queue))
         elif key in self._pass and not plan.unread and key not in self._read_first:
-            self._pass.discard(key)  # read at first contact, and live already matches
+            # Read at first contact, and live already matches: recorded, no call.
+            self._first_contact["already_matching"] += prev is None
+            self.log.debug("task.matches_live", **task_fields(key), fields=dict(task.fields))
+            self._pass.discard(key)
             self._maybe_finish_pass()
 
     # --- leadership -------------------------------------------------------------------

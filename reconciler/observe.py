@@ -35,6 +35,8 @@ from reconciler.live import Observation, from_segment_task, not_found
 from reconciler.task import TaskKey
 
 GET_ACTION: Final = "GetSegmentTask"
+#: Attempts of the first read of a refresh, which finds out whether the endpoint answers.
+PROBE_ATTEMPTS: Final = 2
 #: An urgent read is due this long before now: ahead of any key merely due.
 URGENT_AHEAD_S: Final = 1e9
 
@@ -157,7 +159,9 @@ class ObserveSchedule:
         return None
 
 
-async def read_task(client: RtcClient, key: TaskKey, *, last: Observation | None) -> Observation:
+async def read_task(
+    client: RtcClient, key: TaskKey, *, last: Observation | None, attempts: int | None = None
+) -> Observation:
     """One GetSegmentTask, as an observation.
 
     Raises the client's :class:`~reconciler.errors.ApiError` for a failed read
@@ -168,7 +172,7 @@ async def read_task(client: RtcClient, key: TaskKey, *, last: Observation | None
     sent = time.time()
     try:
         res = await client.get_segment_task(
-            app_id=key.app_id, room_id=key.room_id, task_id=key.task_id
+            app_id=key.app_id, room_id=key.room_id, task_id=key.task_id, attempts=attempts
         )
     except NotRunningError:
         return not_found(key, observed_at=sent, last=last)
@@ -193,12 +197,12 @@ async def observe_all(
     found: dict[TaskKey, Observation] = {}
     previous = last or {}
 
-    async def reader(queue: list[TaskKey]) -> None:
+    async def reader(queue: list[TaskKey], attempts: int | None = None) -> None:
         while queue:
             key = queue.pop()
             obs: Observation | None
             try:
-                obs = await read_task(client, key, last=previous.get(key))
+                obs = await read_task(client, key, last=previous.get(key), attempts=attempts)
             except FatalError:
                 raise
             except ApiError as exc:
@@ -211,8 +215,9 @@ async def observe_all(
                 on_read(key, obs)
 
     if pending:
-        # One read alone first: a wrong key then costs one refused request, not one per reader.
-        await reader([pending.pop()])
+        # One read alone first, as a probe: a wrong key then costs one refused request,
+        # not one per reader, and an endpoint that cannot be reached two attempts.
+        await reader([pending.pop()], attempts=PROBE_ATTEMPTS)
     async with asyncio.TaskGroup() as group:
         for _ in range(max(1, min(concurrency, len(pending)))):
             group.create_task(reader(pending))

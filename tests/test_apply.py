@@ -173,9 +173,12 @@ def test_bad_input_fails_and_waits_for_a_new_spec(tmp_path: Path, make_emulator:
         "stranger.yaml",
         single(stranger, 40),
     )
-    code, out, _ = apply(tmp_path, h)
-    assert code == 1, "a refused call fails the run"
-    assert "InvalidParameter.NotExistAppId" in out and "1 synced" in out
+    code, out, err = apply(tmp_path, h)
+    assert code == 1, "a refused first-contact read fails the run, as a refused call would"
+    assert f"refused: {stranger}: InvalidParameter.NotExistAppId" in err and "1 synced" in out
+    refused = h.stats_snapshot()["by_action"]
+    assert "InvalidParameter.NotExistAppId" not in refused["UpdateSegment"], "no call sent"
+    assert refused["GetSegmentTask"]["InvalidParameter.NotExistAppId"] == 1
     row = status(tmp_path)[stranger]
     assert row["status"] == "Failed" and row["failed_spec"]
 
@@ -207,7 +210,10 @@ def test_an_outcome_still_unknown_is_tried_again_later_in_the_run(
         tasks_yaml(APP, [{"RoomId": A.room_id, "TaskId": A.task_id, "Duration": 44}]),
     )
     proc = subprocess.Popen(
-        reconciler_cmd("apply", "desired", "--state", "state.db", "--endpoint", h.url),
+        # --no-refresh: every request is dropped, and this is about the call, not a read.
+        reconciler_cmd(
+            "apply", "desired", "--state", "state.db", "--endpoint", h.url, "--no-refresh"
+        ),
         cwd=tmp_path,
         env=cli_env(),
         stdout=subprocess.PIPE,

@@ -32,10 +32,10 @@ def running_tasks(h: EmulatorHandle | None, root: Path, count: int) -> list[Task
     return keys
 
 
-def start_apply(tmp_path: Path, endpoint: str) -> subprocess.Popen[bytes]:
+def start_apply(tmp_path: Path, endpoint: str, *extra: str) -> subprocess.Popen[bytes]:
     # Files, not pipes: hundreds of JSON events would fill a pipe nobody reads yet.
     return subprocess.Popen(
-        reconciler_cmd("apply", "desired", "--state", "state.db", "--endpoint", endpoint),
+        reconciler_cmd("apply", "desired", "--state", "state.db", "--endpoint", endpoint, *extra),
         cwd=tmp_path,
         env=cli_env(),
         stdout=(tmp_path / "out.txt").open("wb"),
@@ -62,7 +62,8 @@ def test_ctrl_c_drains_and_every_accepted_call_is_recorded(
 ) -> None:
     h: EmulatorHandle = make_emulator(latency_ms=250)  # type: ignore[operator]
     running_tasks(h, tmp_path / "desired", 500)
-    proc = start_apply(tmp_path, h.url)
+    # Without reads first: 500 of them at 250 ms would take most of the test's time.
+    proc = start_apply(tmp_path, h.url, "--no-refresh")
     wait_for(lambda: applied(h) >= 100, timeout=30, interval=0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 1, "interrupted: not every call was made"
@@ -82,7 +83,8 @@ def test_ctrl_c_drains_and_every_accepted_call_is_recorded(
     assert f"{accepted} synced" in (tmp_path / "out.txt").read_text(), "the summary is printed"
 
     # The next run makes exactly the calls that were not made.
-    rest = run_cli("apply", "desired", "--state", "state.db", "--endpoint", h.url, cwd=tmp_path)
+    args = ("apply", "desired", "--state", "state.db", "--endpoint", h.url, "--no-refresh")
+    rest = run_cli(*args, cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr
     assert applied(h) == 500 and all(t.update_calls == 1 for t in h.tasks())
 
@@ -114,11 +116,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_an_unreachable_endpoint_stops_after_one_probe(tmp_path: Path) -> None:
+def test_an_unreachable_endpoint_during_the_reads_stops_after_one_probe(tmp_path: Path) -> None:
+    """The reads before the first calls find it: one probe, one line, nothing planned."""
     running_tasks(None, tmp_path / "desired", 102)
     url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     proc = start_apply(tmp_path, url)
+    assert proc.wait(30) == 1
+    assert time.monotonic() - started < 10, "no retries task after task"
+    err = (tmp_path / "err.txt").read_text()
+    failed = [e for e in events(tmp_path) if e["event"] == "call.failed"]
+    assert [e["action"] for e in failed] == ["GetSegmentTask"], "one probe read, no call"
+    reason = f"cannot reach {url}: connection refused (after 2 attempts)"
+    assert f"error: cannot read live tasks: {reason}; nothing was planned or sent" in err
+    assert "--no-refresh" in err, "says how to plan without reading"
+    with StateStore.open(tmp_path / "state.db", create=False, read_only=True) as store:
+        assert store.counts()[SyncStatus.PENDING] == 0 and not store.applied()
+    plan = run_cli("plan", "desired", "--state", "state.db", "--endpoint", url, cwd=tmp_path)
+    assert plan.returncode == 1 and f"cannot read live tasks: {reason}" in plan.stderr
+    assert plan.stdout == "", "never a plan silently made from memory"
+
+
+def test_an_unreachable_endpoint_stops_after_one_probe(tmp_path: Path) -> None:
+    running_tasks(None, tmp_path / "desired", 102)
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    proc = start_apply(tmp_path, url, "--no-refresh")
     assert proc.wait(30) == 1
     assert time.monotonic() - started < 10, "no retries task after task"
     err = (tmp_path / "err.txt").read_text()

@@ -76,13 +76,16 @@ def test_validate_missing_directory_is_an_error(tmp_path: Path) -> None:
 
 def test_plan_exit_codes_and_no_state_written(tmp_path: Path) -> None:
     one_task(tmp_path / "desired", Duration=30)
-    r = run_cli("plan", "desired", "--state", "s.db", "--detailed-exitcode", cwd=tmp_path)
+    offline = ("plan", "desired", "--state", "s.db", "--no-refresh")
+    r = run_cli(*offline, "--detailed-exitcode", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "~ UpdateSegment" in r.stdout and "+ Duration" in r.stdout
+    assert "every field: live not read" in r.stdout
     assert "Plan: 1 to update, 0 in sync" in r.stdout
+    assert "live tasks were not read (--no-refresh)" in r.stdout
     assert not (tmp_path / "s.db").exists(), "a dry run creates nothing"
 
-    r = run_cli("plan", "desired", "--state", "s.db", cwd=tmp_path)
+    r = run_cli(*offline, cwd=tmp_path)
     assert r.returncode == 0, "without --detailed-exitcode pending calls still exit 0"
 
     with StateStore.open(tmp_path / "s.db") as store:
@@ -111,16 +114,20 @@ def test_plan_json_shows_old_and_new_values(tmp_path: Path) -> None:
             request_id="r1",
             source=Source("a.yaml", 3, 5),
         )
-    r = run_cli("plan", "desired", "--state", "s.db", "--output", "json", cwd=tmp_path)
+    offline = ("plan", "desired", "--state", "s.db", "--no-refresh")
+    r = run_cli(*offline, "--output", "json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
+    assert doc["refresh"] == {"mode": "none", "read": 0, "failed": 0, "reason": "--no-refresh"}
+    assert doc["refreshed"] is False
     (call,) = doc["calls"]
     assert call["body"] == {"AppId": APP, "RoomId": "room-1", "TaskId": "seg", "Duration": 45}
     assert call["changes"] == [{"field": "Duration", "old": 30, "new": 45}]
     assert doc["summary"]["to_update"] == 1 and doc["summary"]["in_sync"] == 0
 
-    text = run_cli("plan", "desired", "--state", "s.db", cwd=tmp_path).stdout
+    text = run_cli(*offline, cwd=tmp_path).stdout
     assert "Duration = 30 → 45" in text
+    assert "Planned against the last-applied state; live tasks were not read" in text
 
 
 def test_plan_against_a_base_tree_needs_no_state(tmp_path: Path) -> None:
@@ -142,10 +149,12 @@ def test_options_come_from_the_environment(tmp_path: Path) -> None:
             "RECONCILER_DIR": "tree",
             "RECONCILER_PLAN_OUTPUT": "json",
             "RECONCILER_DETAILED_EXITCODE": "1",
+            "RECONCILER_REFRESH": "false",
         },
     )
     assert r.returncode == 2, r.stderr
     assert json.loads(r.stdout)["summary"]["to_update"] == 1
+    assert json.loads(r.stdout)["refresh"]["mode"] == "none"
 
 
 def test_status_shows_each_task_and_json_shape(tmp_path: Path) -> None:

@@ -140,8 +140,14 @@ def test_the_demo_prints_one_line_per_task_within_120_columns(tmp_path: Path) ->
         assert term.finish(30) == 0
     lines = [line for line in term.text().splitlines() if line.strip()]
     synced = [line for line in lines if "✓ synced" in line]
-    assert len(synced) == 10, "\n".join(lines)
-    assert any("hall-b-0902/asr-segment" in s and "Duration=60" in s for s in synced)
+    # The embedded emulator starts some tasks with the tree's values: read first, they
+    # cost no call; every other task gets one, with live old → new.
+    assert "with 10 tasks running, 4 with the tree's values" in term.text()
+    done = re.search(r"10 tasks, (\d+) of 10 read first already matched live", term.text())
+    assert done is not None and int(done[1]) >= 4, "\n".join(lines)
+    assert len(synced) == 10 - int(done[1]), "\n".join(lines)
+    assert "start: 0 calls to make, 10 to read first (first contact)" in term.text()
+    assert any("hall-b-0902/asr-segment" in s and "Identifier" in s for s in synced)
     assert not [line for line in lines if len(line) > 120], "every line fits 120 columns"
     for noise in ("call.succeeded", "task.queued", "{'AppId'"):
         assert noise not in term.text()
@@ -179,15 +185,16 @@ def test_validate_and_plan_in_a_terminal_print_the_report_only(tmp_path: Path) -
 
 def test_global_options_work_after_the_command_too(tmp_path: Path) -> None:
     sample_tree(tmp_path)
-    before = run_cli("--log-level", "error", "plan", "desired", cwd=tmp_path)
-    after = run_cli("plan", "desired", "--log-level", "error", cwd=tmp_path)
+    before = run_cli("--log-level", "error", "plan", "desired", "--no-refresh", cwd=tmp_path)
+    after = run_cli("plan", "desired", "--no-refresh", "--log-level", "error", cwd=tmp_path)
     assert before.returncode == after.returncode == 0
     assert before.events() == after.events() == []
     verbose = run_cli(
-        "--log-level", "error", "plan", "desired", "--log-level", "debug", cwd=tmp_path
-    )
+        "--log-level", "error", "plan", "desired", "--no-refresh", "--log-level", "debug",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert "desired.loaded" in {e["event"] for e in verbose.events()}, "the later one wins"
-    quiet = run_cli("plan", "desired", "-q", cwd=tmp_path)
+    quiet = run_cli("plan", "desired", "--no-refresh", "-q", cwd=tmp_path)
     assert quiet.returncode == 0 and quiet.events() == [] and "Plan:" in quiet.stdout
     console = run_cli(
         "validate", "desired", "--log-format", "console", "--log-level", "info", cwd=tmp_path
@@ -257,7 +264,9 @@ def test_apply_progress_moves_as_results_land_with_log_lines_above_it(
     )
     assert again.returncode == 0
     assert "━" not in again.stderr and "\x1b[" not in again.stderr, "no bar off a terminal"
-    assert "30 synced" in again.stdout
+    # A new store, the same fleet: read first, every task already matches; no call.
+    assert "Live already matches the desired tree for the 30 task(s) read" in again.stdout
+    assert "Plan: 0 to update, 30 in sync" in again.stdout
 
 
 def test_plan_refresh_shows_its_reads_moving_on_a_terminal(
