@@ -1694,7 +1694,8 @@ async def _apply(
         elif main_task is not None:
             main_task.cancel()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too (the terminal apply ran in went away): drain, never die mid-call.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
     async with RtcClient(creds, config=config) as client:
         reconciler: Reconciles = TaskReconciler(client=client, recorder=recorder, stop=stop)
@@ -1994,6 +1995,17 @@ async def _run_daemon(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal(stop, sig, log))
+    # SIGHUP re-reads the tree and re-plans every task (a daemon's reload); before
+    # the daemon exists it is only noted: the start reads the tree anyway.
+    daemon: Daemon | None = None
+
+    def on_hup() -> None:
+        if daemon is None:
+            log.info("daemon.signal", signal="SIGHUP", action="ignored: starting")
+        else:
+            daemon.reload()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
 
     emulator: Emulator | None = None
     if embedded:

@@ -88,6 +88,7 @@ from reconciler.errors import (
     OutcomeUnknownError,
     RetryableError,
     UnreachableError,
+    UnresponsiveError,
     classify,
 )
 from reconciler.events import get_logger, register_secret
@@ -117,8 +118,10 @@ class ClientConfig:
     #: Most requests in flight: the ceiling of the adaptive limit. 150/s at
     #: 2 s latency keeps 300 in flight; 512 leaves headroom (and GetSegmentTask reads).
     max_in_flight: int = 512
-    #: The in-flight limit before any answer has told the latency, and its floor.
-    initial_in_flight: int = DEFAULT_INITIAL
+    #: The in-flight limit before any answer has told the latency (``None``: the
+    #: UpdateSegment budget, 64 at least: the limiter bounds the rate anyway, and
+    #: a lower start costs a slow server's first seconds), and its floor.
+    initial_in_flight: int | None = None
     min_in_flight: int = DEFAULT_FLOOR
     #: Attempts per call, the first included.
     max_attempts: int = 6
@@ -138,7 +141,10 @@ class ClientConfig:
             raise ValueError(f"endpoint must not have a path or query: {self.endpoint!r}")
         if min(self.max_attempts, self.max_in_flight) < 1:
             raise ValueError("max_attempts and max_in_flight must be at least 1")
-        if min(self.initial_in_flight, self.min_in_flight) < 1:
+        if (
+            min(1 if self.initial_in_flight is None else self.initial_in_flight, self.min_in_flight)
+            < 1
+        ):
             raise ValueError("initial_in_flight and min_in_flight must be at least 1")
         if min(self.timeout, self.connect_timeout) <= 0:
             raise ValueError("timeouts must be positive")
@@ -312,6 +318,9 @@ def _outcome_name(error: ApiError) -> str:
 
 #: Codes of attempts that never reached the server: no answer, nothing applied.
 _NOT_CONNECTED: Final = frozenset({errors.CONNECT_ERROR, errors.CONNECT_TIMEOUT})
+#: Attempts timed out in a row, with no answer for two timeouts, that make an
+#: endpoint unresponsive (:class:`~reconciler.errors.UnresponsiveError`).
+SILENT_TIMEOUTS: Final = 2
 _NOT_SENT: Final = "; the request was not sent"
 
 _ERRNO_TEXT: Final = {
@@ -417,6 +426,10 @@ class RtcClient:
         self._on_call = on_call
         self._rng = rng or random.Random()
         cfg = self.config
+        # Black-hole detection: when the endpoint last answered anything (or the
+        # client started), and the attempts that timed out since.
+        self._last_answer = time.monotonic()
+        self._silent_timeouts = 0
         self._transport = transport
         self._ssl = None if transport else httpx.create_ssl_context(trust_env=cfg.trust_env)
         # A given transport is one pool already; otherwise shard (see module docs).
@@ -428,7 +441,10 @@ class RtcClient:
             budget=self.limiter.limits.for_action,
             ceiling=cfg.max_in_flight,
             floor=cfg.min_in_flight,
-            initial=cfg.initial_in_flight,
+            initial=min(
+                cfg.max_in_flight,
+                cfg.initial_in_flight or max(DEFAULT_INITIAL, int(cfg.limits.update)),
+            ),
             on_change=self._limit_changed,
         )
         self._logged_limit = self._limit.limit
@@ -542,8 +558,14 @@ class RtcClient:
         attempts: int | None = None,
         before_send: Callable[[], bool] | None = None,
         abort: asyncio.Event | None = None,
+        resend_unknown: bool = True,
     ) -> CallResult:
-        """Override Identifier / Handle / Duration of a running task."""
+        """Override Identifier / Handle / Duration of a running task.
+
+        ``resend_unknown=False``: an attempt whose outcome is unknown is not sent
+        again; :class:`~reconciler.errors.OutcomeUnknownError` is raised at once, for
+        the caller to read the task back before it sends anything more.
+        """
         return await self.call(
             "UpdateSegment",
             body=body,
@@ -551,6 +573,7 @@ class RtcClient:
             attempts=attempts,
             before_send=before_send,
             abort=abort,
+            resend_unknown=resend_unknown,
         )
 
     async def start_segment(
@@ -583,6 +606,7 @@ class RtcClient:
         attempts: int | None = None,
         before_send: Callable[[], bool] | None = None,
         abort: asyncio.Event | None = None,
+        resend_unknown: bool = True,
     ) -> CallResult:
         """Call ``action``: a POST with a JSON ``body``, or a GET with ``query``.
 
@@ -597,6 +621,8 @@ class RtcClient:
         (:class:`~reconciler.errors.CallWithdrawn`): a run that is stopping
         drops calls still waiting for a slot instead of sending them. ``abort``
         set while the first attempt waits for its QPS slot withdraws it at once.
+        ``resend_unknown=False``: no blind re-send after an outcome unknown (see
+        :meth:`update_segment`).
         """
         cfg = self.config
         max_attempts = attempts or cfg.max_attempts
@@ -619,6 +645,8 @@ class RtcClient:
                 abort=abort if attempt == 1 else None,
             )
             answer, latency = tried.answer, round(tried.latency_ms, 1)
+            if isinstance(answer, _Success) or answer.http_status is not None:
+                self._last_answer, self._silent_timeouts = time.monotonic(), 0
             if isinstance(answer, _Success):
                 self._observe(
                     CallEvent(
@@ -655,9 +683,13 @@ class RtcClient:
                     message=error.message,
                 )
             answered = answered or error.code not in _NOT_CONNECTED
+            if error.code == errors.TIMEOUT:
+                self._silent_timeouts += 1
+            if self._unresponsive(error):
+                break
             if not isinstance(error, RetryableError) or attempt >= max_attempts:
                 break
-            if isinstance(error, OutcomeUnknownError) and resend_spent:
+            if isinstance(error, OutcomeUnknownError) and (resend_spent or not resend_unknown):
                 break
             delay = backoff_delay(
                 attempt, base=cfg.backoff_base, cap=cfg.backoff_cap, rng=self._rng
@@ -980,6 +1012,15 @@ class RtcClient:
             message = (
                 f"cannot reach {self.config.endpoint}: {error.message.removesuffix(_NOT_SENT)}"
             )
+        elif self._unresponsive(error):
+            cls = UnresponsiveError
+            silent = time.monotonic() - self._last_answer
+            message = (
+                f"{self.config.endpoint} accepts connections but answered none of "
+                f"{self._silent_timeouts} requests within --timeout {self.config.timeout:g} s "
+                f"({silent:.0f} s without an answer): a black hole, or a server slower than "
+                "--timeout (raise it if so)"
+            )
         return cls(
             action=error.action,
             code=error.code,
@@ -988,6 +1029,19 @@ class RtcClient:
             http_status=error.http_status,
             attempts=attempts,
         )
+
+    def _unresponsive(self, error: ApiError) -> bool:
+        """Whether timeouts say the endpoint answers nothing (a black hole).
+
+        Counted per attempt that timed out after it was sent, across calls;
+        any answer resets it. Unresponsive once :data:`SILENT_TIMEOUTS` of them
+        came in a row and nothing was answered for two timeouts: every further
+        request would only wait as long, and each UpdateSegment may land late.
+        """
+        if error.code != errors.TIMEOUT:
+            return False
+        silent = time.monotonic() - self._last_answer
+        return self._silent_timeouts >= SILENT_TIMEOUTS and silent >= 2 * self.config.timeout
 
     # -- events and redaction --------------------------------------------------
 

@@ -272,7 +272,11 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
     ),
     "leader.standby": lambda e: str(e.get("message") or f"standby; {e.get('leader')} leads"),
     "leader.lost": lambda e: f"{e.get('holder')} no longer leads: {e.get('why')}; calls stopped",
-    "daemon.signal": lambda e: f"{e.get('signal')} received: stopping",
+    "daemon.signal": lambda e: f"{e.get('signal')} received: {e.get('action') or 'stopping'}",
+    "daemon.reloaded": lambda e: (
+        f"tree read again ({_plural(e.get('files'), 'file')}, {e.get('changed')} tasks "
+        "changed); every task re-planned"
+    ),
     "daemon.draining": lambda e: (
         f"waiting for {_plural(e.get('in_flight'), 'call')} in flight; "
         f"{e.get('queued')} queued are left for next time"

@@ -69,7 +69,7 @@ _FATAL_CODES: Final = frozenset(
     }
 )
 _RETRYABLE_CODES: Final = frozenset({"ServiceUnavailable", CONNECT_ERROR, CONNECT_TIMEOUT})
-_OUTCOME_UNKNOWN_CODES: Final = frozenset({TIMEOUT, CONNECTION_DROPPED})
+OUTCOME_UNKNOWN_CODES: Final = frozenset({TIMEOUT, CONNECTION_DROPPED})
 
 
 class ApiError(Exception):
@@ -171,6 +171,16 @@ class UnreachableError(FatalError):
         return f"{self.message}{tries}"
 
 
+class UnresponsiveError(UnreachableError):
+    """The endpoint accepts connections and answers nothing within the timeout.
+
+    A black hole (or a server far slower than ``--timeout``): every further
+    request would wait as long, and an UpdateSegment that timed out may still
+    land, so the run stops (``apply``) or pauses (the daemon) at once, and the
+    calls left in doubt are read back before anything is sent to them again.
+    """
+
+
 class CallWithdrawn(Exception):
     """A call dropped before it was sent, because the run is stopping.
 
@@ -193,7 +203,7 @@ def classify(*, http_status: int | None, code: str | None) -> type[ApiError]:
     if code:
         if code == NOT_RUNNING_CODE:
             return NotRunningError
-        if code in _OUTCOME_UNKNOWN_CODES:
+        if code in OUTCOME_UNKNOWN_CODES:
             return OutcomeUnknownError
         if (
             code in _RETRYABLE_CODES

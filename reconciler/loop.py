@@ -873,6 +873,25 @@ class Daemon:
         if affected and self._leading.is_set():  # a standby only keeps its index warm
             self.replan(affected, reason="file_changed")
 
+    def reload(self) -> None:
+        """SIGHUP: read the whole tree again and re-plan every task, as a resync does.
+
+        Options are not re-read (they come from the command line and the
+        environment): a restart changes them.
+        """
+        self.log.info("daemon.signal", signal="SIGHUP", action="reload")
+        try:
+            changed = self.scan()
+            self._report_files()
+            if not self._leading.is_set():
+                return
+            plan = self.replan(None, reason="reload")
+            if not self._pass:
+                self._start_pass(plan, reason="reload")
+            self.log.info("daemon.reloaded", files=len(self.index.paths), changed=len(changed))
+        except Exception as exc:  # a reload must never stop the daemon
+            self.log.exception("daemon.reload_failed", error=repr(exc))
+
     async def _resync(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -1102,6 +1121,9 @@ class Daemon:
         self._note(plan, [key])
         if self._rollout is not None and key in self._rollout.canaries:
             self._judge_rollout()
+        if plan.unread:
+            # A call in doubt, read too soon after it to tell: read again once it counts.
+            self.schedule.soon(key, self.config.settle_s + 0.5)
         if plan.calls:
             reason = "restarted" if plan.restarts else "drift" if plan.drifts else "observed"
             if prev is None and key not in self.recorder.applied:

@@ -16,7 +16,9 @@ The rules (CONTRACT §2):
   already has would cut its slice for nothing. A task GetSegmentTask cannot
   see (``unknown``: started more than 72 h ago), or planned without reads,
   gets one call with every managed field, and the call says why
-  (:attr:`Call.unread`).
+  (:attr:`Call.unread`). A task whose last call's outcome is unknown (it timed
+  out or lost its connection after it went out, or a run stopped with it
+  Pending) is read again before its next call, for the same reason.
 - A managed field that disappears from the file is *released*: no call, the
   record drops it. A task that disappears from the tree is *forgotten*.
 - A task whose file is currently invalid is *held*: neither forgotten nor
@@ -62,6 +64,7 @@ from reconciler.task import (
     DesiredTask,
     FieldValue,
     Source,
+    SyncStatus,
     TaskKey,
 )
 
@@ -456,15 +459,9 @@ def compute_plan(
         wanted = task.fields
         last = None if record is None else record.fields
         obs = raw = live_get(key)
-        if (
-            reads_given
-            and raw is None
-            and last is None
-            and wanted
-            and (record is None or record.failed_spec != task.spec_hash())
-        ):
-            # First contact: what live holds is unknown, and a call that re-sends a
-            # value live already has would cut its slice. Read it first.
+        if reads_given and wanted and _must_read(task, record, raw, settle_s):
+            # First contact, or a call in doubt: what live holds is unknown, and a
+            # call that re-sends a value live already has would cut its slice.
             unread.append(key)
             continue
         if obs is not None and not _counts(obs, record, settle_s):
@@ -555,6 +552,8 @@ def compute_plan(
             or last is None
             or record.source != task.source.path
             or record.failed_spec is not None
+            or record.in_doubt_since is not None
+            or record.status in _UNSETTLED
             or (basis == "live" and not _same_values(last, wanted))
         ):
             bookkeeping.append(task)
@@ -579,6 +578,27 @@ def compute_plan(
         bookkeeping=tuple(bookkeeping),
         incarnations=tuple(incarnations),
     )
+
+
+#: Recorded statuses that a plan finding the task in sync settles as Synced: a
+#: read showing the desired values live ends a failure or a doubt for good.
+_UNSETTLED: Final = frozenset({SyncStatus.FAILED, SyncStatus.PENDING, SyncStatus.NOT_RUNNING})
+
+
+def _must_read(
+    task: DesiredTask, record: AppliedRecord | None, raw: Observation | None, settle_s: float
+) -> bool:
+    """Whether nothing may be sent to ``task`` before a read (see the module docstring).
+
+    Never confirmed and never read (first contact); or a call in doubt (its
+    outcome unknown: it may have been applied) and no read taken well after it.
+    A spec refused as bad input is blocked instead: no read can change that.
+    """
+    if record is not None and record.failed_spec == task.spec_hash():
+        return False
+    if record is not None and record.in_doubt_since is not None:
+        return raw is None or raw.observed_at <= record.in_doubt_since + settle_s
+    return raw is None and (record is None or record.fields is None)
 
 
 def _counts(obs: Observation, record: AppliedRecord | None, settle_s: float) -> bool:

@@ -22,22 +22,24 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from reconciler import events
 from reconciler.client import RtcClient
 from reconciler.errors import (
+    TIMEOUT,
     ApiError,
     BadInputError,
     FatalError,
     NotRunningError,
     OutcomeUnknownError,
+    UnresponsiveError,
 )
 from reconciler.live import Observation
 from reconciler.observe import read_task
 from reconciler.plan import Call, Drift, Plan
 from reconciler.state import StateStore, heal_reason
-from reconciler.task import AppliedRecord, DesiredTask, FieldValue, TaskKey
+from reconciler.task import AppliedRecord, DesiredTask, FieldValue, SyncStatus, TaskKey
 
 _T = TypeVar("_T")
 
@@ -94,7 +96,11 @@ class Recorder:
         self.store.mark_pending(task.key, source=task.source, business_id=task.business_id)
         if task.key not in self.applied:
             self.applied[task.key] = AppliedRecord(
-                task.key, task.business_id, None, source=task.source.path
+                task.key,
+                task.business_id,
+                None,
+                source=task.source.path,
+                status=SyncStatus.PENDING,
             )
 
     def success(
@@ -129,12 +135,35 @@ class Recorder:
             source=task.source.path,
             applied_at=time.time(),
             incarnation=incarnation if incarnation is not None else _held(old),
+            status=SyncStatus.SYNCED,
         )
 
     def observed(self, obs: Observation) -> None:
         """Keep ``obs`` as the task's latest observation."""
         self.store.record_observation(obs)
         self.observations[obs.key] = obs
+
+    def in_doubt(self, task: DesiredTask) -> None:
+        """A call went out and its outcome is unknown (the run stops or pauses on it).
+
+        The store's row stays Pending; the mirror says so too, so that this run
+        reads the task before it sends anything to it again.
+        """
+        old = self.applied.get(task.key)
+        now = time.time()
+        if old is None:
+            old = AppliedRecord(task.key, task.business_id, None, source=task.source.path)
+        self.applied[task.key] = dataclasses.replace(
+            old, status=SyncStatus.PENDING, in_doubt_since=now
+        )
+
+    def _mirror_not_running(self, key: TaskKey) -> None:
+        """NotRunning in the mirror: last-applied kept, no call in doubt (it does not run)."""
+        old = self.applied.get(key)
+        if old is not None:
+            self.applied[key] = dataclasses.replace(
+                old, status=SyncStatus.NOT_RUNNING, in_doubt_since=None
+            )
 
     def live_not_running(self, task: DesiredTask, obs: Observation) -> None:
         """The task was observed ended (or gone): NotRunning, last-applied unchanged."""
@@ -146,6 +175,7 @@ class Recorder:
         self.store.record_not_running(
             task.key, message=message, code=code, request_id=None, source=task.source
         )
+        self._mirror_not_running(task.key)
 
     def out_of_sync(self, task: DesiredTask, drift: Drift) -> None:
         """Drift reported, not healed (``--drift report``): OutOfSync, saying what moved."""
@@ -163,6 +193,7 @@ class Recorder:
             source=task.source,
             next_retry_at=self.retry_at(task.key),
         )
+        self._mirror_not_running(task.key)
 
     def failure(self, task: DesiredTask, error: ApiError, *, terminal: bool) -> None:
         refused = task.spec_hash() if terminal else None
@@ -184,6 +215,13 @@ class Recorder:
             failed_spec=refused,
             applied_at=None if old is None else old.applied_at,
             incarnation=_held(old),
+            status=SyncStatus.FAILED,
+            # It may have been applied: the next call waits for a read taken after it.
+            in_doubt_since=time.time()
+            if isinstance(error, OutcomeUnknownError)
+            else None
+            if old is None
+            else old.in_doubt_since,
         )
 
     def bookkeeping(self, plan: Plan) -> None:
@@ -214,6 +252,7 @@ class Recorder:
                     source=t.source.path,
                     applied_at=None if prev is None else prev.applied_at,
                     incarnation=_held(prev),
+                    status=SyncStatus.SYNCED,
                 )
             for key, incarnation in plan.incarnations:
                 self.store.record_incarnation(key, incarnation)
@@ -257,6 +296,7 @@ class TaskReconciler:
         failed_retry: float = 30.0,
         probe_attempts: int = 2,
         stop: asyncio.Event | None = None,
+        read_back_delay: float | None = None,
     ) -> None:
         self.client = client
         self.recorder = recorder
@@ -269,6 +309,14 @@ class TaskReconciler:
         self.not_running_retry = not_running_retry
         self.failed_retry = failed_retry
         self.probe_attempts = probe_attempts
+        #: Seconds to wait before reading back a call whose outcome is unknown,
+        #: so that a request still being worked on by the server has landed.
+        self.read_back_delay = (
+            read_back_delay
+            if read_back_delay is not None
+            else min(READ_BACK_DELAY_MAX_S, max(1.0, client.config.timeout))
+        )
+        self._told_timeout = False
         # Until one answer proves the credentials work, calls go one at a time:
         # a wrong key then costs one refused request, not one per worker, and
         # an endpoint that cannot be reached costs one probe of
@@ -290,19 +338,19 @@ class TaskReconciler:
         means every other request would fail alike.
         """
 
-        async def attempt() -> Observation:
-            try:
-                obs = await read_task(self.client, key, last=last)
-            except FatalError as exc:
-                self._refused(exc)
-                raise
-            except ApiError:
-                self._credentials_proven = True  # an answer: the key is good
-                raise
-            self._credentials_proven = True
-            return obs
+        return await self._gated(lambda: self._read(key, last=last))
 
-        return await self._gated(attempt)
+    async def _read(self, key: TaskKey, *, last: Observation | None) -> Observation:
+        try:
+            obs = await read_task(self.client, key, last=last)
+        except FatalError as exc:
+            self._refused(exc)
+            raise
+        except ApiError:
+            self._credentials_proven = True  # an answer: the key is good
+            raise
+        self._credentials_proven = True
+        return obs
 
     async def _gated(self, request: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``request`` at once once credentials are proven, else one at a time."""
@@ -338,40 +386,143 @@ class TaskReconciler:
             log.debug("call.sending", action=call.action, changes=_changes(call))
             return True
 
-        try:
-            res = await self.client.update_segment(
-                sent,
-                log_fields=task_fields(key),
-                attempts=None if self._credentials_proven else self.probe_attempts,
-                before_send=before_send,
-                abort=self.stop,
-            )
-        except FatalError as exc:
-            self._refused(exc)
-            raise  # not a result: the whole run stops or pauses
-        except ApiError as exc:
+        sends = 0
+        while True:
+            sends += 1
+            try:
+                res = await self.client.update_segment(
+                    sent,
+                    log_fields=task_fields(key),
+                    attempts=None if self._credentials_proven else self.probe_attempts,
+                    before_send=before_send,
+                    abort=self.stop,
+                    # Never re-sent blindly: it may have been applied, and Duration
+                    # would cut the slice again. Read back below instead.
+                    resend_unknown=False,
+                )
+            except FatalError as exc:
+                self._refused(exc)
+                if isinstance(exc, UnresponsiveError):
+                    self.recorder.in_doubt(task)  # sent, and it may yet land
+                raise  # not a result: the whole run stops or pauses
+            except OutcomeUnknownError as exc:
+                back = await self._read_back(call, exc, log=log)
+                if back.outcome == "confirmed" and back.observation is not None:
+                    return self._synced(
+                        call,
+                        request_id=exc.request_id or "",
+                        attempts=sends,
+                        latency_ms=_since(started),
+                        incarnation=back.observation.start_time_ms,
+                        log=log,
+                        confirmed_by_read=True,
+                    )
+                if back.outcome == "not_running" and back.observation is not None:
+                    self.recorder.live_not_running(task, back.observation)
+                    log.warning(
+                        "task.not_running",
+                        source="read_back",
+                        state=str(back.observation.state),
+                        stop_reason=back.observation.stop_reason,
+                        end_time=back.observation.end_time_ms,
+                    )
+                    return Result(key, Outcome.NOT_RUNNING, self.not_running_retry, exc)
+                if back.outcome == "missing" and sends < MAX_SENDS:
+                    sent = {**_identity_of(call), **back.missing}
+                    continue
+                return self._failed(call, exc, log=log, started=started)
+            except ApiError as exc:
+                self._credentials_proven = True
+                return self._failed(call, exc, log=log, started=started)
             self._credentials_proven = True
-            return self._failed(call, exc, log=log, started=started)
-        self._credentials_proven = True
-        self.recorder.success(
-            task,
-            request_id=res.request_id,
-            incarnation=call.incarnation,
-            heal=heal_reason(call.cause, [(c.field, c.old, c.new) for c in call.changes])
-            if call.heal
-            else None,
-        )
+            return self._synced(
+                call,
+                request_id=res.request_id,
+                attempts=res.attempts if sends == 1 else sends,
+                latency_ms=res.latency_ms,
+                incarnation=call.incarnation,
+                log=log,
+                fields=sent,
+            )
+
+    def _synced(
+        self,
+        call: Call,
+        *,
+        request_id: str,
+        attempts: int,
+        latency_ms: float | None,
+        incarnation: int | None,
+        log: Any,
+        fields: Mapping[str, FieldValue] | None = None,
+        confirmed_by_read: bool = False,
+    ) -> Result:
+        """Record and log a call the server applied (answered ok, or read back)."""
+        changes = [(c.field, c.old, c.new) for c in call.changes]
+        heal = heal_reason(call.cause, changes) if call.heal else None
+        self.recorder.success(call.task, request_id=request_id, incarnation=incarnation, heal=heal)
+        extra: dict[str, Any] = {"confirmed_by_read": True} if confirmed_by_read else {}
         log.info(
             "task.synced",
             action=call.action,
-            request_id=res.request_id,
-            attempt=res.attempts,
-            latency_ms=res.latency_ms,  # the answering attempt's, as in call.succeeded
-            fields=dict(sent),
+            request_id=request_id,
+            attempt=attempts,
+            latency_ms=latency_ms,  # the answering attempt's, as in call.succeeded
+            fields=dict(call.body if fields is None else fields),
             changes=_changes(call),
             **call_fields(call),
+            **extra,
         )
-        return Result(key, Outcome.SYNCED, None, None, res.request_id, res.latency_ms)
+        return Result(call.key, Outcome.SYNCED, None, None, request_id, latency_ms)
+
+    async def _read_back(self, call: Call, exc: OutcomeUnknownError, *, log: Any) -> ReadBack:
+        """After a call whose outcome is unknown, read the task: did it land?
+
+        Waits first for a request still on its way to be applied (a timeout
+        fires while the server may still be working on it), then reads on the
+        read budget. ``confirmed``: live holds every field of the call;
+        ``missing``: live lacks some (only those are sent again); ``not_running``;
+        ``unverified``: the read failed or cannot see the task, so the call stays
+        in doubt and the task is tried again later, after a read.
+        """
+        # A timeout may leave the request still being worked on; a dropped
+        # connection was most likely answered already.
+        delay = self.read_back_delay if exc.code == TIMEOUT else min(1.0, self.read_back_delay)
+        await asyncio.sleep(delay)
+        key = call.key
+        try:
+            obs = await self._read(key, last=self.recorder.observations.get(key))
+        except FatalError:
+            self.recorder.in_doubt(call.task)
+            raise
+        except ApiError as read_exc:
+            log.warning(
+                "call.read_back", outcome="unverified", code=read_exc.code, message=read_exc.message
+            )
+            return ReadBack("unverified")
+        self.recorder.observed(obs)
+        if obs.not_running:
+            log.info("call.read_back", outcome="not_running", state=str(obs.state))
+            return ReadBack("not_running", obs)
+        if not obs.running:
+            log.warning("call.read_back", outcome="unverified", state=str(obs.state))
+            return ReadBack("unverified", obs)
+        missing = {n: v for n, v in call.fields.items() if not _same(obs.fields.get(n), v)}
+        if missing:
+            log.warning("call.read_back", outcome="missing", missing=missing)
+            return ReadBack("missing", obs, missing)
+        log.info("call.read_back", outcome="confirmed", code=exc.code)
+        if exc.code == TIMEOUT and not self._told_timeout:
+            self._told_timeout = True
+            timeout = self.client.config.timeout
+            log.warning(
+                "client.timeout_too_short",
+                timeout_s=timeout,
+                message=f"UpdateSegment timed out after {timeout:g} s but the server applied "
+                "it: its answers arrive after --timeout; raise --timeout (e.g. --timeout "
+                f"{max(timeout * 3, 10):g}) so calls are not left in doubt",
+            )
+        return ReadBack("confirmed", obs)
 
     def _failed(self, call: Call, exc: ApiError, *, log: Any, started: float) -> Result:
         """Record and log a call that did not succeed; say when to look again."""
@@ -403,6 +554,31 @@ class TaskReconciler:
             outcome_unknown=isinstance(exc, OutcomeUnknownError),
         )
         return Result(key, Outcome.RETRY, self.failed_retry, exc, exc.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBack:
+    """What a read after a call in doubt found (see :meth:`TaskReconciler._read_back`)."""
+
+    outcome: Literal["confirmed", "missing", "not_running", "unverified"]
+    observation: Observation | None = None
+    missing: Mapping[str, FieldValue] = dataclasses.field(default_factory=dict)
+
+
+#: The longest wait before reading back a call in doubt (the client's timeout, 1 s at least).
+READ_BACK_DELAY_MAX_S: Final = 5.0
+#: UpdateSegment sends of one call at most: the first, then re-sends of only
+#: what a read back showed missing after an outcome unknown.
+MAX_SENDS: Final = 3
+
+
+def _identity_of(call: Call) -> dict[str, FieldValue]:
+    """The call's body without its managed fields: identity and BusinessId."""
+    return {n: v for n, v in call.body.items() if n not in call.fields}
+
+
+def _same(old: FieldValue | None, new: FieldValue) -> bool:
+    return old is not None and type(old) is type(new) and old == new
 
 
 def _held(record: AppliedRecord | None) -> int | None:

@@ -75,6 +75,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol
 from urllib.parse import unquote
 
+from reconciler.errors import OUTCOME_UNKNOWN_CODES
 from reconciler.events import get_logger
 from reconciler.live import LiveState, Observation
 from reconciler.task import MANAGED_FIELDS, AppliedRecord, FieldValue, Source, SyncStatus, TaskKey
@@ -734,16 +735,23 @@ class StateStore:
         """Every row as the planner sees it."""
         rows = self._query(
             "SELECT app_id, room_id, task_id, business_id, applied_fields, source_path,"
-            " failed_spec, applied_at, applied_incarnation FROM tasks"
+            " failed_spec, applied_at, applied_incarnation, status, last_call_at,"
+            " last_error_code FROM tasks"
         )
         loads = json.loads
         epoch = _epoch
+        statuses = {s.value: s for s in SyncStatus}
         out: dict[TaskKey, AppliedRecord] = {}
         with _gc_paused():
             for row in rows:
                 app_id, room_id, task_id, business_id, text, source_path, failed_spec = row[:7]
                 key = TaskKey(app_id, room_id, task_id)
                 fields = None if text is None else loads(text)
+                status, called, code = statuses.get(row[9]), row[10], row[11]
+                doubt = called is not None and (
+                    status is SyncStatus.PENDING
+                    or (status is SyncStatus.FAILED and code in OUTCOME_UNKNOWN_CODES)
+                )
                 out[key] = AppliedRecord(
                     key,
                     business_id,
@@ -752,6 +760,8 @@ class StateStore:
                     failed_spec,
                     applied_at=None if row[7] is None else epoch(row[7]),
                     incarnation=row[8],
+                    status=status,
+                    in_doubt_since=epoch(called) if doubt else None,
                 )
         return out
 

@@ -120,3 +120,10 @@ class AppliedRecord:
     #: The incarnation (StartTime, ms) the values were applied to, when known:
     #: a live task with another StartTime was restarted and lacks them.
     incarnation: int | None = None
+    #: The task's sync status as recorded (``None``: not known here).
+    status: SyncStatus | None = None
+    #: When a call whose outcome is unknown was sent (epoch seconds): a row left
+    #: Pending by a run that stopped, or a call that timed out or lost its
+    #: connection after it went out. It may have been applied: the next call
+    #: waits for a read taken after it (re-sending Duration would cut again).
+    in_doubt_since: float | None = None

@@ -199,9 +199,10 @@ def test_bad_input_fails_and_waits_for_a_new_spec(tmp_path: Path, make_emulator:
     assert h.stats_snapshot()["total_requests"] == sent + 1
 
 
-def test_an_outcome_still_unknown_is_tried_again_later_in_the_run(
+def test_a_call_in_doubt_is_read_back_not_sent_again(
     tmp_path: Path, make_emulator: object
 ) -> None:
+    """The connection drops after the server applied the call: read it, send nothing more."""
     h = make_emulator(drop_rate=1.0, drop_phase="after")  # type: ignore[operator]
     start(h, A)
     write(
@@ -220,14 +221,20 @@ def test_an_outcome_still_unknown_is_tried_again_later_in_the_run(
         stderr=subprocess.PIPE,
         text=True,
     )
-    # The call and its one re-send are both dropped; then the network heals.
+    # The call is applied and its answer lost; so is the first read back. Then it heals.
     wait_for(lambda: h.stats_snapshot()["dropped"] >= 2, timeout=20, interval=0.005)
     h.set_faults(drop_rate=0.0)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
     assert "1 synced" in out
     live = h.live(A)
-    assert live is not None and live.duration == 44 and live.update_calls == 3
+    assert live is not None and live.duration == 44
+    assert live.update_calls == 1 and live.timer_restarts == 1, "never sent twice"
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    unknown = [e for e in events if e["event"] == "call.outcome_unknown"]
-    assert len(unknown) == 2
+    unknown = [e["action"] for e in events if e["event"] == "call.outcome_unknown"]
+    assert unknown == ["UpdateSegment", "GetSegmentTask"], "the call, then its first read back"
+    (back,) = [e for e in events if e["event"] == "call.read_back"]
+    assert back["outcome"] == "confirmed"
+    (synced,) = [e for e in events if e["event"] == "task.synced"]
+    assert synced["confirmed_by_read"] is True
+    assert status(tmp_path)[A]["status"] == "Synced"

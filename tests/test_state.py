@@ -252,8 +252,11 @@ def test_record_failure_terminal_and_retryable(store_at: StoreLocation) -> None:
             at=T1,
         )
         applied = store.applied()
-    assert applied[KEY] == AppliedRecord(KEY, None, None, "rooms/a.yaml", "0123456789abcdef")
-    assert applied[other] == AppliedRecord(other, None, None, "rooms/a.yaml", None)
+    failed = SyncStatus.FAILED
+    assert applied[KEY] == AppliedRecord(
+        KEY, None, None, "rooms/a.yaml", "0123456789abcdef", status=failed
+    )
+    assert applied[other] == AppliedRecord(other, None, None, "rooms/a.yaml", None, status=failed)
     state = reopened(store_at)
     assert state.status is SyncStatus.FAILED
     assert state.fields is None
@@ -679,10 +682,19 @@ def test_v1_store_is_migrated_forward(tmp_path: Path) -> None:
         conn.close()
         at = datetime.fromisoformat(stamp).timestamp()
         assert applied[KEY] == AppliedRecord(
-            KEY, "biz", FIELDS, "rooms/a.yaml", None, applied_at=at, incarnation=None
+            KEY,
+            "biz",
+            FIELDS,
+            "rooms/a.yaml",
+            None,
+            applied_at=at,
+            incarnation=None,
+            status=SyncStatus.SYNCED,
         )
         odd = TaskKey("app1", "room2", "task9")
-        assert applied[odd] == AppliedRecord(odd, None, None, "odd:name.yaml", None)
+        assert applied[odd] == AppliedRecord(
+            odd, None, None, "odd:name.yaml", None, status=SyncStatus.NOT_RUNNING
+        )
         state = store.get(odd)
         assert state is not None
         assert state.status is SyncStatus.NOT_RUNNING
