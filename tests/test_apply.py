@@ -221,7 +221,7 @@ def test_a_call_in_doubt_is_read_back_not_sent_again(
         stderr=subprocess.PIPE,
         text=True,
     )
-    # The call is applied and its answer lost; so is the first read back. Then it heals.
+    # The call is applied and its answer lost (and maybe a read back's). Then it heals.
     wait_for(lambda: h.stats_snapshot()["dropped"] >= 2, timeout=20, interval=0.005)
     h.set_faults(drop_rate=0.0)
     out, err = proc.communicate(timeout=60)
@@ -232,7 +232,7 @@ def test_a_call_in_doubt_is_read_back_not_sent_again(
     assert live.update_calls == 1 and live.timer_restarts == 1, "never sent twice"
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     unknown = [e["action"] for e in events if e["event"] == "call.outcome_unknown"]
-    assert unknown == ["UpdateSegment", "GetSegmentTask"], "the call, then its first read back"
+    assert unknown.count("UpdateSegment") == 1 and unknown[0] == "UpdateSegment", unknown
     (back,) = [e for e in events if e["event"] == "call.read_back"]
     assert back["outcome"] == "confirmed"
     (synced,) = [e for e in events if e["event"] == "task.synced"]
