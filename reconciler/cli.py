@@ -21,6 +21,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -1095,6 +1096,7 @@ def read_live(
         events.register_secret(creds.session_token)
     if creds is None:
         creds = credentials_or_fail()
+    settle_for_doubt(applied, keys)
     quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
     what = "every desired task" if mode == "full" else "the tasks a call would go to"
     click.echo(
@@ -1131,6 +1133,26 @@ def read_live(
             err=True,
         )
     return found, Refresh(mode, read=len(found), failed=unread)
+
+
+def settle_for_doubt(applied: Mapping[TaskKey, AppliedRecord], keys: Sequence[TaskKey]) -> None:
+    """Wait until a read can tell whether the calls in doubt among ``keys`` landed.
+
+    A call left Pending (a run stopped a moment ago) may still be on its way: a
+    read taken within the settle window after it does not count, and the task
+    would be left unread.
+    """
+    from reconciler.plan import SETTLE_S
+
+    doubts = [r.in_doubt_since for k in keys if (r := applied.get(k)) and r.in_doubt_since]
+    wait = max(doubts, default=0.0) + SETTLE_S + 0.1 - time.time()
+    if wait > 0:
+        click.echo(
+            f"Waiting {wait:.1f} s for {len(doubts)} call(s) in doubt to settle before "
+            "reading them back ...",
+            err=True,
+        )
+        time.sleep(min(wait, SETTLE_S + 0.1))
 
 
 def credentials_or_fail() -> Credentials:

@@ -199,9 +199,7 @@ def test_bad_input_fails_and_waits_for_a_new_spec(tmp_path: Path, make_emulator:
     assert h.stats_snapshot()["total_requests"] == sent + 1
 
 
-def test_a_call_in_doubt_is_read_back_not_sent_again(
-    tmp_path: Path, make_emulator: object
-) -> None:
+def test_a_call_in_doubt_is_read_back_not_sent_again(tmp_path: Path, make_emulator: object) -> None:
     """The connection drops after the server applied the call: read it, send nothing more."""
     h = make_emulator(drop_rate=1.0, drop_phase="after")  # type: ignore[operator]
     start(h, A)
