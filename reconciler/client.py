@@ -15,7 +15,8 @@ Each call goes through the same pipeline, attempt by attempt::
   arrives, which is never before the request could have (so never too early).
 * The in-flight limit is an :class:`~reconciler.concurrency.AdaptiveLimit`:
   it follows the observed latency (Little's law: the QPS budget times the
-  latency, with headroom), from 64 before any answer, between a floor and
+  latency, with headroom), from the UpdateSegment budget (64 at least) before
+  any answer, between a floor and
   ``max_in_flight``, so the budget is used against a server answering in
   10 ms or in 2 s alike. A seat is taken only once the QPS slot is granted:
   reads waiting for their small budget must not sit on seats that updates
@@ -40,9 +41,15 @@ Each call goes through the same pipeline, attempt by attempt::
   jitter. A throttled answer also pauses every sender of that action (the
   limiter's penalty), so one 429 does not turn into a storm of them.
 * A failure after the request went out (read timeout, dropped connection) is
-  *outcome unknown*: the request may have been applied. It is retried like any
-  transient failure, logged as ``call.outcome_unknown``, and if retries run out
-  the call raises :class:`~reconciler.errors.OutcomeUnknownError`.
+  *outcome unknown*: the request may have been applied. It is logged as
+  ``call.outcome_unknown``; a read is retried, an UpdateSegment is sent again
+  at most once, or never with ``resend_unknown=False`` (the reconciler reads
+  the task back instead), and then the call raises
+  :class:`~reconciler.errors.OutcomeUnknownError`.
+* Two attempts in a row that time out with no answer for two timeouts make
+  the endpoint *unresponsive* (a black hole, or a server slower than the
+  timeout): :class:`~reconciler.errors.UnresponsiveError`, fatal like an
+  unreachable endpoint, so nothing more is sent to it.
 
 Events (``call.succeeded``, ``call.retried``, ``call.outcome_unknown``,
 ``call.failed``) carry ``action``, ``request_id``, ``attempt``, ``latency_ms``,
