@@ -1,0 +1,226 @@
+"""Duplicate slice cuts under faults: ambiguous outcomes and black holes, before and after.
+
+Every UpdateSegment that carries Duration cuts a live slice, so a call applied
+twice is a slice cut for nothing. Scenarios (each from an empty state store,
+``apply`` run as a subprocess against the emulator in its own process):
+
+- ``slow``: 2,000 tasks, a server answering every request in 1.5 s, and
+  ``apply --timeout 1``. Printed: UpdateSegment calls the server applied,
+  their excess over the tasks (duplicate cuts), the exit status and time.
+- ``drops``: 2,000 tasks, 20 % of connections dropped *after* the server
+  applied the call (the answer is lost), cleared after 30 s; ``apply`` is
+  run again until it exits 0. Printed: tasks applied more than once.
+- ``blackhole``: 1,000 tasks and an endpoint that accepts connections and
+  never answers, ``apply --timeout 1``. Printed: seconds until ``apply``
+  exits, the lines it wrote, and the requests the endpoint received.
+
+``--python`` runs another checkout's CLI (its venv's python, e.g. a worktree
+of an older commit) for the "before" figures; the emulator and the black
+hole are this checkout's.
+
+    .venv/bin/python bench/faults.py [--only slow|drops|blackhole] [--tasks N] [--python PY]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import EmulatorProcess, figure
+from tests.conftest import cli_env
+
+APP = "661e4a7b9c0d1e2f"
+
+
+def make_tree(root: Path, n: int, *, duration: int = 45) -> None:
+    rows = "\n".join(f'  - RoomId: "room-{i:05d}"\n    TaskId: "seg"' for i in range(n))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "fleet.yaml").write_text(
+        f'defaults:\n  AppId: "{APP}"\n  Duration: {duration}\ntasks:\n{rows}\n'
+    )
+
+
+def seed(emulator: EmulatorProcess, n: int) -> None:
+    """Every task running with StartSegment's default Duration (20): each needs one call."""
+    emulator.seed([{"AppId": APP, "RoomId": f"room-{i:05d}", "TaskId": "seg"} for i in range(n)])
+
+
+def apply(python: str, work: Path, endpoint: str, *extra: str) -> tuple[int, float, str]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            python,
+            "-m",
+            "reconciler",
+            "apply",
+            "desired",
+            "--state",
+            "state.db",
+            "--endpoint",
+            endpoint,
+            *extra,
+        ],
+        cwd=work,
+        env={**cli_env(), "RECONCILER_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    return proc.returncode, time.monotonic() - started, proc.stdout + proc.stderr
+
+
+def applied_calls(emulator: EmulatorProcess) -> list[int]:
+    return [int(t["UpdateCalls"]) for t in emulator.tasks_of(APP)]
+
+
+def slow(python: str, n: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_tree(work / "desired", n)
+        with EmulatorProcess(work, latency_ms=1500) as emulator:
+            seed(emulator, n)
+            code, took, _ = apply(python, work, emulator.url, "--timeout", "1")
+            time.sleep(3)  # whatever is still being worked on lands
+            calls = applied_calls(emulator)
+    applied = sum(calls)
+    out: dict[str, object] = {
+        "tasks": n,
+        "exit": code,
+        "seconds": round(took, 1),
+        "applied_calls": applied,
+        "duplicate_cuts": max(0, applied - sum(1 for c in calls if c)),
+        "tasks_applied_twice_or_more": sum(1 for c in calls if c > 1),
+    }
+    figure("slow server: UpdateSegment applied", str(applied), f"<= {n}")
+    figure("slow server: duplicate cuts", str(out["duplicate_cuts"]), "0")
+    figure("slow server: apply exit / seconds", f"{code} / {took:.1f}")
+    return out
+
+
+def drops(python: str, n: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_tree(work / "desired", n)
+        extra = ("--drop-rate", "0.2", "--drop-phase", "after", "--seed", "5")
+        with EmulatorProcess(work, latency_ms=40, extra=extra) as emulator:
+            seed(emulator, n)
+            runs: list[tuple[int, float]] = []
+            cleared = time.monotonic() + 30
+            while True:
+                code, took, _ = apply(python, work, emulator.url)
+                runs.append((code, took))
+                if code == 0 or len(runs) >= 10:
+                    break
+                if time.monotonic() >= cleared:
+                    emulator._http.post(
+                        emulator.url + "/_emulator/faults", json={"drop_rate": 0.0}
+                    ).raise_for_status()
+            calls = applied_calls(emulator)
+    twice = sum(1 for c in calls if c > 1)
+    out: dict[str, object] = {
+        "tasks": n,
+        "runs": [{"exit": c, "seconds": round(t, 1)} for c, t in runs],
+        "applied_calls": sum(calls),
+        "tasks_applied_twice_or_more": twice,
+        "duplicate_cuts": sum(calls) - sum(1 for c in calls if c),
+        "converged": sum(1 for c in calls if c >= 1),
+    }
+    figure("drops: tasks applied 2+ times", str(twice), "0")
+    figure("drops: duplicate cuts", str(out["duplicate_cuts"]), "0")
+    figure("drops: runs until exit 0", str(len(runs)))
+    return out
+
+
+class BlackHole:
+    """Accepts connections, reads requests, answers nothing."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.requests = 0
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
+
+    def _swallow(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.requests += data.count(b"HTTP/1.1\r\n")
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.close()
+        self.sock.close()
+
+
+def blackhole(python: str, n: int) -> dict[str, object]:
+    hole = BlackHole()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            make_tree(work / "desired", n)
+            code, took, text = apply(python, work, hole.url, "--timeout", "1")
+    finally:
+        hole.close()
+    lines = text.count("\n")
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    out: dict[str, object] = {
+        "tasks": n,
+        "exit": code,
+        "seconds": round(took, 1),
+        "lines": lines,
+        "requests_received": hole.requests,
+        "error": errors[-1] if errors else None,
+    }
+    figure("black hole: seconds to stop", f"{took:.1f}", "about 2 timeouts")
+    figure("black hole: lines written", str(lines))
+    figure("black hole: requests received", str(hole.requests))
+    print(f"  error line: {out['error']}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=["slow", "drops", "blackhole"], action="append")
+    ap.add_argument("--tasks", type=int, default=2000)
+    ap.add_argument("--python", default=sys.executable, help="the CLI's python (a checkout)")
+    args = ap.parse_args()
+    chosen = args.only or ["slow", "drops", "blackhole"]
+    results: dict[str, object] = {"python": args.python}
+    for name in chosen:
+        print(f"== {name}")
+        if name == "slow":
+            results[name] = slow(args.python, args.tasks)
+        elif name == "drops":
+            results[name] = drops(args.python, args.tasks)
+        else:
+            results[name] = blackhole(args.python, max(1, args.tasks // 2))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
