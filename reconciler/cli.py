@@ -1486,6 +1486,7 @@ def apply(
                     gate=gate,
                     control=control,
                     desired=index.tasks,
+                    credentials_proven=basis is not None and basis.read > 0,
                 )
             )
         except asyncio.CancelledError:
@@ -1689,11 +1690,14 @@ async def _apply(
     gate: Gate | None = None,
     control: ChangeControl | None = None,
     desired: Mapping[TaskKey, DesiredTask] | None = None,
+    credentials_proven: bool = False,
 ) -> ApplyReport:
     """Run the plan; the first SIGINT/SIGTERM drains, a second one cancels everything.
 
     With ``gate`` (:func:`change_control_gate`), only its calls are made:
     changes paced by ``control``'s rate cap, canaries first and read back.
+    ``credentials_proven``: the reads before the calls were answered, so the
+    calls go at once, without a lone probe call first.
     """
     from reconciler.apply import PacedReconciler, Reconciles, apply_plan, apply_rollout
     from reconciler.client import RtcClient
@@ -1720,7 +1724,9 @@ async def _apply(
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
     async with RtcClient(creds, config=config) as client:
-        reconciler: Reconciles = TaskReconciler(client=client, recorder=recorder, stop=stop)
+        reconciler: Reconciles = TaskReconciler(
+            client=client, recorder=recorder, stop=stop, credentials_proven=credentials_proven
+        )
         if gate is None:
             with progress:
                 return await apply_plan(

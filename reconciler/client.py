@@ -15,8 +15,9 @@ Each call goes through the same pipeline, attempt by attempt::
   arrives, which is never before the request could have (so never too early).
 * The in-flight limit is an :class:`~reconciler.concurrency.AdaptiveLimit`:
   it follows the observed latency (Little's law: the QPS budget times the
-  latency, with headroom), from the UpdateSegment budget (64 at least) before
-  any answer, between a floor and
+  latency, with headroom), from the ceiling before any answer (the QPS
+  limiter bounds the rate; a lower start would cost a slow server's first
+  round trips), between a floor and
   ``max_in_flight``, so the budget is used against a server answering in
   10 ms or in 2 s alike. A seat is taken only once the QPS slot is granted:
   reads waiting for their small budget must not sit on seats that updates
@@ -84,7 +85,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from reconciler import errors
-from reconciler.concurrency import DEFAULT_FLOOR, DEFAULT_INITIAL, AdaptiveLimit
+from reconciler.concurrency import DEFAULT_FLOOR, AdaptiveLimit
 from reconciler.credentials import Credentials
 from reconciler.errors import (
     ApiError,
@@ -126,8 +127,8 @@ class ClientConfig:
     #: 2 s latency keeps 300 in flight; 512 leaves headroom (and GetSegmentTask reads).
     max_in_flight: int = 512
     #: The in-flight limit before any answer has told the latency (``None``: the
-    #: UpdateSegment budget, 64 at least: the limiter bounds the rate anyway, and
-    #: a lower start costs a slow server's first seconds), and its floor.
+    #: ceiling; the QPS limiter bounds the rate anyway, and a lower start costs a
+    #: slow server's first seconds, 64 in flight carrying 32/s at 2 s), and its floor.
     initial_in_flight: int | None = None
     min_in_flight: int = DEFAULT_FLOOR
     #: Attempts per call, the first included.
@@ -448,10 +449,7 @@ class RtcClient:
             budget=self.limiter.limits.for_action,
             ceiling=cfg.max_in_flight,
             floor=cfg.min_in_flight,
-            initial=min(
-                cfg.max_in_flight,
-                cfg.initial_in_flight or max(DEFAULT_INITIAL, int(cfg.limits.update)),
-            ),
+            initial=min(cfg.max_in_flight, cfg.initial_in_flight or cfg.max_in_flight),
             on_change=self._limit_changed,
         )
         self._logged_limit = self._limit.limit

@@ -297,7 +297,10 @@ class TaskReconciler:
         probe_attempts: int = 2,
         stop: asyncio.Event | None = None,
         read_back_delay: float | None = None,
+        credentials_proven: bool = False,
     ) -> None:
+        """``credentials_proven``: an answer with these credentials and this endpoint
+        came already (``apply``'s reads before its calls), so calls need no probe."""
         self.client = client
         self.recorder = recorder
         #: Once set, calls still waiting for a slot are withdrawn unsent
@@ -321,7 +324,7 @@ class TaskReconciler:
         # a wrong key then costs one refused request, not one per worker, and
         # an endpoint that cannot be reached costs one probe of
         # ``probe_attempts`` attempts, not the full retries of every task.
-        self._credentials_proven = False
+        self._credentials_proven = credentials_proven
         self._probe = asyncio.Lock()
         self._refusals = 0
         self._last_refusal: FatalError | None = None

@@ -533,9 +533,12 @@ def test_in_flight_bound_holds_across_pools() -> None:
 def test_pools_are_made_as_the_limit_grows_and_share_one_ssl_context() -> None:
     async def main() -> None:
         async with RtcClient(CREDS, config=ClientConfig(trust_env=False)) as client:
-            assert client.config.max_in_flight == 512
-            # It starts at the UpdateSegment budget (150/s): 10 pools of 16 carry it.
-            assert client.in_flight_limit == 150 and len(client._pools) == 10
+            # By default it starts at the ceiling: the QPS limiter bounds the rate.
+            assert client.config.max_in_flight == client.in_flight_limit == 512
+        config = ClientConfig(trust_env=False, initial_in_flight=64)
+        async with RtcClient(CREDS, config=config) as client:
+            # 4 pools of 16 carry the initial 64; the 28 others are not made yet.
+            assert client.in_flight_limit == 64 and len(client._pools) == 4
             client._limit.observe("UpdateSegment", 2.0)
             assert client.in_flight_limit == 383
             assert len(client._pools) == 24 and sum(client._pool_sizes) >= 383

@@ -417,7 +417,7 @@ def test_metrics_show_the_limit_and_its_latency_estimate() -> None:
                 limit=lambda: client.in_flight_limit, latency_ms=lambda: client.latency_estimates_ms
             )
             before = metrics.render().decode()
-            assert "reconciler_in_flight_limit 150.0" in before
+            assert "reconciler_in_flight_limit 512.0" in before
             client._limit.observe("UpdateSegment", 1.0)
             return metrics.render().decode()
 
