@@ -789,8 +789,8 @@ def test_read_only_open_never_writes_the_file(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty.db"
     empty.touch()
-    with StateStore.open(empty, create=False, read_only=True) as store:
-        assert store.applied() == {} and store.all() == []
+    with pytest.raises(StateError, match="empty file"):  # not a store: refused, not read as one
+        StateStore.open(empty, create=False, read_only=True)
     assert empty.stat().st_size == 0
 
     with StateStore.open(old) as store:  # a writer upgrades and tightens it
