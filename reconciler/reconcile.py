@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from reconciler.errors import (
 from reconciler.live import Observation
 from reconciler.observe import read_task
 from reconciler.plan import Call, Drift, Plan
-from reconciler.state import StateStore, heal_reason
+from reconciler.state import ResultNotRecorded, StateStore, StoreWriteError, heal_reason
 from reconciler.task import AppliedRecord, DesiredTask, FieldValue, TaskKey
 
 _T = TypeVar("_T")
@@ -351,15 +352,21 @@ class TaskReconciler:
             raise  # not a result: the whole run stops or pauses
         except ApiError as exc:
             self._credentials_proven = True
-            return self._failed(call, exc, log=log, started=started)
+            # partial, not a lambda: ``exc`` is unbound once this clause ends
+            return _recorded(
+                key, functools.partial(self._failed, call, exc, log=log, started=started)
+            )
         self._credentials_proven = True
-        self.recorder.success(
-            task,
-            request_id=res.request_id,
-            incarnation=call.incarnation,
-            heal=heal_reason(call.cause, [(c.field, c.old, c.new) for c in call.changes])
+        heal = (
+            heal_reason(call.cause, [(c.field, c.old, c.new) for c in call.changes])
             if call.heal
-            else None,
+            else None
+        )
+        _recorded(
+            key,
+            lambda: self.recorder.success(
+                task, request_id=res.request_id, incarnation=call.incarnation, heal=heal
+            ),
         )
         log.info(
             "task.synced",
@@ -403,6 +410,16 @@ class TaskReconciler:
             outcome_unknown=isinstance(exc, OutcomeUnknownError),
         )
         return Result(key, Outcome.RETRY, self.failed_retry, exc, exc.request_id)
+
+
+def _recorded(key: TaskKey, write: Callable[[], _T]) -> _T:
+    """``write`` records a call's answer; a store that cannot take it raises
+    :class:`~reconciler.state.ResultNotRecorded`, which keeps ``write`` to make
+    again. (A Pending mark that fails raises before the call is sent.)"""
+    try:
+        return write()
+    except StoreWriteError as exc:
+        raise ResultNotRecorded(key, exc, write) from exc
 
 
 def _held(record: AppliedRecord | None) -> int | None:

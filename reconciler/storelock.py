@@ -36,14 +36,13 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
 from reconciler.events import get_logger
-from reconciler.state import PostgresURL, StateError, StoreLocation, format_time
+from reconciler.state import PostgresURL, StateError, format_time
 
 #: What the lock file's name adds to the store's.
 LOCK_SUFFIX: Final = ".lock"
@@ -229,19 +228,21 @@ class PostgresWriter:
         """Take the election lock, or raise :class:`StoreInUse` naming who holds it;
         with ``force``, go on without it (a warning says beside whom)."""
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
         from reconciler.leader import LOCK_KEY
 
-        name = f"reconciler {command} {socket.gethostname()}/{os.getpid()}"[:63]
+        name = f"{command} {socket.gethostname()}/{os.getpid()}"[:63]
         try:
-            conn = psycopg.connect(
-                url.conninfo(),
-                autocommit=True,
-                connect_timeout=max(1, round(timeout_s)),
-                application_name=name,
-                # Held as long as the apply runs: a server-wide idle timeout must not end it.
-                options="-c idle_session_timeout=0",
+            params = conninfo_to_dict(url.conninfo())
+            # Held as long as the apply runs: a server-wide idle timeout must not end it.
+            options = "-c idle_session_timeout=0"
+            if params.get("options"):
+                options = f"{params['options']} {options}"
+            params.update(
+                options=options, application_name=name, connect_timeout=max(1, round(timeout_s))
             )
+            conn = psycopg.connect(make_conninfo("", **params), autocommit=True)
         except psycopg.Error as exc:
             raise StateError(f"state store {url}: cannot connect: {url.scrub(str(exc))}") from None
         try:
@@ -315,17 +316,3 @@ def _describe_pg_holder(conn: Any) -> str:
         since = f", since {format_time(session[1])}" if session and session[1] else ""
         return f"{app}{since}"
     return "another session"
-
-
-@contextlib.contextmanager
-def one_writer(location: StoreLocation, *, command: str, force: bool = False) -> Iterator[None]:
-    """For a one-shot writer (``apply``): hold a PostgreSQL store's election lock
-    around the block. A SQLite store's lock is taken by the writable open itself."""
-    if not isinstance(location, PostgresURL):
-        yield
-        return
-    writer = PostgresWriter.claim(location, command=command, force=force)
-    try:
-        yield
-    finally:
-        writer.release()
