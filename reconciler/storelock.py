@@ -9,9 +9,10 @@ readers (``plan``, ``status``, ``state migrate --from``) take no lock.
 SQLite. A writable open (:func:`reconciler.state_sqlite.open_sqlite`) first
 takes an exclusive ``flock`` on ``<store>.lock`` beside the file
 (:class:`WriterLock`), then writes into it who it is (:class:`Holder`: pid,
-host, when, which command) as a small JSON document. The OS frees the lock
-when the process ends, however it ends (``kill -9`` included): a lock file
-whose lock nobody holds is no holder, whatever it says. A second writer is
+host, when, which command) as a small JSON document, over the last holder's.
+The OS frees the lock when the process ends, however it ends (``kill -9``
+included): a lock file whose lock nobody holds is no holder, whatever it
+says (the last holder, until the next one). A second writer is
 refused at once (:class:`StoreInUse`) with what the file says of the holder.
 The lock file is never deleted: a writer that deleted it could leave a third
 process locking a new file while the second still holds the old one. Within
@@ -164,15 +165,15 @@ class WriterLock:
                     "read it)",
                     holder,
                 ) from None
+            details = Holder.me(command).to_bytes()
             try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, Holder.me(command).to_bytes(), 0)
-            except OSError as exc:
-                os.close(fd)  # frees the lock
-                raise StateError(
-                    f"state store {store}: cannot write its writer lock {path}: "
-                    f"{exc.strerror or exc}"
-                ) from exc
+                # Over the last holder's details, in place: on a full disk the page is
+                # there already. If even that fails, say nothing rather than name another.
+                os.pwrite(fd, details, 0)
+                os.ftruncate(fd, len(details))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
             cls._held[key] = (fd, 1)
             return cls(key, path)
 
@@ -187,8 +188,6 @@ class WriterLock:
                 self._held[self._key] = (fd, handles - 1)
                 return
             del self._held[self._key]
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # a lock file nobody holds says nothing
             os.close(fd)  # closing the last descriptor frees the lock
 
 
