@@ -33,7 +33,11 @@ digest of them do not depend on the backend; :meth:`StateStore.snapshot` and
 Durability. Every writer is one transaction, committed before it returns, so
 a process killed mid-run loses nothing already recorded.
 :meth:`StateStore.bulk` groups many writes into one transaction when that
-matters for speed (a first sync of 100k in-sync tasks).
+matters for speed (a first sync of 100k in-sync tasks). A write the database
+refuses (a full disk, a read-only file system, a lost connection) rolls back
+and is a :class:`StoreWriteError`: callers send no call they could not
+record (:class:`ResultNotRecorded` is the answer to a call already made that
+could not be recorded; :meth:`StateStore.check_writable` probes).
 
 Schema. Each backend keeps a schema version and forward steps up to
 :data:`SCHEMA_VERSION`, each applied in its own transaction together with
@@ -41,6 +45,8 @@ the version bump. A store written by a newer reconciler, or something that
 is not a store (a foreign database, a corrupt file), is a :class:`StateError`
 naming the store and what is wrong: the store is never silently reset or
 re-created. A read-only open (``plan``, ``status``) never writes the store.
+A row that cannot be read back (fields or an observation that are not a JSON
+object) is a :class:`StateError` naming the store and the task.
 
 Secrets. No column holds headers, raw requests or credentials. A PostgreSQL
 store is named by a :class:`PostgresURL`, whose ``str`` and ``repr`` leave
@@ -56,7 +62,8 @@ connection, so a replica that lost the leadership records nothing
 Concurrency. A :class:`StateStore` keeps one connection and is meant for one
 asyncio program: callers make one call at a time (it may come from a worker
 thread). The calls are synchronous and short. Other processes may read
-concurrently (``status`` while the daemon runs).
+concurrently (``status`` while the daemon runs); one process writes
+(:mod:`reconciler.storelock`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,12 @@ backends share; this module only opens the file and keeps it right.
 
 Files. The store and its ``-wal``/``-shm`` companions are created owner-only
 (0600), a missing parent directory 0700: the rows name tasks and ids, never
-secrets, but nothing here is for other users.
+secrets, but nothing here is for other users. A new store is built in a file
+of its own beside the path (``.state.db.new-*``) and hard-linked into place
+once complete, so a file at the path is always a store: an existing file
+that holds none (0 bytes, or an empty SQLite database) is refused, never
+taken for a new store. Beside it, ``state.db.lock`` is the writer lock
+(:class:`~reconciler.storelock.WriterLock`).
 
 Durability. The database runs in WAL mode with ``synchronous=NORMAL``: a
 commit is appended to the write-ahead log before the writer returns, and the
@@ -17,11 +22,17 @@ application_id`` marks the file as ours; :data:`MIGRATIONS` are forward steps,
 each applied in its own ``BEGIN IMMEDIATE`` transaction together with the
 version bump, so two processes opening an old store at once cannot both
 apply a step. A read-only open never writes the file: an older schema is
-migrated in a private in-memory copy.
+migrated in a private in-memory copy. Where the folder cannot be written
+(``mode=ro`` cannot make the ``-shm`` index), a store with nothing in its
+``-wal`` is opened immutable, and one whose ``-wal`` holds commits is copied
+with it into a private temporary folder (SQLite recovers the log there) and
+read from memory.
 
 Concurrency. One connection (``check_same_thread=False``: a call may come
 from a worker thread, one at a time). Other processes may read concurrently;
-writers from two processes wait on each other up to the busy timeout.
+a writable open holds the store's writer lock for as long as it is open, so
+a second writing process is refused at once (the busy timeout only covers
+readers' checkpoints and the odd writer outside the reconciler).
 """
 
 from __future__ import annotations
