@@ -16,6 +16,13 @@ calls in flight finish and are recorded, and only calls still unanswered
 after ``drain_timeout`` are abandoned. Cancelling
 an in-flight call would throw away an answer the server already acted on:
 the next run would re-send it, and a re-sent ``Duration`` cuts the slice.
+
+A store that cannot take a write stops the run the same way, at the first
+failed write: no new call goes out once a result could not be recorded
+(:class:`~reconciler.state.StoreWriteError`; a call whose Pending mark could
+not be written is never sent). The report lists the calls that were made and
+answered but whose results were not recorded (``unrecorded``): their tasks
+stay Pending in the store.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from reconciler.rollout import (
     check_canary,
     judge,
 )
+from reconciler.state import ResultNotRecorded, StoreWriteError
 from reconciler.task import DesiredTask, TaskKey
 
 
@@ -75,6 +83,10 @@ class ApplyReport:
     #: Why the rest of a rollout was not sent when no canary failed (a first-phase call
     #: failed); they are in ``not_started``.
     stopped_rollout: str | None = None
+    #: The first write the store refused; no call was sent after it.
+    store_error: StoreWriteError | None = None
+    #: Calls made and answered whose results the store did not take: left Pending.
+    unrecorded: list[TaskKey] = field(default_factory=list)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome is outcome)
@@ -84,6 +96,7 @@ class ApplyReport:
         """CONTRACT §3: every call succeeded or found its task not running."""
         return (
             self.fatal is None
+            and self.store_error is None
             and not self.not_started
             and not self.abandoned
             and all(r.outcome in (Outcome.SYNCED, Outcome.NOT_RUNNING) for r in self.results)
@@ -115,9 +128,14 @@ async def apply_plan(
     pause that doubles each time: "later", within the same run. ``on_result``
     hears of each task once, when its result is final for this run.
     """
-    recorder.bookkeeping(plan)
     stop = stop if stop is not None else asyncio.Event()
     report = ApplyReport()
+    try:
+        recorder.bookkeeping(plan)
+    except StoreWriteError as exc:  # before any call: nothing was sent
+        report.store_error = exc
+        report.not_started = [c.key for c in plan.calls]
+        return report
     final: dict[TaskKey, Result] = {}
     held: dict[TaskKey, Waiting] = {}
     reported: set[TaskKey] = set()
@@ -148,6 +166,9 @@ async def apply_plan(
         )
         report.abandoned += end.abandoned
         report.fatal = end.fatal
+        if end.store_errors and report.store_error is None:
+            report.store_error = end.store_errors[0]
+        report.unrecorded += [e.key for e in end.store_errors if isinstance(e, ResultNotRecorded)]
         retry = {k for k, r in final.items() if r.outcome is Outcome.RETRY}
         calls = [c for c in calls if c.key in retry]
         if not calls or last_pass or end.fatal is not None or stop.is_set():
@@ -161,9 +182,17 @@ async def apply_plan(
         tell(result)
     report.results = list(final.values())
     report.waiting = list(held.values())
-    report.not_started = [c.key for c in plan.calls if c.key not in final and c.key not in held]
+    unrecorded = set(report.unrecorded)
+    report.not_started = [
+        c.key
+        for c in plan.calls
+        if c.key not in final and c.key not in held and c.key not in unrecorded
+    ]
     report.interrupted = (
-        report.fatal is None and stop.is_set() and bool(report.not_started or report.abandoned)
+        report.fatal is None
+        and report.store_error is None
+        and stop.is_set()
+        and bool(report.not_started or report.abandoned)
     )
     return report
 
@@ -172,6 +201,8 @@ async def apply_plan(
 class _PassEnd:
     abandoned: int
     fatal: FatalError | None
+    #: Writes the store refused, the first first (calls unrecorded among them).
+    store_errors: list[StoreWriteError]
 
 
 async def _pass(
@@ -188,6 +219,7 @@ async def _pass(
     queue = deque(calls)
     halt = asyncio.Event()  # no new calls: stopped, or every call would fail alike
     fatal: list[FatalError] = []
+    store_errors: list[StoreWriteError] = []
     crashed: list[BaseException] = []
 
     async def worker() -> None:
@@ -204,6 +236,11 @@ async def _pass(
                 fatal.append(exc)
                 halt.set()
                 stop.set()  # calls still waiting for a slot are withdrawn, not sent
+                return
+            except StoreWriteError as exc:  # not recorded: send nothing more
+                store_errors.append(exc)
+                halt.set()
+                stop.set()
                 return
             except Exception as exc:  # e.g. the store is locked: stop cleanly, then raise
                 crashed.append(exc)
@@ -229,7 +266,9 @@ async def _pass(
         await asyncio.gather(finished, timer, return_exceptions=True)
     if crashed:
         raise crashed[0]
-    return _PassEnd(abandoned=abandoned, fatal=fatal[0] if fatal else None)
+    return _PassEnd(
+        abandoned=abandoned, fatal=fatal[0] if fatal else None, store_errors=store_errors
+    )
 
 
 class PacedReconciler:
@@ -332,7 +371,7 @@ async def apply_rollout(
         return report
     if stop.is_set() or report.fatal is not None:
         report.not_started += [c.key for c in rest]
-        report.interrupted = report.fatal is None
+        report.interrupted = report.fatal is None and report.store_error is None
         return report
     waiting = {w.key for w in report.waiting}
     if held_canaries := [k for k in gate.canaries if k in waiting]:
@@ -348,15 +387,20 @@ async def apply_rollout(
         report.stopped_rollout = "a call sent with the canaries (a heal) failed"
         report.not_started += [c.key for c in rest]
         return report
-    verdict, why = await _confirm_canaries(
-        gate.canaries,
-        report=report,
-        recorder=recorder,
-        desired=desired,
-        read_back=read_back,
-        stop=stop,
-        settle_s=settle_s,
-    )
+    try:
+        verdict, why = await _confirm_canaries(
+            gate.canaries,
+            report=report,
+            recorder=recorder,
+            desired=desired,
+            read_back=read_back,
+            stop=stop,
+            settle_s=settle_s,
+        )
+    except StoreWriteError as exc:  # the read-back could not be recorded: go no further
+        report.store_error = exc
+        report.not_started += [c.key for c in rest]
+        return report
     log = events.get_logger()
     if verdict is not CanaryState.PASSED:
         report.canary_failed = why
@@ -379,6 +423,8 @@ async def apply_rollout(
     report.not_started += more.not_started
     report.abandoned += more.abandoned
     report.fatal = more.fatal
+    report.store_error = more.store_error
+    report.unrecorded += more.unrecorded
     report.interrupted = more.interrupted
     return report
 

@@ -15,6 +15,7 @@ pending".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +24,7 @@ import signal
 import sys
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
@@ -66,6 +67,7 @@ from reconciler.state import (
     StateError,
     StateStore,
     StoreLocation,
+    StoreWriteError,
     parse_location,
 )
 from reconciler.status import build_report, parse_live_states, parse_statuses, report_statuses
@@ -266,12 +268,51 @@ def load_base_tree(base: Path) -> Mapping[TaskKey, DesiredTask]:
 
 
 def open_store(
-    path: StoreLocation, *, create: bool, read_only: bool = False, fencing: Fencing | None = None
+    path: StoreLocation,
+    *,
+    create: bool,
+    read_only: bool = False,
+    fencing: Fencing | None = None,
+    command: str = "reconciler",
 ) -> StateStore:
+    """Open the store or end the command; a writer (``command``) holds it alone."""
     try:
-        return StateStore.open(path, create=create, read_only=read_only, fencing=fencing)
+        return StateStore.open(
+            path, create=create, read_only=read_only, fencing=fencing, command=command
+        )
     except StateError as exc:
         fail(str(exc))
+
+
+@contextlib.contextmanager
+def before_any_call() -> Iterator[None]:
+    """A write the store refuses before any call was made ends the command, saying so."""
+    try:
+        yield
+    except StoreWriteError as exc:
+        fail(f"{exc}; no call was sent")
+
+
+@contextlib.contextmanager
+def one_writer_or_fail(
+    location: StoreLocation, *, command: str, force: bool = False
+) -> Iterator[None]:
+    """``apply`` on a PostgreSQL store holds the replicas' election lock while it runs
+    (:mod:`reconciler.storelock`): refused while a daemon leads, unless ``force``. (A
+    SQLite store's writer lock is taken by the writable open itself.)"""
+    if not isinstance(location, PostgresURL):
+        yield
+        return
+    from reconciler.storelock import PostgresWriter
+
+    try:
+        writer = PostgresWriter.claim(location, command=command, force=force)
+    except StateError as exc:
+        fail(str(exc))
+    try:
+        yield
+    finally:
+        writer.release()
 
 
 def store_exists(location: StoreLocation) -> bool:
@@ -1343,6 +1384,13 @@ def plan_or_tree_argument(f: F) -> F:
 @change_control_options(pacing=True, override=True)
 @refresh_option
 @drift_option
+@_option(
+    "--force-while-leading",
+    env="FORCE_WHILE_LEADING",
+    is_flag=True,
+    help="With a postgresql:// store that a run replica leads, apply anyway, beside it "
+    "(both may send). Without it apply is refused while a daemon leads.",
+)
 def apply(
     directory: str,
     state: StoreLocation,
@@ -1352,6 +1400,7 @@ def apply(
     allow_mass_forget: bool,
     refresh: bool | None,
     drift: DriftPolicy,
+    force_while_leading: bool,
     **api: Any,
 ) -> None:
     """Plan, then make the calls within the QPS budget and record the results.
@@ -1367,6 +1416,10 @@ def apply(
 
     Given a FILE saved by `plan --out`, makes exactly that plan's calls, and
     refuses ("plan is stale") when the tree or the state store changed since.
+
+    One writer per store: apply is refused while another process writes it (a
+    daemon, another apply). At the first write the store refuses it sends no
+    more calls, lists the calls made whose results were not recorded, exits 1.
     """
     from reconciler.progress import ApplyProgress
     from reconciler.reconcile import Outcome, Recorder
@@ -1397,7 +1450,11 @@ def apply(
     creds = credentials_or_fail()
     config = client_config(**api)
     quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
-    with open_store(state, create=True) as store:
+    with (
+        one_writer_or_fail(state, command="reconciler apply", force=force_while_leading),
+        open_store(state, create=True, command="reconciler apply") as store,
+        before_any_call(),
+    ):
         check_tree_root(store.tree_root(), tree, store=state, allow=allow_root_change)
         recorder = Recorder(store)
         observations: dict[TaskKey, Observation] | None = None
@@ -1512,6 +1569,8 @@ def apply(
             "(outcome unknown; they stay Pending)"
         )
     echo_held(report.waiting)
+    if report.store_error is not None:
+        store_refused_write(report, stopped)
     if report.fatal is not None:
         fail(f"{report.fatal}; stopped the run: {stopped}")
     if report.stopped_rollout is not None and not report.interrupted:
@@ -1532,6 +1591,23 @@ def apply(
     exit_if_unread(the_plan, refused, read_failures)
     if not report.ok:
         sys.exit(1)
+
+
+def store_refused_write(report: ApplyReport, stopped: str) -> NoReturn:
+    """End ``apply`` whose store refused a write: what was not sent, and which calls were
+    made but not recorded (their tasks stay Pending)."""
+    for key in report.unrecorded:
+        click.echo(f"  not recorded: {key}", err=True)
+    made = len(report.unrecorded)
+    fail(
+        f"{report.store_error}; stopped sending at the first write it refused: {stopped}; "
+        + (
+            f"{made} call(s) were made but their results may not be recorded (listed above; "
+            "their tasks stay Pending)"
+            if made
+            else "every answer received was recorded"
+        )
+    )
 
 
 def record_refused_reads(
@@ -1977,7 +2053,7 @@ def run(
         from reconciler.state_postgres import SCHEMA
 
         leadership = Leadership(state.conninfo(), replica=replica, schema=SCHEMA)
-    with open_store(state, create=True, fencing=leadership) as store:
+    with open_store(state, create=True, fencing=leadership, command="reconciler run") as store:
         check_tree_root(store.tree_root(), directory, store=state, allow=allow_root_change)
         if leadership is None:
             record_tree_root(store, directory)
@@ -2171,7 +2247,7 @@ def state_migrate(source: StoreLocation, target: StoreLocation) -> None:
         fail(f"state store {source} does not exist: nothing to migrate")
     with open_store(source, create=False, read_only=True) as store:
         snapshot = store.snapshot()
-    with open_store(target, create=True) as store:
+    with open_store(target, create=True, command="reconciler state migrate") as store:
         try:
             store.restore(snapshot)
         except StateError as exc:
@@ -2318,4 +2394,6 @@ def entry_point() -> None:
     except click.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(1)
+    except StateError as exc:  # a store that fails while read or written: one line, no traceback
+        fail(str(exc))
     sys.exit(status if isinstance(status, int) else 0)

@@ -19,6 +19,15 @@ Pieces, each a thin shell around the functional core:
   missed file event and any drift in recorded state).
 - **Credentials errors** pause every worker (readiness goes false) and are
   retried after a growing pause rather than burned through every task.
+- **A store that refuses writes** (a full disk, a lost database) holds every
+  worker and read as well: no call goes out that could not be recorded (the
+  reconciler's send gate says no, so calls waiting for a QPS slot are
+  withdrawn). Readiness says ``cannot write the state store ...``;
+  ``daemon.store_unwritable`` is logged once per streak. The store is probed
+  with a write after a growing pause; once it takes one, the results that
+  could not be recorded are recorded (their calls are not sent again), the
+  planner's view is read back from the store, ``daemon.store_writable`` is
+  logged, and everything is planned afresh.
 - **Forget guard**: a change that would forget more tasks than
   ``--max-forget`` allows (an emptied tree, a wrong git-sync revision) is
   not carried out. The records are *withheld*: kept as they are, re-decided
@@ -96,7 +105,7 @@ from reconciler.rollout import (
     repick_canary,
     start_rollout,
 )
-from reconciler.state import FencedError
+from reconciler.state import FencedError, ResultNotRecorded, StateError, StoreWriteError
 from reconciler.task import SyncStatus, TaskKey
 from reconciler.watch import TreeChange, watch_tree
 from reconciler.workqueue import WorkQueue
@@ -119,6 +128,9 @@ class DaemonConfig:
     retry_cap: float = 600.0
     fatal_pause: float = 30.0
     fatal_pause_cap: float = 600.0
+    #: First pause before a store that refused a write is tried again; it doubles.
+    store_retry: float = 1.0
+    store_retry_cap: float = 60.0
     max_forget: ForgetLimit = dataclasses.field(default_factory=ForgetLimit)
     allow_mass_forget: bool = False
     #: Read live tasks (GetSegmentTask) and plan against them.
@@ -179,8 +191,13 @@ class Daemon:
         # Set when this replica's term as leader ends (or it stops): its calls
         # still waiting for a QPS slot are withdrawn (TaskReconciler.stop).
         self._term = asyncio.Event()
-        if leadership is not None:
-            reconciler.may_send = self._may_send
+        reconciler.may_send = self._may_send
+        # Why the store refuses writes (``None``: it takes them); the calls whose
+        # answers it did not take, to record once it does; failed writes this streak.
+        self._store_problem: str | None = None
+        self._unrecorded: dict[TaskKey, ResultNotRecorded] = {}
+        self._store_failures = 0
+        self._store_probe: asyncio.Task[None] | None = None
         self._paused_reason: str | None = None
         self._fatal_pauses = 0
         self._root_missing = False
@@ -248,6 +265,8 @@ class Daemon:
     def readiness(self) -> str | None:
         if (dead := self.liveness()) is not None:
             return dead
+        if self._store_problem is not None:
+            return self._store_problem
         if self.leadership is not None and not self._leading.is_set():
             # A warm standby is ready (to take over) while it can reach the store.
             return self.leadership.problem
@@ -442,7 +461,10 @@ class Daemon:
         if only is not None and self._withheld:
             only = {*only, *self._withheld}  # decide the withheld forgets with the rest
         plan = self._guard(self._plan(only))
-        self.recorder.bookkeeping(plan)
+        try:
+            self.recorder.bookkeeping(plan)
+        except StoreWriteError as exc:  # planned afresh once the store takes writes
+            self._store_failed(exc)
         self._note(plan, only)
         self._read_unread(plan)
         for w in plan.warnings:
@@ -511,6 +533,9 @@ class Daemon:
                     self.metrics.in_flight.dec()
             except FencedError as exc:  # another replica leads: its plan covers this key
                 self._lost(str(exc))
+            except StoreWriteError as exc:  # not recorded: hold everything until it can be
+                self.queue.add(key)
+                self._store_failed(exc)
             except Exception as exc:  # one task's surprise must not stop a worker
                 delay = self.queue.add_rate_limited(key)
                 self.log.exception(
@@ -1002,6 +1027,8 @@ class Daemon:
             await self._read_one(key)
         except FencedError as exc:  # another replica leads: it reads for itself
             self._lost(str(exc))
+        except StoreWriteError as exc:  # the read is lost; it is taken again in its turn
+            self._store_failed(exc)
         except Exception as exc:  # one odd answer must not stop the observer
             self.log.exception("observe.failed", error=repr(exc), **task_fields(key))
         finally:
@@ -1142,10 +1169,79 @@ class Daemon:
     # --- leadership -------------------------------------------------------------------
 
     def _sync_go(self) -> None:
-        if self._stop.is_set() or (self._running.is_set() and self._leading.is_set()):
+        if self._stop.is_set() or (
+            self._running.is_set() and self._leading.is_set() and self._store_problem is None
+        ):
             self._go.set()
         else:
             self._go.clear()
+
+    # --- a store that refuses writes ---------------------------------------------------
+
+    def _store_failed(self, exc: StoreWriteError) -> None:
+        """The store refused a write: hold calls and reads (said once per streak) and
+        probe it until it takes writes again."""
+        if isinstance(exc, ResultNotRecorded):
+            self._unrecorded[exc.key] = exc
+        self._store_failures += 1
+        if self._store_problem is not None:
+            return
+        self._store_problem = f"cannot write the state store {exc.store}: {exc.reason}"
+        self._sync_go()
+        self.log.error(
+            "daemon.store_unwritable",
+            store=exc.store,
+            error=exc.reason,
+            write=exc.what,
+            retry_in_s=self.config.store_retry,
+        )
+        self._store_probe = asyncio.get_running_loop().create_task(
+            self._recover_store(), name="store probe"
+        )
+
+    async def _recover_store(self) -> None:
+        started = time.monotonic()
+        pause = self.config.store_retry
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), pause)
+            if self._stop.is_set():
+                return
+            try:
+                recorded = self._record_again()
+            except StateError as exc:
+                pause = min(self.config.store_retry_cap, pause * 2)
+                self.log.debug("daemon.store_probe_failed", error=str(exc), retry_in_s=pause)
+                continue
+            break
+        self.log.info(
+            "daemon.store_writable",
+            seconds=round(time.monotonic() - started, 1),
+            failed_writes=self._store_failures,
+            results_recorded=recorded,
+        )
+        self._store_problem, self._store_failures = None, 0
+        self._sync_go()
+        if self._leading.is_set():
+            try:
+                plan = self.replan(None, reason="store_writable")
+                if not self._pass:
+                    self._start_pass(plan, reason="store_writable")
+            except Exception as exc:  # the next resync plans it all again
+                self.log.exception("resync.failed", error=repr(exc))
+
+    def _record_again(self) -> int:
+        """A probe write, then the planner's view read back from the store (a refused
+        bulk write may have left it ahead), then each result not yet recorded."""
+        self.recorder.store.check_writable()
+        self.recorder.reload()
+        self._out_of_sync = set(self.recorder.store.keys_with_status(SyncStatus.OUT_OF_SYNC))
+        recorded = 0
+        for key, exc in list(self._unrecorded.items()):
+            exc.record()
+            del self._unrecorded[key]
+            recorded += 1
+        return recorded
 
     def _elected(self, epoch: int) -> None:
         """This replica leads now: start from the store as it is, plan everything, go."""
@@ -1182,7 +1278,10 @@ class Daemon:
             self.log.error("leader.fenced", why=why)
 
     def _may_send(self) -> bool:
-        """Whether a call may go out now: leading on a fresh lease (the reconciler's gate)."""
+        """Whether a call may go out now: the store takes writes, and leading on a fresh
+        lease (the reconciler's gate)."""
+        if self._store_problem is not None:
+            return False
         return self.leadership is None or (self._leading.is_set() and self.leadership.holds())
 
     async def run(self, stop: asyncio.Event) -> None:

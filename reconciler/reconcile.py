@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from reconciler.errors import (
 from reconciler.live import Observation
 from reconciler.observe import read_task
 from reconciler.plan import Call, Drift, Plan
-from reconciler.state import StateStore, heal_reason
+from reconciler.state import ResultNotRecorded, StateStore, StoreWriteError, heal_reason
 from reconciler.task import AppliedRecord, DesiredTask, FieldValue, SyncStatus, TaskKey
 
 _T = TypeVar("_T")
@@ -421,7 +422,10 @@ class TaskReconciler:
                         confirmed_by_read=True,
                     )
                 if back.outcome == "not_running" and back.observation is not None:
-                    self.recorder.live_not_running(task, back.observation)
+                    _recorded(
+                        key,
+                        functools.partial(self.recorder.live_not_running, task, back.observation),
+                    )
                     log.warning(
                         "task.not_running",
                         source="read_back",
@@ -433,10 +437,15 @@ class TaskReconciler:
                 if back.outcome == "missing" and sends < MAX_SENDS:
                     sent = {**_identity_of(call), **back.missing}
                     continue
-                return self._failed(call, exc, log=log, started=started)
+                # partial, not a lambda: ``exc`` is unbound once this clause ends
+                return _recorded(
+                    key, functools.partial(self._failed, call, exc, log=log, started=started)
+                )
             except ApiError as exc:
                 self._credentials_proven = True
-                return self._failed(call, exc, log=log, started=started)
+                return _recorded(
+                    key, functools.partial(self._failed, call, exc, log=log, started=started)
+                )
             self._credentials_proven = True
             return self._synced(
                 call,
@@ -463,7 +472,12 @@ class TaskReconciler:
         """Record and log a call the server applied (answered ok, or read back)."""
         changes = [(c.field, c.old, c.new) for c in call.changes]
         heal = heal_reason(call.cause, changes) if call.heal else None
-        self.recorder.success(call.task, request_id=request_id, incarnation=incarnation, heal=heal)
+        _recorded(
+            call.key,
+            lambda: self.recorder.success(
+                call.task, request_id=request_id, incarnation=incarnation, heal=heal
+            ),
+        )
         extra: dict[str, Any] = {"confirmed_by_read": True} if confirmed_by_read else {}
         log.info(
             "task.synced",
@@ -582,6 +596,16 @@ def _identity_of(call: Call) -> dict[str, FieldValue]:
 
 def _same(old: FieldValue | None, new: FieldValue) -> bool:
     return old is not None and type(old) is type(new) and old == new
+
+
+def _recorded(key: TaskKey, write: Callable[[], _T]) -> _T:
+    """``write`` records a call's answer; a store that cannot take it raises
+    :class:`~reconciler.state.ResultNotRecorded`, which keeps ``write`` to make
+    again. (A Pending mark that fails raises before the call is sent.)"""
+    try:
+        return write()
+    except StoreWriteError as exc:
+        raise ResultNotRecorded(key, exc, write) from exc
 
 
 def _held(record: AppliedRecord | None) -> int | None:

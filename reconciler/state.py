@@ -33,7 +33,11 @@ digest of them do not depend on the backend; :meth:`StateStore.snapshot` and
 Durability. Every writer is one transaction, committed before it returns, so
 a process killed mid-run loses nothing already recorded.
 :meth:`StateStore.bulk` groups many writes into one transaction when that
-matters for speed (a first sync of 100k in-sync tasks).
+matters for speed (a first sync of 100k in-sync tasks). A write the database
+refuses (a full disk, a read-only file system, a lost connection) rolls back
+and is a :class:`StoreWriteError`: callers send no call they could not
+record (:class:`ResultNotRecorded` is the answer to a call already made that
+could not be recorded; :meth:`StateStore.check_writable` probes).
 
 Schema. Each backend keeps a schema version and forward steps up to
 :data:`SCHEMA_VERSION`, each applied in its own transaction together with
@@ -41,6 +45,8 @@ the version bump. A store written by a newer reconciler, or something that
 is not a store (a foreign database, a corrupt file), is a :class:`StateError`
 naming the store and what is wrong: the store is never silently reset or
 re-created. A read-only open (``plan``, ``status``) never writes the store.
+A row that cannot be read back (fields or an observation that are not a JSON
+object) is a :class:`StateError` naming the store and the task.
 
 Secrets. No column holds headers, raw requests or credentials. A PostgreSQL
 store is named by a :class:`PostgresURL`, whose ``str`` and ``repr`` leave
@@ -56,7 +62,8 @@ connection, so a replica that lost the leadership records nothing
 Concurrency. A :class:`StateStore` keeps one connection and is meant for one
 asyncio program: callers make one call at a time (it may come from a worker
 thread). The calls are synchronous and short. Other processes may read
-concurrently (``status`` while the daemon runs).
+concurrently (``status`` while the daemon runs); one process writes
+(:mod:`reconciler.storelock`).
 """
 
 from __future__ import annotations
@@ -112,6 +119,33 @@ def newer_schema(store: object, version: int, known: int = SCHEMA_VERSION) -> St
         f"state store {store} was written by a newer reconciler "
         f"(schema {version}, this one knows up to {known})"
     )
+
+
+class StoreWriteError(StateError):
+    """A write the store could not make (a full disk, a read-only file system, an
+    I/O error, a lost connection): its transaction was rolled back, nothing of it
+    was recorded."""
+
+    def __init__(self, store: object, what: str, reason: str) -> None:
+        super().__init__(f"state store {store}: cannot {what}: {reason}")
+        self.store = str(store)
+        self.what = what
+        self.reason = reason
+
+
+class ResultNotRecorded(StoreWriteError):
+    """A call went out and was answered, but its result could not be recorded.
+
+    The task stays as :meth:`StateStore.mark_pending` left it before the call
+    (Pending), so the store still says a call was made whose outcome it does
+    not know. ``record`` makes the same write again (the daemon does once the
+    store takes writes again).
+    """
+
+    def __init__(self, key: TaskKey, error: StoreWriteError, record: Callable[[], object]) -> None:
+        super().__init__(error.store, error.what, error.reason)
+        self.key = key
+        self.record = record
 
 
 class FencedError(StateError):
@@ -442,12 +476,41 @@ _COLUMNS: Final = (
 )
 
 
-def _row_to_state(row: Sequence[Any]) -> TaskState:
+def _decode_fields(text: str) -> dict[str, FieldValue]:
+    """Stored fields (JSON text): an object, or a :class:`ValueError` saying what is wrong."""
+    fields = json.loads(text)
+    if not isinstance(fields, dict):
+        raise ValueError(f"a JSON {type(fields).__name__}, not an object")
+    return fields
+
+
+def corrupt_row(store: object, key: TaskKey, what: str, exc: Exception) -> StateError:
+    """The refusal of a row that cannot be read back: it names the store and the task."""
+    why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+    return StateError(
+        f"state store {store}: the row of task {key} is corrupt: {what} cannot be read "
+        f"({why}); fix or delete that row (the store is never reset)"
+    )
+
+
+def _row_to_state(row: Sequence[Any], store: object) -> TaskState:
+    try:
+        return _row_values(row)
+    except (ValueError, TypeError) as exc:
+        key = TaskKey(row[0], row[1], row[2])
+        try:
+            None if row[5] is None else _decode_fields(row[5])
+        except (ValueError, TypeError) as field_exc:
+            raise corrupt_row(store, key, "its last-applied fields", field_exc) from None
+        raise corrupt_row(store, key, "a column", exc) from None
+
+
+def _row_values(row: Sequence[Any]) -> TaskState:
     return TaskState(
         key=TaskKey(row[0], row[1], row[2]),
         status=SyncStatus(row[3]),
         business_id=row[4],
-        fields=None if row[5] is None else json.loads(row[5]),
+        fields=None if row[5] is None else _decode_fields(row[5]),
         applied_at=_parse_time(row[6]),
         request_id=row[7],
         attempts=row[8],
@@ -682,6 +745,7 @@ class StateStore:
         create: bool = True,
         read_only: bool = False,
         fencing: Fencing | None = None,
+        command: str = "reconciler",
     ) -> StateStore:
         """Open (and, with ``create``, create) the store, migrating it forward.
 
@@ -694,6 +758,10 @@ class StateStore:
         older daemon still uses; PostgreSQL refuses an older schema until
         ``apply`` or ``run`` migrates it. ``fencing`` (PostgreSQL only) is
         checked in every write transaction, before its writes.
+
+        A writable SQLite open first takes the store's writer lock
+        (:mod:`reconciler.storelock`), naming ``command`` as the holder; a store
+        another process writes is refused (:class:`~reconciler.storelock.StoreInUse`).
         """
         if isinstance(location, str):
             location = parse_location(location)
@@ -709,7 +777,9 @@ class StateStore:
                 raise ValueError("fencing is for a shared (PostgreSQL) store, not a SQLite file")
             from reconciler.state_sqlite import open_sqlite
 
-            backend, opened_schema = open_sqlite(location, create=create, read_only=read_only)
+            backend, opened_schema = open_sqlite(
+                location, create=create, read_only=read_only, command=command
+            )
         return cls(backend, opened_schema=opened_schema, read_only=read_only)
 
     def close(self) -> None:
@@ -742,27 +812,39 @@ class StateStore:
         epoch = _epoch
         statuses = {s.value: s for s in SyncStatus}
         out: dict[TaskKey, AppliedRecord] = {}
-        with _gc_paused():
-            for row in rows:
-                app_id, room_id, task_id, business_id, text, source_path, failed_spec = row[:7]
-                key = TaskKey(app_id, room_id, task_id)
-                fields = None if text is None else loads(text)
-                status, called, code = statuses.get(row[9]), row[10], row[11]
-                doubt = called is not None and (
-                    status is SyncStatus.PENDING
-                    or (status is SyncStatus.FAILED and code in OUTCOME_UNKNOWN_CODES)
-                )
-                out[key] = AppliedRecord(
-                    key,
-                    business_id,
-                    fields,
-                    source_path,
-                    failed_spec,
-                    applied_at=None if row[7] is None else epoch(row[7]),
-                    incarnation=row[8],
-                    status=status,
-                    in_doubt_since=epoch(called) if doubt else None,
-                )
+        row: Any = None
+        try:
+            with _gc_paused():
+                for row in rows:
+                    app_id, room_id, task_id, business_id, text, source_path, failed_spec = row[:7]
+                    key = TaskKey(app_id, room_id, task_id)
+                    fields = None if text is None else loads(text)
+                    if fields is not None and fields.__class__ is not dict:
+                        raise ValueError(f"a JSON {type(fields).__name__}, not an object")
+                    status, called, code = statuses.get(row[9]), row[10], row[11]
+                    doubt = called is not None and (
+                        status is SyncStatus.PENDING
+                        or (status is SyncStatus.FAILED and code in OUTCOME_UNKNOWN_CODES)
+                    )
+                    out[key] = AppliedRecord(
+                        key,
+                        business_id,
+                        fields,
+                        source_path,
+                        failed_spec,
+                        applied_at=None if row[7] is None else epoch(row[7]),
+                        incarnation=row[8],
+                        status=status,
+                        in_doubt_since=epoch(called) if doubt else None,
+                    )
+        except (ValueError, TypeError) as exc:
+            key = TaskKey(row[0], row[1], row[2])
+            what = "its last-applied time"
+            try:
+                None if row[4] is None else _decode_fields(row[4])
+            except (ValueError, TypeError):
+                what = "its last-applied fields"
+            raise corrupt_row(self.path, key, what, exc) from None
         return out
 
     def observations(self) -> dict[TaskKey, Observation]:
@@ -772,12 +854,17 @@ class StateStore:
             " stop_reason, fields FROM observations"
         )
         out: dict[TaskKey, Observation] = {}
-        with _gc_paused():
-            for app_id, room_id, task_id, at, state, status, start, end, reason, text in rows:
-                key = TaskKey(app_id, room_id, task_id)
-                out[key] = Observation(
-                    key, at, LiveState(state), start, end, reason, status, json.loads(text)
-                )
+        key: TaskKey | None = None
+        try:
+            with _gc_paused():
+                for app_id, room_id, task_id, at, state, status, start, end, reason, text in rows:
+                    key = TaskKey(app_id, room_id, task_id)
+                    out[key] = Observation(
+                        key, at, LiveState(state), start, end, reason, status, _decode_fields(text)
+                    )
+        except (ValueError, TypeError) as exc:
+            assert key is not None
+            raise corrupt_row(self.path, key, "its latest observation", exc) from None
         return out
 
     def get(self, key: TaskKey) -> TaskState | None:
@@ -786,13 +873,13 @@ class StateStore:
             f"SELECT {_COLUMNS} FROM tasks WHERE app_id = ? AND room_id = ? AND task_id = ?",
             tuple(key),
         )
-        return _row_to_state(rows[0]) if rows else None
+        return _row_to_state(rows[0], self.path) if rows else None
 
     def all(self) -> list[TaskState]:
         """Every row, sorted by key."""
         rows = self._query(f"SELECT {_COLUMNS} FROM tasks ORDER BY app_id, room_id, task_id")
         with _gc_paused():
-            return [_row_to_state(row) for row in rows]
+            return [_row_to_state(row, self.path) for row in rows]
 
     def keys_with_status(self, status: SyncStatus) -> list[TaskKey]:
         """The tasks recorded in ``status``."""
@@ -822,7 +909,7 @@ class StateStore:
             " ORDER BY app_id, room_id, task_id LIMIT ? OFFSET ?",
             [*params, limit, offset],
         )
-        return [_row_to_state(row) for row in rows]
+        return [_row_to_state(row, self.path) for row in rows]
 
     def latest_in_status(self, statuses: Sequence[SyncStatus], *, limit: int) -> list[TaskState]:
         """Up to ``limit`` rows in ``statuses``, the latest to enter its status first."""
@@ -832,7 +919,7 @@ class StateStore:
             " ORDER BY status_since DESC, app_id, room_id, task_id LIMIT ?",
             [*map(str, statuses), limit],
         )
-        return [_row_to_state(row) for row in rows]
+        return [_row_to_state(row, self.path) for row in rows]
 
     def tree_root(self) -> str | None:
         """The tree root the store was last applied from (``None``: never recorded)."""
@@ -888,6 +975,14 @@ class StateStore:
             )
 
     # -- writing -------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Make one write transaction that leaves the store as it was (a row added
+        and removed again, so pages are really written); raises
+        :class:`StoreWriteError` while the store cannot take writes."""
+        with self._transaction("write", changes_plan=False) as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_PROBE_KEY, _stamp(None)))
+            conn.execute("DELETE FROM meta WHERE key = ?", (_PROBE_KEY,))
 
     def record_tree_root(self, root: str) -> None:
         """Record the tree root ``apply`` and ``run`` reconcile from.
@@ -1087,7 +1182,10 @@ class StateStore:
             row = rows[0] if rows else None
             if row is None or row[0] is None:
                 raise StateError(f"task {key} has no last-applied values to release from")
-            current: dict[str, FieldValue] = json.loads(row[0])
+            try:
+                current = _decode_fields(row[0])
+            except (ValueError, TypeError) as exc:
+                raise corrupt_row(self.path, key, "its last-applied fields", exc) from None
             strays = sorted(
                 name for name, value in fields.items() if current.get(name, _MISSING) != value
             )
@@ -1243,9 +1341,7 @@ class StateStore:
             try:
                 yield conn
             except conn.errors as exc:
-                raise StateError(
-                    f"state store {self.path}: cannot {what}: {conn.describe(exc)}"
-                ) from exc
+                raise StoreWriteError(self.path, what, conn.describe(exc)) from exc
             finally:
                 self._depth -= 1
             return
@@ -1259,9 +1355,7 @@ class StateStore:
         except BaseException as exc:
             conn.rollback()
             if isinstance(exc, conn.errors):
-                raise StateError(
-                    f"state store {self.path}: cannot {what}: {conn.describe(exc)}"
-                ) from exc
+                raise StoreWriteError(self.path, what, conn.describe(exc)) from exc
             raise
         finally:
             self._depth = 0
@@ -1269,6 +1363,8 @@ class StateStore:
 
 
 _MISSING: Final = object()
+#: ``meta`` key that :meth:`StateStore.check_writable` writes and removes in one transaction.
+_PROBE_KEY: Final = "write_probe"
 
 _KEY: Final = "app_id, room_id, task_id"
 #: Every column, for copying a store whole (:meth:`StateStore.snapshot`).

@@ -5,7 +5,12 @@ backends share; this module only opens the file and keeps it right.
 
 Files. The store and its ``-wal``/``-shm`` companions are created owner-only
 (0600), a missing parent directory 0700: the rows name tasks and ids, never
-secrets, but nothing here is for other users.
+secrets, but nothing here is for other users. A new store is built in a file
+of its own beside the path (``.state.db.new-*``) and hard-linked into place
+once complete, so a file at the path is always a store: an existing file
+that holds none (0 bytes, or an empty SQLite database) is refused, never
+taken for a new store. Beside it, ``state.db.lock`` is the writer lock
+(:class:`~reconciler.storelock.WriterLock`).
 
 Durability. The database runs in WAL mode with ``synchronous=NORMAL``: a
 commit is appended to the write-ahead log before the writer returns, and the
@@ -17,17 +22,26 @@ application_id`` marks the file as ours; :data:`MIGRATIONS` are forward steps,
 each applied in its own ``BEGIN IMMEDIATE`` transaction together with the
 version bump, so two processes opening an old store at once cannot both
 apply a step. A read-only open never writes the file: an older schema is
-migrated in a private in-memory copy.
+migrated in a private in-memory copy. Where the folder cannot be written
+(``mode=ro`` cannot make the ``-shm`` index), a store with nothing in its
+``-wal`` is opened immutable, and one whose ``-wal`` holds commits is copied
+with it into a private temporary folder (SQLite recovers the log there) and
+read from memory.
 
 Concurrency. One connection (``check_same_thread=False``: a call may come
 from a worker thread, one at a time). Other processes may read concurrently;
-writers from two processes wait on each other up to the busy timeout.
+a writable open holds the store's writer lock for as long as it is open, so
+a second writing process is refused at once (the busy timeout only covers
+readers' checkpoints and the odd writer outside the reconciler).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sqlite3
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +59,7 @@ from reconciler.state import (
     StateError,
     newer_schema,
 )
+from reconciler.storelock import WriterLock
 
 #: Marks a SQLite file as a reconciler state store (``PRAGMA application_id``).
 APPLICATION_ID: Final = 0x52435354
@@ -203,9 +218,13 @@ class SqliteConnection:
     dialect: Dialect = SQLITE
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, path: Path, conn: sqlite3.Connection, lock: WriterLock | None = None
+    ) -> None:
         self.location = path
         self.conn = conn
+        #: The writer lock of a writable open (``None``: read-only).
+        self.lock = lock
 
     def query(self, sql: str, params: Sequence[object]) -> list[Any]:
         return self.conn.execute(sql, params).fetchall()
@@ -232,14 +251,25 @@ class SqliteConnection:
         _rollback(self.conn)
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            self.conn.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def describe(self, exc: BaseException) -> str:
         return str(exc)
 
 
-def open_sqlite(path: Path, *, create: bool, read_only: bool) -> tuple[SqliteConnection, int]:
-    """Open the store file at ``path``; also returns the schema version it had (0: new)."""
+def open_sqlite(
+    path: Path, *, create: bool, read_only: bool, command: str = "reconciler"
+) -> tuple[SqliteConnection, int]:
+    """Open the store file at ``path``; also returns the schema version it had (0: new).
+
+    A writable open holds the store's writer lock (:class:`WriterLock`, naming
+    ``command``) until the connection closes; a new store is built aside and
+    linked into place whole, so a file at ``path`` is always a store.
+    """
     if read_only:
         _prepare_file(path, create=False)
         conn, opened_schema = _connect_read_only(path)
@@ -248,11 +278,20 @@ def open_sqlite(path: Path, *, create: bool, read_only: bool) -> tuple[SqliteCon
     # appear on the first access, and must come out owner-only too.
     old_umask = os.umask(0o077)
     try:
-        _prepare_file(path, create=create)
-        conn, opened_schema = _connect(path)
+        if create:
+            _make_parent(path)
+        elif not (path.exists() or path.is_symlink()):
+            raise StateError(f"state store {path} does not exist")
+        lock = WriterLock.acquire(path, command=command)
+        try:
+            created = _prepare_file(path, create=create)
+            conn, opened_schema = _connect(path)
+        except BaseException:
+            lock.release()
+            raise
     finally:
         os.umask(old_umask)
-    return SqliteConnection(path, conn), opened_schema
+    return SqliteConnection(path, conn, lock), 0 if created else opened_schema
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -261,27 +300,82 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _prepare_file(path: Path, *, create: bool) -> None:
-    """Make sure ``path`` is a regular file, creating it (0600) if allowed."""
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
+
+
+def _prepare_file(path: Path, *, create: bool) -> bool:
+    """Make sure ``path`` is a store's regular file, building a new store there if
+    allowed (the writer lock held); returns whether it was built now.
+
+    A file that is there must be a store: an empty one (0 bytes) is refused,
+    never taken for a new store (every task would be sent again)."""
     try:
         if path.exists() or path.is_symlink():
             if not path.is_file():
                 kind = "a directory" if path.is_dir() else "not a regular file"
                 raise StateError(f"state store {path} is {kind}")
             st = path.stat()
+            if st.st_size == 0:
+                raise StateError(
+                    f"state store {path} is an empty file (0 bytes), not a state store; "
+                    "it is never reset: if nothing should be recorded there, delete it"
+                )
             if create and st.st_uid == os.getuid() and st.st_mode & 0o077:
                 path.chmod(0o600)  # a store made by other means: owner-only, as ours are
-            return
+            return False
         if not create:
             raise StateError(f"state store {path} does not exist")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            return  # another process made it first; it is checked like any other
-        os.close(fd)
+        return _build(path)
     except OSError as exc:
         raise StateError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
+
+
+def _build(path: Path) -> bool:
+    """Build a new store in a file of its own beside ``path`` and link it into place
+    once complete: a process killed meanwhile leaves no half-made store at ``path``
+    (only a ``.state.db.new-*`` file). ``False``: a store appeared there first."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.new-", dir=path.parent)
+    os.close(fd)
+    aside = Path(name)
+    try:
+        try:
+            conn = sqlite3.connect(aside, isolation_level=None)
+            try:
+                _configure(conn, path)
+                _migrate(conn, path, new=True)
+            finally:
+                conn.close()  # the last connection: the log is checkpointed into the file
+        except sqlite3.Error as exc:
+            raise StateError(f"state store {path}: cannot create: {exc}") from exc
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: the writer lock keeps others out anyway
+            if path.exists():
+                return False
+            os.rename(aside, path)
+        _sync_folder(path.parent)
+        return True
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{aside}{suffix}")
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a new name in ``folder`` survive a power loss (best effort)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _connect(path: Path) -> tuple[sqlite3.Connection, int]:
@@ -308,16 +402,7 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, int]:
 
 def _connect_read_only(path: Path) -> tuple[sqlite3.Connection, int]:
     """A connection that cannot write ``path``; an old schema is migrated in memory."""
-    try:
-        conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro",
-            uri=True,
-            timeout=BUSY_TIMEOUT_S,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-    except sqlite3.Error as exc:
-        raise StateError(f"state store {path}: cannot open: {exc}") from exc
+    conn = _reader(path)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -340,6 +425,62 @@ def _connect_read_only(path: Path) -> tuple[sqlite3.Connection, int]:
         raise
 
 
+def _open_uri(path: Path, query: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?{query}",
+        uri=True,
+        timeout=BUSY_TIMEOUT_S,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()  # opens the file now
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection to ``path``, even where its folder cannot be written.
+
+    ``mode=ro`` reads a WAL database through its ``-shm`` index, which it must
+    be able to create unless it is there already. Where it cannot (a
+    read-only folder or file system), a file with nothing in its ``-wal`` is
+    read as immutable, and one whose ``-wal`` holds commits is copied (with
+    its ``-wal``) into a private folder, where SQLite recovers the log, and
+    read from memory.
+    """
+    try:
+        return _open_uri(path, "mode=ro")
+    except sqlite3.Error as exc:
+        name = getattr(exc, "sqlite_errorname", "")
+        if not name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")) or not os.access(
+            path, os.R_OK
+        ):
+            raise StateError(f"state store {path} {_describe(exc)}") from exc
+        first = exc
+    wal = Path(f"{path}-wal")
+    try:
+        if not wal.exists() or wal.stat().st_size == 0:
+            return _open_uri(path, "immutable=1")
+        with tempfile.TemporaryDirectory(prefix="reconciler-read-") as folder:
+            copy = Path(folder) / "state.db"
+            shutil.copyfile(path, copy)
+            shutil.copyfile(wal, Path(f"{copy}-wal"))
+            source = sqlite3.connect(copy, isolation_level=None)
+            try:
+                memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                source.backup(memory)
+            finally:
+                source.close()
+            return memory
+    except (sqlite3.Error, OSError) as exc:
+        raise StateError(
+            f"state store {path}: cannot open read-only ({first}), nor read a copy: {exc}"
+        ) from exc
+
+
 def _describe(exc: sqlite3.Error) -> str:
     """What an error while opening says about the file, for a message."""
     name = getattr(exc, "sqlite_errorname", "")
@@ -360,8 +501,12 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
-def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> int:
-    """Apply the forward steps the file lacks; returns the version it started at."""
+def _migrate(
+    conn: sqlite3.Connection, path: Path, *, announce: bool = True, new: bool = False
+) -> int:
+    """Apply the forward steps the file lacks; returns the version it started at.
+
+    ``new``: the file is being built now (else one at version 0 is refused)."""
     started: int | None = None
     while True:
         # Version read and step applied under one write lock, so two processes
@@ -371,7 +516,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> 
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if started is None:
                 started = version
-                _check_identity(conn, path, version)
+                _check_identity(conn, path, version, new=new or not announce)
             if version > SCHEMA_VERSION:
                 raise newer_schema(path, version)
             if version == SCHEMA_VERSION:
@@ -390,14 +535,23 @@ def _migrate(conn: sqlite3.Connection, path: Path, *, announce: bool = True) -> 
     return started or 0
 
 
-def _check_identity(conn: sqlite3.Connection, path: Path, version: int) -> None:
-    """Refuse a SQLite file that some other program wrote."""
+def _check_identity(
+    conn: sqlite3.Connection, path: Path, version: int, *, new: bool = False
+) -> None:
+    """Refuse a SQLite file that some other program wrote, or that holds no store
+    (``new``: a file being built now, which starts empty)."""
     if version == 0:
         (objects,) = conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
         if objects:
             raise StateError(
                 f"state store {path} is a SQLite database of something else "
                 "(it has tables but no reconciler schema version)"
+            )
+        if not new:
+            raise StateError(
+                f"state store {path} is an empty SQLite database (no tables, no reconciler "
+                "schema version), not a state store; it is never reset: if nothing should "
+                "be recorded there, delete it"
             )
         return
     (app_id,) = conn.execute("PRAGMA application_id").fetchone()

@@ -29,6 +29,7 @@ from reconciler.state import (
     StateError,
     StateStore,
     StoreLocation,
+    StoreWriteError,
     TaskState,
     heal_reason,
 )
@@ -801,8 +802,8 @@ def test_read_only_open_never_writes_the_file(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty.db"
     empty.touch()
-    with StateStore.open(empty, create=False, read_only=True) as store:
-        assert store.applied() == {} and store.all() == []
+    with pytest.raises(StateError, match="empty file"):  # not a store: refused, not read as one
+        StateStore.open(empty, create=False, read_only=True)
     assert empty.stat().st_size == 0
 
     with StateStore.open(old) as store:  # a writer upgrades and tightens it
@@ -1122,3 +1123,66 @@ def test_the_recorder_records_a_heal_with_the_success(db: Path) -> None:
             state.last_heal_at,
             state.last_heal_reason,
         ), "a success that is no heal leaves the last heal as it was"
+
+
+# -- rows that cannot be read back, writes that cannot be made ---------------------------
+
+
+def raw_execute(location: StoreLocation, sql: str, params: tuple[object, ...]) -> None:
+    """Change a row behind the store's back, in the backend's own spelling."""
+    if isinstance(location, PostgresURL):
+        import psycopg
+
+        with psycopg.connect(location.conninfo(), autocommit=True) as pg:
+            pg.execute(sql.replace("?", "%s").replace(" tasks", " reconciler.tasks")
+                       .replace(" observations", " reconciler.observations"), params)  # fmt: skip
+        return
+    with contextlib.closing(sqlite3.connect(location)) as conn, conn:
+        conn.execute(sql, params)
+
+
+def test_a_corrupt_row_is_an_error_naming_the_task_and_the_store(store_at: StoreLocation) -> None:
+    other = TaskKey("app1", "room2", "task1")
+    with open_store(store_at) as store:
+        for key in (KEY, other):
+            store.record_success(key, fields=FIELDS, business_id=None, request_id="r", source=SRC)
+            store.record_observation(
+                Observation(key, 1.0, LiveState.RUNNING, 5, None, None, 2, {"Duration": 30})
+            )
+    where = "app_id = ? AND room_id = ? AND task_id = ?"
+    raw_execute(store_at, f"UPDATE tasks SET applied_fields = '{{\"Dur' WHERE {where}", KEY)
+    with open_store(store_at) as store:
+        for read in (store.applied, store.all, lambda: store.get(KEY)):
+            with pytest.raises(StateError) as refused:
+                read()
+            assert str(refused.value).startswith(f"state store {store_at}: the row of task {KEY}")
+            assert "last-applied fields cannot be read" in str(refused.value)
+        assert store.get(other) is not None, "the other rows read as ever"
+        with pytest.raises(StateError, match="last-applied fields cannot be read"):
+            store.record_release(KEY, fields={})
+    raw_execute(store_at, f"UPDATE tasks SET applied_fields = NULL WHERE {where}", KEY)
+    raw_execute(store_at, f"UPDATE observations SET fields = '42' WHERE {where}", KEY)
+    with open_store(store_at) as store, pytest.raises(StateError) as refused:
+        store.observations()
+    assert f"task {KEY} is corrupt: its latest observation cannot be read" in str(refused.value)
+
+
+def test_a_write_the_store_refuses_is_a_store_write_error_that_records_nothing(
+    db: Path,
+) -> None:
+    with open_store(db) as store:
+        store.check_writable()  # a store that takes writes: nothing to see
+        generation = store.generation()
+        backend = store._backend
+        assert isinstance(backend, SqliteConnection)
+        (pages,) = backend.conn.execute("PRAGMA page_count").fetchone()
+        backend.conn.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StoreWriteError) as refused:
+            for n in range(200):  # until a new page is needed
+                store.mark_pending(TaskKey("app", "room", f"t{n:03d}"), source=SRC,
+                                   business_id=None)  # fmt: skip
+        assert refused.value.what == "mark pending" and "full" in refused.value.reason
+        backend.conn.execute(f"PRAGMA max_page_count = {pages * 100}")
+        store.check_writable()
+        assert store.generation() == generation + n, "the refused write recorded nothing"
+        assert store._meta("write_probe") is None, "the probe leaves no trace"
