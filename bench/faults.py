@@ -91,6 +91,10 @@ def slow(python: str, n: int) -> dict[str, object]:
             code, took, _ = apply(python, work, emulator.url, "--timeout", "1")
             time.sleep(3)  # whatever is still being worked on lands
             calls = applied_calls(emulator)
+            # Then as the user told to raise --timeout would: every task converges.
+            code2, took2, _ = apply(python, work, emulator.url, "--timeout", "5")
+            time.sleep(3)
+            after = applied_calls(emulator)
     applied = sum(calls)
     out: dict[str, object] = {
         "tasks": n,
@@ -99,10 +103,19 @@ def slow(python: str, n: int) -> dict[str, object]:
         "applied_calls": applied,
         "duplicate_cuts": max(0, applied - sum(1 for c in calls if c)),
         "tasks_applied_twice_or_more": sum(1 for c in calls if c > 1),
+        "then_timeout_5": {
+            "exit": code2,
+            "seconds": round(took2, 1),
+            "applied_calls": sum(after),
+            "duplicate_cuts": sum(after) - sum(1 for c in after if c),
+            "converged": sum(1 for c in after if c),
+        },
     }
     figure("slow server: UpdateSegment applied", str(applied), f"<= {n}")
     figure("slow server: duplicate cuts", str(out["duplicate_cuts"]), "0")
     figure("slow server: apply exit / seconds", f"{code} / {took:.1f}")
+    figure("then --timeout 5: exit / seconds", f"{code2} / {took2:.1f}")
+    figure("then --timeout 5: applied in all / tasks", f"{sum(after)} / {n}", f"{n} / {n}")
     return out
 
 
