@@ -13,6 +13,13 @@ twice is a slice cut for nothing. Scenarios (each from an empty state store,
 - ``blackhole``: 1,000 tasks and an endpoint that accepts connections and
   never answers, ``apply --timeout 1``. Printed: seconds until ``apply``
   exits, the lines it wrote, and the requests the endpoint received.
+- ``twowriters``: 2,000 tasks and two ``run`` daemons started together on one
+  SQLite store, until every task is called and the calls stop. Printed:
+  calls applied, their excess over the tasks, and how each daemon ended.
+- ``fulldisk``: 2,000 tasks, the store on a real 16 MiB tmpfs filled to
+  160 kB free while ``apply`` runs; then the filler is removed and ``apply``
+  runs again. Printed: the calls applied in all, their excess over the tasks.
+  Needs root (``mount -t tmpfs``).
 
 ``--python`` runs another checkout's CLI (its venv's python, e.g. a worktree
 of an older commit) for the "before" figures; the emulator and the black
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -216,13 +224,116 @@ def blackhole(python: str, n: int) -> dict[str, object]:
     return out
 
 
+def start_daemon(python: str, work: Path, endpoint: str, name: str) -> subprocess.Popen[bytes]:
+    log = (work / f"{name}.log").open("wb")
+    return subprocess.Popen(
+        [
+            *(python, "-m", "reconciler", "run", "desired", "--state", "state.db"),
+            *("--endpoint", endpoint, "--health-port", "0", "--read-qps", "60"),
+        ],
+        cwd=work,
+        env={**cli_env(), "RECONCILER_LOG_LEVEL": "warning"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def quiet(emulator: EmulatorProcess, n: int, *, settle: float = 5.0, limit: float = 180) -> float:
+    """Wait until every task was called and no call came for ``settle`` s; the seconds it took."""
+    started = time.monotonic()
+    last, since = -1, time.monotonic()
+    while time.monotonic() - started < limit:
+        calls = applied_calls(emulator)
+        total = sum(calls)
+        if total != last:
+            last, since = total, time.monotonic()
+        elif sum(1 for c in calls if c) >= n and time.monotonic() - since >= settle:
+            break
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def twowriters(python: str, n: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_tree(work / "desired", n)
+        with EmulatorProcess(work, latency_ms=40) as emulator:
+            seed(emulator, n)
+            first = start_daemon(python, work, emulator.url, "first")
+            second = start_daemon(python, work, emulator.url, "second")
+            took = quiet(emulator, n)
+            ended = []
+            for proc in (first, second):
+                if proc.poll() is None:
+                    proc.terminate()
+                ended.append(proc.wait(60))
+            calls = applied_calls(emulator)
+            second_log = (work / "second.log").read_text(errors="replace")
+    refused = [line for line in second_log.splitlines() if "error" in line.lower()][:1]
+    out: dict[str, object] = {
+        "tasks": n,
+        "seconds": round(took, 1),
+        "applied_calls": sum(calls),
+        "duplicate_cuts": sum(calls) - sum(1 for c in calls if c),
+        "exit_codes": ended,
+        "second_said": refused[0][:300] if refused else None,
+    }
+    figure("two writers: UpdateSegment applied", str(sum(calls)), f"{n}")
+    figure("two writers: duplicate cuts", str(out["duplicate_cuts"]), "0")
+    print(f"  the second daemon said: {out['second_said']}")
+    return out
+
+
+def fulldisk(python: str, n: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        disk = work / "disk"
+        disk.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(disk)], check=True
+        )
+        try:
+            with EmulatorProcess(work, latency_ms=40) as emulator:
+                seed(emulator, n)
+                make_tree(work / "desired", 1)
+                state = ("--state", str(disk / "state.db"))
+                code0, _, _ = apply(python, work, emulator.url, *state)  # the store exists
+                make_tree(work / "desired", n)
+                filler = disk / "filler"
+                free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+                filler.write_bytes(b"\0" * max(0, free - 160_000))
+                code1, took1, text1 = apply(python, work, emulator.url, *state)
+                filler.unlink()
+                code2, took2, _ = apply(python, work, emulator.url, *state)
+                calls = applied_calls(emulator)
+        finally:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+    out: dict[str, object] = {
+        "tasks": n,
+        "setup_exit": code0,
+        "full": {"exit": code1, "seconds": round(took1, 1), "traceback": "Traceback" in text1},
+        "rerun": {"exit": code2, "seconds": round(took2, 1)},
+        "applied_calls": sum(calls),
+        "duplicate_cuts": sum(calls) - sum(1 for c in calls if c),
+        "converged": sum(1 for c in calls if c),
+    }
+    figure("full disk: first apply exit / traceback", f"{code1} / {'Traceback' in text1}")
+    figure("full disk: UpdateSegment applied in all", str(sum(calls)), f"{n}")
+    figure("full disk: duplicate cuts", str(out["duplicate_cuts"]), "0")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["slow", "drops", "blackhole"], action="append")
+    ap.add_argument(
+        "--only",
+        choices=["slow", "drops", "blackhole", "twowriters", "fulldisk"],
+        action="append",
+    )
     ap.add_argument("--tasks", type=int, default=2000)
     ap.add_argument("--python", default=sys.executable, help="the CLI's python (a checkout)")
     args = ap.parse_args()
-    chosen = args.only or ["slow", "drops", "blackhole"]
+    chosen = args.only or ["slow", "drops", "blackhole", "twowriters", "fulldisk"]
     results: dict[str, object] = {"python": args.python}
     for name in chosen:
         print(f"== {name}")
@@ -230,6 +341,10 @@ def main() -> None:
             results[name] = slow(args.python, args.tasks)
         elif name == "drops":
             results[name] = drops(args.python, args.tasks)
+        elif name == "twowriters":
+            results[name] = twowriters(args.python, args.tasks)
+        elif name == "fulldisk":
+            results[name] = fulldisk(args.python, args.tasks)
         else:
             results[name] = blackhole(args.python, max(1, args.tasks // 2))
     print(json.dumps(results))
