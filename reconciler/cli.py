@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 import click
 
 from reconciler import events, render, savedplan
-from reconciler.credentials import Credentials, CredentialsError, load_credentials
+from reconciler.credentials import Credentials, CredentialsError, load_credentials, too_open
 from reconciler.desired import SUFFIXES, DesiredIndex, discover, load_file, load_tree
 from reconciler.errors import ApiError, BadInputError, FatalError
 from reconciler.guard import (
@@ -1094,6 +1094,7 @@ def read_live(
             return None, Refresh("none", reason=f"{exc}; --refresh needs credentials")
         events.register_secret(creds.secret_key)
         events.register_secret(creds.session_token)
+        check_credentials_file(creds)
     if creds is None:
         creds = credentials_or_fail()
     settle_for_doubt(applied, keys)
@@ -1155,14 +1156,29 @@ def settle_for_doubt(applied: Mapping[TaskKey, AppliedRecord], keys: Sequence[Ta
         time.sleep(min(wait, SETTLE_S + 0.1))
 
 
-def credentials_or_fail() -> Credentials:
+def credentials_or_fail(*, refuse_open: bool = False) -> Credentials:
     try:
         creds = load_credentials()
     except CredentialsError as exc:
         fail(str(exc))
     events.register_secret(creds.secret_key)
     events.register_secret(creds.session_token)
+    check_credentials_file(creds, refuse=refuse_open)
     return creds
+
+
+def check_credentials_file(creds: Credentials, *, refuse: bool = False) -> None:
+    """Warn, as ssh does of a private key, when others may read the credentials file;
+    ``refuse`` (``run``): end the command instead."""
+    problem = None if creds.source is None else too_open(creds.source)
+    if problem is None:
+        return
+    if refuse:
+        fail(
+            f"{problem}; run does not start with it (--allow-open-credentials or "
+            "RECONCILER_ALLOW_OPEN_CREDENTIALS=1 starts it anyway)"
+        )
+    click.echo(click.style("warning: ", fg="yellow", bold=True) + problem, err=True)
 
 
 def _outcome_line(result: Result) -> str:
@@ -1913,6 +1929,13 @@ def _check_notify(
     "takes URLs separated by spaces). Bursts are coalesced; the URL is never logged whole.",
 )
 @_option(
+    "--allow-open-credentials",
+    env="ALLOW_OPEN_CREDENTIALS",
+    is_flag=True,
+    help="Start even though ~/.volc/credentials may be read by its group or others "
+    "(otherwise refused, as ssh refuses such a key; chmod 600 it instead).",
+)
+@_option(
     "--replica",
     env="REPLICA",
     default=None,
@@ -1937,6 +1960,7 @@ def run(
     observe_interval: float,
     observe: bool,
     notify: tuple[str, ...],
+    allow_open_credentials: bool,
     replica: str | None,
     **api: Any,
 ) -> None:
@@ -1949,7 +1973,7 @@ def run(
     creds = (
         Credentials("AKLTreconcilerEmbedded", secrets.token_urlsafe(32))
         if embedded
-        else (credentials_or_fail())
+        else (credentials_or_fail(refuse_open=not allow_open_credentials))
     )
     events.register_secret(creds.secret_key)
     config = client_config(**api)
