@@ -81,9 +81,7 @@ def test_an_open_credentials_file_is_warned_of_and_run_refuses_it(
     home = tmp_path / "home"
     ini = home / ".volc" / "credentials"
     ini.parent.mkdir(parents=True)
-    ini.write_text(
-        f"[default]\naccess_key_id = {ACCESS_KEY}\nsecret_access_key = {SECRET_KEY}\n"
-    )
+    ini.write_text(f"[default]\naccess_key_id = {ACCESS_KEY}\nsecret_access_key = {SECRET_KEY}\n")
     write(tmp_path / "desired", "a.yaml", tasks_yaml("app1", [{"RoomId": "r1", "TaskId": "t1"}]))
     # From the file alone: no key in the environment.
     env = {"HOME": str(home), "VOLC_ACCESSKEY": "", "VOLC_SECRETKEY": ""}
