@@ -168,17 +168,40 @@ def tree_or_file_argument(f: F) -> F:
 
 
 class StoreLocationType(click.ParamType[StoreLocation]):
-    """``--state``: a SQLite file path, or a ``postgresql://`` URL (kept whole:
-    a path type would fold its ``//``)."""
+    """``--state``: a SQLite file path, or a ``postgresql://`` URL or libpq connection
+    string (kept whole: a path type would fold its ``//``). A password typed on the
+    command line is warned of: ``ps`` shows it to every user of the machine."""
 
     name = "PATH|URL"
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> StoreLocation:
-        if isinstance(value, Path | PostgresURL):
+        if isinstance(value, PostgresURL):
             return value
-        return parse_location(str(value))
+        try:
+            location = parse_location(value if isinstance(value, Path) else str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if (
+            isinstance(location, PostgresURL)
+            and location.password
+            and ctx is not None
+            and param is not None
+            and param.name is not None
+            and not ctx.resilient_parsing
+            and ctx.get_parameter_source(param.name) is click.core.ParameterSource.COMMANDLINE
+        ):
+            events.register_secret(location.password)
+            name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+            click.echo(
+                click.style("warning: ", fg="yellow", bold=True)
+                + f"{name} {location} carries a password on the command line, where other "
+                "users may read it (ps); give it in RECONCILER_STATE, PGPASSWORD or a password "
+                "file (~/.pgpass) instead",
+                err=True,
+            )
+        return location
 
 
 def state_option(f: F) -> F:
@@ -188,8 +211,9 @@ def state_option(f: F) -> F:
         type=StoreLocationType(),
         default=DEFAULT_STATE,
         show_default=True,
-        help="State store of last-applied values: a SQLite file, or a postgresql:// URL "
-        "(a database that replicas of run share, electing one leader).",
+        help="State store of last-applied values: a SQLite file, or a postgresql:// URL or "
+        "libpq connection string (a database that replicas of run share, electing one "
+        "leader; its password best in RECONCILER_STATE, PGPASSWORD or ~/.pgpass, not here).",
     )(f)
 
 
