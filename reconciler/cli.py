@@ -56,6 +56,7 @@ from reconciler.plan import (
     keys_to_read,
     records_from_tree,
 )
+from reconciler.printable import printable
 from reconciler.ratelimit import READ_QPS_MAX, RateLimits
 from reconciler.savedplan import SavedPlan, StoreStamp, TreeDigest
 from reconciler.schema import desired_schema_text
@@ -920,7 +921,7 @@ def status(
     if isinstance(state, PostgresURL):
         report = dataclasses.replace(report, shared=True, leader=read_leader_or_fail(state))
     for note in report.notes():
-        click.echo(click.style("note: ", fg="yellow") + note, err=True)
+        click.echo(click.style("note: ", fg="yellow") + printable(note), err=True)
     if output == "json":
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -1217,7 +1218,7 @@ def _outcome_line(result: Result) -> str:
     detail = f"RequestId {result.request_id}" if result.request_id else ""
     if result.error is not None:
         detail = str(result.error)
-    return f"{mark}  {result.key}  {detail}".rstrip()
+    return f"{mark}  {printable(result.key)}  {printable(detail)}".rstrip()
 
 
 @main.command()
@@ -1616,7 +1617,7 @@ def exit_if_unread(
         exc = failures.get(key)
         why = f": {exc.code}: {exc.message}" if exc is not None else ""
         label = "refused: " if key in refused else "unread: "
-        click.echo(click.style(label, fg="yellow") + f"{key}{why}", err=True)
+        click.echo(click.style(label, fg="yellow") + printable(f"{key}{why}"), err=True)
     listed = len(refused) + len(plan.unread)
     more = f" ({listed - 50} not listed)" if listed > 50 else ""
     parts = []
@@ -1663,7 +1664,7 @@ def _phases(gate: Gate) -> str:
     """``: 1 first (canary ...), 9 once it is observed Synced`` for a canaried apply."""
     if not gate.canaries or not gate.after_canaries:
         return ""
-    names = ", ".join(str(k) for k in gate.canaries)
+    names = ", ".join(printable(k) for k in gate.canaries)
     first = len(gate.send) - len(gate.after_canaries)
     return (
         f": {first} first (canary {names}), {len(gate.after_canaries)} once the "
@@ -1674,7 +1675,9 @@ def _phases(gate: Gate) -> str:
 def echo_held(waiting: Sequence[Waiting]) -> None:
     """Calls change control held when their turn came (a window opened mid-apply)."""
     for w in waiting[:50]:
-        click.echo(click.style("waiting: ", fg="blue") + f"{w.key}: {w.message}", err=True)
+        click.echo(
+            click.style("waiting: ", fg="blue") + printable(f"{w.key}: {w.message}"), err=True
+        )
     if waiting:
         more = len(waiting) - 50
         click.echo(
@@ -1693,7 +1696,9 @@ def echo_waiting(gate: Gate, *, used_up: bool = False) -> None:
     makes the file stale, so it cannot be applied again for the held ones.
     """
     for w in gate.waiting[:50]:
-        click.echo(click.style("waiting: ", fg="blue") + f"{w.key}: {w.message}", err=True)
+        click.echo(
+            click.style("waiting: ", fg="blue") + printable(f"{w.key}: {w.message}"), err=True
+        )
     if gate.waiting:
         more = len(gate.waiting) - 50
         click.echo(
