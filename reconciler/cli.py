@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from reconciler.apply import ApplyReport
     from reconciler.client import ClientConfig
     from reconciler.emulator import Emulator
+    from reconciler.health import HealthAccess
     from reconciler.leader import LeaderRow, Leadership
     from reconciler.loop import DaemonConfig
     from reconciler.progress import ApplyProgress
@@ -1863,6 +1864,76 @@ def _start_tree_tasks(
     return len(index.tasks), matching
 
 
+_ACCESS = f"{__name__}.health_access"
+
+
+def _remember_access(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Read ``--health-token-file``/``--health-basic-auth-file`` now (a bad file ends the
+    command before anything starts) and keep every access option for :func:`health_access`."""
+    from reconciler.health import read_token_file, read_users_file
+
+    if value is not None and not ctx.resilient_parsing and isinstance(value, Path):
+        read = read_token_file if param.name == "health_token_file" else read_users_file
+        try:
+            value = read(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    ctx.meta.setdefault(_ACCESS, {})[param.name] = value
+
+
+def health_access_options(f: F) -> F:
+    """Who may read ``run``'s dashboard and /metrics (the probes answer anyone)."""
+    file = click.Path(exists=True, dir_okay=False, path_type=Path)
+    common: dict[str, Any] = {"expose_value": False, "callback": _remember_access}
+    decorators = [
+        _option(
+            "--health-allowed-host",
+            env="HEALTH_ALLOWED_HOST",
+            metavar="NAME",
+            multiple=True,
+            help="A host name the dashboard and /metrics may be reached by, besides the "
+            "--health-host address, localhost and IP addresses (repeatable; * any; the "
+            "variable takes names separated by spaces). Other Host headers get 403: a web "
+            "page cannot read the dashboard through a name it points at this machine.",
+            **common,
+        ),
+        _option(
+            "--health-token-file",
+            env="HEALTH_TOKEN_FILE",
+            type=file,
+            help="Ask for this file's token (Authorization: Bearer) for the dashboard and "
+            "/metrics; /healthz and /readyz stay open to probes.",
+            **common,
+        ),
+        _option(
+            "--health-basic-auth-file",
+            env="HEALTH_BASIC_AUTH_FILE",
+            type=file,
+            help="Ask for a user and password of this file (user:password lines; HTTP basic "
+            "auth, as a browser asks) for the dashboard and /metrics.",
+            **common,
+        ),
+    ]
+    return _stacked(f, decorators)
+
+
+def health_access() -> HealthAccess:
+    """The access options of the current command, secrets registered for redaction."""
+    from reconciler.health import HealthAccess
+
+    given = click.get_current_context().meta.get(_ACCESS, {})
+    token: str | None = given.get("health_token_file")
+    users: dict[str, str] = given.get("health_basic_auth_file") or {}
+    for secret in (token, *users.values()):
+        events.register_secret(secret)
+    hosts = given.get("health_allowed_host") or ()
+    return HealthAccess(
+        allowed_hosts=frozenset(h.lower().rstrip(".") for h in hosts),
+        tokens=(token,) if token else (),
+        users=users,
+    )
+
+
 def _check_notify(
     _: click.Context, param: click.Parameter, value: tuple[str, ...]
 ) -> tuple[str, ...]:
@@ -1909,6 +1980,7 @@ def _check_notify(
     show_default=True,
     help="Port for /healthz, /readyz and /metrics (0: any free port).",
 )
+@health_access_options
 @_option(
     "--resync",
     env="RESYNC",
@@ -2043,6 +2115,7 @@ def run(
                 embedded=embedded,
                 emulator_port=emulator_port,
                 health=(health_host, health_port),
+                access=health_access(),
                 notify=notify,
                 leadership=leadership,
                 on_elected=lambda: record_tree_root(store, directory),
@@ -2059,6 +2132,7 @@ async def _run_daemon(
     embedded: bool,
     emulator_port: int,
     health: tuple[str, int],
+    access: HealthAccess | None = None,
     notify: Sequence[str] = (),
     leadership: Leadership | None = None,
     on_elected: Callable[[], None] = lambda: None,
@@ -2066,7 +2140,7 @@ async def _run_daemon(
     from reconciler.client import RtcClient
     from reconciler.dashboard import Dashboard
     from reconciler.emulator import Emulator, EmulatorConfig
-    from reconciler.health import HealthServer
+    from reconciler.health import HealthAccess, HealthServer
     from reconciler.loop import Daemon
     from reconciler.metrics import Metrics
     from reconciler.reconcile import Recorder, TaskReconciler
@@ -2140,6 +2214,7 @@ async def _run_daemon(
                 degraded=daemon.degraded,
                 standby=daemon.standby,
                 dashboard=Dashboard(daemon=daemon, store_path=store.path),
+                access=access or HealthAccess(),
             )
             health_url = await listen(
                 server.start(host=health[0], port=health[1]),
