@@ -106,7 +106,7 @@ class EmulatorProcess:
         return data
 
     def reset(self) -> None:
-        httpx.post(self.url + "/_emulator/reset-stats")
+        httpx.post(self.url + "/_emulator/reset-stats", json={})
 
     def close(self) -> None:
         self.proc.terminate()

@@ -112,7 +112,7 @@ class Emulator:
         return dict(self.http.get(self.url + "/_emulator/stats").json())
 
     def reset_stats(self) -> None:
-        self.http.post(self.url + "/_emulator/reset-stats")
+        self.http.post(self.url + "/_emulator/reset-stats", json={})
 
     def updates(self) -> int:
         return int(self.stats()["by_action"].get("UpdateSegment", {}).get("ok", 0))

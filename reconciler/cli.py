@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 import click
 
 from reconciler import events, render, savedplan
-from reconciler.credentials import Credentials, CredentialsError, load_credentials
+from reconciler.credentials import Credentials, CredentialsError, load_credentials, too_open
 from reconciler.desired import SUFFIXES, DesiredIndex, discover, load_file, load_tree
 from reconciler.errors import ApiError, BadInputError, FatalError
 from reconciler.guard import (
@@ -57,6 +57,7 @@ from reconciler.plan import (
     keys_to_read,
     records_from_tree,
 )
+from reconciler.printable import printable
 from reconciler.ratelimit import READ_QPS_MAX, RateLimits
 from reconciler.savedplan import SavedPlan, StoreStamp, TreeDigest
 from reconciler.schema import desired_schema_text
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
     from reconciler.apply import ApplyReport
     from reconciler.client import ClientConfig
     from reconciler.emulator import Emulator
+    from reconciler.health import HealthAccess
     from reconciler.leader import LeaderRow, Leadership
     from reconciler.loop import DaemonConfig
     from reconciler.progress import ApplyProgress
@@ -170,17 +172,40 @@ def tree_or_file_argument(f: F) -> F:
 
 
 class StoreLocationType(click.ParamType[StoreLocation]):
-    """``--state``: a SQLite file path, or a ``postgresql://`` URL (kept whole:
-    a path type would fold its ``//``)."""
+    """``--state``: a SQLite file path, or a ``postgresql://`` URL or libpq connection
+    string (kept whole: a path type would fold its ``//``). A password typed on the
+    command line is warned of: ``ps`` shows it to every user of the machine."""
 
     name = "PATH|URL"
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> StoreLocation:
-        if isinstance(value, Path | PostgresURL):
+        if isinstance(value, PostgresURL):
             return value
-        return parse_location(str(value))
+        try:
+            location = parse_location(value if isinstance(value, Path) else str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if (
+            isinstance(location, PostgresURL)
+            and location.password
+            and ctx is not None
+            and param is not None
+            and param.name is not None
+            and not ctx.resilient_parsing
+            and ctx.get_parameter_source(param.name) is click.core.ParameterSource.COMMANDLINE
+        ):
+            events.register_secret(location.password)
+            name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+            click.echo(
+                click.style("warning: ", fg="yellow", bold=True)
+                + f"{name} {location} carries a password on the command line, where other "
+                "users may read it (ps); give it in RECONCILER_STATE, PGPASSWORD or a password "
+                "file (~/.pgpass) instead",
+                err=True,
+            )
+        return location
 
 
 def state_option(f: F) -> F:
@@ -190,8 +215,9 @@ def state_option(f: F) -> F:
         type=StoreLocationType(),
         default=DEFAULT_STATE,
         show_default=True,
-        help="State store of last-applied values: a SQLite file, or a postgresql:// URL "
-        "(a database that replicas of run share, electing one leader).",
+        help="State store of last-applied values: a SQLite file, or a postgresql:// URL or "
+        "libpq connection string (a database that replicas of run share, electing one "
+        "leader; its password best in RECONCILER_STATE, PGPASSWORD or ~/.pgpass, not here).",
     )(f)
 
 
@@ -937,7 +963,7 @@ def status(
     if isinstance(state, PostgresURL):
         report = dataclasses.replace(report, shared=True, leader=read_leader_or_fail(state))
     for note in report.notes():
-        click.echo(click.style("note: ", fg="yellow") + note, err=True)
+        click.echo(click.style("note: ", fg="yellow") + printable(note), err=True)
     if output == "json":
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -1135,6 +1161,7 @@ def read_live(
             return None, Refresh("none", reason=f"{exc}; --refresh needs credentials")
         events.register_secret(creds.secret_key)
         events.register_secret(creds.session_token)
+        check_credentials_file(creds)
     if creds is None:
         creds = credentials_or_fail()
     settle_for_doubt(applied, keys)
@@ -1196,14 +1223,29 @@ def settle_for_doubt(applied: Mapping[TaskKey, AppliedRecord], keys: Sequence[Ta
         time.sleep(min(wait, SETTLE_S + 0.1))
 
 
-def credentials_or_fail() -> Credentials:
+def credentials_or_fail(*, refuse_open: bool = False) -> Credentials:
     try:
         creds = load_credentials()
     except CredentialsError as exc:
         fail(str(exc))
     events.register_secret(creds.secret_key)
     events.register_secret(creds.session_token)
+    check_credentials_file(creds, refuse=refuse_open)
     return creds
+
+
+def check_credentials_file(creds: Credentials, *, refuse: bool = False) -> None:
+    """Warn, as ssh does of a private key, when others may read the credentials file;
+    ``refuse`` (``run``): end the command instead."""
+    problem = None if creds.source is None else too_open(creds.source)
+    if problem is None:
+        return
+    if refuse:
+        fail(
+            f"{problem}; run does not start with it (--allow-open-credentials or "
+            "RECONCILER_ALLOW_OPEN_CREDENTIALS=1 starts it anyway)"
+        )
+    click.echo(click.style("warning: ", fg="yellow", bold=True) + problem, err=True)
 
 
 def _outcome_line(result: Result) -> str:
@@ -1218,7 +1260,7 @@ def _outcome_line(result: Result) -> str:
     detail = f"RequestId {result.request_id}" if result.request_id else ""
     if result.error is not None:
         detail = str(result.error)
-    return f"{mark}  {result.key}  {detail}".rstrip()
+    return f"{mark}  {printable(result.key)}  {printable(detail)}".rstrip()
 
 
 @main.command()
@@ -1652,7 +1694,7 @@ def exit_if_unread(
         exc = failures.get(key)
         why = f": {exc.code}: {exc.message}" if exc is not None else ""
         label = "refused: " if key in refused else "unread: "
-        click.echo(click.style(label, fg="yellow") + f"{key}{why}", err=True)
+        click.echo(click.style(label, fg="yellow") + printable(f"{key}{why}"), err=True)
     listed = len(refused) + len(plan.unread)
     more = f" ({listed - 50} not listed)" if listed > 50 else ""
     parts = []
@@ -1699,7 +1741,7 @@ def _phases(gate: Gate) -> str:
     """``: 1 first (canary ...), 9 once it is observed Synced`` for a canaried apply."""
     if not gate.canaries or not gate.after_canaries:
         return ""
-    names = ", ".join(str(k) for k in gate.canaries)
+    names = ", ".join(printable(k) for k in gate.canaries)
     first = len(gate.send) - len(gate.after_canaries)
     return (
         f": {first} first (canary {names}), {len(gate.after_canaries)} once the "
@@ -1710,7 +1752,9 @@ def _phases(gate: Gate) -> str:
 def echo_held(waiting: Sequence[Waiting]) -> None:
     """Calls change control held when their turn came (a window opened mid-apply)."""
     for w in waiting[:50]:
-        click.echo(click.style("waiting: ", fg="blue") + f"{w.key}: {w.message}", err=True)
+        click.echo(
+            click.style("waiting: ", fg="blue") + printable(f"{w.key}: {w.message}"), err=True
+        )
     if waiting:
         more = len(waiting) - 50
         click.echo(
@@ -1729,7 +1773,9 @@ def echo_waiting(gate: Gate, *, used_up: bool = False) -> None:
     makes the file stale, so it cannot be applied again for the held ones.
     """
     for w in gate.waiting[:50]:
-        click.echo(click.style("waiting: ", fg="blue") + f"{w.key}: {w.message}", err=True)
+        click.echo(
+            click.style("waiting: ", fg="blue") + printable(f"{w.key}: {w.message}"), err=True
+        )
     if gate.waiting:
         more = len(gate.waiting) - 50
         click.echo(
@@ -1894,6 +1940,76 @@ def _start_tree_tasks(
     return len(index.tasks), matching
 
 
+_ACCESS = f"{__name__}.health_access"
+
+
+def _remember_access(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Read ``--health-token-file``/``--health-basic-auth-file`` now (a bad file ends the
+    command before anything starts) and keep every access option for :func:`health_access`."""
+    from reconciler.health import read_token_file, read_users_file
+
+    if value is not None and not ctx.resilient_parsing and isinstance(value, Path):
+        read = read_token_file if param.name == "health_token_file" else read_users_file
+        try:
+            value = read(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    ctx.meta.setdefault(_ACCESS, {})[param.name] = value
+
+
+def health_access_options(f: F) -> F:
+    """Who may read ``run``'s dashboard and /metrics (the probes answer anyone)."""
+    file = click.Path(exists=True, dir_okay=False, path_type=Path)
+    common: dict[str, Any] = {"expose_value": False, "callback": _remember_access}
+    decorators = [
+        _option(
+            "--health-allowed-host",
+            env="HEALTH_ALLOWED_HOST",
+            metavar="NAME",
+            multiple=True,
+            help="A host name the dashboard and /metrics may be reached by, besides the "
+            "--health-host address, localhost and IP addresses (repeatable; * any; the "
+            "variable takes names separated by spaces). Other Host headers get 403: a web "
+            "page cannot read the dashboard through a name it points at this machine.",
+            **common,
+        ),
+        _option(
+            "--health-token-file",
+            env="HEALTH_TOKEN_FILE",
+            type=file,
+            help="Ask for this file's token (Authorization: Bearer) for the dashboard and "
+            "/metrics; /healthz and /readyz stay open to probes.",
+            **common,
+        ),
+        _option(
+            "--health-basic-auth-file",
+            env="HEALTH_BASIC_AUTH_FILE",
+            type=file,
+            help="Ask for a user and password of this file (user:password lines; HTTP basic "
+            "auth, as a browser asks) for the dashboard and /metrics.",
+            **common,
+        ),
+    ]
+    return _stacked(f, decorators)
+
+
+def health_access() -> HealthAccess:
+    """The access options of the current command, secrets registered for redaction."""
+    from reconciler.health import HealthAccess
+
+    given = click.get_current_context().meta.get(_ACCESS, {})
+    token: str | None = given.get("health_token_file")
+    users: dict[str, str] = given.get("health_basic_auth_file") or {}
+    for secret in (token, *users.values()):
+        events.register_secret(secret)
+    hosts = given.get("health_allowed_host") or ()
+    return HealthAccess(
+        allowed_hosts=frozenset(h.lower().rstrip(".") for h in hosts),
+        tokens=(token,) if token else (),
+        users=users,
+    )
+
+
 def _check_notify(
     _: click.Context, param: click.Parameter, value: tuple[str, ...]
 ) -> tuple[str, ...]:
@@ -1940,6 +2056,7 @@ def _check_notify(
     show_default=True,
     help="Port for /healthz, /readyz and /metrics (0: any free port).",
 )
+@health_access_options
 @_option(
     "--resync",
     env="RESYNC",
@@ -1989,6 +2106,13 @@ def _check_notify(
     "takes URLs separated by spaces). Bursts are coalesced; the URL is never logged whole.",
 )
 @_option(
+    "--allow-open-credentials",
+    env="ALLOW_OPEN_CREDENTIALS",
+    is_flag=True,
+    help="Start even though ~/.volc/credentials may be read by its group or others "
+    "(otherwise refused, as ssh refuses such a key; chmod 600 it instead).",
+)
+@_option(
     "--replica",
     env="REPLICA",
     default=None,
@@ -2013,6 +2137,7 @@ def run(
     observe_interval: float,
     observe: bool,
     notify: tuple[str, ...],
+    allow_open_credentials: bool,
     replica: str | None,
     **api: Any,
 ) -> None:
@@ -2025,7 +2150,7 @@ def run(
     creds = (
         Credentials("AKLTreconcilerEmbedded", secrets.token_urlsafe(32))
         if embedded
-        else (credentials_or_fail())
+        else (credentials_or_fail(refuse_open=not allow_open_credentials))
     )
     events.register_secret(creds.secret_key)
     config = client_config(**api)
@@ -2066,6 +2191,7 @@ def run(
                 embedded=embedded,
                 emulator_port=emulator_port,
                 health=(health_host, health_port),
+                access=health_access(),
                 notify=notify,
                 leadership=leadership,
                 on_elected=lambda: record_tree_root(store, directory),
@@ -2082,6 +2208,7 @@ async def _run_daemon(
     embedded: bool,
     emulator_port: int,
     health: tuple[str, int],
+    access: HealthAccess | None = None,
     notify: Sequence[str] = (),
     leadership: Leadership | None = None,
     on_elected: Callable[[], None] = lambda: None,
@@ -2089,7 +2216,7 @@ async def _run_daemon(
     from reconciler.client import RtcClient
     from reconciler.dashboard import Dashboard
     from reconciler.emulator import Emulator, EmulatorConfig
-    from reconciler.health import HealthServer
+    from reconciler.health import HealthAccess, HealthServer
     from reconciler.loop import Daemon
     from reconciler.metrics import Metrics
     from reconciler.reconcile import Recorder, TaskReconciler
@@ -2163,6 +2290,7 @@ async def _run_daemon(
                 degraded=daemon.degraded,
                 standby=daemon.standby,
                 dashboard=Dashboard(daemon=daemon, store_path=store.path),
+                access=access or HealthAccess(),
             )
             health_url = await listen(
                 server.start(host=health[0], port=health[1]),

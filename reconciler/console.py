@@ -17,7 +17,9 @@ compact JSON (never a Python ``repr``). Info lines are cut to the terminal's
 width; warnings and errors are never cut, since their message is the point.
 
 Rendering is a pure function of the event (and the width and colour given),
-so it is tested without a terminal.
+so it is tested without a terminal. What an event carries is escaped
+(:func:`~reconciler.printable.printable`): a newline or an ANSI escape in a
+file name, an id or a message cannot forge a line or restyle the terminal.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any, Final
 
 import click
 import structlog
+
+from reconciler.printable import printable
 
 #: Shown only at ``--log-level debug`` in a terminal; always kept in JSON.
 #: ``call.failed``/``call.retried`` are followed by the task's own line (or, for
@@ -317,16 +321,17 @@ class ConsoleRenderer:
         return click.style(text, **style) if self.colors else text
 
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> str:
-        name = str(event.get("event", ""))
+        name = printable(event.get("event", ""))
         level = str(event.get("level", "info"))
-        clock = _clock(event.get("timestamp"))
+        clock = printable(_clock(event.get("timestamp")))
         exception = event.pop("exception", None)
         key = task_key(event)
+        key = None if key is None else printable(key)
         if name in _OUTCOMES and key is not None:
             mark, colour, detail = _OUTCOMES[name]
             head = f"{self._style(clock, dim=True)} {self._style(mark, fg=colour, bold=True)} {key}"
             plain = f"{clock} {mark} {key}"
-            body = detail(event)
+            body = printable(detail(event))
         else:
             word, colour = _LEVEL_STYLE.get(level, (level, "white"))
             head = (
@@ -337,11 +342,11 @@ class ConsoleRenderer:
             if key is not None:
                 head, plain = f"{head} {key}", f"{plain} {key}"
             sentence = _SENTENCES.get(name)
-            body = sentence(event) if sentence else self._pairs(event)
+            body = printable(sentence(event) if sentence else self._pairs(event))
         body = self._fit(plain, body) if level in ("debug", "info") else body
         line = f"{head}  {body}" if body else head
-        if exception:
-            line += "\n" + str(exception).rstrip()
+        if exception:  # a traceback's own lines; within each, escaped like the rest
+            line += "\n" + "\n".join(map(printable, str(exception).rstrip().splitlines()))
         return line
 
     @staticmethod

@@ -7,12 +7,18 @@ from the environment win; otherwise ``~/.volc/credentials``, an INI file whose
 The secret key and session token are kept out of ``repr`` and ``str`` so that a
 credentials object that ends up in a log line, a traceback or an exception
 message shows the access key id only.
+
+The file holds the secret key, so like ssh with a private key,
+:func:`too_open` says when its permissions let anyone but its owner in (any
+group or other bit, as ssh's ``0077`` check); the CLI warns, and ``run``
+refuses to start unless told otherwise.
 """
 
 from __future__ import annotations
 
 import configparser
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +33,28 @@ class Credentials:
     access_key: str
     secret_key: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
+    #: The file they were read from; ``None``: the environment.
+    source: Path | None = field(default=None, compare=False)
 
 
 def default_credentials_file() -> Path:
     return Path.home() / ".volc" / "credentials"
+
+
+def too_open(path: Path) -> str | None:
+    """Why the credentials file at ``path`` is readable by others, as ssh says it of a
+    private key (``None``: only its owner has access, or it cannot be looked at)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    who = "everyone" if mode & 0o007 else "its group"
+    return (
+        f"permissions {mode:04o} for {path} are too open: it holds the secret key and "
+        f"{who} may read it (run: chmod 600 {path})"
+    )
 
 
 def load_credentials(
@@ -69,4 +93,4 @@ def load_credentials(
         raise CredentialsError(
             f"{ini}: [default] section needs both access_key_id and secret_access_key"
         )
-    return Credentials(ak, sk, token)
+    return Credentials(ak, sk, token, source=ini)

@@ -328,10 +328,19 @@ class Daemon:
     # --- the tree ----------------------------------------------------------------
 
     def _stat(self, rel: str) -> os.stat_result | None:
+        """The file's status (``None``: it is gone). A file that is there but cannot
+        be followed (a symlink loop) is the link's own status: read, it becomes an
+        invalid file like any other, logged and counted, not a file that is absent."""
+        path = self.config.root / rel
         try:
-            return os.stat(self.config.root / rel)
-        except OSError:
+            return os.stat(path)
+        except FileNotFoundError:
             return None
+        except OSError:
+            try:
+                return os.lstat(path)
+            except OSError:
+                return None
 
     def _signature(self, rel: str) -> tuple[int, int, int] | None:
         st = self._stat(rel)

@@ -30,6 +30,9 @@ The pipeline, each stage unable to slow the one before it:
    a 429 or a connection error is retried with capped exponential backoff,
    honouring ``Retry-After`` (:func:`retry_delay`, pure); any other answer,
    or the last attempt failing, gives the message up (``notify.failed``).
+   Redirects are never followed: a 3xx is the webhook's answer, logged as
+   such (``notify.failed`` with its status and the host it pointed to), so
+   a message never goes to a host nobody configured.
    The sender runs on the daemon's event loop, but only ever awaits: a
    webhook that hangs or refuses costs the reconciler nothing but a socket.
 4. **Shutdown.** :meth:`Notifier.close` stops taking events, sends what is
@@ -56,7 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from prometheus_client import Counter
@@ -136,6 +139,14 @@ def check_url(url: str) -> str | None:
     if not parts.hostname:
         return "the URL has no host"
     return None
+
+
+def _redirect_target(url: str, location: str | None) -> str:
+    """Where a redirect pointed, as :func:`redact_url` shows a URL (a relative
+    ``Location`` is resolved against ``url``): the host, never its path."""
+    if not location:
+        return "?"
+    return redact_url(urljoin(url, location))
 
 
 def _secret_parts(url: str) -> list[str]:
@@ -539,12 +550,19 @@ class Notifier:
         payload = render(batch, source=self.source)
         status: int | None = None
         for attempt in range(1, cfg.attempts + 1):
-            status, error, retry_after = None, "", None
+            status, error, retry_after, moved = None, "", None, None
             started = time.monotonic()
             try:
-                async with self._session.post(ch.url, json=payload, proxy=ch.proxy) as resp:
+                # Never redirected: a 307 would post the message (and whatever the
+                # URL carries) to a host nobody configured; a 3xx is this URL's answer.
+                async with self._session.post(
+                    ch.url, json=payload, proxy=ch.proxy, allow_redirects=False
+                ) as resp:
                     status = resp.status
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    if 300 <= status < 400:
+                        error = "redirect not followed"
+                        moved = _redirect_target(ch.url, resp.headers.get("Location"))
                     await resp.content.read(4096)  # a bounded look at the body, then close
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 # The exception's type only: its text may quote the URL.
@@ -584,6 +602,7 @@ class Notifier:
             status=status,
             error=error or None,
             attempt=attempt,
+            **({"location": moved} if moved else {}),
         )
 
     def _count(self, result: str, n: int = 1) -> None:

@@ -9,6 +9,12 @@ detail, not the state.
 Rendering is pure: a function of a value to a string. Colour is added with
 click's styles and stripped by ``click.echo`` when the output is not a
 terminal, so piping a plan into a file or a PR comment gives plain text.
+
+Every value that comes from outside (file names, ids, problems, errors,
+live values, reasons) is passed through
+:func:`~reconciler.printable.printable` before it is laid out: a newline or
+an ANSI escape in a file name cannot forge a line or restyle the screen.
+The JSON shapes (:func:`validation_json`) keep values exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import click
 from reconciler.desired import DesiredIndex, Problem
 from reconciler.live import LiveState
 from reconciler.plan import SETTLE_S, Plan
+from reconciler.printable import printable
 from reconciler.status import NEW, LiveView, NextAction, StatusReport, TaskStatus, TreeState
 from reconciler.task import FieldValue, SyncStatus, TaskKey
 
@@ -49,7 +56,7 @@ _LIVE_COLOURS: dict[LiveState, str] = {
 
 def value(v: FieldValue | None) -> str:
     """A field value as the files spell it (JSON: strings quoted, true/false)."""
-    return "(unknown)" if v is None else json.dumps(v, ensure_ascii=False)
+    return "(unknown)" if v is None else printable(json.dumps(v, ensure_ascii=False))
 
 
 def where(root: str, location: object) -> str:
@@ -57,11 +64,16 @@ def where(root: str, location: object) -> str:
     return f"{root.rstrip('/')}/{location}" if root else str(location)
 
 
+def at(root: str, location: object) -> str:
+    """:func:`where`, for a text view (control characters escaped)."""
+    return printable(where(root, location))
+
+
 def problems(root: str, found: Sequence[Problem]) -> str:
     lines = []
     for p in found:
-        field = f" {p.field}:" if p.field else ""
-        lines.append(f"{click.style(where(root, p.source), bold=True)}:{field} {p.message}")
+        field = f" {printable(p.field)}:" if p.field else ""
+        lines.append(f"{click.style(at(root, p.source), bold=True)}:{field} {printable(p.message)}")
     return "\n".join(lines)
 
 
@@ -120,14 +132,14 @@ def plan_text(
             )
             basis = click.style(f"  {why}", fg="magenta")
         out.append(
-            click.style(f"  # {call.key}", bold=True)
-            + click.style(f"  ({where(root, call.source)})", dim=True)
+            click.style(f"  # {printable(call.key)}", bold=True)
+            + click.style(f"  ({at(root, call.source)})", dim=True)
             + (click.style("  first sync", fg="cyan") if call.first else "")
             + basis
             + (click.style(f"  {UNREAD_WHY[call.unread]}", fg="yellow") if call.unread else "")
         )
         if (why_held := held.get(call.key)) is not None:
-            out.append(click.style(f"  ⏸ {why_held.message}", fg="blue"))
+            out.append(click.style(f"  ⏸ {printable(why_held.message)}", fg="blue"))
         out.append(click.style(f"  ~ {call.action}", fg="yellow") + " {")
         width = max(len(n) for n in call.body)
         changed = {c.field: c for c in call.changes}
@@ -146,7 +158,7 @@ def plan_text(
     for r in plan.releases:
         released = ", ".join(f"{n} (last applied {value(r.last[n])})" for n in r.fields)
         out.append(
-            click.style(f"  - {r.key}", fg="cyan")
+            click.style(f"  - {printable(r.key)}", fg="cyan")
             + f": no longer managed: {released}; left as it is, not reset"
         )
     for f in plan.forgotten:
@@ -156,22 +168,22 @@ def plan_text(
             else "forgotten, no call made, the task keeps running"
         )
         out.append(
-            click.style(f"  - {f.key}", fg="red")
-            + f": removed from the tree ({f.source_path or 'unknown file'}); {fate}"
+            click.style(f"  - {printable(f.key)}", fg="red")
+            + f": removed from the tree ({printable(f.source_path or 'unknown file')}); {fate}"
         )
     for h in plan.held:
         out.append(
-            click.style(f"  = {h.key}", fg="magenta")
-            + f": held as it is while {where(root, h.source_path)} is invalid"
+            click.style(f"  = {printable(h.key)}", fg="magenta")
+            + f": held as it is while {at(root, h.source_path)} is invalid"
         )
     for b in plan.blocked:
         out.append(
-            click.style(f"  ! {b.task.key}", fg="red")
-            + f": blocked ({where(root, b.task.source)}): {b.reason}"
+            click.style(f"  ! {printable(b.task.key)}", fg="red")
+            + f": blocked ({at(root, b.task.source)}): {printable(b.reason)}"
         )
     for again in plan.restarts:
         out.append(
-            click.style(f"  ↻ {again.key}", fg="magenta")
+            click.style(f"  ↻ {printable(again.key)}", fg="magenta")
             + f": restarted (StartTime {_ms(again.old_incarnation)} → "
             f"{_ms(again.new_incarnation)}); "
             "a new incarnation has StartSegment's values, so it gets the fields it lacks"
@@ -186,27 +198,30 @@ def plan_text(
             else "left as it is (--drift report): OutOfSync"
         )
         out.append(
-            click.style(f"  ≠ {d.key}", fg="magenta")
-            + f" ({where(root, d.source)}): drift, changed live by another client: {moved}; {fate}"
+            click.style(f"  ≠ {printable(d.key)}", fg="magenta")
+            + f" ({at(root, d.source)}): drift, changed live by another client: {moved}; {fate}"
         )
     for e in plan.ended:
         obs = e.observation
         if obs.stop_reason:
-            how = f"ended at {_ms(obs.end_time_ms)}: {obs.stop_reason}"
+            how = f"ended at {_ms(obs.end_time_ms)}: {printable(obs.stop_reason)}"
         else:
             how = "no longer found by GetSegmentTask"
         out.append(
-            click.style(f"  - {e.task.key}", fg="magenta")
+            click.style(f"  - {printable(e.task.key)}", fg="magenta")
             + f": not running ({how}); no call until it runs again"
         )
     for key in plan.unread:
         out.append(
-            click.style(f"  ? {key}", fg="yellow")
+            click.style(f"  ? {printable(key)}", fg="yellow")
             + ": never confirmed and could not be read; no call until it is read"
         )
     for w in plan.warnings:
-        loc = f" ({where(root, w.source)})" if w.source else ""
-        out.append(click.style(f"  ! warning {w.key}", fg="yellow") + f"{loc}: {w.message}")
+        loc = f" ({at(root, w.source)})" if w.source else ""
+        out.append(
+            click.style(f"  ! warning {printable(w.key)}", fg="yellow")
+            + f"{loc}: {printable(w.message)}"
+        )
     if len(out) and not out[-1].endswith("\n"):
         out.append("")
     s = plan.summary()
@@ -227,7 +242,7 @@ def plan_text(
     if not plan.calls and not plan.releases and not plan.forgotten:
         out.append(click.style("No changes. " + _matches(plan), fg="green"))
     elif plan.refresh is not None:
-        out.append(click.style(plan.refresh.describe(), dim=True))
+        out.append(click.style(printable(plan.refresh.describe()), dim=True))
     out.append(click.style(tail + ".", bold=True))
     return "\n".join(out)
 
@@ -237,7 +252,7 @@ def _matches(plan: Plan) -> str:
     if plan.refresh is not None and plan.refresh.mode == "none":
         return (
             "The desired tree matches the last-applied state "
-            f"(live tasks were not read: {plan.refresh.reason}; --refresh reads them)."
+            f"(live tasks were not read: {printable(plan.refresh.reason)}; --refresh reads them)."
         )
     if not plan.refreshed:
         return (
@@ -311,7 +326,7 @@ def clip_middle(text: str, width: int) -> str:
 def short_key(key: TaskKey, width: int) -> str:
     """``app/room/task`` within ``width``: the longest ids are cut in the middle first,
     so every part stays recognisable by its start and end."""
-    parts = list(key)
+    parts = [printable(p) for p in key]
     room = width - 2  # the two slashes
     sizes = [len(p) for p in parts]
     while sum(sizes) > room and max(sizes) > 3:
@@ -367,7 +382,7 @@ def live_texts(view: LiveView) -> tuple[str, str, str]:
         at = _clock(o.start_time_ms)
         return (f"Running since {at}", f"Running {at}", "Running")
     if o.state is LiveState.ENDED:
-        why = f"Ended: {o.stop_reason}" if o.stop_reason else "Ended"
+        why = f"Ended: {printable(o.stop_reason)}" if o.stop_reason else "Ended"
         full = why if o.end_time_ms is None else f"{why} at {_clock(o.end_time_ms)}"
         return (full, why, "Ended")
     if o.state is LiveState.NOT_FOUND:
@@ -395,7 +410,7 @@ def _retry(t: TaskStatus, now: datetime) -> str:
 
 def _tree(t: TaskStatus) -> str:
     if t.tree is TreeState.HELD:
-        return f"held: {t.held_by}"  # the invalid files are listed below the table
+        return f"held: {printable(t.held_by)}"  # the invalid files are listed below the table
     if t.tree is TreeState.NOT_IN_TREE:
         return "not in tree: to forget"
     if t.next_action is NextAction.CALL and t.call is not None:
@@ -479,7 +494,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
     lives = [live_texts(t.live) for t in report.tasks]
     rows = [
         {
-            "task": str(t.key),
+            "task": printable(t.key),
             "status": t.status,
             "since": _since(t, now),
             "live": forms[0],
@@ -487,7 +502,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
             "call": _last_call(t, now),
             "retry": _retry(t, now),
             "tree": _tree(t),
-            "error": t.last_error or "",
+            "error": printable(t.last_error or ""),
         }
         for t, forms in zip(report.tasks, lives, strict=True)
     ]
@@ -537,7 +552,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
             if task is not None and c == "task":
                 text = short_key(task.key, w)
             elif c == "tree" and task is not None and task.held_by is not None:
-                text = "held: " + _short_path(task.held_by, w - len("held: "))
+                text = "held: " + _short_path(printable(task.held_by), w - len("held: "))
             elif c == "live" and task is not None:
                 text = _longest_fitting(forms, w)
             else:
@@ -557,8 +572,8 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
         lines.append("Invalid files (their recorded tasks are held as they are until fixed):")
         for f in report.invalid_files:
             p = f.first_problem
-            field = f" {p.field}:" if p.field else ""
-            lines.append(clip(f"  {where(root, p.source)}:{field} {p.message}", width))
+            field = f" {printable(p.field)}:" if p.field else ""
+            lines.append(clip(f"  {at(root, p.source)}:{field} {printable(p.message)}", width))
             more = f"; {f.problems - 1} more problem(s)" if f.problems > 1 else ""
             lines.append(f"    holds {f.held_tasks} recorded task(s){more}")
 
@@ -600,7 +615,7 @@ def _heals(report: StatusReport, width: int) -> list[str]:
     for t in healed[:HEALS_SHOWN]:
         assert t.last_heal_at is not None
         age = ago((report.generated_at - t.last_heal_at).total_seconds())
-        head, why = f"  {short_key(t.key, 52)}  {age} ago", t.last_heal_reason or "-"
+        head, why = f"  {short_key(t.key, 52)}  {age} ago", printable(t.last_heal_reason or "-")
         if len(head) + 2 + len(why) <= width:
             lines.append(f"{head}  {why}")
         else:  # the reason whole on lines of its own, rather than cut short
@@ -624,12 +639,12 @@ def _leader_summary(report: StatusReport) -> str:
         return "Leader: none elected yet (no replica has run on this database)."
     since = "?" if row.since is None else row.since.astimezone(UTC).strftime("%m-%d %H:%MZ")
     if row.released_at is not None:
-        return f"Leader: none; {row.holder} (epoch {row.epoch}) released the lead."
+        return f"Leader: none; {printable(row.holder)} (epoch {row.epoch}) released the lead."
     beat = ""
     if row.heartbeat is not None:
         age = max(0.0, (report.generated_at - row.heartbeat).total_seconds())
         beat = f", heartbeat {ago(age)} ago"
-    return f"Leader: {row.holder} (epoch {row.epoch}) since {since}{beat}."
+    return f"Leader: {printable(row.holder)} (epoch {row.epoch}) since {since}{beat}."
 
 
 def _live_summary(report: StatusReport) -> str:

@@ -49,10 +49,12 @@ A row that cannot be read back (fields or an observation that are not a JSON
 object) is a :class:`StateError` naming the store and the task.
 
 Secrets. No column holds headers, raw requests or credentials. A PostgreSQL
-store is named by a :class:`PostgresURL`, whose ``str`` and ``repr`` leave
-the password out: logs, messages, ``status`` and saved plans show that form,
-and the password (and ``PGPASSWORD``) is scrubbed from whatever the driver
-says.
+store is named by a :class:`PostgresURL` (a URL, or a libpq connection
+string), whose ``str`` and ``repr`` leave the password out: logs, messages,
+``status`` and saved plans show that form, and the password (and
+``PGPASSWORD``) is scrubbed from whatever the driver says. Text that looks
+like a URL or a connection string is never taken for a SQLite file
+(:func:`parse_location`).
 
 Fencing. A PostgreSQL store may be given a :class:`Fencing` object: every
 write transaction calls its ``check(cursor)`` first, on the store's own
@@ -68,6 +70,7 @@ concurrently (``status`` while the daemon runs); one process writes
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -169,31 +172,41 @@ class Fencing(Protocol):
 
 
 class PostgresURL:
-    """A ``postgresql://`` (or ``postgres://``) URL naming a PostgreSQL state store.
+    """A PostgreSQL state store: a ``postgresql://`` (or ``postgres://``) URL, the
+    scheme in any case, or a libpq keyword/value connection string
+    (``host=db dbname=reconciler user=u``).
 
-    ``str`` and ``repr`` are the URL without its password (nor a ``password``
-    query parameter): the form that logs, messages, ``status`` and saved
-    plans show. :meth:`conninfo` is the URL itself, for connecting only. The
-    password may be left out, for libpq to find in ``PGPASSWORD`` or a
-    password file.
+    ``str`` and ``repr`` are the location without its password (nor a
+    ``password`` query parameter or keyword): the form that logs, messages,
+    ``status`` and saved plans show. :meth:`conninfo` is the location itself,
+    for connecting only. The password may be left out, for libpq to find in
+    ``PGPASSWORD``, a password file or a service file. A connection string
+    libpq cannot parse is a :class:`ValueError` whose message quotes no value.
     """
 
-    __slots__ = ("_url",)
+    __slots__ = ("_dsn", "_url")
 
     SCHEMES: Final = ("postgresql://", "postgres://")
 
     def __init__(self, url: str) -> None:
-        if not url.startswith(self.SCHEMES):
+        scheme, sep, rest = url.partition("://")
+        if sep and scheme.lower() in ("postgresql", "postgres"):
+            self._url, self._dsn = f"{scheme.lower()}://{rest}", False
+        elif sep:
             raise ValueError("a PostgreSQL URL starts with postgresql:// or postgres://")
-        self._url = url
+        else:
+            self._url, self._dsn = url, True
+            _conninfo_params(url)  # refuses what libpq cannot parse
 
     def conninfo(self) -> str:
-        """The URL as given, password included: for the driver, never for a message."""
+        """The location as given, password included: for the driver, never for a message."""
         return self._url
 
     @property
     def password(self) -> str | None:
-        """The URL's password, if it has one (percent-decoded)."""
+        """The password it carries, if any (percent-decoded, unquoted)."""
+        if self._dsn:
+            return _conninfo_params(self._url).get("password")
         userinfo = _netloc(self._url).rpartition("@")[0]
         if ":" in userinfo:
             return unquote(userinfo.partition(":")[2])
@@ -203,6 +216,11 @@ class PostgresURL:
         return None
 
     def __str__(self) -> str:
+        if self._dsn:
+            from psycopg.conninfo import make_conninfo
+
+            params = _conninfo_params(self._url)
+            return make_conninfo("", **{k: v for k, v in params.items() if k != "password"})
         scheme, _, rest = self._url.partition("://")
         netloc = _netloc(self._url)
         userinfo, at, hosts = netloc.rpartition("@")
@@ -224,11 +242,14 @@ class PostgresURL:
         return hash(self._url)
 
     def scrub(self, text: str) -> str:
-        """``text`` without this URL's password or ``PGPASSWORD``: a driver's message
+        """``text`` without this location's password or ``PGPASSWORD``: a driver's message
         may quote a connection string, or a part of one it could not parse."""
         text = text.replace(self._url, str(self))
-        raw = _netloc(self._url).rpartition("@")[0].partition(":")[2]
-        secrets = {raw, self.password or "", os.environ.get("PGPASSWORD", "")}
+        if self._dsn:
+            raw = {m.group(1) for m in _DSN_PASSWORD.finditer(self._url)}
+        else:
+            raw = {_netloc(self._url).rpartition("@")[0].partition(":")[2]}
+        secrets = {*raw, self.password or "", os.environ.get("PGPASSWORD", "")}
         for secret in sorted(filter(None, secrets), key=len, reverse=True):
             text = text.replace(secret, "***")
         return text
@@ -239,6 +260,40 @@ class PostgresURL:
         from reconciler.state_postgres import store_exists
 
         return store_exists(self)
+
+
+#: A ``password`` keyword's value as written in a connection string (quoted or not).
+_DSN_PASSWORD: Final = re.compile(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+#: Text that names a URL: a scheme, then ``://``.
+_URL_SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+#: A URL as a path spells it (``Path`` folds ``//`` into one slash), also under a folder.
+_URL_LIKE_PATH: Final = re.compile(r"(?:^|/)[A-Za-z][A-Za-z0-9+.-]*:/")
+#: A ``keyword=`` of a connection string, at the start or after white space.
+_DSN_KEYWORD: Final = re.compile(r"(?:^|\s)([A-Za-z_]+)\s*=")
+
+
+def _conninfo_params(dsn: str) -> dict[str, str]:
+    """libpq's own reading of a keyword/value connection string; a :class:`ValueError`
+    that quotes no value (libpq's message may quote the text it choked on)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or ["?"])[0]
+        reason = re.sub(r'after ".*" in', "after a word in", first)
+        raise ValueError(f"not a connection string libpq can read: {reason}") from None
+    if not params:
+        raise ValueError("an empty connection string")
+    return {k: str(v) for k, v in params.items() if v is not None}
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    from psycopg import pq
+
+    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 
 
 def _netloc(url: str) -> str:
@@ -257,10 +312,43 @@ StoreLocation = Path | PostgresURL
 
 
 def parse_location(text: str | Path) -> StoreLocation:
-    """``--state`` as given: a ``postgresql://``/``postgres://`` URL, else a file path."""
-    if isinstance(text, str) and text.startswith(PostgresURL.SCHEMES):
+    """``--state`` as given: a PostgreSQL URL (the scheme in any case) or keyword/value
+    connection string, else a file path. Text that looks like a URL of another
+    scheme, or like a connection string libpq cannot read, is a :class:`ValueError`
+    naming neither its password nor any other value: it is never taken for a file
+    (whose name, event and folders on disk would show the password)."""
+    if isinstance(text, Path):
+        check_file_location(text)
+        return text
+    if (url := _URL_SCHEME.match(text)) is not None:
+        if url.group(1).lower() in ("postgresql", "postgres"):
+            return PostgresURL(text)
+        raise ValueError(
+            f"a {url.group(1)}:// URL is not a state store: give a file path (SQLite) or a "
+            "postgresql:// URL"
+        )
+    if _looks_like_conninfo(text):
         return PostgresURL(text)
+    check_file_location(Path(text))
     return Path(text)
+
+
+def _looks_like_conninfo(text: str) -> bool:
+    """Whether ``text`` reads as a libpq connection string: a libpq ``keyword=``
+    anywhere, or two ``word=`` pairs (a misspelt keyword among them)."""
+    words = _DSN_KEYWORD.findall(text)
+    return bool(words) and (len(words) >= 2 or bool(set(words) & _libpq_keywords()))
+
+
+def check_file_location(path: Path) -> None:
+    """Refuse (:class:`ValueError`) a SQLite file named like a URL or a connection
+    string: the store meant is a PostgreSQL one, or the name is a mistake."""
+    text = str(path)
+    if _URL_LIKE_PATH.search(text) or _looks_like_conninfo(text):
+        raise ValueError(
+            "a state store file may not be named like a URL or a connection string: give a "
+            "file path (SQLite), or a postgresql:// URL or connection string as text"
+        )
 
 
 def _glob_to_regex(pattern: str) -> str:
@@ -763,8 +851,11 @@ class StateStore:
         (:mod:`reconciler.storelock`), naming ``command`` as the holder; a store
         another process writes is refused (:class:`~reconciler.storelock.StoreInUse`).
         """
-        if isinstance(location, str):
-            location = parse_location(location)
+        if not isinstance(location, PostgresURL):
+            try:
+                location = parse_location(location)
+            except ValueError as exc:
+                raise StateError(f"state store: {exc}") from None
         backend: Backend
         if isinstance(location, PostgresURL):
             from reconciler.state_postgres import open_postgres

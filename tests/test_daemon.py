@@ -289,3 +289,27 @@ def test_a_folder_named_like_a_file_is_not_an_invalid_file(
     wait_for(lambda: (APP, "hall-1", "seg") in d.live_tasks() or d.events("task.not_running"))
     assert not d.events("desired.invalid_file")
     assert d.stop() == 0
+
+
+def test_a_symlink_loop_is_logged_and_counted_like_any_invalid_file(
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    tree = tmp_path / "desired"
+    write(tree, "edu/lectures.yaml", lectures(30, 40))
+    os.symlink("loop-b.yaml", tree / "loop-a.yaml")
+    os.symlink("loop-a.yaml", tree / "loop-b.yaml")
+    d = daemons(tmp_path, "desired", "--emulator", *FAST)
+    d.wait_ready()
+    found = d.wait_event("desired.invalid_file", count=2)
+    assert sorted(e["path"] for e in found) == ["loop-a.yaml", "loop-b.yaml"]
+    assert all("symbolic links" in e["problems"][0] for e in found), found
+    assert d.metric("reconciler_invalid_files") == 2
+    assert "2 invalid files" in d.health("/readyz").text
+
+    os.symlink("self.yaml", tree / "edu" / "self.yaml")  # one that appears while running
+    (late,) = d.wait_event("desired.invalid_file", lambda e: e["path"] == "edu/self.yaml")
+    assert "symbolic links" in late["problems"][0]
+    wait_for(lambda: d.metric("reconciler_invalid_files") == 3)
+    (tree / "edu" / "self.yaml").unlink()
+    d.wait_event("desired.file_fixed", lambda e: e["path"] == "edu/self.yaml")
+    assert d.stop() == 0

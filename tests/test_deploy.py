@@ -40,7 +40,7 @@ import yaml
 
 from reconciler.cli import main
 from reconciler.credentials import load_credentials
-from reconciler.health import HealthServer
+from reconciler.health import PROBES, HealthServer
 from reconciler.metrics import Metrics
 from tests.conftest import REPO, tasks_yaml, write
 
@@ -213,6 +213,7 @@ def test_every_yaml_under_deploy_parses() -> None:
         "secret.yaml",
         "pvc.yaml",
         "service.yaml",
+        "networkpolicy.yaml",
         "kustomization.yaml",
         "github-actions-plan.yaml",
     }
@@ -305,6 +306,37 @@ def test_health_port_is_probed_scraped_and_served(
     assert annotations["prometheus.io/path"] in routes
     service_ports = only(objects, "Service")["spec"]["ports"]
     assert [(p["port"], p["targetPort"]) for p in service_ports] == [(port, "http")]
+
+
+def test_a_network_policy_admits_only_the_scraper_to_the_health_port(
+    pod: dict[str, Any],
+    objects: dict[tuple[str, str], dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bound to 0.0.0.0, the dashboard and /metrics are for whoever reaches the pod:
+    the policy selects the pod, admits one peer (never everyone) on the health port
+    alone, and leaves the probes' paths to the kubelet."""
+    spec = only(objects, "NetworkPolicy")["spec"]
+    labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"], "an empty selector is every pod"
+    assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+    assert "Ingress" in spec["policyTypes"]
+    c = container(pod, "reconciler")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    health_port = reconciler_params(pod, monkeypatch)["health_port"]
+    assert spec["ingress"], "no rule: nothing reaches the pod, Prometheus included"
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "a rule without 'from' admits every source"
+        for peer in rule["from"]:
+            selectors = [peer.get("namespaceSelector"), peer.get("podSelector")]
+            assert "ipBlock" not in peer and all(s and s.get("matchLabels") for s in selectors)
+        assert rule.get("ports"), "a rule without ports admits every port"
+        for p in rule["ports"]:
+            assert ports.get(p["port"], p["port"]) == health_port and p["protocol"] == "TCP"
+    # The probes are answered without credentials, whatever the Host (the kubelet's).
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        path = c[probe]["httpGet"]["path"]
+        assert path in PROBES and "httpHeaders" not in c[probe]["httpGet"], probe
 
 
 def test_secret_keys_exist_and_are_the_credentials_the_code_reads(
@@ -474,6 +506,14 @@ def test_two_replicas_roll_one_at_a_time_with_a_disruption_budget(
     probe = container(pod, "reconciler")["readinessProbe"]["httpGet"]
     assert probe["path"] == "/readyz" and "/readyz" in health_routes()
     assert ("Service", "reconciler") in ha_objects
+
+
+def test_two_replicas_keep_the_network_policy(
+    ha_objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    policy = only(ha_objects, "NetworkPolicy")
+    labels = only(ha_objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
 
 
 def test_two_replicas_read_the_postgresql_url_from_a_secret(

@@ -574,7 +574,7 @@ def test_admin_api_round_trip() -> None:
             "ok": 1,
             "InvalidParameter.ErrorActiveTaskNotFound": 1,
         }
-        assert admin.post("/_emulator/reset-stats").json()["total_requests"] == 0
+        assert admin.post("/_emulator/reset-stats", json={}).json()["total_requests"] == 0
 
         faults = admin.post(
             "/_emulator/faults", json={"error_rate": 1.0, "qps": {"StopSegment": 5}}
@@ -609,3 +609,50 @@ def test_serve_runs_until_cancelled() -> None:
     assert status == 400  # served and answered: the task is not running
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/_emulator/stats")
+
+
+def test_the_admin_api_refuses_what_a_web_page_of_another_site_could_send() -> None:
+    """CSRF and DNS rebinding from a browser on this machine, which is a loopback client."""
+    with running_emulator(_config(seed=7)) as h:
+        own = h.url
+        port = urlsplit(own).port
+        assert port is not None
+        before = h.faults()
+        evil = json.dumps({"error_rate": 1.0})
+        # A form or fetch() with text/plain needs no CORS preflight: the classic CSRF.
+        text_plain = {"Content-Type": "text/plain"}
+        plain = httpx.post(
+            f"{own}/_emulator/faults",
+            content=evil,
+            headers={**text_plain, "Origin": "http://evil.example"},
+        )
+        assert plain.status_code == 403, plain.text
+        quiet = httpx.post(f"{own}/_emulator/faults", content=evil, headers=text_plain)
+        assert quiet.status_code == 415 and "application/json" in quiet.json()["error"]
+        form = httpx.post(f"{own}/_emulator/reset-stats", data={"x": "1"})
+        assert form.status_code == 415
+        for origin in (
+            "http://evil.example",
+            "null",  # a sandboxed frame, a file:// page
+            f"http://localhost:{port + 1}",  # another site on this machine is another origin
+            f"https://127.0.0.1:{port}",
+        ):
+            refused = httpx.post(
+                f"{own}/_emulator/faults", json={"error_rate": 1.0}, headers={"Origin": origin}
+            )
+            assert refused.status_code == 403, origin
+            assert (
+                httpx.get(f"{own}/_emulator/tasks", headers={"Origin": origin}).status_code == 403
+            )
+        # A rebinding page is same-origin with itself, under a name it controls.
+        rebound = httpx.post(
+            f"{own}/_emulator/faults",
+            json={"error_rate": 1.0},
+            headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},
+        )
+        assert rebound.status_code == 403
+        assert h.faults() == before, "no refused request changed anything"
+        # The emulator's own page, and tools that send no Origin, still work.
+        for headers in ({"Origin": own}, {"Origin": f"http://localhost:{port}"}, {}):
+            ok = httpx.post(f"{own}/_emulator/faults", json={}, headers=headers)
+            assert ok.status_code == 200, (headers, ok.text)

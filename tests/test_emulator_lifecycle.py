@@ -125,7 +125,12 @@ def update(url: str, key: TaskKey, **fields: object) -> CallResult:
 
 def admin(url: str, verb: str, body: Mapping[str, Any] | bytes) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{url}/_emulator/tasks/{verb}", content=content, timeout=5)
+    return httpx.post(
+        f"{url}/_emulator/tasks/{verb}",
+        content=content,
+        headers={"Content-Type": "application/json"},
+        timeout=5,
+    )
 
 
 def row(url: str, key: TaskKey) -> dict[str, Any]:

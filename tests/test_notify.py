@@ -3,17 +3,19 @@
 The receiver is an aiohttp server on loopback in a thread of its own, so it
 serves the daemon subprocess and in-process notifiers alike. What a path
 does is in its first segment: ``/ok`` answers 200, ``/flaky`` answers 500 to
-its first request, ``/busy`` 429 with ``Retry-After`` to its first, and
-``/hang`` holds every request until the test releases it.
+its first request, ``/busy`` 429 with ``Retry-After`` to its first, ``/moved``
+307 to ``moved_to``, and ``/hang`` holds every request until the test
+releases it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +27,7 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
+from reconciler import events
 from reconciler.cli import main
 from reconciler.emulator import EmulatorHandle
 from reconciler.metrics import Metrics
@@ -71,6 +74,8 @@ class Receiver:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        #: Where ``/moved`` sends its requests (a 307: the POST would be repeated there).
+        self.moved_to = ""
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -100,6 +105,8 @@ class Receiver:
             status = 500
         if kind == "busy" and first:
             status, headers = 429, {"Retry-After": "1"}
+        if kind == "moved":
+            status, headers = 307, {"Location": self.moved_to}
         hit.status = status
         return web.Response(status=status, text="ok" if status == 200 else "no", headers=headers)
 
@@ -293,6 +300,46 @@ def test_drops_are_counted_and_a_hanging_webhook_cannot_hold_the_exit(
     assert busy[0].body == busy[1].body and "20 tasks failed" in busy[0].body["text"]
     count = {r: metrics.notifications.labels(r)._value.get() for r in ("sent", "failed", "dropped")}
     assert count == {"sent": 20, "failed": 0, "dropped": 10 + 10 + 20}, "20 held at close"
+
+
+def test_a_redirect_is_not_followed_and_is_logged_as_the_answer(receiver: Receiver) -> None:
+    """A webhook answering 307 to another host: nothing reaches that host, and the
+    log says 307 and where it pointed (its host only), not the other host's 200."""
+    metrics = Metrics()
+    config = NotifyConfig(gather_s=0.05, min_interval_s=0.1, backoff_base_s=0.05, drain_s=1.0)
+    seen: list[Mapping[str, Any]] = []
+    out = io.StringIO()
+    with Receiver() as elsewhere:
+        receiver.moved_to = f"http://localhost:{elsewhere.port}/ok/stolen-{TOKEN}"
+
+        async def scenario() -> None:
+            notifier = Notifier(
+                [receiver.url(f"/moved/{TOKEN}")],
+                config=config,
+                counter=metrics.notifications,
+                source="t",
+            )
+            await notifier.start()
+            notifier.on_event(failed(1))
+            await asyncio.to_thread(wait_for, lambda: [e for e in seen if "notify" in e["event"]])
+            await notifier.close()
+
+        events.configure(fmt="json", level="info", stream=out)
+        unsubscribe = events.subscribe(seen.append)
+        try:
+            asyncio.run(scenario())
+        finally:
+            unsubscribe()
+            events.configure(fmt="json", level="info")
+        assert not elsewhere.hits, "the message went to the host the redirect named"
+    assert [h.status for h in receiver.to("moved")] == [307], "tried once, not retried"
+    (outcome,) = [e for e in seen if e["event"] in ("notify.sent", "notify.failed")]
+    assert outcome["event"] == "notify.failed" and outcome["status"] == 307
+    assert outcome["error"] == "redirect not followed"
+    assert outcome["location"] == f"http://localhost:{elsewhere.port}/…"
+    assert outcome["url"] == f"http://127.0.0.1:{receiver.port}/…"
+    assert metrics.notifications.labels("failed")._value.get() == 1
+    assert TOKEN not in out.getvalue()
 
 
 # --- the daemon ----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from reconciler.state import (
 from reconciler.state_postgres import MIGRATIONS, SCHEMA, Cursor, open_postgres
 from reconciler.task import FieldValue, Source, SyncStatus, TaskKey
 from tests.conftest import run_cli, tasks_yaml, write
+from tests.harness import DaemonProcess
 from tests.postgres import PostgresServer
 
 SRC = Source("rooms/a.yaml", 3, 5)
@@ -454,3 +455,118 @@ def test_apply_plan_and_status_with_a_postgres_url(
     assert doc["counts"]["Synced"] == 3
     everything = "".join(x.stdout + x.stderr for x in (r, plan, status))
     assert postgres_server.password not in everything + (tmp_path / "p.json").read_text()
+
+
+def test_a_mis_cased_url_or_a_connection_string_is_the_database_never_a_file(
+    tmp_path: Path, emulator: EmulatorHandle, postgres_server: PostgresServer
+) -> None:
+    """``POSTGRESQL://`` and ``host=... password=...`` are the same database as the
+    URL: nothing is re-sent, no file or folder is made, the password shows nowhere."""
+    pw = postgres_server.password
+    key = TaskKey("app1", "room1", "seg")
+    emulator.start_task(app_id=key.app_id, room_id=key.room_id, task_id=key.task_id)
+    write(tmp_path / "desired", "a.yaml", tasks_yaml("app1", [{"RoomId": "room1",
+          "TaskId": "seg", "Duration": 30}]))  # fmt: skip
+    url = postgres_server.create_database()
+    name = url.rsplit("/", 1)[1]
+    shouted = url.replace("postgresql://", "POSTGRESQL://")
+    dsn = f"host=127.0.0.1 port={postgres_server.port} dbname={name} user=reconciler password={pw}"
+    api = ("--endpoint", emulator.url)
+    applied = run_cli("apply", "desired", "--state", shouted, *api, cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    (created,) = [e for e in applied.events() if e["event"] == "state.created"]
+    assert created["path"] == url.replace(f":{pw}@", "@")
+    warned = [line for line in applied.stderr.splitlines() if line.startswith("warning: --state")]
+    assert warned == [
+        f"warning: --state {created['path']} carries a password on the command line, where "
+        "other users may read it (ps); give it in RECONCILER_STATE, PGPASSWORD or a password "
+        "file (~/.pgpass) instead"
+    ]
+    plan = run_cli("plan", "desired", "--state", dsn, "--refresh", *api, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "No changes." in plan.stdout, "the store the apply wrote: nothing is re-sent"
+    assert f"warning: --state user=reconciler dbname={name} host=127.0.0.1 port=" in plan.stderr
+    status = run_cli("status", "desired", "-o", "json", cwd=tmp_path,
+                     env={"RECONCILER_STATE": dsn})  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["Synced"] == 1
+    assert "warning" not in status.stderr, "from the environment: no one else sees it"
+    assert emulator.stats_snapshot()["by_action"]["UpdateSegment"] == {"ok": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desired"], "no file, no folder"
+    for r in (applied, plan, status):
+        assert pw not in r.stdout + r.stderr
+
+
+def test_the_password_can_stay_out_of_the_command_line(
+    tmp_path: Path, emulator: EmulatorHandle, postgres_server: PostgresServer
+) -> None:
+    """RECONCILER_STATE, PGPASSWORD, a password file, a service file: each reaches the
+    database with no password in argv (what ps shows) and no warning."""
+    pw, port = postgres_server.password, postgres_server.port
+    emulator.start_task(app_id="app1", room_id="room1", task_id="seg")
+    write(tmp_path / "desired", "a.yaml", tasks_yaml("app1", [{"RoomId": "room1",
+          "TaskId": "seg", "Duration": 30}]))  # fmt: skip
+    url = postgres_server.create_database()
+    name = url.rsplit("/", 1)[1]
+    bare = url.replace(f":{pw}@", "@")
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{port}:{name}:reconciler:{pw}\n")
+    pgpass.chmod(0o600)  # libpq ignores a password file others may read
+    services = tmp_path / "pg_service.conf"
+    services.write_text(
+        f"[store]\nhost=127.0.0.1\nport={port}\ndbname={name}\nuser=reconciler\npassword={pw}\n"
+    )
+    ways: list[tuple[tuple[str, ...], dict[str, str]]] = [
+        ((), {"RECONCILER_STATE": url}),
+        (("--state", bare), {"PGPASSWORD": pw}),
+        (("--state", bare), {"PGPASSFILE": str(pgpass)}),
+        (("--state", "service=store"), {"PGSERVICEFILE": str(services)}),
+        (("--state", "postgresql:///?service=store"), {"PGSERVICEFILE": str(services)}),
+    ]
+    for args, env in ways:
+        r = run_cli("apply", "desired", *args, "--endpoint", emulator.url, cwd=tmp_path, env=env)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "carries a password" not in r.stderr and pw not in r.stdout + r.stderr, args
+        made = {p.name for p in tmp_path.iterdir()} - {"desired", "pgpass", "pg_service.conf"}
+        assert not made, f"{args}: the database, not a file"
+    with StateStore.open(url, read_only=True) as store:
+        assert [t.status for t in store.all()] == [SyncStatus.SYNCED]
+
+    # The daemon as ps sees it: the URL in its environment only.
+    write(tmp_path / "desired", "a.yaml", tasks_yaml("app1", [{"RoomId": "room1",
+          "TaskId": "seg", "Duration": 31}]))  # fmt: skip
+    with DaemonProcess(tmp_path, "desired", "--endpoint", emulator.url, "--health-port", "0",
+                       env={"RECONCILER_STATE": url}) as d:  # fmt: skip
+        d.wait_ready()
+        argv = Path(f"/proc/{d.proc.pid}/cmdline").read_bytes()
+        assert name.encode() not in argv and pw.encode() not in argv
+        assert d.stop() == 0
+    log = d.log_path.read_text()
+    assert pw not in log and "carries a password" not in log
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ("sqlite:///x.db", "a sqlite:// URL is not a state store"),
+        ("mysql://u:S3cr3tPw@db/x", "a mysql:// URL is not a state store"),
+        ("host=db passwrd=S3cr3tPw", 'libpq can read: invalid connection option "passwrd"'),
+        ("host=db password=S3cr3t Pw", 'libpq can read: missing "=" after a word in'),
+        ("./state.db host=db password=S3cr3tPw", "libpq can read: missing"),
+        ("x:/u:S3cr3tPw@db/x", "may not be named like a URL or a connection string"),
+    ],
+)
+def test_a_location_like_a_url_or_connection_string_is_refused_not_made_a_file(
+    tmp_path: Path, given: str, says: str
+) -> None:
+    write(tmp_path / "desired", "a.yaml", tasks_yaml("app1", [{"RoomId": "r", "TaskId": "t"}]))
+    r = run_cli("plan", "desired", "--state", given, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr  # a usage error, as the console script exits for it
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert error.startswith("Error: Invalid value for '--state'") and says in error, error
+    assert "S3cr3t" not in r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desired"]
+    with pytest.raises(StateError) as refused:
+        StateStore.open(tmp_path / "POSTGRESQL:" / "u:S3cr3tPw@" / "db")  # //, folded by Path
+    assert "S3cr3t" not in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desired"]

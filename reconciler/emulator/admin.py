@@ -14,11 +14,16 @@ its StartTime. Each answers ``{"task": <row>}``, the row as
 ``GET /_emulator/tasks`` shows it after the change, so a test needs no second
 read. The rules themselves are :class:`~reconciler.emulator.tasks.TaskTable`'s.
 
-Every route goes through :func:`_admin`, which refuses a client that is not on
-a loopback address (HTTP 403) before the handler runs, so a new route cannot
-forget the check. Refusals are JSON ``{"error": "..."}``: 400 for a body that
-is not JSON, an unknown field or a bad value, 404 for a task never started,
-409 for a task that has ended where a running one is needed.
+Every route goes through :func:`_admin`, which refuses before the handler
+runs, so a new route cannot forget the checks: a client that is not on a
+loopback address (HTTP 403); a request that a web page sent (a browser on
+this machine is on loopback too): an ``Origin`` other than this server's own
+loopback origin (403), and a ``POST`` that is not ``Content-Type:
+application/json`` (415), which is what a page can send to another site
+without asking first (``text/plain``, a form). Refusals are JSON
+``{"error": "..."}``: 400 for a body that is not JSON, an unknown field or a
+bad value, 404 for a task never started, 409 for a task that has ended where
+a running one is needed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -59,6 +65,34 @@ def is_loopback(remote: str | None) -> bool:
     return address.is_loopback
 
 
+def _loopback_name(host: str | None) -> bool:
+    """Whether a host name is this machine's for certain: ``localhost`` or a
+    loopback address (a name a page's site controls may point anywhere)."""
+    if host is None:
+        return False
+    return host.lower().rstrip(".") == "localhost" or is_loopback(host)
+
+
+def _foreign_origin(request: web.Request) -> bool:
+    """Whether the request came from a web page of another origin than this
+    server's own loopback one (no ``Origin``: not sent by a page's script or form)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    try:
+        parts = urlsplit(origin)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return True
+    served = request.url
+    return not (
+        _loopback_name(parts.hostname)
+        and _loopback_name(served.host)
+        and parts.scheme == served.scheme
+        and port == served.port
+    )
+
+
 def _error(message: str, *, status: int = 400) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -69,6 +103,16 @@ def _admin(
     async def guarded(request: web.Request) -> web.Response:
         if not is_loopback(request.remote):
             return _error("the emulator admin API answers loopback clients only", status=403)
+        if _foreign_origin(request):
+            return _error(
+                "the emulator admin API refuses requests from web pages of other origins",
+                status=403,
+            )
+        if request.method == "POST" and request.content_type != "application/json":
+            return _error(
+                "the emulator admin API takes JSON: send Content-Type: application/json",
+                status=415,
+            )
         return await handler(emulator, request)
 
     return guarded
