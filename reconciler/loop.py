@@ -97,10 +97,11 @@ from reconciler.rollout import (
     Rollout,
     TokenBucket,
     Waiting,
+    applied_tasks,
     check_canary,
     classify_plan,
     judge,
-    mass_change,
+    mass_change_of,
     may_go,
     repick_canary,
     start_rollout,
@@ -664,9 +665,11 @@ class Daemon:
             self._judge_rollout()
 
     def _judge_mass(self) -> None:
-        refusal = mass_change(
-            (kind for kind, _ in self._pending.values()),
-            applied=self.recorder.applied,
+        # From counts kept as the plans and records change: walking every pending
+        # change and every record for each task handled made a first sync quadratic.
+        refusal = mass_change_of(
+            self._pending_changes,
+            known=applied_tasks(self.recorder.applied),
             control=self.config.control,
         )
         if refusal is not None and self._mass is None:

@@ -40,7 +40,14 @@ from reconciler.live import Observation
 from reconciler.observe import read_task
 from reconciler.plan import Call, Drift, Plan
 from reconciler.state import ResultNotRecorded, StateStore, StoreWriteError, heal_reason
-from reconciler.task import AppliedRecord, DesiredTask, FieldValue, SyncStatus, TaskKey
+from reconciler.task import (
+    AppliedIndex,
+    AppliedRecord,
+    DesiredTask,
+    FieldValue,
+    SyncStatus,
+    TaskKey,
+)
 
 _T = TypeVar("_T")
 
@@ -81,7 +88,7 @@ class Recorder:
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
-        self.applied: dict[TaskKey, AppliedRecord] = store.applied()
+        self.applied = AppliedIndex(store.applied())
         self.observations: dict[TaskKey, Observation] = store.observations()
         #: When the caller will try a NotRunning or retryable failed task again
         #: (the daemon's backoff), written in the result's own transaction;
@@ -90,7 +97,7 @@ class Recorder:
 
     def reload(self) -> None:
         """Read the planner's view from the store again (another replica wrote it)."""
-        self.applied = self.store.applied()
+        self.applied = AppliedIndex(self.store.applied())
         self.observations = self.store.observations()
 
     def pending(self, task: DesiredTask) -> None:

@@ -46,7 +46,7 @@ from typing import Any, Final
 from reconciler.guard import allowed_at_once, format_fraction
 from reconciler.live import LiveState, Observation
 from reconciler.plan import SETTLE_S, Call, Plan
-from reconciler.task import AppliedRecord, DesiredTask, TaskKey
+from reconciler.task import AppliedIndex, AppliedRecord, DesiredTask, TaskKey
 from reconciler.windows import NO_WINDOWS, SyncWindow, SyncWindows, WindowVerdict
 
 #: The share of already-applied tasks one plan may change unless told otherwise.
@@ -169,6 +169,8 @@ def classify_plan(
 
 def applied_tasks(applied: Mapping[TaskKey, AppliedRecord]) -> int:
     """Tasks the server has confirmed values for: what ``--max-change`` is a share of."""
+    if isinstance(applied, AppliedIndex):
+        return applied.confirmed  # kept as records change: no walk over the store
     return sum(1 for r in applied.values() if r.fields is not None)
 
 
@@ -191,7 +193,14 @@ def mass_change(
     if control.allow_mass_change:
         return None
     changes = sum(1 for k in kinds if k is ChangeKind.CHANGE)
-    return check_changes(changes, known=applied_tasks(applied), limit=control.max_change)
+    return mass_change_of(changes, known=applied_tasks(applied), control=control)
+
+
+def mass_change_of(changes: int, *, known: int, control: ChangeControl) -> MassChange | None:
+    """:func:`mass_change` from counts kept as they change (the daemon's, for every task)."""
+    if control.allow_mass_change:
+        return None
+    return check_changes(changes, known=known, limit=control.max_change)
 
 
 def window_hold(

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: The fields UpdateSegment can change, in the order bodies and plans list them.
 MANAGED_FIELDS: tuple[str, ...] = ("Identifier", "Handle", "Duration")
@@ -127,3 +127,34 @@ class AppliedRecord:
     #: connection after it went out. It may have been applied: the next call
     #: waits for a read taken after it (re-sending Duration would cut again).
     in_doubt_since: float | None = None
+
+
+class AppliedIndex(dict[TaskKey, AppliedRecord]):
+    """Last-applied records by key, counting those with confirmed values as they change.
+
+    The daemon asks how many tasks the server has confirmed values for (what
+    ``--max-change`` is a share of) after every task it handles; counting the
+    whole store each time made a first sync quadratic in the tree's size.
+    """
+
+    def __init__(self, records: Mapping[TaskKey, AppliedRecord] | None = None) -> None:
+        super().__init__()
+        self.confirmed = 0
+        for key, record in (records or {}).items():
+            self[key] = record
+
+    def __setitem__(self, key: TaskKey, record: AppliedRecord) -> None:
+        old = self.get(key)
+        self.confirmed += (record.fields is not None) - (old is not None and old.fields is not None)
+        super().__setitem__(key, record)
+
+    def __delitem__(self, key: TaskKey) -> None:
+        old = self[key]
+        self.confirmed -= old.fields is not None
+        super().__delitem__(key)
+
+    def pop(self, key: TaskKey, *default: Any) -> Any:
+        if key in self:
+            old = self[key]
+            self.confirmed -= old.fields is not None
+        return super().pop(key, *default)

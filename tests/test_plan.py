@@ -313,3 +313,21 @@ def test_bodies_carry_identity_and_only_changed_fields(
                     name in last and type(last[name]) is type(value) and last[name] == value
                 )
     assert plan == compute_plan(desired, applied), "planning is deterministic"
+
+
+def test_applied_index_counts_confirmed_records_as_they_change() -> None:
+    """The daemon's share base for --max-change, kept without walking the store."""
+    from reconciler.rollout import applied_tasks
+    from reconciler.task import AppliedIndex
+
+    index = AppliedIndex({K1: rec(fields={"Duration": 30}), K2: rec(K2, None)})
+    assert index.confirmed == 1 == applied_tasks(dict(index))
+    index[K2] = rec(K2, {"Duration": 5})
+    index[K1] = rec(fields=None)
+    assert index.confirmed == 1
+    index.pop(K2)
+    index.pop(K2, None)
+    assert index.confirmed == 0 == applied_tasks(dict(index)) == applied_tasks(index)
+    index[K2] = rec(K2, {"Duration": 5})
+    del index[K2]
+    assert index.confirmed == 0
