@@ -78,7 +78,8 @@ Events: ``leader.standby`` (who leads; once per leader and epoch),
 leader's heartbeat was watched unchanged, ``ended_sessions``),
 ``leader.lost`` (``why``), ``leader.lapsed`` / ``leader.renewed`` (the
 lease in doubt, then renewed), ``leader.released`` (a clean handover on
-shutdown), ``leader.end_sessions_failed``. The database URL may hold a
+shutdown), ``leader.end_sessions_failed`` and ``leader.take_over_blocked``
+(a frozen leader's session could not be ended). The database URL may hold a
 password: it is registered as a secret and never logged.
 """
 
@@ -454,6 +455,9 @@ class Leadership:
                     why = f"taking over failed: {exc!r}"
                     self._log.exception("leader.take_over_failed", error=repr(exc))
                 else:
+                    # Re-planning everything held the loop: a stall of our own, not one
+                    # we know nothing of. The lease, from the bump's send, still bounds it.
+                    self._tick = self._now()
                     why = await self._lead(conn, epoch)
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 why = f"lost the connection to the state database: {_why(exc)}"
@@ -592,11 +596,13 @@ class Leadership:
             return 0
         try:
             async with asyncio.timeout(self.timeout_s * 3):
+                # Signalled, a session ends within moments; the bump's lock_timeout
+                # waits for that.
                 cur = await conn.execute(
-                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, %s)) "
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
                     "FROM pg_stat_activity WHERE pid = ANY(%s) AND pid <> pg_backend_pid() "
                     "AND backend_start <= %s",
-                    (int(self.timeout_s * 1000), list(row.backends), row.heartbeat),
+                    (list(row.backends), row.heartbeat),
                 )
                 got = await cur.fetchone()
         except psycopg.errors.InsufficientPrivilege as exc:
