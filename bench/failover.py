@@ -220,14 +220,17 @@ def lapses(replicas: dict[str, Replica], woken: dict[str, list[float]]) -> list[
     """Why the replicas' leases lapsed (``leader.lapsed``), but for a frozen one waking."""
     whys = []
     for name, r in replicas.items():
+        elected = -1.0
         # The whole log: a killed replica's earlier runs wrote to it too.
         for line in r.log_path.read_text(errors="replace").splitlines():
+            if '"leader.elected"' in line:
+                elected = stamp(json.loads(line))
             if '"leader.lapsed"' not in line:
                 continue
             e = json.loads(line)
             at = stamp(e)
             if not any(0 <= at - t < 1.0 for t in woken.get(name, [])):
-                whys.append(f"{name}: {e['why']}")
+                whys.append(f"{name}: {e['why']} ({at - elected:.2f} s after it was elected)")
     return whys
 
 
