@@ -49,7 +49,12 @@ pieces, and why each is there:
   keepalive that wrote it was sent at ``s``: ``s <= r0``. The leader sends
   nothing after ``s + L``; the standby takes over at ``r0 + T >= s + L + m``.
   ``m`` covers what happens between the check and the request reaching the
-  API (the write, the network, a short stall) and clock rates. Keepalives
+  API (the write, the network, a short stall) and clock rates. The check and
+  the write run in one step of the event loop, nothing else between them
+  (unless the socket's send buffer is full). What the kernel has accepted
+  is out of the process's hands: a whole VM paused right after a write sends
+  it when it resumes; only a fencing token checked by the API could refuse
+  that, and the RTC API has none. Keepalives
   go every ``K`` from send to send: while each is answered within ``K``, the
   next renews the lease before it runs out. A slower one may let it lapse
   for a moment (calls wait); one unanswered within ``τ`` loses the lead.
