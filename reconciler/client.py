@@ -300,10 +300,20 @@ def _shard_sizes(total: int) -> list[int]:
     return [total // count + (1 if i < total % count else 0) for i in range(count)]
 
 
-def _mark_when_sent(slot: Slot) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
-    """An httpcore trace hook that marks ``slot`` once the request is written."""
+def _mark_when_sent(
+    slot: Slot, gate: Callable[[], None] | None = None
+) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """An httpcore trace hook that marks ``slot`` once the request is written, and
+    runs ``gate`` (which raises to withdraw it) right before its headers are written
+    and again right before its body is: the two are written apart, and the server
+    acts on a request only once its last byte came (cut after the headers, the
+    connection is closed and the server drops the request)."""
 
     async def trace(event: str, info: dict[str, Any]) -> None:
+        if gate is not None and event.endswith(
+            ("send_request_headers.started", "send_request_body.started")
+        ):
+            gate()
         if event.endswith("send_request_body.complete"):
             slot.mark()
 
@@ -460,6 +470,22 @@ class RtcClient:
         # takes every request.
         self._reader: aiohttp.ClientSession | None = None
         self._read_proxy: str | None = None
+        #: Asked at the last moment before each request is written, on every
+        #: attempt of every action, reads included; ``False`` withdraws it unsent
+        #: (:class:`~reconciler.errors.CallWithdrawn`). A daemon replica sends
+        #: nothing on a lease that may have lapsed. ``None``: always send.
+        self.gate: Callable[[], bool] | None = None
+
+    def _check_gate(self, action: str) -> None:
+        if self.gate is not None and not self.gate():
+            raise CallWithdrawn(action)
+
+    def _gate_for(self, action: str) -> Callable[[], None] | None:
+        return None if self.gate is None else lambda: self._check_gate(action)
+
+    async def _gate_read(self, _session: Any, _ctx: Any, params: Any) -> None:
+        # aiohttp runs this right before it writes a request's headers.
+        self._check_gate(str(params.url.query.get("Action", "GET")))
 
     def _grow_pools(self, limit: int) -> None:
         """Make pools until they can carry ``limit`` connections (never fewer pools)."""
@@ -534,6 +560,11 @@ class RtcClient:
         if self._reader is not None:
             await self._reader.close()
 
+    def _read_trace(self) -> aiohttp.TraceConfig:
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(self._gate_read)
+        return trace
+
     def _read_session(self) -> aiohttp.ClientSession:
         if self._reader is None:
             cfg = self.config
@@ -545,6 +576,7 @@ class RtcClient:
                     total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.timeout
                 ),
                 headers={"User-Agent": USER_AGENT},
+                trace_configs=[self._read_trace()],
                 # With trust_env aiohttp looks up netrc and the proxy in a thread on
                 # every request; the proxy is looked up once instead (netrc never
                 # applies: requests carry their own signed Authorization).
@@ -790,7 +822,7 @@ class RtcClient:
                         params=params,
                         content=payload or None,
                         headers=headers,
-                        extensions={"trace": _mark_when_sent(slot)},
+                        extensions={"trace": _mark_when_sent(slot, self._gate_for(action))},
                     )
                     request.headers.update(
                         sign(
@@ -872,6 +904,7 @@ class RtcClient:
                     headers={},
                     body=b"",
                 )
+                self._check_gate(action)
                 started = time.perf_counter()
                 try:
                     with self._limit.measure(action):

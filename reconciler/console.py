@@ -276,6 +276,10 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
     ),
     "leader.standby": lambda e: str(e.get("message") or f"standby; {e.get('leader')} leads"),
     "leader.lost": lambda e: f"{e.get('holder')} no longer leads: {e.get('why')}; calls stopped",
+    "leader.lapsed": lambda e: (
+        f"{e.get('holder')} holds its calls: {e.get('why')}; until a keepalive renews the lease"
+    ),
+    "leader.renewed": lambda e: f"lease renewed after {e.get('lapsed_s')} s: calls go again",
     "daemon.signal": lambda e: f"{e.get('signal')} received: {e.get('action') or 'stopping'}",
     "daemon.reloaded": lambda e: (
         f"tree read again ({_plural(e.get('files'), 'file')}, {e.get('changed')} tasks "

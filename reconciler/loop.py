@@ -52,9 +52,13 @@ Pieces, each a thin shell around the functional core:
   view the leader already keeps). Elected, it re-reads the store (another
   replica recorded since), re-plans everything and goes; losing the lead
   holds the workers and the observer at once and withdraws the calls
-  waiting for a QPS slot. Calls already on the wire finish; their results are
+  waiting for a QPS slot. So does a lease in doubt (``leader.lapsed``: the
+  event loop stood still, a keepalive came late) until a keepalive renews
+  it; and the lease is checked again right before each request of any kind
+  is written (the client's gate), so a replica frozen mid-rollout sends
+  nothing when it wakes. Calls already on the wire finish; their results are
   recorded unless another replica took over (the store's fence refuses
-  them). On shutdown the leader drains, then releases the lock, so a standby
+  them). On shutdown the leader drains, then releases the lead, so a standby
   takes over within a second. ``/readyz`` of a warm standby is 200
   ``standby: leader is ...``: it is ready to take over, and an unready
   standby would stall a RollingUpdate and block every node drain through the
@@ -199,6 +203,13 @@ class Daemon:
         self._unrecorded: dict[TaskKey, ResultNotRecorded] = {}
         self._store_failures = 0
         self._store_probe: asyncio.Task[None] | None = None
+        # Whether the lease holds (a leader whose lease lapsed holds its calls
+        # until a keepalive renews it).
+        self._lease_ok = True
+        if leadership is not None:
+            # The lease is checked again by the client right before each request of
+            # any kind is written: every attempt, reads included.
+            reconciler.client.gate = self._may_send
         self._paused_reason: str | None = None
         self._fatal_pauses = 0
         self._root_missing = False
@@ -1035,16 +1046,19 @@ class Daemon:
             await asyncio.gather(*reading, return_exceptions=True)
 
     async def _read_in_slot(self, key: TaskKey, slots: asyncio.Semaphore) -> None:
+        again: float | None = None
         try:
             await self._read_one(key)
         except FencedError as exc:  # another replica leads: it reads for itself
             self._lost(str(exc))
         except StoreWriteError as exc:  # the read is lost; it is taken again in its turn
             self._store_failed(exc)
+        except CallWithdrawn:  # the lease was in doubt when it was to go: nothing was sent
+            again = 0.0
         except Exception as exc:  # one odd answer must not stop the observer
             self.log.exception("observe.failed", error=repr(exc), **task_fields(key))
         finally:
-            self.schedule.done(key)
+            self.schedule.done(key, after=again)
             slots.release()
 
     async def _read_one(self, key: TaskKey) -> None:
@@ -1181,8 +1195,9 @@ class Daemon:
     # --- leadership -------------------------------------------------------------------
 
     def _sync_go(self) -> None:
+        leading = self._leading.is_set() and self._lease_ok
         if self._stop.is_set() or (
-            self._running.is_set() and self._leading.is_set() and self._store_problem is None
+            self._running.is_set() and leading and self._store_problem is None
         ):
             self._go.set()
         else:
@@ -1272,6 +1287,7 @@ class Daemon:
         self._term = asyncio.Event()
         self.reconciler.stop = self._term
         self._first_pass_done = False
+        self._lease_ok = True
         self._leading.set()
         self._sync_go()
         plan = self.replan(None, reason="elected")
@@ -1289,12 +1305,34 @@ class Daemon:
         if self.leadership.leading:  # the fence noticed first: the keepalive will follow
             self.log.error("leader.fenced", why=why)
 
+    def _lapsed(self, why: str) -> None:
+        """The lease is in doubt (a pause, a late keepalive), the lead not lost: hold the
+        workers and reads, withdraw calls waiting for a slot, until it is renewed."""
+        if not self._leading.is_set() or not self._lease_ok:
+            return
+        self._lease_ok = False
+        self._sync_go()
+        self._term.set()
+
+    def _renewed(self) -> None:
+        """A keepalive sent after the lapse succeeded: the same term goes on."""
+        if not self._leading.is_set() or self._lease_ok:
+            return
+        if not self._stop.is_set():  # draining: calls waiting for a slot stay withdrawn
+            self._term = asyncio.Event()
+            self.reconciler.stop = self._term
+        self._lease_ok = True
+        self._sync_go()
+
     def _may_send(self) -> bool:
-        """Whether a call may go out now: the store takes writes, and leading on a fresh
-        lease (the reconciler's gate)."""
+        """Whether a request may go out now: the store takes writes, and leading on a
+        lease that holds (the gate of the reconciler and the client). A lease found in
+        doubt lapses (``_lapsed``)."""
         if self._store_problem is not None:
             return False
-        return self.leadership is None or (self._leading.is_set() and self.leadership.holds())
+        return self.leadership is None or (
+            self._leading.is_set() and self._lease_ok and self.leadership.may_send()
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain."""
@@ -1324,7 +1362,12 @@ class Daemon:
             self._background.append(asyncio.create_task(self._observe(stop), name="observer"))
         if self.leadership is not None:
             self._leader_task = asyncio.create_task(
-                self.leadership.run(on_elected=self._elected, on_lost=self._lost),
+                self.leadership.run(
+                    on_elected=self._elected,
+                    on_lost=self._lost,
+                    on_lapsed=self._lapsed,
+                    on_renewed=self._renewed,
+                ),
                 name="leadership",
             )
             self._background.append(self._leader_task)

@@ -3,9 +3,11 @@
 Real processes, a real server, signals; no mocks. Each replica signs with an
 access key of its own, so the emulator's per-key, per-second counts
 (``by_key``) say which replica called when. The tree is written once both
-replicas run (the leader first, the standby warm), and its 450 tasks at
-``--qps 150`` take three seconds, so a kill at the 100th call lands
-mid-rollout (the bench, bench/failover.py, runs 3,000 tasks, ten kills).
+replicas run (the leader first, the standby warm); every task is read
+before its first call (first contact), so the rollout is paced by
+``--read-qps`` and a kill, or a freeze (SIGSTOP), at the 100th call lands
+mid-rollout (the bench, bench/failover.py, runs 3,000 tasks, ten kills, and
+with ``--freeze`` ten freezes).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def tree(root: Path, h: EmulatorHandle, *, duration: int) -> None:
         write(root, f"f{f}.yaml", tasks_yaml("failoverapp", rows, {"Duration": duration}))
 
 
-def replica(cwd: Path, name: str, url: str, endpoint: str) -> DaemonProcess:
+def replica(cwd: Path, name: str, url: str, endpoint: str, *extra: str) -> DaemonProcess:
     ak, sk = KEYS[name]
     return DaemonProcess(
         cwd,
@@ -75,6 +77,7 @@ def replica(cwd: Path, name: str, url: str, endpoint: str) -> DaemonProcess:
         "--health-port",
         "0",
         "--allow-mass-change",
+        *extra,
         name=name,
         env={"VOLC_ACCESSKEY": ak, "VOLC_SECRETKEY": sk},
     )
@@ -162,3 +165,58 @@ def test_sigterm_of_the_leader_hands_over_without_a_gap(
             assert len(set(a_secs) & set(c_secs)) <= 1  # at most the handover's second
             assert updates_ok(emulator) - TASKS <= IN_FLIGHT
     assert len({t.key for t in emulator.tasks()}) == TASKS
+
+
+def requests_of(h: EmulatorHandle, name: str, action: str) -> dict[int, int]:
+    """Signed requests of one replica for ``action`` by wall-clock second."""
+    by_key: dict[str, Any] = h.stats_snapshot()["by_key"]
+    per_second = by_key.get(KEYS[name][0], {}).get(action, {})
+    return {int(t): n for t, n in per_second.items()}
+
+
+def made_requests(h: EmulatorHandle, name: str) -> bool:
+    return KEYS[name][0] in h.stats_snapshot()["by_key"]
+
+
+def test_a_frozen_leader_sends_nothing_after_the_standby_took_over(
+    tmp_path: Path, emulator: EmulatorHandle, postgres_url: str
+) -> None:
+    """SIGSTOP of the leader mid-rollout (a long GC pause, a hung VM: its sockets stay
+    open and its sessions alive), the standby takes over, then SIGCONT: the old
+    leader wakes with its timers overdue and calls queued, and sends nothing."""
+    (tmp_path / "desired").mkdir()
+    fast_reads = ("--read-qps", "60")  # first contact reads every task: 8 s, not 23
+    with replica(tmp_path, "a", postgres_url, emulator.url, *fast_reads) as a:
+        a.wait_event("leader.elected")
+        with replica(tmp_path, "b", postgres_url, emulator.url, *fast_reads) as b:
+            b.wait_event("leader.standby")
+            tree(tmp_path / "desired", emulator, duration=30)
+            wait_for(lambda: updates_ok(emulator) >= 100, timeout=20, interval=0.005)
+            # Early in a second, so that what a wrote before the freeze is counted
+            # in that second: every request of a counted in a later one was written
+            # after the SIGCONT, which comes after b's first request.
+            wait_for(lambda: time.time() % 1 < 0.6, timeout=2, interval=0.005)
+            a.proc.send_signal(signal.SIGSTOP)
+            frozen = time.time()
+            try:
+                assert updates_ok(emulator) < TASKS - 100, "the freeze came too late"
+                wait_for(lambda: made_requests(emulator, "b"), timeout=15, interval=0.01)
+                taken = time.time()
+            finally:
+                a.proc.send_signal(signal.SIGCONT)
+            assert taken - frozen <= 10.0
+            (elected,) = b.wait_event("leader.elected", timeout=5)
+            assert elected["epoch"] == 2 and elected["grace_s"] >= 2.5  # lease + margin
+            assert elected["ended_sessions"] >= 1  # a's sessions, locks and all
+            (lost,) = a.wait_event("leader.lost", timeout=10)
+            assert "connection" in lost["why"] or "took over" in lost["why"]
+            wait_for(lambda: all_live(emulator, 30), timeout=30, interval=0.1)
+            time.sleep(1.0)  # a had every chance to send what it held
+            late = {
+                action: sum(n for s, n in requests_of(emulator, "a", action).items() if s > frozen)
+                for action in ("UpdateSegment", "GetSegmentTask")
+            }
+            assert late == {"UpdateSegment": 0, "GetSegmentTask": 0}, late
+            # Woken, a learnt it was deposed (its sessions were ended) and stands by.
+            a.wait_event("leader.standby", lambda e: e["leader"].startswith("b/"))
+            assert b.metric("reconciler_leader", 'replica="b"') == 1

@@ -15,25 +15,36 @@ from typing import Any
 import psycopg
 import pytest
 
-from reconciler.leader import Leadership, read_leader
+from reconciler.leader import LOCK_KEY, Leadership, read_leader
 from reconciler.state import FencedError, StateStore
 from reconciler.state_postgres import SCHEMA
 from reconciler.task import Source, TaskKey
 
-FAST: dict[str, Any] = {"retry_s": 0.2, "keepalive_s": 0.2, "timeout_s": 0.5}
+FAST: dict[str, Any] = {
+    "retry_s": 0.2,
+    "poll_s": 0.1,
+    "keepalive_s": 0.2,
+    "timeout_s": 0.5,
+    "margin_s": 0.5,
+}
 
 
 class Replica:
     """A :class:`Leadership` running in the test's loop, with what it was told."""
 
-    def __init__(self, url: str, name: str, *, schema: str | None = None) -> None:
-        self.lead = Leadership(url, replica=name, schema=schema, **FAST)
+    def __init__(self, url: str, name: str, *, schema: str | None = None, **timing: Any) -> None:
+        timing = {**FAST, **timing}
+        self.lead = Leadership(url, replica=name, schema=schema, clock=time.monotonic, **timing)
         self.elected: list[tuple[int, float]] = []
         self.lost: list[tuple[str, float]] = []
+        self.lapsed: list[tuple[str, float]] = []
+        self.renewed: list[float] = []
         self.task = asyncio.create_task(
             self.lead.run(
                 on_elected=lambda e: self.elected.append((e, time.monotonic())),
                 on_lost=lambda why: self.lost.append((why, time.monotonic())),
+                on_lapsed=lambda why: self.lapsed.append((why, time.monotonic())),
+                on_renewed=lambda: self.renewed.append(time.monotonic()),
             )
         )
 
@@ -55,6 +66,13 @@ async def until(predicate: Callable[[], Any], within: float = 10.0) -> Any:
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(scenario())
+
+
+def lock_is_free(url: str) -> bool:
+    """Whether a replica of an earlier release, electing by the advisory lock, would lead."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+        return bool(row and row[0])
 
 
 def cut_off(url: str, lead: Leadership) -> bool:
@@ -80,6 +98,7 @@ def test_one_leader_and_a_clean_handover_bumps_the_epoch(postgres_url: str) -> N
         assert b.lead.standby_reason().startswith(f"standby: leader is {a.lead.holder} (epoch 1)")
         row = await asyncio.to_thread(read_leader, postgres_url)
         assert row is not None and row.holder == a.lead.holder and row.epoch == 1
+        assert not await asyncio.to_thread(lock_is_free, postgres_url)
 
         released = time.monotonic()
         await a.stop()
@@ -180,17 +199,84 @@ def test_losing_the_lock_connection_stops_the_leader_at_once(postgres_url: str) 
         # Noticed by the next keepalive (0.2 s apart), and from then on no call may go.
         assert lost_at - cut < 1.0, why
         assert "connection" in why
-        assert not a.lead.holds() and not a.lead.leading
-        # b took the freed lock but waits out the grace (the lease a might still
-        # have been sending under) before it calls: no second with both calling.
-        (epoch, elected_at), *_ = await until(lambda: b.elected)
-        assert epoch == 2
-        assert elected_at - cut >= b.lead.lease_s - 0.05
-        assert elected_at > lost_at
-        # a stands by again and says who leads now.
-        await until(lambda: a.lead.leader is not None and a.lead.leader.holder == b.lead.holder)
+        assert not a.lead.holds() and not a.lead.leading and not a.lead.may_send()
+        # Nobody took over (a's heartbeat never went stale): a leads again, in a
+        # term of its own, without waiting; b stands by all along.
+        (epoch, again_at) = (await until(lambda: a.elected[1:]))[0]
+        assert epoch == 2 and again_at - lost_at < 1.0
+        assert not b.elected
+        await until(lambda: b.lead.leader is not None and b.lead.leader.epoch == 2)
         await a.stop()
         await b.stop()
+
+    run(scenario)
+
+
+def test_a_stale_leader_is_taken_over_once_its_lease_surely_ended(postgres_url: str) -> None:
+    """A frozen leader: its sessions stay open, one in the middle of a write transaction
+    holding the fence's share lock; the standby takes over all the same, no sooner
+    than the margin after the frozen one's lease ended, and ends those sessions."""
+
+    async def scenario() -> None:
+        StateStore.open(postgres_url, create=True).close()
+        a = Replica(postgres_url, "a", schema=SCHEMA)
+        await until(lambda: a.elected)
+        b = Replica(postgres_url, "b", schema=SCHEMA)
+        await until(lambda: b.lead.leader is not None)
+        with psycopg.connect(postgres_url, autocommit=True) as store:
+            cur = store.cursor()
+            with store.transaction():  # a's earlier writes: the fence learns the session
+                a.lead.check(cur)
+            await asyncio.sleep(3 * FAST["keepalive_s"])  # a's keepalives name it in the row
+            # Frozen in the middle of a pipelined write: the fence's share lock and a
+            # written row held, the rest not sent yet (no server timeout applies).
+            pipeline = store.pipeline()
+            pipeline.__enter__()
+            cur.execute("BEGIN")
+            a.lead.check(cur)
+            cur.execute(f"UPDATE {SCHEMA}.meta SET value = value WHERE key = 'generation'")
+            store.pgconn.flush()
+            a.task.cancel()  # frozen: no keepalive, no release, every session open
+            with pytest.raises(asyncio.CancelledError):
+                await a.task
+            deadline = a.lead.lease_deadline  # a sends nothing from then on ...
+            assert a.lead.lease_s < b.lead.takeover_s
+            (epoch, elected_at), *_ = await until(lambda: b.elected)
+            # ... and b's first call may come at once: the margin is between them.
+            assert epoch == 2
+            assert elected_at >= deadline + b.lead.margin_s - 0.05
+            assert elected_at - deadline < b.lead.margin_s + 1.0
+            assert not a.lead.holds() and not a.lead.may_send()
+            # The frozen transaction was ended with its session: nothing of it stays.
+            with pytest.raises(psycopg.OperationalError):
+                cur.execute("COMMIT")
+                pipeline.__exit__(None, None, None)
+        row = await asyncio.to_thread(read_leader, postgres_url, schema=SCHEMA)
+        assert row is not None and row.holder == b.lead.holder and row.epoch == 2
+        assert not await asyncio.to_thread(lock_is_free, postgres_url)
+        await b.stop()
+
+    run(scenario)
+
+
+def test_a_paused_event_loop_lapses_the_lease_until_a_keepalive_renews_it(
+    postgres_url: str,
+) -> None:
+    async def scenario() -> None:
+        a = Replica(postgres_url, "a", timeout_s=1.0, lag_s=0.3)  # a lease of 1.2 s
+        await until(lambda: a.elected)
+        await asyncio.sleep(0.3)
+        assert a.lead.holds() and a.lead.may_send() and not a.lapsed
+        time.sleep(0.5)  # noqa: ASYNC251 (on purpose: the loop stands still, longer than lag_s, shorter than the lease)
+        assert a.lead.lease_deadline > time.monotonic()  # the arithmetic alone would send
+        assert not a.lead.may_send()  # the stale watchdog tick says no
+        (why, _), *_ = a.lapsed
+        assert "stood still" in why and a.lead.lapsed is not None
+        renewed_at = (await until(lambda: a.renewed))[0]
+        assert renewed_at - a.lapsed[0][1] < 2 * a.lead.keepalive_s + a.lead.timeout_s
+        assert a.lead.holds() and a.lead.may_send() and a.lead.epoch == 1
+        assert not a.lost and len(a.elected) == 1
+        await a.stop()
 
     run(scenario)
 

@@ -96,6 +96,10 @@ def test_change_control_leadership_and_notices_read_as_sentences() -> None:
             level="error", event="rollout.canary_failed", canaries=canaries[:1], reason="x ended"
         ),
         "elected": render(event="leader.elected", holder="pod-a", epoch=7, previous="pod-b"),
+        "lapsed": render(
+            level="warning", event="leader.lapsed", holder="pod-a", why="the loop stood still"
+        ),
+        "renewed": render(event="leader.renewed", epoch=7, lapsed_s=0.4),
         "notice": render(event="notify.retried", url="https://hooks…", status=500, delay_s=2.0),
     }
     assert lines["waiting"].endswith(
@@ -112,6 +116,8 @@ def test_change_control_leadership_and_notices_read_as_sentences() -> None:
         "x ended; the rest of the rollout is held until the spec changes"
     )
     assert lines["elected"].endswith("pod-a leads (epoch 7), after pod-b")
+    assert "pod-a holds its calls: the loop stood still; until a keepalive" in lines["lapsed"]
+    assert lines["renewed"].endswith("lease renewed after 0.4 s: calls go again")
     assert "answered 500; retrying in 2.0 s" in lines["notice"]
     assert not any("=" in line.split("  ", 1)[1] for line in lines.values()), "no key=value"
 
