@@ -64,7 +64,7 @@ import os
 import re
 import stat
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -715,31 +715,63 @@ def _by_place(tasks: list[DesiredTask]) -> list[DesiredTask]:
     return sorted(tasks, key=lambda t: (t.source.path, t.source.line, t.source.column))
 
 
+#: Places a duplicate's problem names besides its own; a larger group says how many more.
+SHOWN_PLACES: Final = 3
+
+
 def _key_conflict(key: TaskKey, tasks: list[DesiredTask]) -> list[Problem]:
-    tasks = _by_place(tasks)
-    return [
-        Problem(
-            task.source,
-            None,
-            f"task {key} is declared more than once; also at "
-            + ", ".join(str(t.source) for t in tasks if t is not task),
-        )
-        for task in tasks
-    ]
+    return _group_problems(
+        tasks,
+        None,
+        f"task {key} is declared more than once",
+        "also at",
+        lambda t: str(t.source),
+    )
 
 
 def _identifier_conflict(identifier: str, tasks: list[DesiredTask]) -> list[Problem]:
+    return _group_problems(
+        tasks,
+        "Identifier",
+        f"{identifier!r} is used by more than one task, so their slice files would "
+        "overwrite each other",
+        "also used by",
+        lambda t: f"{t.key} at {t.source}",
+    )
+
+
+def _group_problems(
+    tasks: list[DesiredTask],
+    field: str | None,
+    heading: str,
+    also: str,
+    place: Callable[[DesiredTask], str],
+) -> list[Problem]:
+    """The problems of one group of duplicates: linear in the group, whatever its size.
+
+    A small group is reported at each of its places, naming the others. A larger
+    one once per file it is in (at its first place there, so every file involved
+    is shown invalid), naming the first few other places and how many more: one
+    task pasted 8,000 times is one line, not 8,000 lines of 8,000 places each.
+    """
     tasks = _by_place(tasks)
-    return [
-        Problem(
-            task.source,
-            "Identifier",
-            f"{identifier!r} is used by more than one task, so their slice files would "
-            "overwrite each other; also used by "
-            + ", ".join(f"{t.key} at {t.source}" for t in tasks if t is not task),
-        )
-        for task in tasks
-    ]
+    if len(tasks) <= SHOWN_PLACES + 1:
+        at = tasks
+    else:
+        firsts: dict[str, DesiredTask] = {}
+        for task in tasks:
+            firsts.setdefault(task.source.path, task)
+        at = list(firsts.values())
+    count = f" ({len(tasks):,} times)" if len(tasks) > SHOWN_PLACES + 1 else ""
+    problems = []
+    for task in at:
+        others = [t for t in tasks[: SHOWN_PLACES + 1] if t is not task][:SHOWN_PLACES]
+        more = len(tasks) - 1 - len(others)
+        text = f"{heading}{count}; {also} " + ", ".join(place(t) for t in others)
+        if more > 0:
+            text += f" and {more:,} more"
+        problems.append(Problem(task.source, field, text))
+    return problems
 
 
 def parse_file(path: str, data: bytes) -> FileResult:

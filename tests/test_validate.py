@@ -206,3 +206,34 @@ def test_validate_output_from_its_own_environment_variable(tmp_path: Path) -> No
     # The plan's and status's old shared name is not validate's.
     r = run_cli("validate", cwd=tmp_path, env={"RECONCILER_OUTPUT": "json"})
     assert r.returncode == 0 and r.stdout == "valid: 2 tasks in 1 files under desired\n"
+
+
+def test_a_pasted_task_is_one_problem_not_one_per_copy_naming_every_other(
+    tmp_path: Path,
+) -> None:
+    """Each duplicate group is reported once per file, with its first places and a count:
+    output grows with the tree, never with its square."""
+    copies = 2000
+    task = '  - RoomId: "r1"\n    TaskId: "seg"\n    Identifier: "same"\n'
+    write(tmp_path / "desired", "a.yaml", 'defaults:\n  AppId: "app"\ntasks:\n' + task * copies)
+    r = run_cli("validate", "desired", "-o", "json", cwd=tmp_path)
+    assert r.returncode == 1
+    problems = json.loads(r.stdout)["problems"]
+    (key,) = [p for p in problems if "declared more than once" in p["message"]]
+    assert (key["path"], key["line"]) == ("desired/a.yaml", 4)
+    assert key["message"] == (
+        f"task app/r1/seg is declared more than once ({copies:,} times); also at "
+        f"a.yaml:7:5, a.yaml:10:5, a.yaml:13:5 and {copies - 4:,} more"
+    )
+    (same,) = [p for p in problems if p["field"] == "Identifier"]
+    assert same["message"].endswith(f"and {copies - 4:,} more")
+    text = run_cli("validate", "desired", cwd=tmp_path)
+    assert len(text.stdout) + len(text.stderr) < 5_000, "a few lines, not millions"
+
+    # Across files: once in each file (every file involved is shown invalid), no more.
+    (tmp_path / "desired" / "a.yaml").unlink()
+    for i in range(60):
+        write(tmp_path / "desired", f"f{i:02d}.yaml", 'AppId: "app"\nRoomId: "r1"\nTaskId: "seg"\n')
+    doc = json.loads(run_cli("validate", "desired", "-o", "json", cwd=tmp_path).stdout)
+    assert len(doc["problems"]) == 60 and len(doc["invalid_files"]) == 60
+    assert all(p["message"].endswith("and 56 more") for p in doc["problems"])
