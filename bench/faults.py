@@ -33,11 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import EmulatorProcess, figure
 from tests.conftest import cli_env
+from tests.harness import BlackHole
 
 APP = "661e4a7b9c0d1e2f"
 
@@ -159,43 +158,6 @@ def drops(python: str, n: int) -> dict[str, object]:
     figure("drops: duplicate cuts", str(out["duplicate_cuts"]), "0")
     figure("drops: runs until exit 0", str(len(runs)))
     return out
-
-
-class BlackHole:
-    """Accepts connections, reads requests, answers nothing."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1024)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.requests = 0
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
-
-    def _swallow(self, conn: socket.socket) -> None:
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            self.requests += data.count(b"HTTP/1.1\r\n")
-
-    def close(self) -> None:
-        for conn in self._conns:
-            conn.close()
-        self.sock.close()
 
 
 def blackhole(python: str, n: int) -> dict[str, object]:

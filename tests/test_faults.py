@@ -8,9 +8,7 @@ real socket that never answers) on loopback, with a real SQLite store.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from reconciler.emulator import EmulatorHandle
 from reconciler.state import StateStore
 from reconciler.task import Source, SyncStatus, TaskKey
 from tests.conftest import cli_env, reconciler_cmd, run_cli, tasks_yaml, wait_for, write
-from tests.harness import DaemonProcess
+from tests.harness import BlackHole, DaemonProcess
 
 APP = "661e4a7b9c0d1e2f"
 
@@ -42,48 +40,6 @@ def start_all(h: EmulatorHandle, tasks: list[TaskKey], *, duration: int = 20) ->
 
 def updates(h: EmulatorHandle) -> int:
     return sum(t.update_calls for t in h.tasks())
-
-
-class BlackHole:
-    """A TCP server that accepts every connection and never answers a byte."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.requests = 0
-        self._held: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self._held.append(conn)
-            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
-
-    def _swallow(self, conn: socket.socket) -> None:
-        conn.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                continue
-            if not data:
-                return
-            self.requests += data.count(b"HTTP/1.1\r\n")
-
-    def close(self) -> None:
-        self._stop.set()
-        for conn in self._held:
-            conn.close()
-        self.sock.close()
 
 
 @pytest.fixture
