@@ -55,6 +55,7 @@ from reconciler.plan import (
     RefreshMode,
     compute_plan,
     keys_to_read,
+    probe_plan,
     records_from_tree,
 )
 from reconciler.printable import printable
@@ -1132,6 +1133,7 @@ def read_live(
     last: dict[TaskKey, Observation] | None = None,
     offline_ok: bool = False,
     failures: dict[TaskKey, ApiError] | None = None,
+    probe: Plan | None = None,
 ) -> tuple[dict[TaskKey, Observation] | None, Refresh]:
     """Read what the plan needs (``mode``), with a progress bar on a terminal.
 
@@ -1140,7 +1142,8 @@ def read_live(
     command: a plan is never silently made from memory instead. ``offline_ok``
     (``plan`` by default): without credentials, plan against last-applied and
     say so, as a CI job reviewing a tree does. ``failures`` gets each failed
-    read's error.
+    read's error; ``probe``: the :func:`~reconciler.plan.probe_plan` if the caller
+    made it already.
     """
     from reconciler.client import RtcClient
     from reconciler.observe import observe_all
@@ -1151,7 +1154,9 @@ def read_live(
     if mode == "full":
         keys = sorted(index.tasks)
     else:
-        keys = keys_to_read(index.tasks, applied, held_files=index.invalid_files)
+        if probe is None:
+            probe = probe_plan(index.tasks, applied, held_files=index.invalid_files)
+        keys = keys_to_read(probe)
     if not keys:
         return {}, Refresh(mode)
     if creds is None and offline_ok:
@@ -1530,8 +1535,8 @@ def apply(
                     recorder.observed(obs)  # never over a newer read
         else:
             # A mass forget is refused whatever live holds: before any read.
-            forgets = compute_plan(index.tasks, recorder.applied, held_files=index.invalid_files)
-            refusal = check_forgets(forgets, known=len(recorder.applied), limit=max_forget)
+            probe = probe_plan(index.tasks, recorder.applied, held_files=index.invalid_files)
+            refusal = check_forgets(probe, known=len(recorder.applied), limit=max_forget)
             if refusal is not None and not allow_mass_forget:
                 mass_forget_refused(refusal, directory=tree, what="nothing was applied")
             observations, basis = read_live(
@@ -1542,6 +1547,7 @@ def apply(
                 creds=creds,
                 last=recorder.observations,
                 failures=read_failures,
+                probe=probe,
             )
             for obs in (observations or {}).values():
                 recorder.observed(obs)

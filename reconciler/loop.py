@@ -322,6 +322,15 @@ class Daemon:
         """Recorded tasks kept as they are because the file declaring them is invalid."""
         return len(self.held_keys())
 
+    def _held(self, key: TaskKey) -> bool:
+        """Whether ``key`` is one of :meth:`held_keys` (without walking the store)."""
+        record = self.recorder.applied.get(key)
+        return (
+            record is not None
+            and record.source in self.index.invalid_files
+            and key not in self.index.tasks
+        )
+
     def held_keys(self) -> set[TaskKey]:
         """The recorded tasks :meth:`held_tasks` counts."""
         invalid = self.index.invalid_files
@@ -1080,7 +1089,7 @@ class Daemon:
         if key in self.index.tasks:  # not removed from the tree while it was read
             with self.recorder.store.bulk():  # the read and what it settles: one commit
                 self._on_observation(obs, last)
-        elif key in self.held_keys():
+        elif self._held(key):
             # Its file is invalid: nothing is planned, but status and the dashboard
             # show what live holds, and the plan once the hold lifts starts from it.
             self.recorder.observed(obs)

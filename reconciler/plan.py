@@ -485,7 +485,7 @@ def compute_plan(
                 moved = {
                     n: (last[n], live.get(n))
                     for n, v in wanted.items()
-                    if n in last and _same(last[n], v) and not _same(live.get(n), v)
+                    if n in last and same_value(last[n], v) and not same_value(live.get(n), v)
                 }
             basis, compare = "live", live
         if compare is None:
@@ -493,7 +493,7 @@ def compute_plan(
         elif compare == wanted and _int_like_types_match(compare, wanted):
             diff = {}
         else:
-            diff = {n: v for n, v in wanted.items() if not _same(compare.get(n), v)}
+            diff = {n: v for n, v in wanted.items() if not same_value(compare.get(n), v)}
         if last is not None:
             gone = tuple(n for n in MANAGED_FIELDS if n in last and n not in wanted)
             if gone:
@@ -632,7 +632,8 @@ def _same_values(last: Mapping[str, FieldValue] | None, wanted: Mapping[str, Fie
 _REFUSED = "the server refused this spec as bad input; change it to retry"
 
 
-def _same(old: FieldValue | None, new: FieldValue) -> bool:
+def same_value(old: FieldValue | None, new: FieldValue) -> bool:
+    """Whether a known value is the wanted one (a bool is never an int here)."""
     # ``True == 1`` in Python; a Handle must never compare equal to a Duration-like int.
     return old is not None and type(old) is type(new) and old == new
 
@@ -662,14 +663,21 @@ def records_from_tree(tasks: Mapping[TaskKey, DesiredTask]) -> dict[TaskKey, App
     }
 
 
-def keys_to_read(
+def probe_plan(
     desired: Mapping[TaskKey, DesiredTask],
     applied: Mapping[TaskKey, AppliedRecord],
     *,
     held_files: Collection[str] = frozenset(),
-) -> list[TaskKey]:
+) -> Plan:
+    """The plan against last-applied with reads given but none taken: its calls and its
+    unread tasks are what a targeted refresh reads (:func:`keys_to_read`); its forgets
+    are the plan's whatever live holds."""
+    return compute_plan(desired, applied, held_files=held_files, observations={})
+
+
+def keys_to_read(probe: Plan) -> list[TaskKey]:
     """A targeted refresh: the tasks a plan against last-applied would call, and every
-    task never confirmed (first contact). Read them, then plan against what was read:
-    a call goes only where live really differs, and nothing else costs a read."""
-    probe = compute_plan(desired, applied, held_files=held_files, observations={})
+    task never confirmed or in doubt (from :func:`probe_plan`). Read them, then plan
+    against what was read: a call goes only where live really differs, and nothing
+    else costs a read."""
     return sorted({c.key for c in probe.calls} | set(probe.unread))

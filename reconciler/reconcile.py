@@ -38,7 +38,7 @@ from reconciler.errors import (
 )
 from reconciler.live import Observation
 from reconciler.observe import read_task
-from reconciler.plan import Call, Drift, Plan
+from reconciler.plan import Call, Drift, Plan, same_value
 from reconciler.state import ResultNotRecorded, StateStore, StoreWriteError, heal_reason
 from reconciler.task import (
     AppliedIndex,
@@ -531,7 +531,7 @@ class TaskReconciler:
         if not obs.running:
             log.warning("call.read_back", outcome="unverified", state=str(obs.state))
             return ReadBack("unverified", obs)
-        missing = {n: v for n, v in call.fields.items() if not _same(obs.fields.get(n), v)}
+        missing = {n: v for n, v in call.fields.items() if not same_value(obs.fields.get(n), v)}
         if missing:
             log.warning("call.read_back", outcome="missing", missing=missing)
             return ReadBack("missing", obs, missing)
@@ -599,10 +599,6 @@ MAX_SENDS: Final = 3
 def _identity_of(call: Call) -> dict[str, FieldValue]:
     """The call's body without its managed fields: identity and BusinessId."""
     return {n: v for n, v in call.body.items() if n not in call.fields}
-
-
-def _same(old: FieldValue | None, new: FieldValue) -> bool:
-    return old is not None and type(old) is type(new) and old == new
 
 
 def _recorded(key: TaskKey, write: Callable[[], _T]) -> _T:
