@@ -209,7 +209,10 @@ def test_a_frozen_leader_sends_nothing_after_the_standby_took_over(
             assert elected["epoch"] == 2 and elected["grace_s"] >= 2.5  # lease + margin
             assert elected["ended_sessions"] >= 1  # a's sessions, locks and all
             (lost,) = a.wait_event("leader.lost", timeout=10)
-            assert "connection" in lost["why"] or "took over" in lost["why"]
+            # Its sessions were ended while it slept: it learns that from the dead
+            # connection, from the moved epoch, or (a loaded machine) from a keepalive
+            # the terminated backend never answers.
+            assert any(w in lost["why"] for w in ("connection", "took over", "no answer"))
             wait_for(lambda: all_live(emulator, 30), timeout=30, interval=0.1)
             time.sleep(1.0)  # a had every chance to send what it held
             late = {
