@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import signal
 import sys
@@ -33,7 +34,15 @@ import click
 
 from reconciler import events, render, savedplan
 from reconciler.credentials import Credentials, CredentialsError, load_credentials, too_open
-from reconciler.desired import SUFFIXES, DesiredIndex, discover, load_file, load_tree
+from reconciler.desired import (
+    DEFAULT_LIMITS,
+    SUFFIXES,
+    DesiredIndex,
+    FileLimits,
+    discover,
+    load_file,
+    load_tree,
+)
 from reconciler.errors import ApiError, BadInputError, FatalError
 from reconciler.guard import (
     DEFAULT_MAX_FORGET,
@@ -265,7 +274,7 @@ def load_valid_tree(directory: Path, *, what: str = "desired tree") -> DesiredIn
     """Load a tree for a one-shot command; an invalid tree ends the command."""
     if not directory.is_dir():
         fail(f"{what} {directory} does not exist or is not a directory")
-    index = load_tree(directory)
+    index = load_tree(directory, limits=file_limits())
     log_loaded(index, root=str(directory))
     if index.problems:
         click.echo(render.problems(str(directory), index.problems), err=True)
@@ -282,7 +291,7 @@ def load_base_tree(base: Path) -> Mapping[TaskKey, DesiredTask]:
     must still get one. Tasks of its invalid files count as never applied."""
     if not base.is_dir():
         fail(f"base tree {base} does not exist or is not a directory")
-    index = load_tree(base)
+    index = load_tree(base, limits=file_limits())
     if index.problems:
         click.echo(render.problems(str(base), index.problems), err=True)
         click.echo(
@@ -541,6 +550,83 @@ def change_control() -> ChangeControl:
         override_window=bool(given.get("override_window")),
         max_changes_per_minute=given.get("max_changes_per_minute"),
         canary=int(given.get("canary") or 0),
+    )
+
+
+_LIMITS = f"{__name__}.file_limits"
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmg])(i?)b?|b)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``8MiB``, ``500k``, ``1048576``: a number of bytes (k, M, G are 1000s; KiB, MiB,
+    GiB are 1024s; any case)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a size: write bytes, or a number with k, M, G (1000s) or "
+            "KiB, MiB, GiB (1024s), e.g. 16MiB"
+        )
+    number, prefix, binary = match.groups()
+    scale = 1 if prefix is None else (1024 if binary else 1000) ** ("kmg".index(prefix.lower()) + 1)
+    value = int(float(number) * scale)
+    if value < 1:
+        raise ValueError(f"{text!r} is less than 1 byte")
+    return value
+
+
+def _remember_limit(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if param.name == "max_file_bytes" and isinstance(value, str):
+        try:
+            value = parse_size(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param=param) from exc
+    ctx.meta.setdefault(_LIMITS, {})[param.name] = value
+
+
+def limit_options(f: F) -> F:
+    """What one desired file may cost (:class:`~reconciler.desired.FileLimits`):
+    read back by :func:`file_limits`."""
+    default = DEFAULT_LIMITS
+    common: dict[str, Any] = {"expose_value": False, "callback": _remember_limit}
+    decorators = [
+        _option(
+            "--max-file-bytes",
+            env="MAX_FILE_BYTES",
+            metavar="SIZE",
+            default="8MiB",
+            show_default=True,
+            help="A desired file larger than this is refused unread (its tasks are held).",
+            **common,
+        ),
+        _option(
+            "--max-file-tasks",
+            env="MAX_FILE_TASKS",
+            type=click.IntRange(min=1),
+            default=default.max_tasks,
+            show_default=True,
+            help="A desired file declaring more tasks than this is refused.",
+            **common,
+        ),
+        _option(
+            "--max-file-problems",
+            env="MAX_FILE_PROBLEMS",
+            type=click.IntRange(min=1),
+            default=default.max_problems,
+            show_default=True,
+            help="Problems reported per file; the rest are counted.",
+            **common,
+        ),
+    ]
+    return _stacked(f, decorators)
+
+
+def file_limits() -> FileLimits:
+    """The file limits of the current command."""
+    given = click.get_current_context().meta.get(_LIMITS, {})
+    return FileLimits(
+        max_bytes=given.get("max_file_bytes") or DEFAULT_LIMITS.max_bytes,
+        max_tasks=given.get("max_file_tasks") or DEFAULT_LIMITS.max_tasks,
+        max_problems=given.get("max_file_problems") or DEFAULT_LIMITS.max_problems,
     )
 
 
@@ -806,6 +892,7 @@ def main(ctx: click.Context, log_format: events.LogFormat, log_level: str, quiet
 @main.command()
 @tree_or_file_argument
 @output_option("validate")
+@limit_options
 def validate(directory: str, output: str) -> None:
     """Check the desired tree, or one desired file; exit 1 and list every problem if invalid.
 
@@ -817,7 +904,7 @@ def validate(directory: str, output: str) -> None:
     path = Path(directory)
     if path.is_dir():
         what, root = "desired tree", directory
-        index = load_tree(path)
+        index = load_tree(path, limits=file_limits())
     elif not path.exists():
         fail(f"{directory} does not exist: give a desired tree (a directory) or a desired file")
     elif not directory.endswith(SUFFIXES):
@@ -828,7 +915,7 @@ def validate(directory: str, output: str) -> None:
     else:
         # Paths in messages stay as the user wrote this one, hence no root.
         what, root = "desired file", ""
-        index = load_file(directory)
+        index = load_file(directory, limits=file_limits())
     log_loaded(index, root=directory)
     found = index.problems
     if output == "json":
@@ -922,6 +1009,7 @@ def _check_live_states(
     help="Only tasks of this AppId (repeatable).",
 )
 @output_option("status")
+@limit_options
 def status(
     directory: Path,
     state: StoreLocation,
@@ -939,7 +1027,8 @@ def status(
         )
     index: DesiredIndex | None = None
     if directory.is_dir():
-        index = load_tree(directory)  # an invalid file is part of the report, not an error
+        # An invalid file is part of the report, not an error.
+        index = load_tree(directory, limits=file_limits())
     elif click.get_current_context().get_parameter_source("directory") not in (
         click.core.ParameterSource.DEFAULT,
         click.core.ParameterSource.DEFAULT_MAP,
@@ -1297,6 +1386,7 @@ def _outcome_line(result: Result) -> str:
 @refresh_option
 @drift_option
 @api_options
+@limit_options
 def plan(
     directory: Path,
     state: StoreLocation,
@@ -1438,6 +1528,7 @@ def plan_or_tree_argument(f: F) -> F:
     help="With a postgresql:// store that a run replica leads, apply anyway, beside it "
     "(both may send). Without it apply is refused while a daemon leads.",
 )
+@limit_options
 def apply(
     directory: str,
     state: StoreLocation,
@@ -2126,6 +2217,7 @@ def _check_notify(
     help="This replica's name in the leader election of a postgresql:// store (default: "
     "the host name, a pod's name in Kubernetes); status and metrics show it.",
 )
+@limit_options
 def run(
     directory: Path,
     state: StoreLocation,
@@ -2176,6 +2268,7 @@ def run(
         read_qps=config.limits.get,
         drift=drift,
         control=control,
+        limits=file_limits(),
     )
     leadership = None
     if isinstance(state, PostgresURL):

@@ -51,6 +51,15 @@ YAML file, declares nothing.
 A file with any local problem contributes no tasks (``FileResult.tasks`` is
 then empty): the daemon holds that file's tasks as they were until it is
 fixed. Files in a cross-file conflict are likewise held, on both sides.
+
+Limits (:class:`FileLimits`). What one file may cost is bounded, so that no
+pull request can make a reader's memory, time or output grow faster than the
+tree: a file over ``max_bytes`` is refused from its size alone (never read
+whole), one whose ``tasks`` list is longer than ``max_tasks`` is refused
+before any task in it is checked, and at most ``max_problems`` problems are
+reported per file, then a count of the rest. Each refusal names the limit and
+the option that raises it; the file is invalid like any other, so its tasks
+are held.
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ import os
 import re
 import stat
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -87,6 +96,7 @@ from reconciler.task import (
 __all__ = [
     "SUFFIXES",
     "DesiredIndex",
+    "FileLimits",
     "FileResult",
     "Problem",
     "discover",
@@ -275,6 +285,41 @@ class FileResult:
     problems: tuple[Problem, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class FileLimits:
+    """What one desired file may cost; the defaults leave room for any real tree.
+
+    A file of 50,000 tasks in the usual layout is about 4.5 MB; the byte limit
+    also bounds the parser's memory (about 40 bytes of nodes per byte of YAML).
+    """
+
+    #: Bytes one file may hold (``--max-file-bytes``).
+    max_bytes: int = 8 * 1024 * 1024
+    #: Tasks one file may declare (``--max-file-tasks``).
+    max_tasks: int = 50_000
+    #: Problems reported for one file; the rest are counted (``--max-file-problems``).
+    max_problems: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_tasks", "max_problems"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+
+
+#: The limits used when none are given.
+DEFAULT_LIMITS: Final = FileLimits()
+
+
+def _size(n: int) -> str:
+    """``n`` bytes for a person: ``8 MiB``, ``61.0 MB`` (binary units for limits, which
+    are set in them, and decimal megabytes for a file's size, as ``ls -lh --si``)."""
+    if n % (1024 * 1024) == 0:
+        return f"{n // (1024 * 1024)} MiB"
+    if n % 1024 == 0:
+        return f"{n // 1024} KiB"
+    return f"{n / 1e6:.1f} MB" if n >= 1_000_000 else f"{n:,} bytes"
+
+
 def is_candidate(rel_path: str) -> bool:
     """Whether a path (posix, relative to the root) is a desired-state file."""
     if not rel_path.endswith(SUFFIXES):
@@ -338,11 +383,12 @@ def _suggest(name: str, valid: Iterable[str], *, what: str) -> str:
 class _Checker:
     """Walks one file's nodes, collecting values and problems."""
 
-    __slots__ = ("inherited", "is_json", "path", "problems", "text")
+    __slots__ = ("inherited", "is_json", "max_tasks", "path", "problems", "text")
 
-    def __init__(self, path: str, text: str) -> None:
+    def __init__(self, path: str, text: str, *, max_tasks: int) -> None:
         self.path = path
         self.text = text
+        self.max_tasks = max_tasks
         self.is_json = path.endswith(".json")
         self.problems: list[Problem] = []
         # Fields 'defaults' sets, while a task under it is checked: a hint about
@@ -581,6 +627,7 @@ class _Checker:
         defaults_ok = True
         defaults_usable = True
         items: list[Node] | None = None
+        items_node: Node = root
         seen: set[str] = set()
         stray: _Values = {}
         for key, value in root.value:
@@ -605,7 +652,7 @@ class _Checker:
                             f"'defaults' must be a mapping of task fields, not {_node_kind(value)}",
                         )
                 elif value.__class__ is SequenceNode:
-                    items = value.value
+                    items, items_node = value.value, value
                 else:
                     self.at(
                         value, None, f"'tasks' must be a list of tasks, not {_node_kind(value)}"
@@ -628,6 +675,15 @@ class _Checker:
             defaults_ok = False
         if items is None:
             self.at(root, None, "'defaults' without 'tasks' declares nothing; add a 'tasks' list")
+            return []
+        if len(items) > self.max_tasks:
+            # Refused before any task is checked: the cost stays that of the parse.
+            self.at(
+                items_node,
+                None,
+                f"'tasks' has {len(items):,} tasks, over the limit of {self.max_tasks:,} "
+                "per file; split the file, or raise the limit with --max-file-tasks",
+            )
             return []
         tasks: list[_Declared] = []
         self.inherited = inherited
@@ -774,25 +830,51 @@ def _group_problems(
     return problems
 
 
-def parse_file(path: str, data: bytes) -> FileResult:
+def parse_file(path: str, data: bytes, *, limits: FileLimits = DEFAULT_LIMITS) -> FileResult:
     """Check one file's bytes; ``path`` (posix, relative to the root) is only used in sources."""
+    if len(data) > limits.max_bytes:
+        return _too_big(path, len(data), limits)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         return _failed(path, _byte_position(data, e.start), f"not UTF-8 text ({e.reason})")
-    checker = _Checker(path, text)
+    checker = _Checker(path, text, max_tasks=limits.max_tasks)
     try:
         root = _compose(text, path)
     except _ParseError as e:
         return _failed(path, (e.line, e.column), e.message)
     tasks = checker.build(checker.document(root))
     if checker.problems:
-        return FileResult(path, (), tuple(_sorted(checker.problems)))
+        return FileResult(path, (), _capped(path, checker.problems, limits.max_problems))
     return FileResult(path, tuple(tasks), ())
 
 
 def _failed(path: str, where: tuple[int, int], message: str) -> FileResult:
     return FileResult(path, (), (Problem(Source(path, *where), None, message),))
+
+
+def _too_big(path: str, size: int, limits: FileLimits) -> FileResult:
+    return _failed(
+        path,
+        (1, 1),
+        f"the file is {_size(size)}, over the limit of {_size(limits.max_bytes)} per file; "
+        "it was not read: split it, or raise the limit with --max-file-bytes",
+    )
+
+
+def _capped(path: str, problems: list[Problem], most: int) -> tuple[Problem, ...]:
+    """The first ``most`` problems in file order, then one that counts the rest."""
+    shown = _sorted(problems)
+    if len(shown) <= most:
+        return tuple(shown)
+    more = len(shown) - most
+    last = Problem(
+        Source(path, shown[most - 1].source.line, shown[most - 1].source.column),
+        None,
+        f"and {more:,} more problem{'s' if more > 1 else ''} in this file (the first "
+        f"{most:,} are shown; raise the limit with --max-file-problems)",
+    )
+    return (*shown[:most], last)
 
 
 def _byte_position(data: bytes, offset: int) -> tuple[int, int]:
@@ -1010,36 +1092,40 @@ def _problem_at(path: str, message: str) -> Problem:
     return Problem(Source(path, 1, 1), None, message)
 
 
-def read_file(root: Path, rel: str) -> FileResult:
+def read_file(root: Path, rel: str, *, limits: FileLimits = DEFAULT_LIMITS) -> FileResult:
     """Read and check ``root/rel``; every failure becomes a :class:`Problem`.
 
     The root is resolved first, so ``rel`` is read inside the tree the root
     points to now; a path or symlink that leads outside it is refused.
     """
-    return _read(os.path.realpath(root), rel, contained=False)
+    return _read(os.path.realpath(root), rel, contained=False, limits=limits)
 
 
-def _read(base: str, rel: str, *, contained: bool) -> FileResult:
+def _read(base: str, rel: str, *, contained: bool, limits: FileLimits) -> FileResult:
     full = os.path.join(base, *rel.split("/"))
     if not contained and not _inside(os.path.realpath(full), base):
         return FileResult(
             rel, (), (_problem_at(rel, "refused: it leads outside the desired tree"),)
         )
-    return _read_at(full, rel)
+    return _read_at(full, rel, limits=limits)
 
 
-def _read_at(full: str, rel: str) -> FileResult:
+def _read_at(full: str, rel: str, *, limits: FileLimits) -> FileResult:
     """Read and check the file at ``full``, naming it ``rel`` in every problem."""
     try:
         # Non-blocking open: a FIFO named like a desired file must not hang the scan.
         fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         with open(fd, "rb", closefd=True) as handle:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 return FileResult(rel, (), (_problem_at(rel, "cannot read: not a regular file"),))
-            data = handle.read()
+            if st.st_size > limits.max_bytes:
+                return _too_big(rel, st.st_size, limits)
+            # One byte past the limit at most, should the file grow meanwhile.
+            data = handle.read(limits.max_bytes + 1)
     except OSError as e:
         return FileResult(rel, (), (_problem_at(rel, f"cannot read: {e.strerror or e}"),))
-    return parse_file(rel, data)
+    return parse_file(rel, data, limits=limits)
 
 
 def discover(root: Path) -> tuple[list[str], list[Problem]]:
@@ -1096,7 +1182,7 @@ def _discover(base: str) -> tuple[list[str], list[Problem]]:
     return found, problems
 
 
-def load_tree(root: Path) -> DesiredIndex:
+def load_tree(root: Path, *, limits: FileLimits = DEFAULT_LIMITS) -> DesiredIndex:
     """Discover, read and check a whole tree; discovery problems are in ``.problems``.
 
     Raises :class:`NotADirectoryError` if ``root`` is not a directory.
@@ -1106,12 +1192,12 @@ def load_tree(root: Path) -> DesiredIndex:
         raise NotADirectoryError(f"desired tree {root} is not a directory")
     paths, problems = _discover(base)
     # discover() refused every symlink leading out, so the files need no second check.
-    results = (_read(base, rel, contained=True) for rel in paths)
+    results = (_read(base, rel, contained=True, limits=limits) for rel in paths)
     with _gc_paused():
-        return DesiredIndex.build(results, scan_problems=problems)
+        return DesiredIndex.build(results, scan_problems=problems, max_problems=limits.max_problems)
 
 
-def load_file(path: str) -> DesiredIndex:
+def load_file(path: str, *, limits: FileLimits = DEFAULT_LIMITS) -> DesiredIndex:
     """Check one file on its own, as if it were the whole tree.
 
     Its rules are a tree's, so a task or ``Identifier`` declared twice in it is
@@ -1121,7 +1207,9 @@ def load_file(path: str) -> DesiredIndex:
     """
     if not path.endswith(SUFFIXES):
         raise ValueError(f"{path} does not end in {', '.join(SUFFIXES)}")
-    return DesiredIndex.build([_read_at(path, path)])
+    return DesiredIndex.build(
+        [_read_at(path, path, limits=limits)], max_problems=limits.max_problems
+    )
 
 
 @contextlib.contextmanager
@@ -1174,12 +1262,15 @@ class DesiredIndex:
         "_dup_keys",
         "_files",
         "_local_invalid",
+        "_max_problems",
         "_problems",
         "_scan_problems",
         "_tasks",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_problems: int = DEFAULT_LIMITS.max_problems) -> None:
+        #: Problems reported per file for cross-file conflicts (:class:`FileLimits`).
+        self._max_problems = max_problems
         self._files: dict[str, FileResult] = {}
         # Who declares what, from files without local problems only.
         self._by_key: dict[TaskKey, list[_Entry]] = {}
@@ -1195,7 +1286,11 @@ class DesiredIndex:
 
     @classmethod
     def build(
-        cls, results: Iterable[FileResult], *, scan_problems: Iterable[Problem] = ()
+        cls,
+        results: Iterable[FileResult],
+        *,
+        scan_problems: Iterable[Problem] = (),
+        max_problems: int = DEFAULT_LIMITS.max_problems,
     ) -> DesiredIndex:
         """An index of many files at once (a later result for the same path wins).
 
@@ -1203,7 +1298,7 @@ class DesiredIndex:
         :func:`discover`); they are reported with the rest and stay until the
         next build.
         """
-        index = cls()
+        index = cls(max_problems=max_problems)
         index._scan_problems = tuple(scan_problems)
         files = index._files
         for result in results:
@@ -1247,49 +1342,79 @@ class DesiredIndex:
         That includes tasks of other files whose validity flipped because a
         conflict with this file appeared or went away.
         """
-        return self._replace(result.path, result)
+        return _run(self.put_steps(result))
 
     def remove(self, path: str) -> set[TaskKey]:
         """Forget a deleted file; the task keys whose desired state may have changed."""
+        return _run(self.remove_steps(path))
+
+    def put_steps(self, result: FileResult) -> Generator[None, None, set[TaskKey]]:
+        """:meth:`put` in steps of about :data:`STEP` tasks, for a caller that must
+        not stop for long (the daemon's event loop runs between steps).
+
+        Between steps the public views (:attr:`tasks`, :attr:`invalid_files`,
+        :attr:`paths`, :attr:`problems`, :meth:`tasks_of`) still show the index
+        as it was: the new file is committed at once, after the last step. Only
+        one update may be in progress at a time.
+        """
+        return self._replace(result.path, result)
+
+    def remove_steps(self, path: str) -> Generator[None, None, set[TaskKey]]:
+        """:meth:`remove` in steps, as :meth:`put_steps`."""
         if path not in self._files:
-            return set()
+            return _nothing()
         return self._replace(path, None)
 
-    def _replace(self, path: str, new: FileResult | None) -> set[TaskKey]:
+    def _replace(self, path: str, new: FileResult | None) -> Generator[None, None, set[TaskKey]]:
+        # The problems of the index as it was, kept for readers between steps.
+        _ = self.problems
         old_tasks = self._declared(path)
         new_tasks = new.tasks if new is not None and not new.problems else ()
         keys = {t.key for t in old_tasks}
         keys.update(t.key for t in new_tasks)
         identifiers = {i for t in (*old_tasks, *new_tasks) if (i := _identifier(t)) is not None}
+        yield
         # Files sharing a key or an Identifier with this one may flip validity.
         involved = {path}
-        for key in keys:
+        for n, key in enumerate(keys, 1):
             involved.update(p for p, _ in self._by_key.get(key, ()))
+            if n % STEP == 0:
+                yield
         for identifier in identifiers:
             involved.update(p for p, _ in self._by_identifier.get(identifier, ()))
         counted_before = {p: self._counts(p) for p in involved}
+        yield
 
-        for task in old_tasks:
+        for n, task in enumerate(old_tasks, 1):
             _drop(self._by_key, task.key, path)
             if (named := _identifier(task)) is not None:
                 _drop(self._by_identifier, named, path)
-        for task in new_tasks:
+            if n % STEP == 0:
+                yield
+        for n, task in enumerate(new_tasks, 1):
             self._by_key.setdefault(task.key, []).append((path, task))
             if (named := _identifier(task)) is not None:
                 self._by_identifier.setdefault(named, []).append((path, task))
+            if n % STEP == 0:
+                yield
         for key in keys:
             _mark(self._dup_keys, key, len(self._by_key.get(key, ())) > 1)
         for identifier in identifiers:
             _mark(
                 self._dup_identifiers, identifier, len(self._by_identifier.get(identifier, ())) > 1
             )
+        yield
+        conflicted = {p: self._in_conflict(p, replaced=path, new=new_tasks) for p in involved}
+        yield
+
+        # Commit, all at once: the views change here and nowhere else.
         if new is None:
             del self._files[path]
         else:
             self._files[path] = new
         _mark(self._local_invalid, path, new is not None and bool(new.problems))
-        for p in involved:
-            _mark(self._conflicted, p, self._in_conflict(p))
+        for p, flag in conflicted.items():
+            _mark(self._conflicted, p, flag)
         self._problems = None
 
         # Withdraw first, then add: two counted files never share a key.
@@ -1320,8 +1445,11 @@ class DesiredIndex:
             path in self._files and path not in self._local_invalid and path not in self._conflicted
         )
 
-    def _in_conflict(self, path: str) -> bool:
-        for task in self._declared(path):
+    def _in_conflict(self, path: str, *, replaced: str, new: tuple[DesiredTask, ...]) -> bool:
+        """Whether ``path`` clashes with another file, once ``replaced`` declares ``new``
+        (its tables are updated already; its entry in ``_files`` is not yet)."""
+        declared = new if path == replaced else self._declared(path)
+        for task in declared:
             if task.key in self._dup_keys:
                 return True
             identifier = _identifier(task)
@@ -1359,14 +1487,38 @@ class DesiredIndex:
         if self._problems is None:
             found = list(self._scan_problems)
             for path in self._local_invalid:
-                found.extend(self._files[path].problems)
+                found.extend(self._files[path].problems)  # capped when parsed
+            conflicts: dict[str, list[Problem]] = {}
             for key in self._dup_keys:
-                found.extend(_key_conflict(key, [t for _, t in self._by_key[key]]))
+                for p in _key_conflict(key, [t for _, t in self._by_key[key]]):
+                    conflicts.setdefault(p.source.path, []).append(p)
             for identifier in self._dup_identifiers:
                 entries = self._by_identifier[identifier]
-                found.extend(_identifier_conflict(identifier, [t for _, t in entries]))
+                for p in _identifier_conflict(identifier, [t for _, t in entries]):
+                    conflicts.setdefault(p.source.path, []).append(p)
+            for path, problems in conflicts.items():
+                found.extend(_capped(path, problems, self._max_problems))
             self._problems = _sorted(found)
         return list(self._problems)
+
+
+#: Tasks handled between two steps of :meth:`DesiredIndex.put_steps` (about 10 ms).
+STEP: Final = 2_000
+
+
+def _run(steps: Generator[None, None, set[TaskKey]]) -> set[TaskKey]:
+    """Run an update's steps through; what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: set[TaskKey] = done.value
+            return result
+
+
+def _nothing() -> Generator[None, None, set[TaskKey]]:
+    return set()
+    yield  # a generator that returns at once
 
 
 def _drop(table: dict[Any, list[_Entry]], name: Any, path: str) -> None:

@@ -37,7 +37,7 @@ What counts as what (:func:`classify`):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -154,17 +154,26 @@ def classify(
 def classify_plan(
     plan: Plan, applied: Mapping[TaskKey, AppliedRecord]
 ) -> dict[TaskKey, ChangeKind]:
+    kind_of = classifier(plan, applied)
+    return {c.key: kind_of(c) for c in plan.calls}
+
+
+def classifier(
+    plan: Plan, applied: Mapping[TaskKey, AppliedRecord]
+) -> Callable[[Call], ChangeKind]:
+    """:func:`classify` for any call of ``plan``: its restarts and drifts indexed once."""
     restarted = {r.key for r in plan.restarts}
     drifted = {d.key: tuple(d.fields) for d in plan.drifts if d.healed}
-    return {
-        c.key: classify(
-            c,
-            record=applied.get(c.key),
-            restarted=c.key in restarted,
-            drifted=drifted.get(c.key, ()),
+
+    def kind_of(call: Call) -> ChangeKind:
+        return classify(
+            call,
+            record=applied.get(call.key),
+            restarted=call.key in restarted,
+            drifted=drifted.get(call.key, ()),
         )
-        for c in plan.calls
-    }
+
+    return kind_of
 
 
 def applied_tasks(applied: Mapping[TaskKey, AppliedRecord]) -> int:
