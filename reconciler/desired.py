@@ -652,7 +652,7 @@ class _Checker:
                             f"'defaults' must be a mapping of task fields, not {_node_kind(value)}",
                         )
                 elif value.__class__ is SequenceNode:
-                    items, items_node = value.value, value
+                    items, items_node = value.value, key  # named at 'tasks:'
                 else:
                     self.at(
                         value, None, f"'tasks' must be a list of tasks, not {_node_kind(value)}"

@@ -1564,6 +1564,10 @@ class Daemon:
             await asyncio.gather(self._leader_task, return_exceptions=True)
             await self.leadership.release()
         self.log.info("daemon.stopped", abandoned_in_flight=len(late))
+        # The interpreter's exit collects every object the collector tracks: a big
+        # tree, or the nodes of a file still being parsed, would hold the exit for
+        # seconds after the drain.
+        gc.freeze()
 
 
 _T = TypeVar("_T")
