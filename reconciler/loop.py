@@ -499,14 +499,23 @@ class Daemon:
 
     def _report_files(self) -> None:
         invalid = self.index.invalid_files
-        problems = self.index.problems + self._scan_problems
-        for path in sorted(invalid - self._reported_invalid):
-            mine = [p for p in problems if p.source.path == path]
+        new = invalid - self._reported_invalid
+        if new:
+            # Grouped once: a pull request of many broken files costs each file once.
+            problems: dict[str, list[str]] = {}
+            for p in (*self.index.problems, *self._scan_problems):
+                if p.source.path in new:
+                    problems.setdefault(p.source.path, []).append(str(p))
+            held: dict[str | None, int] = {}
+            for r in self.recorder.applied.values():
+                if r.source in new:
+                    held[r.source] = held.get(r.source, 0) + 1
+        for path in sorted(new):
             self.log.error(
                 "desired.invalid_file",
                 path=path,
-                problems=[str(p) for p in mine],
-                held_tasks=sum(1 for r in self.recorder.applied.values() if r.source == path),
+                problems=problems.get(path, []),
+                held_tasks=held.get(path, 0),
             )
         for path in sorted(self._reported_invalid - invalid):
             self.log.info("desired.file_fixed", path=path)
