@@ -345,3 +345,206 @@ def figure(label: str, value: str, target: str | None = None, *, ok: bool | None
     if ok is not None:
         line += "   ok" if ok else "   MISSED"
     print(line, flush=True)
+
+
+# --------------------------------------------------------------------------- watching a daemon
+
+
+def _poll_health(
+    url: str, out: str, interval: float, timeout: float, limit: float, stop: Any
+) -> None:
+    """The poller process's body: GET ``url`` every ``interval`` s, one line per request.
+
+    A line is ``<wall start> <seconds> <status>``, status the HTTP code or what
+    went wrong (``timeout``, ``refused``, another transport error's class). A
+    request that times out is recorded with the seconds it waited, about
+    ``timeout``. Ends when ``stop`` is set or after ``limit`` seconds.
+    """
+    deadline = time.monotonic() + limit
+    with httpx.Client(timeout=timeout) as http, open(out, "a", buffering=1) as f:
+        while not stop.is_set() and time.monotonic() < deadline:
+            wall, t0 = time.time(), time.monotonic()
+            try:
+                status = str(http.get(url).status_code)
+            except httpx.TimeoutException:
+                status = "timeout"
+            except httpx.ConnectError:
+                status = "refused"
+            except httpx.TransportError as exc:
+                status = type(exc).__name__
+            spent = time.monotonic() - t0
+            f.write(f"{wall:.3f} {spent:.4f} {status}\n")
+            stop.wait(max(0.0, interval - spent))
+
+
+class HealthPoller:
+    """Poll a daemon's health path from a process of its own (not slowed by the bench).
+
+    ``samples()`` returns ``(wall start, seconds, status)`` for each request so
+    far; the file grows as the process goes, so it can be read at any time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        out: Path,
+        *,
+        interval: float = 0.05,
+        timeout: float = 5.0,
+        limit: float = 7200.0,
+    ) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.out = out
+        self.timeout = timeout
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(
+            target=_poll_health,
+            args=(url, str(out), interval, timeout, limit, self._stop),
+            daemon=True,
+        )
+        self._proc.start()
+
+    def samples(self) -> list[tuple[float, float, str]]:
+        out: list[tuple[float, float, str]] = []
+        if not self.out.exists():
+            return out
+        for line in self.out.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                out.append((float(parts[0]), float(parts[1]), parts[2]))
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._proc.join(self.timeout + 5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    def __enter__(self) -> HealthPoller:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def health_summary(
+    samples: Sequence[tuple[float, float, str]], *, since: float = 0.0, until: float = math.inf
+) -> dict[str, Any]:
+    """Latency figures of the requests started in ``[since, until)`` (wall clock).
+
+    Requests refused before the first answer (the port not bound yet) are
+    left out and counted apart. ``failures``: requests not answered 200 (a
+    timeout counts at its timeout in the latencies);
+    ``longest_without_200_s``: the longest stretch between the
+    start of a request that failed to answer 200 and the end of the next one
+    that did (or the window's last request), the time a probe saw no health.
+    """
+    window = [s for s in samples if since <= s[0] < until]
+    # Refused before the first answer: the port is not bound yet (start-up), not a failure.
+    startup = next((i for i, s in enumerate(window) if s[2] != "refused"), len(window))
+    first_answer = window[startup][0] - window[0][0] if startup < len(window) else None
+    window = window[startup:]
+    if not window:
+        return {"requests": 0, "refused_before_first_answer": startup}
+    lat = [s[1] for s in window]
+    bad = [s for s in window if s[2] != "200"]
+    longest, bad_since = 0.0, None
+    for wall, spent, status in window:
+        if status != "200":
+            bad_since = wall if bad_since is None else bad_since
+        elif bad_since is not None:
+            longest = max(longest, wall + spent - bad_since)
+            bad_since = None
+    if bad_since is not None:
+        last = window[-1]
+        longest = max(longest, last[0] + last[1] - bad_since)
+    kinds: dict[str, int] = {}
+    for s in bad:
+        kinds[s[2]] = kinds.get(s[2], 0) + 1
+    return {
+        "requests": len(window),
+        "p50_ms": round(percentile(lat, 50) * 1000, 1),
+        "p99_ms": round(percentile(lat, 99) * 1000, 1),
+        "max_ms": round(max(lat) * 1000, 1),
+        "failures": len(bad),
+        "failure_kinds": kinds,
+        "longest_without_200_s": round(longest, 2),
+        "refused_before_first_answer": startup,
+        "first_answer_after_s": None if first_answer is None else round(first_answer, 2),
+    }
+
+
+def health_figures(label: str, summary: Mapping[str, Any], *, p99_target_ms: float) -> None:
+    """Print a :func:`health_summary` as figure lines."""
+    if not summary.get("requests"):
+        figure(f"{label}: requests", "0")
+        return
+    figure(
+        f"{label} p50 / p99 / max",
+        f"{summary['p50_ms']:.0f} / {summary['p99_ms']:.0f} / {summary['max_ms']:.0f} ms",
+        f"p99 <= {p99_target_ms:g} ms",
+        ok=summary["p99_ms"] <= p99_target_ms,
+    )
+    kinds = ", ".join(f"{k} x{v}" for k, v in sorted(summary["failure_kinds"].items()))
+    figure(
+        f"{label} requests / not 200",
+        f"{summary['requests']} / {summary['failures']}",
+        f"0 ({kinds})" if kinds else "0",
+        ok=summary["failures"] == 0,
+    )
+    figure(f"{label} longest without a 200", f"{summary['longest_without_200_s']:.1f} s")
+    if summary["refused_before_first_answer"]:
+        figure(
+            f"{label} first answer after (port not bound)",
+            f"{summary['first_answer_after_s']:.1f} s",
+        )
+
+
+class EventTail:
+    """Read a daemon's JSON event log incrementally, keeping only the named events.
+
+    A log at info level holds a few events per task (hundreds of MB for a big
+    tree), so only new bytes are read and only lines naming a wanted event are
+    parsed.
+    """
+
+    def __init__(self, path: Path, names: Sequence[str], *, offset: int = 0) -> None:
+        self.path = path
+        self._needles = [f'"{n}"'.encode() for n in names]
+        self._names = set(names)
+        self._offset = offset
+        self._partial = b""
+
+    def poll(self) -> list[dict[str, Any]]:
+        import json
+
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        self._offset += len(data)
+        data, self._partial = self._partial + data, b""
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # an unfinished last line waits for its end
+        out = []
+        for raw in lines:
+            if raw.startswith(b"{") and any(n in raw for n in self._needles):
+                try:
+                    event = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                if event.get("event") in self._names:
+                    out.append(event)
+        return out
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` shows them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
