@@ -16,7 +16,7 @@ and reports:
   the other events of the tree and the pass that follow are printed as seen;
 - ``/healthz`` and ``/readyz`` latency (p50, p99, max), the requests not
   answered 200 and the longest stretch without a 200, before the drop and
-  from the drop until SIGTERM; target: ``/healthz`` p99 <= 1 s;
+  from the drop until SIGTERM; target: ``/healthz`` p99 <= 100 ms;
 - the daemon's peak RSS (VmHWM, ``/proc/PID/status``); target <= 500 MB;
 - the GetSegmentTask reads and UpdateSegment calls made after the drop;
 - SIGTERM to exit; target: within the daemon's ``--drain-timeout`` (20 s by
@@ -31,6 +31,7 @@ figure.
 
     .venv/bin/python bench/huge_file.py [--tasks 680000] [--base-tasks 1000]
         [--timeout 300] [--after 60] [--exit-timeout 60] [--no-observe]
+        [--daemon-arg=--max-file-bytes=64MiB --daemon-arg=--max-file-tasks=1000000]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ PER_FILE: Final = 100
 HUGE_REL: Final = "team-0/huge.yaml"
 DRAIN_TIMEOUT_S: Final = 20.0  # the daemon's --drain-timeout default
 EXIT_MARGIN_S: Final = 10.0
-HEALTH_P99_TARGET_MS: Final = 1000.0
+HEALTH_P99_TARGET_MS: Final = 100.0
 HEALTH_TIMEOUT_S: Final = 5.0
 TARGET_HWM_MB: Final = 500.0
 #: Events printed as they are seen (with the time since the drop).
@@ -159,6 +160,14 @@ def main() -> None:
     )
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--progress", type=float, default=15.0, help="seconds between progress lines")
+    ap.add_argument(
+        "--daemon-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for the daemon, e.g. --daemon-arg=--max-file-bytes=64MiB "
+        "(repeatable): its file limits refuse the huge file by default",
+    )
     args = ap.parse_args()
     if args.tasks < 1 or args.base_tasks < PER_FILE or args.base_tasks % PER_FILE:
         ap.error(f"need --tasks >= 1 and --base-tasks a positive multiple of {PER_FILE}")
@@ -176,9 +185,11 @@ def run(work: Path, emulator: EmulatorProcess, args: argparse.Namespace) -> dict
     flags: list[str] = ["desired", "--state", "state.db"]
     if not args.observe:
         flags.append("--no-observe")
+    flags += args.daemon_arg
     print(
         f"tree: {args.base_tasks} tasks in sync; daemon at its defaults"
-        f"{' with --no-observe' if not args.observe else ''}, --log-level {args.log_level}; "
+        f"{' with --no-observe' if not args.observe else ''} {' '.join(args.daemon_arg)}, "
+        f"--log-level {args.log_level}; "
         f"load average {load_average()}",
         flush=True,
     )
