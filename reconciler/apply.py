@@ -93,7 +93,7 @@ class ApplyReport:
 
     @property
     def ok(self) -> bool:
-        """CONTRACT §3: every call succeeded or found its task not running."""
+        """Exit 0: every call succeeded or found its task not running."""
         return (
             self.fatal is None
             and self.store_error is None

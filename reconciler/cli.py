@@ -1,7 +1,7 @@
-"""The ``reconciler`` command line (CONTRACT §3), built on click.
+"""The ``reconciler`` command line, built on click.
 
 Each command is a thin shell: parse options, call the functional core or the
-right long-running piece, print, exit with the contract's status. Every
+right long-running piece, print, exit with the documented status. Every
 option can also come from an environment variable (see :class:`EnvOption`):
 ``RECONCILER_<OPTION>``, or ``RECONCILER_<COMMAND>_<OPTION>`` where the bare
 name would mean different things in different commands; the desired tree
@@ -248,7 +248,7 @@ def output_option(command: str) -> Callable[[F], F]:
         type=click.Choice(["text", "json"]),
         default="text",
         show_default=True,
-        help="Output format; the JSON shapes are documented in the README.",
+        help="Output format; the JSON shapes are documented in the manual (docs/).",
     )
 
 
@@ -476,7 +476,7 @@ def change_control_options(*, pacing: bool = False, override: bool = False) -> C
             default=None,
             expose_value=False,
             callback=_load_sync_windows,
-            help="YAML file of sync windows: when calls may go out (see the README).",
+            help="YAML file of sync windows: when calls may go out (docs/change-control.md).",
         ),
         _option(
             "--max-change",
@@ -936,7 +936,7 @@ def validate(directory: str, output: str) -> None:
 
 @main.command()
 def schema() -> None:
-    """Print the JSON Schema of a desired file, for editors (see the README)."""
+    """Print the JSON Schema of a desired file, for editors (docs/desired-files.md)."""
     click.echo(desired_schema_text(), nl=False)
 
 
@@ -2611,7 +2611,7 @@ def entry_point() -> None:
 
     Click ends a usage error (unknown option, bad choice) with status 2, which
     ``plan --detailed-exitcode`` uses for "calls pending"; a CI job would read
-    a typo as pending calls. CONTRACT §3: every error is 1.
+    a typo as pending calls. So every error is 1.
     """
     try:
         status = main.main(standalone_mode=False)

@@ -182,7 +182,7 @@ def configure(
 
     Events go to ``stream`` (stderr by default, so a plan on stdout stays
     clean); ``auto`` picks JSON lines whenever stdout is not a terminal, as the
-    contract says, so anything piped or run under a supervisor gets JSON.
+    manual says, so anything piped or run under a supervisor gets JSON.
     Console lines are coloured only on a terminal and never when ``NO_COLOR``
     is set; below ``debug`` they leave out per-attempt detail
     (:data:`reconciler.console.DETAIL_EVENTS`) that the task lines already say.

@@ -4,7 +4,7 @@
 reads no clock, so ``plan``, ``apply`` and the daemon share exactly one notion
 of "what needs doing", and tests can check it with properties.
 
-The rules (CONTRACT §2):
+The rules:
 
 - A task's *managed fields* are those its file sets. A call carries the task's
   identity (plus ``BusinessId`` when set) and only the managed fields whose
@@ -26,7 +26,7 @@ The rules (CONTRACT §2):
 - A task the server refused as bad input is *blocked* until its spec changes.
 - ``BusinessId`` cannot be changed by UpdateSegment: a change is a warning.
 
-Live state wins over memory (CONTRACT §2). Given ``observations`` (the latest
+Live state wins over memory. Given ``observations`` (the latest
 GetSegmentTask read of each task), a task whose observation is newer than our
 last successful call for it by more than ``settle_s`` is compared with its
 **live** values instead of last-applied:
@@ -314,7 +314,7 @@ class Plan:
         }
 
     def to_json(self) -> dict[str, Any]:
-        """The stable ``plan --output json`` shape (documented in the README)."""
+        """The stable ``plan --output json`` shape (documented in docs/plans.md)."""
         return {
             # 3: calls' "waiting" and the top-level "waiting" (change control, added by the CLI).
             # 4: calls' "cause" and "unread", the top-level "unread" and "refresh" (the CLI's).

@@ -78,7 +78,7 @@ def problems(root: str, found: Sequence[Problem]) -> str:
 
 
 def validation_json(index: DesiredIndex, *, given: str, root: str) -> dict[str, object]:
-    """``validate --output json`` (README: "validate --output json").
+    """``validate --output json`` (docs/desired-files.md: "validate --output json").
 
     ``given`` is the tree or file as the user named it; ``root`` is what paths
     are relative to ("" for a single file), so every ``path`` is the one the

@@ -394,7 +394,7 @@ class StatusReport:
         return out
 
     def to_json(self) -> dict[str, object]:
-        """The stable ``status --output json`` shape (documented in the README)."""
+        """The stable ``status --output json`` shape (documented in docs/commands.md)."""
         return {
             "format_version": FORMAT_VERSION,
             "generated_at": format_time(self.generated_at),

@@ -99,7 +99,7 @@ class Settler:
 
 
 def is_ignored_name(name: str) -> bool:
-    """Names CONTRACT §1 ignores: hidden, and editor leftovers."""
+    """Names the desired tree ignores: hidden, and editor leftovers."""
     return name.startswith(".") or name.endswith(("~", ".swp")) or name.startswith(".#")
 
 

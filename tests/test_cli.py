@@ -302,7 +302,7 @@ def test_bash_completion_completes_commands_and_options() -> None:
 # --- environment variables: one name per meaning -----------------------------------
 
 # Renamed because one name meant different things in different commands; the old
-# ones still work, with a warning. Mirrors the README's table.
+# ones still work, with a warning. Mirrors the table in docs/commands.md.
 EMULATOR_RENAMES = {
     f"RECONCILER_{old}": f"RECONCILER_EMULATOR_{old}"
     for old in (

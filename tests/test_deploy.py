@@ -587,9 +587,9 @@ def test_deploy_files_use_no_deprecated_variable() -> None:
         assert not stale, f"{path.name} uses deprecated names; their replacements: {stale}"
 
 
-def test_readme_lists_every_deprecated_variable_with_its_replacements() -> None:
+def test_the_manual_lists_every_deprecated_variable_with_its_replacements() -> None:
     rows: dict[str, set[str]] = {}
-    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+    for line in (REPO / "docs" / "commands.md").read_text(encoding="utf-8").splitlines():
         m = re.match(r"\| `(RECONCILER_\w+)` \| (.*) \|$", line)
         if m:
             rows[m[1]] = set(ENV_NAME.findall(m[2]))
@@ -1082,8 +1082,9 @@ def requirement_name(requirement: str) -> str:
 
 
 def install_texts() -> list[Path]:
-    """Every file that tells someone how to install: the README and the deploy files."""
-    return [REPO / "README.md", *sorted(p for p in DEPLOY.rglob("*") if p.is_file())]
+    """Every file that tells someone how to install: the README, the manual and the deploy files."""
+    manual = sorted((REPO / "docs").glob("*.md"))
+    return [REPO / "README.md", *manual, *sorted(p for p in DEPLOY.rglob("*") if p.is_file())]
 
 
 def test_the_distribution_is_not_named_like_the_unrelated_project() -> None:
@@ -1131,21 +1132,21 @@ def test_every_install_is_from_this_repository() -> None:
                 assert m, f"{rel}: {req!r} is not `NAME @ git+https://...git@TAG`"
                 assert canonical(m["name"]) == canonical(PROJECT["name"]), f"{rel}: {req}"
                 kinds.setdefault(rel, set()).add("git")
-    assert kinds["README.md"] >= {"wheel", "git"}
+    assert kinds["docs/deploying.md"] >= {"wheel", "git"}
     assert kinds["deploy/Dockerfile"] == {"source"}
     assert kinds["deploy/systemd/reconciler.service"] >= {"wheel"}
     install = next(s for s in plan_job()["steps"] if "pip install" in str(s.get("run", "")))
     # The config repository's CI has no checkout of this one: a pinned git URL.
     (req,) = pip_requirements(install["run"])
     assert GIT_REQUIREMENT.match(req), req
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "python -m pip wheel --no-deps -w dist ." in readme
-    assert re.search(r"[Dd]o not `pip install reconciler`", readme)
+    manual = (REPO / "docs" / "deploying.md").read_text(encoding="utf-8")
+    assert "python -m pip wheel --no-deps -w dist ." in manual
+    assert re.search(r"[Dd]o not `pip install reconciler`", manual)
 
 
 @pytest.mark.build
 def test_wheel_builds_from_the_image_sources_under_the_project_name(tmp_path: Path) -> None:
-    """The files the image build gets make a wheel named as the README says.
+    """The files the image build gets make a wheel named as the manual says.
 
     Offline: no build isolation and no index, so the venv's own setuptools and
     wheel build it (the dev extras install them) and the test takes seconds.

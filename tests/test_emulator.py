@@ -1,4 +1,4 @@
-"""The emulator behaves like the reference describes, over real loopback HTTP.
+"""The emulator behaves as the API's documentation describes, over real loopback HTTP.
 
 Requests are signed with the project's own signer and sent with httpx to an
 emulator running in a background thread (``running_emulator``); the pure parts

@@ -1,4 +1,4 @@
-"""The planner's rules (CONTRACT §2), by example and by property."""
+"""The planner's rules, by example and by property."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The three-way planner: desired vs last-applied vs live (CONTRACT §2, "Live state wins").
+"""The three-way planner: desired vs last-applied vs live ("live state wins over memory").
 
 Pure: observations are values, time is in them; no I/O, no clock.
 """

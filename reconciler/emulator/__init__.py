@@ -1,7 +1,7 @@
 """A local stand-in for the RTC audio-segment OpenAPI, for tests, demos and benches.
 
 It serves StartSegment, UpdateSegment, StopSegment and GetSegmentTask the way
-``reference/rtc-segment-openapi.md`` describes them, so the client and the
+the API's documentation describes them, so the client and the
 daemon can be exercised end to end without the real service.
 
 Design: a functional core and an imperative shell, one job per module.

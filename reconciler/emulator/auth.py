@@ -6,7 +6,7 @@ with, so the emulator and the client cannot drift apart on canonicalisation;
 ``tests/test_signing.py`` pins that kernel to the official SDK's vectors. The
 checks run in the order the real gateway reports them (missing header, unknown
 key, clock skew, scope, session token, signed headers, body hash, signature),
-and each raises the reference's :class:`~reconciler.emulator.errors.ApiError`.
+and each raises the API's documented error as an :class:`~reconciler.emulator.errors.ApiError`.
 
 Messages never echo the secret key, the session token or the canonical request
 (which would carry the token); the token is compared in constant time.

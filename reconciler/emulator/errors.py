@@ -3,7 +3,7 @@
 Not to be confused with :mod:`reconciler.errors`, the *client's* view of a
 failed call. Here an :class:`ApiError` is raised anywhere along the request
 pipeline (routing, signature, parameters, the task table) and turned into the
-reference's error answer in one place, :meth:`reconciler.emulator.server.Emulator`'s
+API's documented error answer in one place, :meth:`reconciler.emulator.server.Emulator`'s
 handler. Keeping code, message and HTTP status together means each rule states
 its whole answer where it is checked.
 """
@@ -33,7 +33,7 @@ def invalid(message: str) -> ApiError:
 
 
 def not_running(key: TaskKey) -> ApiError:
-    """The reference's answer for a task that never ran, has ended, or is out of sight."""
+    """The API's answer for a task that never ran, has ended, or is out of sight."""
     return ApiError(
         NOT_RUNNING_CODE,
         f"task {key} does not exist or has already stopped",

@@ -4,7 +4,7 @@ The real service counts arrivals over a sliding window, not per wall-clock
 second, so a burst split across a second boundary is throttled like any other.
 :class:`SlidingWindowLimiter` keeps a log of admitted arrival times and decides
 from an explicit ``now``, so it is tested without sleeping. One limiter per
-action: each action has its own budget, as in the reference (GetSegmentTask 60,
+action: each action has its own budget, as the API documents (GetSegmentTask 60,
 UpdateSegment 150, ...).
 
 This is the server's side; the client's own pacing is

@@ -17,7 +17,7 @@ is closed without any response, either before applying (``drop_phase
 to the client). Latency is added to every answer on ``/``; faults only hit
 requests that reached a segment action, never the admin API (:mod:`.admin`).
 
-Choices where the reference is silent: a session-token mismatch answers
+Choices where the API's documentation is silent: a session-token mismatch answers
 ``InvalidSecurityToken`` (401); a wrong HTTP method answers
 ``InvalidActionOrVersion``; an AppId outside ``EmulatorConfig.app_ids``
 answers ``InvalidParameter.NotExistAppId``.

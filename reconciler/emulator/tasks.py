@@ -1,7 +1,7 @@
 """The segment tasks the emulated server holds, and the server's rules for them.
 
 Pure state: :class:`TaskTable` applies StartSegment, UpdateSegment, StopSegment
-and GetSegmentTask with the reference's rules, plus the things the real
+and GetSegmentTask with the API's documented rules, plus the things the real
 service does on its own that a closed-loop test must be able to cause (end a
 task, start it again, another client's update, the passing of 72 hours). Time
 is always an argument, so every rule is tested without a server or a clock.
@@ -323,7 +323,7 @@ class TaskTable:
     def end(self, key: TaskKey, *, now_ms: int, reason: str) -> None:
         """End a running task as the service would (``IdleTimeOut``, ``UserDisconnect``, ...).
 
-        Raises :class:`ValueError` for a reason the reference does not list.
+        Raises :class:`ValueError` for a reason the API does not list.
         """
         if not isinstance(reason, str) or reason not in STOP_REASONS:
             raise ValueError(f"StopReason must be one of {sorted(STOP_REASONS)}, got {reason!r}")
