@@ -152,7 +152,7 @@ def measure(
         figure("start-up to /readyz", f"{ready_s:.1f} s")
         log = LogCounter(daemon.log_path)
         lines, size, _ = log.since_last()
-        figure("log written up to /readyz", f"{lines} lines", f"{size / 1e6:.1f} MB")
+        figure("log written up to /readyz", f"{lines} lines, {size / 1e6:.1f} MB")
         mem = memory_mb(pid)
         figure("RSS when ready", f"{mem['VmRSS']:.0f} MB", f"<= {TARGET_RSS_MB:.0f} MB")
         calls_at_start = emulator.updates()
@@ -180,8 +180,8 @@ def measure(
         figure(
             f"log lines a minute idle (--log-level {args.log_level})",
             f"{lines / idle_wall * 60:.1f}",
-            f"{size / idle_wall * 60 / 1e3:.1f} kB a minute; most: {_most(by_event)}",
         )
+        print(f"  {size / idle_wall * 60 / 1e3:.1f} kB a minute; most: {_most(by_event)}")
         mem = memory_mb(pid)
         figure(
             "VmRSS idle",
@@ -215,8 +215,8 @@ def measure(
         figure(
             f"pull: log lines written (--log-level {args.log_level})",
             f"{lines}",
-            f"{size / 1e6:.2f} MB; most: {_most(by_event)}",
         )
+        print(f"  {size / 1e6:.2f} MB; most: {_most(by_event)}")
         mem = memory_mb(pid)
         figure(
             "VmRSS after the pull",
