@@ -740,9 +740,10 @@ def configure_events(*, stream: TextIO | None = None, report: bool = False) -> N
     level: str = settings["log_level"]
     if settings.get("quiet") and events.LEVELS.index(level) < events.LEVELS.index("warning"):
         level = "warning"
-    if report and events.uses_console(fmt) and not settings.get("level_given"):
+    if report and events.uses_console(fmt, stream) and not settings.get("level_given"):
         level = "error"
     settings["effective_level"] = level
+    settings["stream"] = stream
     events.configure(fmt=fmt, level=level, stream=stream)
 
 
@@ -750,9 +751,9 @@ def console_shows(level: str) -> bool:
     """Whether events at ``level`` reach a person as console lines in this run."""
     settings = click.get_current_context().find_root().obj
     effective: str = settings.get("effective_level", settings["log_level"])
-    return events.uses_console(settings["log_format"]) and events.LEVELS.index(
-        effective
-    ) <= events.LEVELS.index(level)
+    return events.uses_console(
+        settings["log_format"], settings.get("stream")
+    ) and events.LEVELS.index(effective) <= events.LEVELS.index(level)
 
 
 @click.group(
@@ -765,7 +766,8 @@ def console_shows(level: str) -> bool:
     type=LOG_FORMATS,
     default="auto",
     show_default=True,
-    help="Events as JSON lines or console lines; auto: JSON unless stdout is a terminal. "
+    help="Events as JSON lines or console lines; auto: JSON unless the stream they go to "
+    "(stderr; stdout for run) is a terminal. "
     "Also accepted after the command.",
 )
 @_option(

@@ -221,6 +221,11 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
         f"({e.get('read_qps')} reads/s); drift: {e.get('drift')}"
         + (f" — {e['message']}" if e.get("message") else "")
     ),
+    "observe.swept": lambda e: (
+        f"a sweep: {_plural(e.get('reads'), 'read')} of {_plural(e.get('tasks'), 'live task')} "
+        f"in {e.get('seconds')} s"
+        + _extras(e, ("running", "ended", "not_found", "unknown", "failed"))
+    ),
     "reconcile.started": lambda e: (
         f"{e.get('reason')}: {_plural(e.get('calls'), 'call')} to make"
         + (f", {e['unread']} to read first (first contact)" if e.get("unread") else "")

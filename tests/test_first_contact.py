@@ -28,6 +28,10 @@ DEFAULT_DURATION = 20
 LONG_AGO_S = 73 * 3600
 
 
+# Each read's call.succeeded is a debug event.
+DEBUG = {"RECONCILER_LOG_LEVEL": "debug"}
+
+
 def key(room: str) -> TaskKey:
     return TaskKey(APP, room, "seg")
 
@@ -247,7 +251,7 @@ def test_the_daemon_reads_a_running_fleet_before_its_first_calls(
     tmp_path: Path, emulator: EmulatorHandle
 ) -> None:
     fleet = Fleet(emulator, tmp_path / "desired", same=12, off=4)
-    with DaemonProcess(tmp_path, "desired", "--endpoint", emulator.url, *DAEMON) as d:
+    with DaemonProcess(tmp_path, "desired", "--endpoint", emulator.url, *DAEMON, env=DEBUG) as d:
         (done,) = d.wait_event("reconcile.completed")
         assert done["read_first"] == len(fleet.keys)
         assert done["already_matching"] == len(fleet.same)
