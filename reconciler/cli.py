@@ -2327,12 +2327,14 @@ async def _run_daemon(
             await emulator.stop()
 
 
-def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[], None]:
+def _on_signal(
+    stop: asyncio.Event, sig: signal.Signals, log: Any, *, event: str = "daemon.signal"
+) -> Callable[[], None]:
     def handler() -> None:
         if stop.is_set():
             return
-        stop.set()  # first: whatever happens to the log line, the signal stops the daemon
-        log.info("daemon.signal", signal=sig.name)
+        stop.set()  # first: whatever happens to the log line, the signal stops the process
+        log.info(event, signal=sig.name)
 
     return handler
 
@@ -2499,7 +2501,7 @@ def emulator_command(
         loop = asyncio.get_running_loop()
         log = events.get_logger()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, _on_signal(stop, sig, log))
+            loop.add_signal_handler(sig, _on_signal(stop, sig, log, event="emulator.signal"))
         emulator = Emulator(config)
         url = await listen(
             emulator.start(host=host, port=port), what="the emulator", host=host, port=port
@@ -2527,7 +2529,10 @@ def entry_point() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(1)
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            # Ctrl-C: click has ended the "^C" line already; reconciler.interrupt says it.
+            raise KeyboardInterrupt from None
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except StateError as exc:  # a store that fails while read or written: one line, no traceback
