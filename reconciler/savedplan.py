@@ -1,4 +1,4 @@
-"""Saved plans: ``plan --out FILE`` now, ``apply FILE`` later, exactly those calls.
+"""Saved plans: ``plan --save FILE`` now, ``apply FILE`` later, exactly those calls.
 
 The review flow of Terraform: CI plans a change and keeps the plan; people
 review it; ``apply FILE`` makes exactly the reviewed calls, or refuses when
@@ -6,7 +6,7 @@ what the plan was made from has moved on since ("plan is stale: ...").
 
 A saved plan is a JSON document (:class:`SavedPlan`) holding
 
-- the plan itself, as ``plan --output json`` prints it (the calls with their
+- the plan itself, as ``plan --saveput json`` prints it (the calls with their
   exact bodies), for review;
 - the desired tree's content digest (:class:`TreeDigest`: a SHA-256 of every
   desired file, and of them all), so a changed, added or removed file is named;
@@ -84,7 +84,7 @@ class SavedPlan:
     store: StoreStamp
     drift: DriftPolicy
     created_at: str
-    #: ``plan --output json`` of the plan: what reviewers read, and the calls to make.
+    #: ``plan --saveput json`` of the plan: what reviewers read, and the calls to make.
     plan: Mapping[str, Any]
     #: The live observations a ``--refresh`` plan compared with; ``None`` otherwise.
     observations: Mapping[TaskKey, Observation] | None = field(default=None)
@@ -239,7 +239,7 @@ def load(path: Path) -> SavedPlan:
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise SavedPlanError(
             f'{path}: not a saved plan (no "kind": "{KIND}"); make one with '
-            "`reconciler plan DIR --out FILE`"
+            "`reconciler plan DIR --save FILE`"
         )
     version = doc.get("format_version")
     if version != FORMAT_VERSION:

@@ -232,7 +232,7 @@ def test_a_saved_plan_keeps_its_reads_and_apply_file_reads_nothing_more(
 ) -> None:
     fleet = Fleet(emulator, tmp_path / "desired", same=2, off=1)
     args = ("--state", "state.db", "--endpoint", emulator.url)
-    r = run_cli("plan", "desired", *args, "--out", "p.json", cwd=tmp_path)
+    r = run_cli("plan", "desired", *args, "--save", "p.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["plan"]["refresh"]["mode"] == "targeted"
