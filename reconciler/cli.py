@@ -1476,6 +1476,12 @@ def plan(
             call["waiting"] = None if held is None else str(held.reason)
         doc["waiting"] = gate.waiting_json()
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    elif output == "markdown":
+        refused = [str(r) for r in (refusal, gate.mass_change) if r is not None]
+        click.echo(
+            render.plan_markdown(result, root=str(directory), refusals=refused, waiting=waiting),
+            nl=False,
+        )
     else:
         click.echo(
             render.plan_text(

@@ -6,7 +6,7 @@ what the plan was made from has moved on since ("plan is stale: ...").
 
 A saved plan is a JSON document (:class:`SavedPlan`) holding
 
-- the plan itself, as ``plan --saveput json`` prints it (the calls with their
+- the plan itself, as ``plan --output json`` prints it (the calls with their
   exact bodies), for review;
 - the desired tree's content digest (:class:`TreeDigest`: a SHA-256 of every
   desired file, and of them all), so a changed, added or removed file is named;
@@ -84,7 +84,7 @@ class SavedPlan:
     store: StoreStamp
     drift: DriftPolicy
     created_at: str
-    #: ``plan --saveput json`` of the plan: what reviewers read, and the calls to make.
+    #: ``plan --output json`` of the plan: what reviewers read, and the calls to make.
     plan: Mapping[str, Any]
     #: The live observations a ``--refresh`` plan compared with; ``None`` otherwise.
     observations: Mapping[TaskKey, Observation] | None = field(default=None)
