@@ -238,10 +238,12 @@ class OutputFormat(click.Choice):  # type: ignore[type-arg]
             return super().convert(value, param, ctx)
         except click.BadParameter as exc:
             if self.file_option and any(c in str(value) for c in "./"):
-                exc.message = (
+                raise click.BadParameter(
                     f"{exc.message.rstrip('.')}: -o/--output is the format; to save the plan "
-                    f"to a file, use {self.file_option} {value}"
-                )
+                    f"to a file, use {self.file_option} {value}",
+                    ctx=ctx,
+                    param=param,
+                ) from None
             raise
 
 

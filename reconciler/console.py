@@ -374,8 +374,9 @@ class ConsoleRenderer:
 
         Breaks go after a comma first (``Identifier "a" → "b", Duration 20 → 60``
         keeps each change whole: one that does not fit beside the task starts on
-        the next line), else between words; a word wider than a line is split. Continuation lines are indented under the mark, so they read
-        as part of the line above. Nothing is dropped.
+        the next line), else between words; a word wider than a line is split.
+        Continuation lines are indented under the mark, so they read as part of
+        the line above. Nothing is dropped.
         """
         width = self.width()
         if width <= 0 or cells(head) + 2 + cells(body) <= width:

@@ -383,8 +383,8 @@ def test_a_heal_stays_visible_in_the_panel_on_its_page_and_in_status(
         emulator.start_task(app_id=k.app_id, room_id=k.room_id, task_id=k.task_id)
     args = ("desired", "--endpoint", emulator.url, "--state", "state.db", "--health-port", "0")
     debug = {"RECONCILER_LOG_LEVEL": "debug"}  # each read's call.succeeded, waited for below
-    args += ("--observe-interval", "1", "--resync", "3600")
-    with DaemonProcess(tmp_path, *args, env=debug) as d:
+    every = ("--observe-interval", "1", "--resync", "3600")
+    with DaemonProcess(tmp_path, *args, *every, env=debug) as d:
         d.wait_ready()
         d.wait_event("task.synced", count=2)
         incarnation = emulator.restart_task(restarted)  # StartSegment's defaults
