@@ -1126,7 +1126,7 @@ def install_texts() -> list[Path]:
 def test_the_distribution_is_not_named_like_the_unrelated_project() -> None:
     assert canonical(PROJECT["name"]) != TAKEN_NAME
     # The command and the import package keep the short name.
-    assert PROJECT["scripts"] == {"reconciler": "reconciler.cli:entry_point"}
+    assert PROJECT["scripts"] == {"reconciler": "reconciler.interrupt:main"}
 
 
 def test_the_install_check_catches_the_taken_name() -> None:
@@ -1216,7 +1216,7 @@ def test_wheel_builds_from_the_image_sources_under_the_project_name(tmp_path: Pa
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
         names = set(zf.namelist())
     assert f"Name: {PROJECT['name']}\n" in metadata
-    assert "reconciler = reconciler.cli:entry_point" in entry_points
+    assert "reconciler = reconciler.interrupt:main" in entry_points
     assert {"reconciler/cli.py", "reconciler/__main__.py"} <= names
 
 
