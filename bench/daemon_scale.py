@@ -24,19 +24,24 @@ the emulator's wall-clock stamp of the last applied call minus the wall clock
 just before the first rename.
 
 The daemon runs with its default ``--resync 300`` (no resync falls in the
-idle window) and ``--log-level warning`` unless told otherwise: at info it
-writes a few JSON events per task, which a log shipper would bear in
-production; pass ``--log-level info`` to include that cost.
+idle window) and ``--log-level warning`` unless told otherwise; pass
+``--log-level info`` to include the cost of writing events, as a log shipper
+would bear it in production. At any level the bench counts what the daemon
+wrote: lines and bytes up to ``/readyz``, lines per minute over the idle
+window (with the most frequent events), and lines during the pull.
 
     .venv/bin/python bench/daemon_scale.py [--files 1000] [--per-file 100]
         [--changed-files 50] [--idle-seconds 60]
     .venv/bin/python bench/daemon_scale.py --quick   # 100 x 100 tasks, 5 files, 10 s idle
+    .venv/bin/python bench/daemon_scale.py --log-level info   # log lines a minute at info
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import json
 import sys
 import tempfile
 import time
@@ -145,6 +150,9 @@ def measure(
         daemon.wait_ready(timeout=600)
         ready_s = time.monotonic() - started
         figure("start-up to /readyz", f"{ready_s:.1f} s")
+        log = LogCounter(daemon.log_path)
+        lines, size, _ = log.since_last()
+        figure("log written up to /readyz", f"{lines} lines, {size / 1e6:.1f} MB")
         mem = memory_mb(pid)
         figure("RSS when ready", f"{mem['VmRSS']:.0f} MB", f"<= {TARGET_RSS_MB:.0f} MB")
         calls_at_start = emulator.updates()
@@ -153,11 +161,13 @@ def measure(
         )
 
         time.sleep(min(5.0, args.idle_seconds / 4))  # let start-up work settle first
+        log.since_last()
         reads0 = _reads(emulator)
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         time.sleep(args.idle_seconds)
         idle_cpu, idle_wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
         reads = _reads(emulator) - reads0
+        lines, size, by_event = log.since_last()
         pct = idle_cpu / idle_wall * 100
         figure(
             f"idle CPU over {idle_wall:.0f} s",
@@ -167,6 +177,11 @@ def measure(
         )
         figure("GetSegmentTask reads meanwhile", f"{reads / idle_wall:.1f} /s")
         figure("UpdateSegment calls while idle", f"{emulator.updates() - calls_at_start}", "0")
+        figure(
+            f"log lines a minute idle (--log-level {args.log_level})",
+            f"{lines / idle_wall * 60:.1f}",
+        )
+        print(f"  {size / idle_wall * 60 / 1e3:.1f} kB a minute; most: {_most(by_event)}")
         mem = memory_mb(pid)
         figure(
             "VmRSS idle",
@@ -196,6 +211,12 @@ def measure(
             "pull: calls beyond the changed tasks", f"{pull['extra']}", "0", ok=pull["extra"] == 0
         )
         figure("pull: throttled answers (429)", f"{pull['throttled']}")
+        lines, size, by_event = log.since_last()
+        figure(
+            f"pull: log lines written (--log-level {args.log_level})",
+            f"{lines}",
+        )
+        print(f"  {size / 1e6:.2f} MB; most: {_most(by_event)}")
         mem = memory_mb(pid)
         figure(
             "VmRSS after the pull",
@@ -213,6 +234,33 @@ def measure(
         t_stop = time.monotonic()
         code = daemon.stop(timeout=120)
         figure("SIGTERM to exit", f"{time.monotonic() - t_stop:.1f} s (exit {code})")
+
+
+class LogCounter:
+    """The lines the daemon appended to its log since the last look, by event name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def since_last(self) -> tuple[int, int, collections.Counter[str]]:
+        by_event: collections.Counter[str] = collections.Counter()
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        whole = chunk[: chunk.rfind(b"\n") + 1]  # a line being written counts next time
+        self.offset += len(whole)
+        lines = whole.splitlines()
+        for raw in lines:
+            try:
+                by_event[str(json.loads(raw).get("event"))] += 1
+            except (ValueError, AttributeError):
+                by_event["(not an event)"] += 1
+        return len(lines), len(whole), by_event
+
+
+def _most(by_event: collections.Counter[str], shown: int = 3) -> str:
+    return ", ".join(f"{name} {n}" for name, n in by_event.most_common(shown)) or "none"
 
 
 def _reads(emulator: EmulatorProcess) -> int:

@@ -4,7 +4,7 @@ Scenario (issue "Change control and operations"): 3,000 tasks each needing
 one UpdateSegment; the emulator (its own process) enforces 150/s over any
 one-second window and answers after 40 ms. Both modes run the real CLI as a
 subprocess with a fresh SQLite store: ``reconciler apply desired`` and
-``reconciler plan desired --out p.json`` then ``reconciler apply p.json``.
+``reconciler plan desired --save p.json`` then ``reconciler apply p.json``.
 
 The rate is taken from the CLI's own ``task.synced`` events: (N - 1) calls
 over the time between the first and the last answer; the target is >= 0.95 of
@@ -84,7 +84,7 @@ def one_round(n: int) -> tuple[float, float, float, float]:
                         "desired",
                         "--state",
                         state,
-                        "--out",
+                        "--save",
                         "p.json",
                         url=emulator.url,
                     )

@@ -1,5 +1,5 @@
-"""``python -m reconciler`` runs the command line."""
+"""``python -m reconciler`` runs the command line (Ctrl-C safe from the first moment)."""
 
-from reconciler.cli import entry_point
+from reconciler.interrupt import main
 
-entry_point()
+main()

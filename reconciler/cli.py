@@ -225,9 +225,8 @@ def state_option(f: F) -> F:
         type=StoreLocationType(),
         default=DEFAULT_STATE,
         show_default=True,
-        help="State store of last-applied values: a SQLite file, or a postgresql:// URL or "
-        "libpq connection string (a database that replicas of run share, electing one "
-        "leader; its password best in RECONCILER_STATE, PGPASSWORD or ~/.pgpass, not here).",
+        help="State store: a SQLite file, or a postgresql:// URL or libpq string that "
+        "replicas of run share (its password in RECONCILER_STATE, PGPASSWORD or ~/.pgpass).",
     )(f)
 
 
@@ -235,7 +234,31 @@ def state_option(f: F) -> F:
 _SHARED_OUTPUT_BEFORE = frozenset({"plan", "status"})
 
 
-def output_option(command: str) -> Callable[[F], F]:
+class OutputFormat(click.Choice):  # type: ignore[type-arg]
+    """``-o/--output``: a format. A file name given to it (``plan -o plan.json``, as
+    other tools name their output file) is refused with the option that takes one."""
+
+    def __init__(self, formats: Sequence[str], *, file_option: str | None = None) -> None:
+        super().__init__(list(formats))
+        self.file_option = file_option
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            if self.file_option and any(c in str(value) for c in "./"):
+                raise click.BadParameter(
+                    f"{exc.message.rstrip('.')}: -o/--output is the format; to save the plan "
+                    f"to a file, use {self.file_option} {value}",
+                    ctx=ctx,
+                    param=param,
+                ) from None
+            raise
+
+
+def output_option(
+    command: str, *, formats: Sequence[str] = ("text", "json"), file_option: str | None = None
+) -> Callable[[F], F]:
     """``-o/--output`` of ``command``, from ``RECONCILER_<COMMAND>_OUTPUT``: JSON for
     one command must not change what another prints."""
     if not isinstance(command, str):
@@ -245,10 +268,11 @@ def output_option(command: str) -> Callable[[F], F]:
         "-o",
         env=f"{command.upper()}_OUTPUT",
         deprecated_env="OUTPUT" if command in _SHARED_OUTPUT_BEFORE else None,
-        type=click.Choice(["text", "json"]),
+        type=OutputFormat(formats, file_option=file_option),
         default="text",
         show_default=True,
-        help="Output format; the JSON shapes are documented in the manual (docs/).",
+        help="Output format; the JSON shapes are documented in the manual (docs/)."
+        + (" markdown: a pull-request comment." if "markdown" in formats else ""),
     )
 
 
@@ -806,8 +830,52 @@ def _log_params() -> list[click.Parameter]:
     ]
 
 
+#: ``--help`` groups a command's options under these headings, in this order: the
+#: ones most runs set first (under "Options"), logging last. By parameter name.
+HELP_SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
+    "Options": (
+        "state", "endpoint", "embedded", "base", "output", "save", "detailed_exitcode",
+        "statuses", "lives", "apps", "help",
+    ),
+    "API": ("region", "service", "api_version", "timeout", "emulator_port",
+            "allow_open_credentials"),
+    "Budget": ("qps", "read_qps", "max_in_flight", "resync", "retry_delay", "drain_timeout"),
+    "Observation": ("observe", "observe_interval", "refresh", "drift"),
+    "Change control": (
+        "sync_windows", "max_change", "allow_mass_change", "max_changes_per_minute", "canary",
+        "override_window", "max_forget", "allow_mass_forget", "allow_root_change",
+    ),
+    "Health, dashboard and notices": (
+        "health_host", "health_port", "health_allowed_host", "health_token_file",
+        "health_basic_auth_file", "notify",
+    ),
+    "Leadership": ("replica", "force_while_leading"),
+    "Logging": ("log_format", "log_level", "quiet"),
+}  # fmt: skip
+_SECTION_OF: Final = {name: title for title, names in HELP_SECTIONS.items() for name in names}
+
+
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` lists its options in :data:`HELP_SECTIONS`."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            if not isinstance(param, click.Option):
+                continue  # the arguments are in the usage line
+            record = param.get_help_record(ctx)
+            if record is not None:
+                rows.setdefault(_SECTION_OF.get(param.name or "", "Options"), []).append(record)
+        for title in HELP_SECTIONS:
+            if title in rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows[title])
+
+
 class ReconcilerGroup(click.Group):
     """The command group; every command also takes the global logging options."""
+
+    command_class = SectionedCommand
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         cmd.params.extend(_log_params())
@@ -826,9 +894,10 @@ def configure_events(*, stream: TextIO | None = None, report: bool = False) -> N
     level: str = settings["log_level"]
     if settings.get("quiet") and events.LEVELS.index(level) < events.LEVELS.index("warning"):
         level = "warning"
-    if report and events.uses_console(fmt) and not settings.get("level_given"):
+    if report and events.uses_console(fmt, stream) and not settings.get("level_given"):
         level = "error"
     settings["effective_level"] = level
+    settings["stream"] = stream
     events.configure(fmt=fmt, level=level, stream=stream)
 
 
@@ -836,9 +905,9 @@ def console_shows(level: str) -> bool:
     """Whether events at ``level`` reach a person as console lines in this run."""
     settings = click.get_current_context().find_root().obj
     effective: str = settings.get("effective_level", settings["log_level"])
-    return events.uses_console(settings["log_format"]) and events.LEVELS.index(
-        effective
-    ) <= events.LEVELS.index(level)
+    return events.uses_console(
+        settings["log_format"], settings.get("stream")
+    ) and events.LEVELS.index(effective) <= events.LEVELS.index(level)
 
 
 @click.group(
@@ -851,7 +920,8 @@ def console_shows(level: str) -> bool:
     type=LOG_FORMATS,
     default="auto",
     show_default=True,
-    help="Events as JSON lines or console lines; auto: JSON unless stdout is a terminal. "
+    help="Events as JSON lines or console lines; auto: JSON unless the stream they go to "
+    "(stderr; stdout for run) is a terminal. "
     "Also accepted after the command.",
 )
 @_option(
@@ -932,6 +1002,35 @@ def validate(directory: str, output: str) -> None:
             click.style("valid: ", fg="green", bold=True)
             + f"{len(index.tasks)} tasks in {files}{directory}"
         )
+
+
+#: The shells click completes, and the variable its completion is keyed on.
+COMPLETION_SHELLS: Final = ("bash", "zsh", "fish")
+COMPLETE_VAR: Final = "_RECONCILER_COMPLETE"
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(COMPLETION_SHELLS), required=False)
+def completion(shell: str | None) -> None:
+    """Print the completion script for SHELL (default: the one $SHELL names).
+
+    Load it from the shell's start-up file, e.g. in ~/.bashrc:
+    eval "$(reconciler completion bash)"; or save it once for speed:
+    reconciler completion fish > ~/.config/fish/completions/reconciler.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    if shell is None:
+        shell = Path(os.environ.get("SHELL", "")).name
+        if shell not in COMPLETION_SHELLS:
+            fail(
+                f"cannot tell the shell from SHELL={os.environ.get('SHELL', '')!r}: "
+                f"name it ({', '.join(COMPLETION_SHELLS)})"
+            )
+    cls = get_completion_class(shell)
+    if cls is None:  # pragma: no cover - click ships all three
+        fail(f"click has no completion for {shell}")
+    click.echo(cls(main, {}, "reconciler", COMPLETE_VAR).source(), nl=False)
 
 
 @main.command()
@@ -1133,10 +1232,8 @@ def api_options(f: F) -> F:
             type=click.IntRange(1, 1024),
             default=512,
             show_default=True,
-            help="Ceiling on concurrent requests. The limit itself follows the server's "
-            "latency (QPS budget x latency, with headroom; 64 until the first answer), "
-            "so the budget is used at 10 ms and at 2 s alike; 512 carries 150/s at 2 s "
-            "with room to spare.",
+            help="Ceiling on concurrent requests; the limit itself follows the server's "
+            "latency (QPS budget x latency, with headroom).",
         ),
         _option(
             "--timeout",
@@ -1367,13 +1464,24 @@ def _outcome_line(result: Result) -> str:
     default=None,
     help="Compare against another tree taken as fully applied, instead of the state store.",
 )
-@output_option("plan")
+@output_option("plan", formats=("text", "json", "markdown"), file_option="--save")
 @_option(
-    "--out",
-    env="PLAN_OUT",
+    "--save",
+    env="PLAN_SAVE",
+    deprecated_env="PLAN_OUT",
+    metavar="FILE",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
     default=None,
     help="Also save the plan to FILE, for `reconciler apply FILE` to make exactly its calls.",
+)
+@click.option(
+    "--out",
+    "out_deprecated",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    hidden=True,
+    callback=lambda ctx, _, value: _deprecated_alias(ctx, value, old="--out", new="--save"),
 )
 @_option(
     "--detailed-exitcode",
@@ -1392,7 +1500,8 @@ def plan(
     state: StoreLocation,
     base: Path | None,
     output: str,
-    out: Path | None,
+    save: Path | None,
+    out_deprecated: Path | None,
     detailed_exitcode: bool,
     allow_root_change: bool,
     max_forget: ForgetLimit,
@@ -1407,12 +1516,15 @@ def plan(
     with GetSegmentTask, and the plan compares with what live holds: no call
     re-sends a value live already has. --refresh reads every task (restarts,
     drift); --no-refresh, or no credentials, plans against last-applied and
-    says so. With --out FILE the plan is also saved, with what it was made from, for
+    says so. With --save FILE the plan is also saved, with what it was made from, for
     `reconciler apply FILE` (which refuses it once the tree or store changed).
     """
     configure_events(report=True)
+    if out_deprecated is not None and save is not None and out_deprecated != save:
+        fail(f"--save {save} and --out {out_deprecated} (its old name) name different files")
+    out = save or out_deprecated
     if out is not None and base is not None:
-        fail("--out saves a plan against the state store for apply; --base has none")
+        fail("--save saves a plan against the state store for apply; --base has none")
     digest = digest_before_load(directory) if out is not None else None
     index = load_valid_tree(directory)
     observations: dict[TaskKey, Observation] | None = None
@@ -1456,6 +1568,12 @@ def plan(
             call["waiting"] = None if held is None else str(held.reason)
         doc["waiting"] = gate.waiting_json()
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    elif output == "markdown":
+        refused = [str(r) for r in (refusal, gate.mass_change) if r is not None]
+        click.echo(
+            render.plan_markdown(result, root=str(directory), refusals=refused, waiting=waiting),
+            nl=False,
+        )
     else:
         click.echo(
             render.plan_text(
@@ -1496,6 +1614,17 @@ def plan(
         sys.exit(2)
 
 
+def _deprecated_alias(ctx: click.Context, value: Any, *, old: str, new: str) -> Any:
+    """An option's old name: still works, with a warning naming the new one."""
+    if value is not None and not ctx.resilient_parsing:
+        click.echo(
+            click.style("warning: ", fg="yellow", bold=True)
+            + f"{old} is deprecated: use {new} (the same option)",
+            err=True,
+        )
+    return value
+
+
 def drain_option(f: F) -> F:
     return _option(
         "--drain-timeout",
@@ -1508,7 +1637,7 @@ def drain_option(f: F) -> F:
 
 
 def plan_or_tree_argument(f: F) -> F:
-    """``apply``'s argument: the desired tree, or a plan saved by ``plan --out``."""
+    """``apply``'s argument: the desired tree, or a plan saved by ``plan --save``."""
     return dir_argument(f, file_okay=True)
 
 
@@ -1552,7 +1681,7 @@ def apply(
     and records them, prints the summary and exits 1; a second Ctrl-C aborts
     at once.
 
-    Given a FILE saved by `plan --out`, makes exactly that plan's calls, and
+    Given a FILE saved by `plan --save`, makes exactly that plan's calls, and
     refuses ("plan is stale") when the tree or the state store changed since.
 
     One writer per store: apply is refused while another process writes it (a
@@ -1823,11 +1952,11 @@ def saved_refresh(saved: SavedPlan) -> Refresh | None:
 
 
 def load_saved_plan(path: Path, *, refresh: bool | None, drift: DriftPolicy) -> SavedPlan:
-    """A plan saved by ``plan --out``; options that would change it are refused."""
+    """A plan saved by ``plan --save``; options that would change it are refused."""
     ctx = click.get_current_context()
     for name, flag in (("refresh", "--refresh"), ("drift", "--drift")):
         if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
-            fail(f"{flag} shapes a plan: give it to `plan --out`; a saved plan is applied as made")
+            fail(f"{flag} shapes a plan: give it to `plan --save`; a saved plan is applied as made")
     try:
         return savedplan.load(path)
     except savedplan.SavedPlanError as exc:
@@ -2064,10 +2193,8 @@ def health_access_options(f: F) -> F:
             env="HEALTH_ALLOWED_HOST",
             metavar="NAME",
             multiple=True,
-            help="A host name the dashboard and /metrics may be reached by, besides the "
-            "--health-host address, localhost and IP addresses (repeatable; * any; the "
-            "variable takes names separated by spaces). Other Host headers get 403: a web "
-            "page cannot read the dashboard through a name it points at this machine.",
+            help="Another host name the dashboard and /metrics answer to, besides "
+            "--health-host, localhost and IP addresses (repeatable; * any); others get 403.",
             **common,
         ),
         _option(
@@ -2168,8 +2295,8 @@ def _check_notify(
     type=click.FloatRange(0.01, 3600),
     default=5.0,
     show_default=True,
-    help="First delay before a NotRunning or failed task is tried again; it doubles on "
-    "each further failure, up to 10 minutes.",
+    help="First delay before a NotRunning or failed task is tried again; it doubles, up "
+    "to 10 minutes.",
 )
 @drain_option
 @guard_options
@@ -2198,16 +2325,14 @@ def _check_notify(
     metavar="URL",
     multiple=True,
     callback=_check_notify,
-    help="Post Slack-compatible JSON to this webhook when a task fails, a restart or drift "
-    "is healed, calls pause or resume, or a mass forget is held (repeatable; the variable "
-    "takes URLs separated by spaces). Bursts are coalesced; the URL is never logged whole.",
+    help="Slack-compatible webhook told of failures, heals, pauses and held forgets "
+    "(repeatable; the variable takes URLs separated by spaces).",
 )
 @_option(
     "--allow-open-credentials",
     env="ALLOW_OPEN_CREDENTIALS",
     is_flag=True,
-    help="Start even though ~/.volc/credentials may be read by its group or others "
-    "(otherwise refused, as ssh refuses such a key; chmod 600 it instead).",
+    help="Start even though others may read ~/.volc/credentials (chmod 600 it instead).",
 )
 @_option(
     "--replica",
@@ -2418,12 +2543,14 @@ async def _run_daemon(
             await emulator.stop()
 
 
-def _on_signal(stop: asyncio.Event, sig: signal.Signals, log: Any) -> Callable[[], None]:
+def _on_signal(
+    stop: asyncio.Event, sig: signal.Signals, log: Any, *, event: str = "daemon.signal"
+) -> Callable[[], None]:
     def handler() -> None:
         if stop.is_set():
             return
-        stop.set()  # first: whatever happens to the log line, the signal stops the daemon
-        log.info("daemon.signal", signal=sig.name)
+        stop.set()  # first: whatever happens to the log line, the signal stops the process
+        log.info(event, signal=sig.name)
 
     return handler
 
@@ -2590,7 +2717,7 @@ def emulator_command(
         loop = asyncio.get_running_loop()
         log = events.get_logger()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, _on_signal(stop, sig, log))
+            loop.add_signal_handler(sig, _on_signal(stop, sig, log, event="emulator.signal"))
         emulator = Emulator(config)
         url = await listen(
             emulator.start(host=host, port=port), what="the emulator", host=host, port=port
@@ -2618,7 +2745,10 @@ def entry_point() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(1)
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            # Ctrl-C: click has ended the "^C" line already; reconciler.interrupt says it.
+            raise KeyboardInterrupt from None
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except StateError as exc:  # a store that fails while read or written: one line, no traceback

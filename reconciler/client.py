@@ -697,7 +697,7 @@ class RtcClient:
                         request_id=answer.request_id,
                     )
                 )
-                log.info(
+                log.debug(  # the task's own line (task.synced, a read's outcome) says it
                     "call.succeeded",
                     request_id=answer.request_id,
                     attempt=attempt,

@@ -13,8 +13,10 @@ Per-call and per-attempt detail that a task line already says
 ``call.failed``, ``task.queued`` ...) is left out unless the level is
 ``debug`` (:func:`drop_detail`). Lifecycle events have a sentence of
 their own; any other event is its name and ``key=value`` pairs, values as
-compact JSON (never a Python ``repr``). Info lines are cut to the terminal's
-width; warnings and errors are never cut, since their message is the point.
+compact JSON (never a Python ``repr``). The important part comes first (the
+task and what changed); a line longer than the terminal is wide is wrapped at
+word boundaries, continuation lines indented under the mark, so nothing is cut
+off at 80 columns and no line is broken mid-word by the terminal.
 
 Rendering is a pure function of the event (and the width and colour given),
 so it is tested without a terminal. What an event carries is escaped
@@ -25,6 +27,7 @@ file name, an id or a message cannot forge a line or restyle the terminal.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import datetime
 from typing import Any, Final
@@ -221,6 +224,11 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
         f"({e.get('read_qps')} reads/s); drift: {e.get('drift')}"
         + (f" — {e['message']}" if e.get("message") else "")
     ),
+    "observe.swept": lambda e: (
+        f"a sweep: {_plural(e.get('reads'), 'read')} of {_plural(e.get('tasks'), 'live task')} "
+        f"in {e.get('seconds')} s"
+        + _extras(e, ("running", "ended", "not_found", "unknown", "failed"))
+    ),
     "reconcile.started": lambda e: (
         f"{e.get('reason')}: {_plural(e.get('calls'), 'call')} to make"
         + (f", {e['unread']} to read first (first contact)" if e.get("unread") else "")
@@ -281,6 +289,7 @@ _SENTENCES: Final[dict[str, Callable[[Mapping[str, Any]], str]]] = {
     ),
     "leader.renewed": lambda e: f"lease renewed after {e.get('lapsed_s')} s: calls go again",
     "daemon.signal": lambda e: f"{e.get('signal')} received: {e.get('action') or 'stopping'}",
+    "emulator.signal": lambda e: f"{e.get('signal')} received: stopping",
     "daemon.reloaded": lambda e: (
         f"tree read again ({_plural(e.get('files'), 'file')}, {e.get('changed')} tasks "
         "changed); every task re-planned"
@@ -347,8 +356,7 @@ class ConsoleRenderer:
                 head, plain = f"{head} {key}", f"{plain} {key}"
             sentence = _SENTENCES.get(name)
             body = printable(sentence(event) if sentence else self._pairs(event))
-        body = self._fit(plain, body) if level in ("debug", "info") else body
-        line = f"{head}  {body}" if body else head
+        line = f"{head}{self._wrap(plain, body)}" if body else head
         if exception:  # a traceback's own lines; within each, escaped like the rest
             line += "\n" + "\n".join(map(printable, str(exception).rstrip().splitlines()))
         return line
@@ -361,12 +369,76 @@ class ConsoleRenderer:
             if k not in _QUIET_FIELDS and k not in _TASK_KEYS and v is not None
         )
 
-    def _fit(self, head: str, body: str) -> str:
+    def _wrap(self, head: str, body: str) -> str:
+        """``body`` after ``head``, wrapped to the terminal's width.
+
+        Breaks go after a comma first (``Identifier "a" → "b", Duration 20 → 60``
+        keeps each change whole: one that does not fit beside the task starts on
+        the next line), else between words; a word wider than a line is split.
+        Continuation lines are indented under the mark, so they read as part of
+        the line above. Nothing is dropped.
+        """
         width = self.width()
-        room = width - len(head) - 2
-        if width <= 0 or len(body) <= room:
-            return body
-        return body[: max(0, room - 1)] + "…"
+        if width <= 0 or cells(head) + 2 + cells(body) <= width:
+            return "  " + body
+        room = width - _INDENT
+        lines: list[str] = []
+        line, left = "", width - cells(head) - 2
+        if left < min(room, _MIN_ROOM):  # a long task key: the body starts below it
+            lines.append("")
+            left = room
+        units = _units(body, room)
+        units.reverse()
+        while units:
+            word = units.pop()
+            while cells(word) > room:  # longer than any line: split it
+                if line:
+                    lines.append(line)
+                    line, left = "", room
+                head_part, word = _split_cells(word, left)
+                lines.append(head_part)
+                left = room
+            if cells(line) + bool(line) + cells(word) > left:
+                lines.append(line)
+                line, left = word, room
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+        first, *rest = lines
+        pad = " " * _INDENT
+        return ("  " + first if first else "") + "".join(f"\n{pad}{part}" for part in rest)
+
+
+#: Continuation lines start under the mark, after ``HH:MM:SS``.
+_INDENT: Final = 9
+#: Room the body needs on the head's line; with less it starts on the next one.
+_MIN_ROOM: Final = 24
+
+
+def cells(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (CJK) characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _units(body: str, room: int) -> list[str]:
+    """What a line may break between: the comma-separated parts that fit a line
+    whole, the words of those that do not."""
+    units: list[str] = []
+    parts = body.split(", ")
+    for i, part in enumerate(parts):
+        part += "," if i < len(parts) - 1 else ""
+        units.extend([part] if cells(part) <= room else part.split(" "))
+    return units
+
+
+def _split_cells(word: str, room: int) -> tuple[str, str]:
+    """``word`` cut after at most ``room`` columns (at least one character)."""
+    used = 0
+    for i, c in enumerate(word):
+        used += cells(c)
+        if used > room:
+            return word[: max(1, i)], word[max(1, i) :]
+    return word, ""
 
 
 def _clock(stamp: object) -> str:

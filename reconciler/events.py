@@ -2,9 +2,9 @@
 
 Every event is a dict with ``event``, ``timestamp`` (ISO-8601 UTC) and ``level``;
 the rest of the code calls ``log.info("event.name", **fields)`` and never
-formats text itself. Output is JSON lines when stdout is not a terminal (or
-with ``--log-format json``) and short lines for people on a terminal
-(:mod:`reconciler.console`).
+formats text itself. Output is JSON lines when the stream the events go to is
+not a terminal (or with ``--log-format json``) and short lines for people on a
+terminal (:mod:`reconciler.console`).
 
 A processor drops any value that looks like a secret key, so a key that
 slips into an event by mistake is redacted rather than written. Only then do
@@ -30,7 +30,7 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import Any, Literal, TextIO
+from typing import Any, Final, Literal, TextIO
 
 import structlog
 
@@ -181,21 +181,26 @@ def configure(
     """Set up structlog for the whole process; may be called again to change it.
 
     Events go to ``stream`` (stderr by default, so a plan on stdout stays
-    clean); ``auto`` picks JSON lines whenever stdout is not a terminal, as the
-    manual says, so anything piped or run under a supervisor gets JSON.
+    clean); ``auto`` picks JSON lines whenever that stream is not a terminal,
+    so anything piped or run under a supervisor gets JSON, and ``plan > file``
+    in a terminal still shows console lines. Subscribers hear every event,
+    whatever ``level``: the level only decides what is written.
     Console lines are coloured only on a terminal and never when ``NO_COLOR``
     is set; below ``debug`` they leave out per-attempt detail
     (:data:`reconciler.console.DETAIL_EVENTS`) that the task lines already say.
     """
     target: Callable[[], TextIO] = (lambda: stream) if stream is not None else _stderr
     out = SafeStream(target, fallback=_original_stderr)
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    threshold = _LEVEL_NUMBERS[level]
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        _Unheard(threshold),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
         _publish,
+        _Below(threshold),
     ]
     if use_json:
         processors.append(structlog.processors.JSONRenderer(sort_keys=False))
@@ -211,17 +216,56 @@ def configure(
         )
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        # Every level reaches the processors: subscribers hear debug events too
+        # (a read's call.succeeded), and _Below keeps them out of the output.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 
 
-def uses_console(fmt: LogFormat) -> bool:
-    """Whether ``fmt`` renders console lines (as :func:`configure` decides)."""
-    return fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+Event = MutableMapping[str, Any]
+
+#: A method's level (``log.exception`` is an error) as logging numbers it.
+_LEVEL_NUMBERS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+class _Below:
+    """Leave events below the configured level out of the output (after subscribers)."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+
+    def __call__(self, _: Any, __: str, event: Event) -> Event:
+        if _LEVEL_NUMBERS.get(str(event.get("level")), logging.INFO) < self.threshold:
+            raise structlog.DropEvent
+        return event
+
+
+class _Unheard(_Below):
+    """Drop an event below the level at once when no subscriber would hear it: a
+    command without a dashboard pays nothing for the debug events it does not write."""
+
+    def __call__(self, _: Any, __: str, event: Event) -> Event:
+        return event if _subscribers else super().__call__(_, __, event)
+
+
+def uses_console(fmt: LogFormat, stream: TextIO | None = None) -> bool:
+    """Whether ``fmt`` renders console lines on ``stream`` (stderr by default), as
+    :func:`configure` decides: the stream the events are written to is what counts."""
+    if fmt != "auto":
+        return fmt == "console"
+    with contextlib.suppress(Exception):
+        return bool((stream or sys.stderr).isatty())
+    return False
 
 
 def no_color() -> bool:

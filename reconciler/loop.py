@@ -84,6 +84,7 @@ and re-sends at most the calls that were in flight.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -209,6 +210,9 @@ class Daemon:
         # many of them live already matched (no call made).
         self._first_contact = {"read_first": 0, "already_matching": 0}
         self._first_pass_done = False
+        # Reads since the last observe.swept line, by outcome: one line a sweep.
+        self._sweep: collections.Counter[str] = collections.Counter()
+        self._sweep_started = 0.0
         self._running = asyncio.Event()
         self._running.set()
         # Leading (always, without leadership); ``_go``: running and leading, or
@@ -607,7 +611,7 @@ class Daemon:
             if reason == "resync" and self.queue.is_scheduled(key):
                 continue  # keeps its backoff schedule: resync retries with growing delay
             self.queue.add(key)
-            self.log.info("task.queued", reason=reason, **task_fields(key))
+            self.log.debug("task.queued", reason=reason, **task_fields(key))
         self.metrics.queue_depth.set(len(self.queue))
         _settle_heap(len(keys))
         return plan
@@ -1233,6 +1237,7 @@ class Daemon:
             return
         except ApiError as exc:
             self.metrics.observations.labels("error").inc()
+            self._tally_read("failed")
             self.log.warning(
                 "observe.failed", code=exc.code, message=exc.message, **task_fields(key)
             )
@@ -1240,6 +1245,7 @@ class Daemon:
                 self._read_refused(key, exc)
             return
         self.metrics.observations.labels(str(obs.state)).inc()
+        self._tally_read(str(obs.state).replace("-", "_"))
         if key in self.index.tasks:  # not removed from the tree while it was read
             with self.recorder.store.bulk():  # the read and what it settles: one commit
                 self._on_observation(obs, last)
@@ -1247,6 +1253,29 @@ class Daemon:
             # Its file is invalid: nothing is planned, but status and the dashboard
             # show what live holds, and the plan once the hold lifts starts from it.
             self.recorder.observed(obs)
+
+    def _tally_read(self, outcome: str) -> None:
+        """Count a read; once there were as many as tasks read, log ``observe.swept``.
+
+        A read that finds nothing new writes no line of its own (its
+        ``call.succeeded`` is debug): at info a sweep is this one line, with
+        counts and duration, and whatever a read found has a line of its own.
+        """
+        if not self._sweep:
+            self._sweep_started = time.monotonic()
+        self._sweep[outcome] += 1
+        tracked = len(self.schedule)
+        reads = self._sweep.total()
+        if reads < max(1, tracked):
+            return
+        self.log.info(
+            "observe.swept",
+            tasks=tracked,
+            reads=reads,
+            seconds=round(time.monotonic() - self._sweep_started, 1),
+            **dict(sorted(self._sweep.items())),
+        )
+        self._sweep.clear()
 
     def _read_refused(self, key: TaskKey, exc: BadInputError) -> None:
         """A first-contact read refused as bad input (an unknown AppId, an id the server
@@ -1346,7 +1375,7 @@ class Daemon:
                 reason = "first_contact"
             if not self.queue.is_scheduled(key) or plan.restarts:
                 self.queue.add(key)
-                self.log.info("task.queued", reason=reason, **task_fields(key))
+                self.log.debug("task.queued", reason=reason, **task_fields(key))
                 self.metrics.queue_depth.set(len(self.queue))
         elif key in self._pass and not plan.unread and key not in self._read_first:
             # Read at first contact, and live already matches: recorded, no call.

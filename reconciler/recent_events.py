@@ -20,7 +20,8 @@ sorts each into rings, each with a per-task index:
 *Routine* events (:func:`is_routine`) are the bookkeeping of every read and
 every attempt: ``observe.*``, ``call.*`` (a GetSegmentTask read is a
 ``call.succeeded``; an UpdateSegment's outcome is said again by its
-``task.*`` event), ``task.queued``, ``task.requeued``. They go to *all*
+``task.*`` event), ``task.queued``, ``task.requeued``, ``task.matches_live``
+(debug events included: subscribers hear every level). They go to *all*
 only, so a busy daemon's reads (a few a second per hundred tasks) cannot
 push a task's last changes out of the other rings: a task that was healed
 or failed an hour ago still shows it after thousands of reads, and a first
@@ -63,7 +64,10 @@ _MAX_INVALID: Final = 10_000
 
 #: Routine events: every read's and every attempt's bookkeeping (see :func:`is_routine`).
 ROUTINE_PREFIXES: Final = ("observe.", "call.", "client.", "emulator.")
-ROUTINE_EVENTS: Final = frozenset({"task.queued", "task.requeued"})
+ROUTINE_EVENTS: Final = frozenset({"task.queued", "task.requeued", "task.matches_live"})
+#: Not kept at all: a call about to go, which its outcome's event says again (a
+#: subscriber hears debug events too; this one would halve what the rings hold).
+UNKEPT_EVENTS: Final = frozenset({"call.sending"})
 
 #: The recent-activity kinds, by event name (a heal is a ``task.synced`` whose
 #: ``cause`` is ``restart`` or ``drift``: see :func:`activity_kind`).
@@ -193,8 +197,10 @@ class RecentEvents:
         self._invalid_since: dict[str, str] = {}
 
     def __call__(self, event: Event) -> None:
-        key = task_key(event)
         name = event.get("event")
+        if name in UNKEPT_EVENTS:
+            return
+        key = task_key(event)
         routine = is_routine(event)
         kind = None if routine else activity_kind(event)
         with self._lock:

@@ -656,3 +656,155 @@ def _live_summary(report: StatusReport) -> str:
     if (oldest := report.oldest_read_age_s()) is not None:
         line += f"; oldest read {ago(oldest)} ago"
     return line + "."
+
+
+# --- plans as pull-request comments ----------------------------------------------------
+
+#: GitHub refuses a comment over 65,536 characters; the Markdown plan stays well under.
+MARKDOWN_LIMIT = 60_000
+#: Tables longer than this many rows are folded in a <details> block.
+MARKDOWN_FOLD_ROWS = 20
+#: A call whose body carries this field cuts the task's live slice.
+SLICE_FIELD = "Duration"
+_MD_SPECIAL = frozenset("\\`*_[]<>|~&")
+
+
+def md(text: object) -> str:
+    """Text for a Markdown table cell: escaped, so a file name or a value cannot add
+    markup, HTML, a link or a cell (and control characters are already escaped)."""
+    return "".join("\\" + c if c in _MD_SPECIAL else c for c in printable(str(text)))
+
+
+def plan_markdown(
+    plan: Plan,
+    *,
+    root: str = "",
+    refusals: Sequence[str] = (),
+    waiting: Mapping[TaskKey, Waiting] | None = None,
+    limit: int = MARKDOWN_LIMIT,
+) -> str:
+    """``plan --output markdown``: the plan as a pull-request comment.
+
+    A headline of counts, then one table row per call (its field changes
+    ``old → new``; a call that carries ``Duration``, which cuts the live
+    slice, is marked ✂), then the held, forgotten, released, blocked and
+    waiting tasks, and the refusals. Sections longer than
+    :data:`MARKDOWN_FOLD_ROWS` rows are folded in ``<details>``; rows that
+    would take the comment past ``limit`` characters are left out, and a line
+    says how many (the full plan: ``plan --output json``).
+    """
+    held_calls = waiting or {}
+    cuts = sum(1 for c in plan.calls if SLICE_FIELD in c.fields)
+    s = plan.summary()
+    counts = [
+        f"**{s['to_update']}** to update" + (f" (**{cuts}** cut a slice ✂)" if cuts else ""),
+        f"{s['in_sync']} in sync",
+    ]
+    for label, n in (
+        ("waiting", len(held_calls)),
+        ("held", s["held"]),
+        ("forgotten", s["tasks_forgotten"]),
+        ("fields released", s["fields_released"]),
+        ("blocked", s["blocked"]),
+        ("restarted", s["restarted"]),
+        ("drifted", s["drifted"]),
+        ("not running", s["not_running"]),
+        ("unread", s["unread"]),
+        ("warnings", s["warnings"]),
+    ):
+        if n:
+            counts.append(f"{n} {label}")
+    head = ["### reconciler plan", "", ", ".join(counts) + "."]
+    if refusals:
+        head += ["", *(f"> **Refused:** {md(r)}" for r in refusals)]
+    if not plan.calls and not plan.releases and not plan.forgotten:
+        head += ["", "No UpdateSegment calls: merging this sends nothing."]
+    elif plan.refresh is not None:
+        head += ["", f"_{md(plan.refresh.describe())}_"]
+
+    sections: list[tuple[str, list[str], list[str]]] = []
+    if plan.calls:
+        rows = []
+        for call in plan.calls:
+            changes = ", ".join(
+                f"{md(c.field)} {md(value(c.new))}"
+                if c.old is None
+                else f"{md(c.field)} {md(value(c.old))} → {md(value(c.new))}"
+                for c in call.changes
+            )
+            notes = [n for n in ("first sync" if call.first else "", call.cause) if n]
+            if (w := held_calls.get(call.key)) is not None:
+                notes.append(f"⏸ {w.message}")
+            mark = "✂" if SLICE_FIELD in call.fields else ""
+            rows.append(
+                f"| {mark} | {md(call.key)} | {changes} | {md(at(root, call.source))} "
+                f"| {md('; '.join(notes))} |"
+            )
+        sections.append(
+            (
+                f"Calls ({len(plan.calls)})",
+                ["| ✂ | Task | Changes (old → new) | Source | Note |", "|---|---|---|---|---|"],
+                rows,
+            )
+        )
+    listed: list[tuple[str, list[str]]] = [
+        (
+            "Held: their file is invalid, nothing is sent or forgotten",
+            [f"- {md(h.key)} ({md(at(root, h.source_path))})" for h in plan.held],
+        ),
+        (
+            "Forgotten: removed from the tree, no call; the task keeps running",
+            [f"- {md(f.key)} ({md(f.source_path or 'unknown file')})" for f in plan.forgotten],
+        ),
+        (
+            "Released: no longer managed, left as they are",
+            [f"- {md(r.key)}: {md(', '.join(r.fields))}" for r in plan.releases],
+        ),
+        (
+            "Blocked",
+            [f"- {md(b.task.key)}: {md(b.reason)}" for b in plan.blocked],
+        ),
+        (
+            "Warnings",
+            [f"- {md(w.key)}: {md(w.message)}" for w in plan.warnings],
+        ),
+    ]
+    for title, items in listed:
+        if items:
+            sections.append((f"{title} ({len(items)})", [], items))
+
+    legend = "✂ the call carries Duration, which cuts the task's live slice."
+    out = [*head]
+    budget = limit - sum(len(line) + 1 for line in out) - len(legend) - 200
+    left_out = 0
+    for title, header, rows in sections:
+        fold = len(rows) > MARKDOWN_FOLD_ROWS
+        block = (
+            ["", f"<details><summary>{md(title)}</summary>", ""]
+            if fold
+            else ["", f"**{md(title)}**", ""]
+        )
+        block += header
+        budget -= sum(len(line) + 1 for line in block) + 20
+        shown = 0
+        for row in rows:
+            if budget - len(row) - 1 < 0:
+                break
+            block.append(row)
+            budget -= len(row) + 1
+            shown += 1
+        left_out += len(rows) - shown
+        if shown < len(rows):
+            block += ["", f"_…and {len(rows) - shown} more not shown here._"]
+        if fold:
+            block += ["", "</details>"]
+        out += block
+    if plan.calls and cuts:
+        out += ["", legend]
+    if left_out:
+        out += [
+            "",
+            f"**{left_out} rows were left out** to fit a pull-request comment; "
+            "`reconciler plan --output json` has the whole plan.",
+        ]
+    return "\n".join(out) + "\n"

@@ -1,4 +1,4 @@
-"""Saved plans: ``plan --out FILE`` now, ``apply FILE`` later, exactly those calls.
+"""Saved plans: ``plan --save FILE`` now, ``apply FILE`` later, exactly those calls.
 
 The review flow of Terraform: CI plans a change and keeps the plan; people
 review it; ``apply FILE`` makes exactly the reviewed calls, or refuses when
@@ -239,7 +239,7 @@ def load(path: Path) -> SavedPlan:
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise SavedPlanError(
             f'{path}: not a saved plan (no "kind": "{KIND}"); make one with '
-            "`reconciler plan DIR --out FILE`"
+            "`reconciler plan DIR --save FILE`"
         )
     version = doc.get("format_version")
     if version != FORMAT_VERSION:

@@ -175,7 +175,7 @@ def _v4_live_observations(conn: sqlite3.Connection) -> None:
 
 
 def _v5_lineage_and_generation(conn: sqlite3.Connection) -> None:
-    # Saved plans (``plan --out``) name the store they were made from and its
+    # Saved plans (``plan --save``) name the store they were made from and its
     # generation; ``apply FILE`` refuses a plan whose store has moved on.
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)",

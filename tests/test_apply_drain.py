@@ -63,7 +63,7 @@ def test_ctrl_c_drains_and_every_accepted_call_is_recorded(
     h: EmulatorHandle = make_emulator(latency_ms=250)  # type: ignore[operator]
     running_tasks(h, tmp_path / "desired", 500)
     # Without reads first: 500 of them at 250 ms would take most of the test's time.
-    proc = start_apply(tmp_path, h.url, "--no-refresh")
+    proc = start_apply(tmp_path, h.url, "--no-refresh", "--log-level", "debug")  # call.succeeded
     wait_for(lambda: applied(h) >= 100, timeout=30, interval=0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 1, "interrupted: not every call was made"

@@ -518,3 +518,109 @@ def test_help_lists_the_new_variable_names(tmp_path: Path) -> None:
         text = help_text(command)
         assert f"RECONCILER_{command.upper()}_OUTPUT" in text
         assert not re.search(r"\bRECONCILER_OUTPUT\b", text)
+
+
+def test_completion_command_installs_in_a_real_bash(tmp_path: Path) -> None:
+    """``eval "$(reconciler completion bash)"`` in bash, then the function bash calls on
+    Tab: it completes commands, and the choices of an option (plan's formats)."""
+    script = (
+        'eval "$(reconciler completion bash)"\n'
+        "COMP_WORDS=(reconciler pl); COMP_CWORD=1; _reconciler_completion reconciler\n"
+        'echo "commands: ${COMPREPLY[*]}"\n'
+        'COMP_WORDS=(reconciler plan -o ""); COMP_CWORD=3; COMPREPLY=()\n'
+        "_reconciler_completion reconciler\n"
+        'echo "formats: ${COMPREPLY[*]}"\n'
+    )
+    env = cli_env(PATH=f"{SCRIPT.parent}:/usr/bin:/bin")
+    r = subprocess.run(
+        ["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "commands: plan" in r.stdout.splitlines()
+    assert "formats: text json markdown" in r.stdout.splitlines()
+    for shell, mark in (("zsh", "#compdef reconciler"), ("fish", "complete --no-files")):
+        assert mark in console_script("completion", shell).stdout
+    by_shell = console_script("completion", env={"SHELL": "/usr/bin/fish"})
+    assert "complete --no-files --command reconciler" in by_shell.stdout
+    unknown = console_script("completion", env={"SHELL": "/bin/tcsh"})
+    assert unknown.returncode == 1 and "name it (bash, zsh, fish)" in unknown.stderr
+
+
+def test_plan_saves_with_save_and_the_old_out_still_works_with_a_warning(tmp_path: Path) -> None:
+    one_task(tmp_path / "desired", Duration=30)
+    args = ("plan", "desired", "--no-refresh")
+    new = run_cli(*args, "--save", "p.json", cwd=tmp_path)
+    assert new.returncode == 0 and "deprecated" not in new.stderr, new.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["kind"] == "reconciler/saved-plan"
+    old = run_cli(*args, "--out", "q.json", cwd=tmp_path)
+    assert old.returncode == 0, old.stderr
+    assert "warning: --out is deprecated: use --save" in old.stderr
+    assert json.loads((tmp_path / "q.json").read_text())["kind"] == "reconciler/saved-plan"
+    by_env = run_cli(*args, cwd=tmp_path, env={"RECONCILER_PLAN_OUT": "r.json"})
+    assert by_env.returncode == 0 and (tmp_path / "r.json").is_file()
+    assert deprecation_warnings(by_env.stderr) == {"RECONCILER_PLAN_OUT": "RECONCILER_PLAN_SAVE"}
+    both = run_cli(*args, "--save", "a.json", "--out", "b.json", cwd=tmp_path)
+    assert both.returncode == 1 and "name different files" in both.stderr
+    # -o is the format: a file name given to it says which option takes one.
+    wrong = run_cli(*args, "-o", "plan.json", cwd=tmp_path)
+    assert wrong.returncode == 1
+    assert "-o/--output is the format; to save the plan to a file, use --save plan.json" in (
+        wrong.stderr
+    )
+    assert "use --save" not in run_cli(*args, "-o", "yaml", cwd=tmp_path).stderr
+
+
+def test_run_help_groups_options_with_the_common_ones_first() -> None:
+    r = console_script("run", "--help", env={"COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    headings = [
+        line[:-1] for line in lines if line and not line.startswith(" ") and line[-1] == ":"
+    ]
+    assert headings == [
+        "Options",
+        "API",
+        "Budget",
+        "Observation",
+        "Change control",
+        "Health, dashboard and notices",
+        "Leadership",
+        "Logging",
+    ]
+
+    def section(title: str) -> str:
+        start = lines.index(f"{title}:")
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i] and lines[i][0] != " "), None
+        )
+        return "\n".join(lines[start:end])
+
+    assert all(o in section("Options") for o in ("--state", "--endpoint", "--emulator", "--help"))
+    assert "--qps" in section("Budget") and "--read-qps" in section("Budget")
+    assert "--canary" in section("Change control") and "--replica" in section("Leadership")
+    assert "--log-level" in section("Logging")
+    options = re.findall(r"^\s{2}(?:-\w, )?(--[\w-]+)", r.stdout, flags=re.MULTILINE)
+    assert len(options) == len(set(options)), "each option once"
+    assert len(lines) < 115, len(lines)
+
+
+def test_the_emulator_says_it_stops_as_itself(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        reconciler_cmd("emulator", "--port", "0"),
+        cwd=tmp_path,
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        while "emulator listening" not in (line := proc.stderr.readline()):
+            assert line, "the emulator ended before listening"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        names = [json.loads(x)["event"] for x in proc.stderr.read().splitlines() if x[:1] == "{"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "emulator.signal" in names and "daemon.signal" not in names

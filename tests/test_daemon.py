@@ -192,8 +192,8 @@ def test_sigint_lets_in_flight_calls_finish_and_records_them(
     d = daemons(
         tmp_path, "desired", "--endpoint", h.url, "--health-port", "0", "--state", "state.db"
     )
-    d.wait_event("task.queued", count=5)
-    wait_for(lambda: h.stats_snapshot()["total_requests"] >= 5, timeout=5)
+    # Five first-contact reads, then the five calls: all ten received, none answered yet.
+    wait_for(lambda: h.stats_snapshot()["total_requests"] >= 10, timeout=15)
     assert d.stop(signal.SIGINT) == 0
     assert len(d.events("task.synced")) == 5, "in-flight calls finished and were recorded"
     assert d.events("daemon.stopped")[0]["abandoned_in_flight"] == 0

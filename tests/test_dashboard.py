@@ -382,7 +382,9 @@ def test_a_heal_stays_visible_in_the_panel_on_its_page_and_in_status(
     for k in (restarted, drifted):
         emulator.start_task(app_id=k.app_id, room_id=k.room_id, task_id=k.task_id)
     args = ("desired", "--endpoint", emulator.url, "--state", "state.db", "--health-port", "0")
-    with DaemonProcess(tmp_path, *args, "--observe-interval", "1", "--resync", "3600") as d:
+    debug = {"RECONCILER_LOG_LEVEL": "debug"}  # each read's call.succeeded, waited for below
+    every = ("--observe-interval", "1", "--resync", "3600")
+    with DaemonProcess(tmp_path, *args, *every, env=debug) as d:
         d.wait_ready()
         d.wait_event("task.synced", count=2)
         incarnation = emulator.restart_task(restarted)  # StartSegment's defaults

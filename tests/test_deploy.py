@@ -949,7 +949,8 @@ class StepRunner:
         self.workspace = tmp_path / "workspace"
         self.workspace.mkdir()
 
-    def __call__(self, step_id: str) -> StepRun:
+    def __call__(self, step_id: str, env: Mapping[str, str] | None = None) -> StepRun:
+        """``env``: what GitHub's ``${{ ... }}`` expressions would have given."""
         s = step(step_id)
         assert s.get("shell") == "bash", "say `shell: bash` to get -eo pipefail"
         summary, outputs = self.tmp / "summary.md", self.tmp / "outputs"
@@ -962,6 +963,7 @@ class StepRunner:
             "GITHUB_OUTPUT": str(outputs),
             **{k: str(v) for k, v in plan_job().get("env", {}).items()},
             **{k: str(v) for k, v in s.get("env", {}).items()},
+            **(env or {}),
         }
         script = self.tmp / f"{step_id}.sh"
         script.write_text(s["run"], encoding="utf-8")
@@ -1028,6 +1030,41 @@ def test_workflow_plans_everything_when_the_base_has_no_tree(run_step: StepRunne
     assert "Duration" in result.summary
 
 
+def test_workflow_posts_the_markdown_plan_on_the_pull_request(run_step: StepRunner) -> None:
+    """The comment step's plan is real; ``gh`` (GitHub's CLI, which needs GitHub) is a
+    script that records what it was asked to post, and fails the first ``--edit-last``
+    as gh does when the workflow has not commented yet."""
+    work = run_step.workspace
+    tree(work / "pr" / "desired", duration=30)
+    tree(work / "base" / "desired", duration=20)
+    log = run_step.tmp / "gh.log"
+    gh = run_step.bindir / "gh"
+    gh.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> "{log}"\n'
+        'for a in "$@"; do [ "$a" = --edit-last ] && exit 1; done\n'
+        'while [ "$1" != --body-file ]; do shift; done\n'
+        f'cp "$2" "{run_step.tmp}/posted.md"\n',
+        encoding="utf-8",
+    )
+    gh.chmod(0o755)
+    comment = step("comment")
+    assert comment["if"] == "steps.plan.outcome == 'success'"
+    assert comment["env"]["PR"] == "${{ github.event.pull_request.number }}"
+    assert "pull-requests" in workflow()["permissions"]
+    assert workflow()["on"]["pull_request"]["paths"] == ["desired/**"]
+    result = run_step("comment", {"PR": "42", "GITHUB_REPOSITORY": "org/config", "GH_TOKEN": "t"})
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text(encoding="utf-8").splitlines()
+    assert calls == [
+        "pr comment 42 --repo org/config --body-file plan.md --edit-last",
+        "pr comment 42 --repo org/config --body-file plan.md",
+    ]
+    posted = (run_step.tmp / "posted.md").read_text(encoding="utf-8")
+    assert posted.startswith("### reconciler plan\n\n**1** to update (**1** cut a slice ✂)")
+    assert f"| ✂ | {APP}/r1/seg | Duration 20 → 30 |" in posted
+
+
 def test_workflow_fails_on_an_invalid_tree(run_step: StepRunner) -> None:
     work = run_step.workspace
     write(
@@ -1090,7 +1127,7 @@ def install_texts() -> list[Path]:
 def test_the_distribution_is_not_named_like_the_unrelated_project() -> None:
     assert canonical(PROJECT["name"]) != TAKEN_NAME
     # The command and the import package keep the short name.
-    assert PROJECT["scripts"] == {"reconciler": "reconciler.cli:entry_point"}
+    assert PROJECT["scripts"] == {"reconciler": "reconciler.interrupt:main"}
 
 
 def test_the_install_check_catches_the_taken_name() -> None:
@@ -1180,7 +1217,7 @@ def test_wheel_builds_from_the_image_sources_under_the_project_name(tmp_path: Pa
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
         names = set(zf.namelist())
     assert f"Name: {PROJECT['name']}\n" in metadata
-    assert "reconciler = reconciler.cli:entry_point" in entry_points
+    assert "reconciler = reconciler.interrupt:main" in entry_points
     assert {"reconciler/cli.py", "reconciler/__main__.py"} <= names
 
 

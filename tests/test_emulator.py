@@ -437,14 +437,22 @@ def test_concurrent_burst_admits_exactly_the_limit() -> None:
         assert call(emu.url, "GetSegmentTask", query=KEY.identity()).status_code == 200
 
 
-def _sleep_until(wall: float) -> None:
-    time.sleep(max(0.0, wall - time.time()))
+class SteppedClock:
+    """The emulator's QPS clock, moved by the test: a window's edges are where the test
+    puts them, however slowly a loaded machine answers the requests in between."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def __call__(self) -> float:
+        return self.at
 
 
 def test_window_slides_across_a_second_boundary() -> None:
     """Fixed per-second buckets would admit the second batch; a sliding window must not."""
     limit = 10
-    with running_emulator(_config(qps={"UpdateSegment": limit})) as emu:
+    clock = SteppedClock(100.7)
+    with running_emulator(_config(qps={"UpdateSegment": limit}), clock=clock) as emu:
         emu.start_task(app_id=KEY.app_id, room_id=KEY.room_id, task_id=KEY.task_id)
         with httpx.Client() as client:
 
@@ -452,17 +460,16 @@ def test_window_slides_across_a_second_boundary() -> None:
                 reqs = [_args(emu.url, "UpdateSegment", body=_ident()) for _ in range(n)]
                 return [client.request(**r).status_code for r in reqs]
 
-            client.get(emu.url + "/_emulator/stats")  # warm the connection, outside any limit
-            _sleep_until(int(time.time()) + 1.7)
-            before_boundary = send(limit)
-            last_ok = time.monotonic()
-            _sleep_until(int(time.time()) + 1.15)  # now in the next wall-clock second
-            assert time.monotonic() - last_ok < 0.9
+            before_boundary = send(limit)  # at 100.7 s
+            clock.at = 101.15  # the next second, 0.45 s later: a bucket per second would admit
             after_boundary = send(5)
-            time.sleep(max(0.0, last_ok + 1.05 - time.monotonic()))
+            clock.at = 101.65  # 0.95 s after the ten: still inside their window
+            still_inside = send(1)
+            clock.at = 101.75  # 1.05 s after: the ten have left the window
             later = send(limit)
         assert before_boundary == [200] * limit
         assert after_boundary == [429] * 5
+        assert still_inside == [429]
         assert later == [200] * limit
 
 

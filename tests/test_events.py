@@ -30,13 +30,13 @@ def test_subscribers_see_redacted_events_and_a_failing_one_breaks_nothing() -> N
             sk="raw",
             nested={"urls": ["https://h/s3cr3t-value"], "password": "pw", "n": 1},
         )
-        log.debug("call.attempt", app_id="a")  # below the level: nobody sees it
+        log.debug("call.attempt", app_id="a")  # below the level: heard, not written
         unsubscribe()
         log.info("after.unsubscribe")
     finally:
         unsubscribe_failing()
         events.configure(fmt="json", level="info")
-    assert [e["event"] for e in seen] == ["task.synced"]
+    assert [e["event"] for e in seen] == ["task.synced", "call.attempt"]
     assert seen[0]["note"] == "key [redacted]" and seen[0]["sk"] == "[redacted]"
     assert seen[0]["nested"] == {"urls": ["https://h/[redacted]"], "password": "[redacted]", "n": 1}
     assert "s3cr3t-value" not in out.getvalue() and '"pw"' not in out.getvalue()

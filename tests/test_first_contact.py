@@ -28,6 +28,10 @@ DEFAULT_DURATION = 20
 LONG_AGO_S = 73 * 3600
 
 
+# Each read's call.succeeded is a debug event.
+DEBUG = {"RECONCILER_LOG_LEVEL": "debug"}
+
+
 def key(room: str) -> TaskKey:
     return TaskKey(APP, room, "seg")
 
@@ -228,7 +232,7 @@ def test_a_saved_plan_keeps_its_reads_and_apply_file_reads_nothing_more(
 ) -> None:
     fleet = Fleet(emulator, tmp_path / "desired", same=2, off=1)
     args = ("--state", "state.db", "--endpoint", emulator.url)
-    r = run_cli("plan", "desired", *args, "--out", "p.json", cwd=tmp_path)
+    r = run_cli("plan", "desired", *args, "--save", "p.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["plan"]["refresh"]["mode"] == "targeted"
@@ -247,7 +251,7 @@ def test_the_daemon_reads_a_running_fleet_before_its_first_calls(
     tmp_path: Path, emulator: EmulatorHandle
 ) -> None:
     fleet = Fleet(emulator, tmp_path / "desired", same=12, off=4)
-    with DaemonProcess(tmp_path, "desired", "--endpoint", emulator.url, *DAEMON) as d:
+    with DaemonProcess(tmp_path, "desired", "--endpoint", emulator.url, *DAEMON, env=DEBUG) as d:
         (done,) = d.wait_event("reconcile.completed")
         assert done["read_first"] == len(fleet.keys)
         assert done["already_matching"] == len(fleet.same)

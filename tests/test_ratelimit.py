@@ -46,7 +46,9 @@ def test_burst_never_exceeds_limit_in_any_window_and_keeps_the_pace() -> None:
     assert len(grants) == 3 * limit
     assert max_in_any_window(grants, WINDOW) == limit
     # Full throughput: batch 1 at once, batch 2 after one window, batch 3 after two.
-    assert 2 * WINDOW <= elapsed < 2 * WINDOW + 0.12
+    # A lost window would show as a third; less than one window of slack is left to a
+    # loaded machine (the grants' spacing above is what is exact).
+    assert 2 * WINDOW <= elapsed < 3 * WINDOW
 
 
 def test_guard_widens_the_window() -> None:

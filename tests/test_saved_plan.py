@@ -1,4 +1,4 @@
-"""Saved plans: ``plan --out FILE``, then ``apply FILE`` makes exactly its calls or refuses.
+"""Saved plans: ``plan --save FILE``, then ``apply FILE`` makes exactly its calls or refuses.
 
 The CLI runs as a subprocess against the emulator on loopback, with a real
 SQLite store; the stale checks are the refusals users will meet.
@@ -60,7 +60,7 @@ def test_apply_file_makes_exactly_the_saved_calls_then_the_plan_is_stale(
     assert code == 0, err
     tree(tmp_path, a=45, b=30)
     code, out, err = cli(
-        tmp_path, emulator, "plan", "desired", "--state", "s.db", "--out", "p.json"
+        tmp_path, emulator, "plan", "desired", "--state", "s.db", "--save", "p.json"
     )
     assert code == 0, err
     assert "Saved the plan to p.json" in err and "Duration" in out
@@ -94,8 +94,8 @@ def test_a_changed_tree_or_another_store_makes_the_plan_stale_and_says_which(
     started(emulator)
     root = tree(tmp_path, a=30, b=30)
     # No store yet: the first apply creates it, and the plan still holds.
-    assert cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--out", "p.json")[0] == 0
-    assert cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--out", "q.json")[0] == 0
+    assert cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--save", "p.json")[0] == 0
+    assert cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--save", "q.json")[0] == 0
     write(root, "edu/new.yaml", tasks_yaml(APP, [{"RoomId": "r9", "TaskId": "t9"}]))
     code, _, err = cli(tmp_path, emulator, "apply", "p.json", "--state", "s.db")
     assert code == 1
@@ -107,7 +107,7 @@ def test_a_changed_tree_or_another_store_makes_the_plan_stale_and_says_which(
 
     assert cli(tmp_path, emulator, "apply", "desired", "--state", "t.db")[0] == 0
     tree(tmp_path, a=50, b=30)
-    assert cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--out", "p.json")[0] == 0
+    assert cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--save", "p.json")[0] == 0
     code, _, err = cli(tmp_path, emulator, "apply", "p.json", "--state", "t.db")
     assert code == 1
     assert "the state store t.db is not the one it was made from" in err
@@ -122,7 +122,7 @@ def test_an_edited_or_broken_plan_file_is_refused_clearly(
 ) -> None:
     started(emulator)
     tree(tmp_path, a=30, b=30)
-    assert cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--out", "p.json")[0] == 0
+    assert cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--save", "p.json")[0] == 0
     path = tmp_path / "p.json"
     doc = json.loads(path.read_text())
     doc["plan"]["calls"][0]["body"]["Duration"] = 7200  # not what was reviewed
@@ -155,7 +155,7 @@ def test_an_edited_or_broken_plan_file_is_refused_clearly(
     path.write_text("{}")
     code, _, err = cli(tmp_path, emulator, "apply", "p.json", "--drift", "report")
     assert code == 1 and "--drift shapes a plan" in err
-    code, _, err = cli(tmp_path, emulator, "plan", "desired", "--base", "desired", "--out", "x")
+    code, _, err = cli(tmp_path, emulator, "plan", "desired", "--base", "desired", "--save", "x")
     assert code == 1 and "--base has none" in err
     assert updates(emulator) == 0
 
@@ -176,7 +176,7 @@ def test_a_refused_plan_is_not_saved(tmp_path: Path, emulator: EmulatorHandle) -
         FILE,
         tasks_yaml(APP, [{"RoomId": r, "TaskId": "seg"} for r in rooms], {"Duration": 31}),
     )
-    code, _, err = cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--out", "p.json")
+    code, _, err = cli(tmp_path, emulator, "plan", "desired", "--state", "s.db", "--save", "p.json")
     assert code == 1 and "--allow-mass-change" in err
     assert not (tmp_path / "p.json").exists()
     code, _, err = cli(
@@ -186,7 +186,7 @@ def test_a_refused_plan_is_not_saved(tmp_path: Path, emulator: EmulatorHandle) -
         "desired",
         "--state",
         "s.db",
-        "--out",
+        "--save",
         "p.json",
         "--allow-mass-change",
     )
@@ -202,7 +202,7 @@ def test_a_refreshed_plan_keeps_its_observations_and_heals_a_restart(
     time.sleep(SETTLE_S)  # a read within the settle window after our call never counts
     emulator.restart_task(A)
     code, out, err = cli(
-        tmp_path, emulator, "plan", "desired", "--state", "s.db", "--refresh", "--out", "p.json"
+        tmp_path, emulator, "plan", "desired", "--state", "s.db", "--refresh", "--save", "p.json"
     )
     assert code == 0, err
     doc = json.loads((tmp_path / "p.json").read_text())
@@ -222,7 +222,7 @@ def test_a_saved_read_never_replaces_a_newer_one_in_the_store(
     tree(tmp_path, a=30, b=30)
     assert cli(tmp_path, emulator, "apply", "desired", "--state", "s.db")[0] == 0
     args = ("--state", "s.db", "--refresh")
-    assert cli(tmp_path, emulator, "plan", "desired", *args, "--out", "p.json")[0] == 0
+    assert cli(tmp_path, emulator, "plan", "desired", *args, "--save", "p.json")[0] == 0
     assert cli(tmp_path, emulator, "apply", "desired", *args)[0] == 0  # reads again, sends nothing
     with StateStore.open(tmp_path / "s.db", read_only=True) as store:
         newer = store.observations()

@@ -444,7 +444,7 @@ def test_apply_plan_and_status_with_a_postgres_url(
     (created,) = [e for e in r.events() if e["event"] == "state.created"]
     assert created["path"] == bare
     write(tmp_path / "desired", "a.yaml", tasks_yaml("app1", [{**tasks[0], "Duration": 30}]))
-    plan = run_cli("plan", "desired", "--out", "p.json", "--endpoint", emulator.url,
+    plan = run_cli("plan", "desired", "--save", "p.json", "--endpoint", emulator.url,
                    cwd=tmp_path, env={**env, "RECONCILER_STATE": bare})  # fmt: skip
     assert plan.returncode == 0, plan.stderr
     saved = json.loads((tmp_path / "p.json").read_text())

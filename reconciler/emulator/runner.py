@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -166,13 +167,18 @@ class EmulatorHandle:
 
 @contextmanager
 def running_emulator(
-    config: EmulatorConfig, *, host: str = "127.0.0.1", port: int = 0
+    config: EmulatorConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[EmulatorHandle]:
-    """Run an emulator on a private event loop in a background thread."""
+    """Run an emulator on a private event loop in a background thread (``clock``: see
+    :class:`~reconciler.emulator.server.Emulator`)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="rtc-emulator", daemon=True)
     thread.start()
-    emulator = Emulator(config)
+    emulator = Emulator(config, clock=clock)
     try:
         url = asyncio.run_coroutine_threadsafe(emulator.start(host=host, port=port), loop).result(
             timeout=10

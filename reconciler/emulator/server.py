@@ -83,8 +83,12 @@ def _checked(parse: Callable[[JsonObject], _P], body: JsonObject) -> _P:
 class Emulator:
     """The emulated service: an aiohttp application plus its in-memory state."""
 
-    def __init__(self, config: EmulatorConfig) -> None:
+    def __init__(
+        self, config: EmulatorConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """``clock``: the seconds the QPS windows are counted in (a test may step it)."""
         config.validate()
+        self._clock = clock
         # A private copy: faults changed at run time don't reach the caller's object.
         self._config = replace(
             config,
@@ -352,7 +356,7 @@ class Emulator:
                 now=datetime.now(UTC),
             )
             self.stats.record_key(access_key, action, time.time())
-            if not self._limiters[action].admit(arrived):
+            if not self._limiters[action].admit(self._clock()):
                 self.stats.throttled += 1
                 raise ApiError(
                     "FlowLimitExceeded.QPSOverLimit",
