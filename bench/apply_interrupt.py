@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, EmulatorProcess, generate
-from reconciler.state import StateStore
-from reconciler.task import SyncStatus
+from reconciler.core.task import SyncStatus
+from reconciler.store.base import StateStore
 from tests.conftest import cli_env, reconciler_cmd
 
 

@@ -3,7 +3,7 @@
 Scenario (issue "Slow servers"): 3,000 tasks each needing one UpdateSegment,
 the emulator enforcing 150/s over any one-second window and answering after
 10 ms, 300 ms, 1 s and 2 s. A fixed 64 in flight carried 62/s at 1 s; the
-adaptive limit (:mod:`reconciler.concurrency`) should carry the budget at
+adaptive limit (:mod:`reconciler.api.concurrency`) should carry the budget at
 every latency. For each latency the bench prints:
 
 - **send rate**: the budget used, as the server saw it (the emulator stamps
@@ -53,12 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import EmulatorProcess, figure, percentile
 from bench.apply_throughput import APP, fresh_plan, make_tree
-from reconciler.apply import apply_plan
-from reconciler.client import ClientConfig, RtcClient
-from reconciler.credentials import Credentials
-from reconciler.events import configure
-from reconciler.reconcile import Outcome, TaskReconciler
-from reconciler.state import StateStore
+from reconciler.api.client import ClientConfig, RtcClient
+from reconciler.api.credentials import Credentials
+from reconciler.engine.apply import apply_plan
+from reconciler.engine.reconcile import Outcome, TaskReconciler
+from reconciler.eventlog.setup import configure
+from reconciler.store.base import StateStore
 from tests.conftest import ACCESS_KEY, SECRET_KEY
 
 BUDGET = 150

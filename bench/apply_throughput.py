@@ -42,15 +42,16 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reconciler.apply import apply_plan
-from reconciler.client import ClientConfig, RtcClient
-from reconciler.credentials import Credentials
-from reconciler.desired import load_tree
-from reconciler.events import configure
-from reconciler.plan import Plan, compute_plan
-from reconciler.reconcile import Outcome, Recorder, TaskReconciler
-from reconciler.state import StateStore
-from reconciler.task import SyncStatus
+from reconciler.api.client import ClientConfig, RtcClient
+from reconciler.api.credentials import Credentials
+from reconciler.core.plan import Plan, compute_plan
+from reconciler.core.task import SyncStatus
+from reconciler.engine.apply import apply_plan
+from reconciler.engine.reconcile import Outcome, TaskReconciler
+from reconciler.eventlog.setup import configure
+from reconciler.store.base import StateStore
+from reconciler.store.recorder import Recorder
+from reconciler.tree.desired import load_tree
 
 AK, SK = "AKLTbenchAccessKey", "YmVuY2gtc2VjcmV0LWtleS1mb3ItdGhlLWVtdWxhdG9y"
 APP = "661e4a7b9c0d1e2f"

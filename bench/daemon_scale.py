@@ -63,9 +63,9 @@ from bench._common import (
     wait_quiet,
     wait_until,
 )
-from reconciler import events
-from reconciler.desired import load_tree
-from reconciler.state import StateStore
+from reconciler.eventlog import setup as events
+from reconciler.store.base import StateStore
+from reconciler.tree.desired import load_tree
 
 QPS = 150
 TARGET_IDLE_CPU_PCT = {True: 5.0, False: 2.0}  # observing live tasks or not

@@ -45,9 +45,9 @@ from bench._common import (
     room_of,
 )
 from bench.daemon_scale import prepare
-from reconciler import events
-from reconciler.desired import load_tree
-from reconciler.state import StateStore
+from reconciler.eventlog import setup as events
+from reconciler.store.base import StateStore
+from reconciler.tree.desired import load_tree
 
 TARGET_MS = 200.0
 TARGET_RSS_MB = 50.0

@@ -29,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, wait_until
-from reconciler.desired import load_tree
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorConfig, running_emulator
-from reconciler.task import TaskKey
+from reconciler.tree.desired import load_tree
 from tests.conftest import ACCESS_KEY, SECRET_KEY
 from tests.harness import DaemonProcess
 

@@ -23,7 +23,7 @@ process (per-action QPS enforced: GetSegmentTask 60/s, UpdateSegment 150/s):
    tree's values, ``apply --read-qps 60``: wall time, reads, calls (target 0)
    and the limit ``N / 60`` s (about 28 minutes for 100,000).
 3. **plan**: a ``--plan-tasks`` (100,000) tree already applied (the store
-   filled through :class:`~reconciler.state.StateStore` with records equal to
+   filled through :class:`~reconciler.store.base.StateStore` with records equal to
    the tree, the emulator running the same values), then ``--plan-changed``
    (10) tasks get a new Duration in the tree: the reads the emulator saw for a
    default ``plan`` (targeted refresh; target: one per changed task) and its
@@ -65,11 +65,11 @@ from bench._common import (
     rel_of,
     save,
 )
-from reconciler import events
-from reconciler.desired import load_tree
-from reconciler.plan import SETTLE_S
-from reconciler.state import StateStore
-from reconciler.task import DesiredTask, FieldValue, TaskKey
+from reconciler.core.plan import SETTLE_S
+from reconciler.core.task import DesiredTask, FieldValue, TaskKey
+from reconciler.eventlog import setup as events
+from reconciler.store.base import StateStore
+from reconciler.tree.desired import load_tree
 from tests.conftest import cli_env, reconciler_cmd
 
 PER_FILE: Final = 100

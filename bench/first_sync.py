@@ -62,7 +62,7 @@ from bench._common import (
     load_average,
     memory_mb,
 )
-from reconciler.desired import load_tree
+from reconciler.tree.desired import load_tree
 
 PER_FILE: Final = 100
 #: UpdateSegment's QPS budget (the daemon's --qps default and maximum).

@@ -64,9 +64,9 @@ from bench._common import (
     load_average,
     memory_mb,
 )
-from reconciler import events
-from reconciler.desired import load_tree
-from reconciler.state import StateStore
+from reconciler.eventlog import setup as events
+from reconciler.store.base import StateStore
+from reconciler.tree.desired import load_tree
 
 PER_FILE: Final = 100
 HUGE_REL: Final = "team-0/huge.yaml"

@@ -33,10 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import Daemon, EmulatorProcess, figure, generate
-from reconciler import events
-from reconciler.desired import load_tree
-from reconciler.state import StateStore
-from reconciler.task import TaskKey
+from reconciler.core.task import TaskKey
+from reconciler.eventlog import setup as events
+from reconciler.store.base import StateStore
+from reconciler.tree.desired import load_tree
 
 PER_FILE = 100
 

@@ -33,9 +33,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reconciler.desired import load_tree, read_file
-from reconciler.plan import compute_plan
-from reconciler.task import AppliedRecord, DesiredTask, TaskKey
+from reconciler.core.plan import compute_plan
+from reconciler.core.task import AppliedRecord, DesiredTask, TaskKey
+from reconciler.tree.desired import load_tree, read_file
 
 
 def generate(root: Path, *, files: int, per_file: int) -> None:

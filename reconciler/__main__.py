@@ -1,5 +1,5 @@
 """``python -m reconciler`` runs the command line (Ctrl-C safe from the first moment)."""
 
-from reconciler.interrupt import main
+from reconciler.cli.interrupt import main
 
 main()

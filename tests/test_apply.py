@@ -6,8 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.task import TaskKey
 from tests.conftest import (
     SECRET_KEY,
     cli_env,

@@ -14,9 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from reconciler.core.task import SyncStatus, TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.state import StateStore
-from reconciler.task import SyncStatus, TaskKey
+from reconciler.store.base import StateStore
 from tests.conftest import cli_env, reconciler_cmd, run_cli, tasks_yaml, wait_for, write
 
 APP = "661e4a7b9c0d1e2f"

@@ -1,6 +1,6 @@
 """Change control: sync windows, mass changes, the rate cap and canaries.
 
-The decisions are pure (``reconciler.windows``, ``reconciler.rollout``) and
+The decisions are pure (``reconciler.core.windows``, ``reconciler.core.rollout``) and
 tested with an injected "now", properties included. End to end: the CLI as a
 subprocess against the emulator on loopback, the daemon as a subprocess with
 a deny window open for a few seconds from now, and the daemon in-process
@@ -23,15 +23,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.client import ClientConfig, RtcClient
-from reconciler.credentials import Credentials
-from reconciler.emulator import EmulatorHandle
-from reconciler.live import LiveState, Observation
-from reconciler.loop import Daemon, DaemonConfig
-from reconciler.metrics import Metrics
-from reconciler.plan import compute_plan
-from reconciler.reconcile import Recorder, TaskReconciler
-from reconciler.rollout import (
+from reconciler.api.client import ClientConfig, RtcClient
+from reconciler.api.credentials import Credentials
+from reconciler.core.live import LiveState, Observation
+from reconciler.core.plan import compute_plan
+from reconciler.core.rollout import (
     CanaryState,
     ChangeControl,
     ChangeKind,
@@ -42,15 +38,20 @@ from reconciler.rollout import (
     choose_canaries,
     gate_plan,
 )
-from reconciler.state import StateStore
-from reconciler.task import AppliedRecord, DesiredTask, Source, TaskKey
-from reconciler.windows import (
+from reconciler.core.task import AppliedRecord, DesiredTask, Source, TaskKey
+from reconciler.core.windows import (
     SyncWindow,
     SyncWindows,
     WindowConfigError,
     load_windows,
     load_windows_file,
 )
+from reconciler.emulator import EmulatorHandle
+from reconciler.engine.daemon import Daemon, DaemonConfig
+from reconciler.engine.metrics import Metrics
+from reconciler.engine.reconcile import TaskReconciler
+from reconciler.store.base import StateStore
+from reconciler.store.recorder import Recorder
 from tests.conftest import (
     ACCESS_KEY,
     REPO,
@@ -506,7 +507,7 @@ def test_the_daemon_holds_a_mass_change_and_lets_it_go_once_within_the_limit(
 CLOCKED_CLI = """
 import os, sys
 from datetime import datetime
-import reconciler.cli as cli
+import reconciler.cli.commands as cli
 flag, before, after = sys.argv[1:4]
 cli.wall_clock = lambda: datetime.fromisoformat(after if os.path.exists(flag) else before)
 sys.argv = ["reconciler", *sys.argv[4:]]

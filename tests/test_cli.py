@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.state import StateStore
-from reconciler.task import Source, TaskKey
+from reconciler.core.task import Source, TaskKey
+from reconciler.store.base import StateStore
 from tests.conftest import (
     REPO,
     CliResult,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler.client import (
+from reconciler.api.client import (
     CallEvent,
     CallResult,
     ClientConfig,
@@ -28,9 +28,10 @@ from reconciler.client import (
     backoff_delay,
     encode_body,
 )
-from reconciler.credentials import Credentials
-from reconciler.emulator import EmulatorConfig, EmulatorHandle, running_emulator
-from reconciler.errors import (
+from reconciler.api.credentials import Credentials
+from reconciler.api.ratelimit import RateLimits
+from reconciler.api.signing import sha256_hex
+from reconciler.core.errors import (
     ApiError,
     BadInputError,
     FatalError,
@@ -41,9 +42,8 @@ from reconciler.errors import (
     UnresponsiveError,
     classify,
 )
-from reconciler.ratelimit import RateLimits
-from reconciler.signing import sha256_hex
-from reconciler.task import TaskKey
+from reconciler.core.task import TaskKey
+from reconciler.emulator import EmulatorConfig, EmulatorHandle, running_emulator
 
 AK, SK = "AKLTtestaccesskey", "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seQ=="
 TOKEN = "STS-token-ZXhhbXBsZS1zZXNzaW9uLXRva2Vu"

@@ -9,13 +9,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from reconciler.client import ClientConfig, RtcClient
-from reconciler.concurrency import AdaptiveLimit, in_flight_for, percentile
-from reconciler.credentials import Credentials
+from reconciler.api.client import ClientConfig, RtcClient
+from reconciler.api.concurrency import AdaptiveLimit, in_flight_for, percentile
+from reconciler.api.credentials import Credentials
+from reconciler.api.ratelimit import RateLimits
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.metrics import Metrics
-from reconciler.ratelimit import RateLimits
-from reconciler.task import TaskKey
+from reconciler.engine.metrics import Metrics
 from tests.conftest import ACCESS_KEY, SECRET_KEY
 
 BUDGETS = {"UpdateSegment": 150.0, "GetSegmentTask": 20.0}

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from reconciler.core.printable import printable
 from reconciler.emulator import EmulatorHandle
-from reconciler.printable import printable
 from tests.conftest import run_cli, tasks_yaml, write
 from tests.terminal import TerminalRun
 

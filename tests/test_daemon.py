@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.task import TaskKey
 from tests.conftest import tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 

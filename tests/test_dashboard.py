@@ -28,7 +28,10 @@ import aiohttp
 import httpx
 import pytest
 
-from reconciler.dashboard import (
+from reconciler.core.live import LiveState, Observation
+from reconciler.core.task import Source, TaskKey
+from reconciler.emulator import EmulatorConfig, EmulatorHandle, running_emulator
+from reconciler.serve.dashboard import (
     TASK_ROUTINE_EVENTS,
     Filters,
     glob_match,
@@ -36,11 +39,8 @@ from reconciler.dashboard import (
     parse_filters,
     stale_tasks,
 )
-from reconciler.emulator import EmulatorConfig, EmulatorHandle, running_emulator
-from reconciler.live import LiveState, Observation
-from reconciler.recent_events import RecentEvents, activity_kind
-from reconciler.state import StateStore, TaskQuery
-from reconciler.task import Source, TaskKey
+from reconciler.serve.recent_events import RecentEvents, activity_kind
+from reconciler.store.base import StateStore, TaskQuery
 from tests.conftest import ACCESS_KEY, SECRET_KEY, run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 

@@ -38,10 +38,10 @@ import click
 import pytest
 import yaml
 
-from reconciler.cli import main
-from reconciler.credentials import load_credentials
-from reconciler.health import PROBES, HealthServer
-from reconciler.metrics import Metrics
+from reconciler.api.credentials import load_credentials
+from reconciler.cli.commands import main
+from reconciler.engine.metrics import Metrics
+from reconciler.serve.health import PROBES, HealthServer
 from tests.conftest import REPO, tasks_yaml, write
 
 DEPLOY = REPO / "deploy"
@@ -519,7 +519,7 @@ def test_two_replicas_keep_the_network_policy(
 def test_two_replicas_read_the_postgresql_url_from_a_secret(
     ha_objects: dict[tuple[str, str], dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from reconciler.state import PostgresURL
+    from reconciler.store.base import PostgresURL
 
     pod = only(ha_objects, "Deployment")["spec"]["template"]["spec"]
     c = container(pod, "reconciler")
@@ -1127,7 +1127,7 @@ def install_texts() -> list[Path]:
 def test_the_distribution_is_not_named_like_the_unrelated_project() -> None:
     assert canonical(PROJECT["name"]) != TAKEN_NAME
     # The command and the import package keep the short name.
-    assert PROJECT["scripts"] == {"reconciler": "reconciler.interrupt:main"}
+    assert PROJECT["scripts"] == {"reconciler": "reconciler.cli.interrupt:main"}
 
 
 def test_the_install_check_catches_the_taken_name() -> None:
@@ -1217,8 +1217,8 @@ def test_wheel_builds_from_the_image_sources_under_the_project_name(tmp_path: Pa
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
         names = set(zf.namelist())
     assert f"Name: {PROJECT['name']}\n" in metadata
-    assert "reconciler = reconciler.interrupt:main" in entry_points
-    assert {"reconciler/cli.py", "reconciler/__main__.py"} <= names
+    assert "reconciler = reconciler.cli.interrupt:main" in entry_points
+    assert {"reconciler/cli/commands.py", "reconciler/__main__.py"} <= names
 
 
 # --- make demo ---------------------------------------------------------------------

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from reconciler.desired import FileResult, Problem, is_candidate, parse_file
-from reconciler.task import DesiredTask, Source, TaskKey
+from reconciler.core.task import DesiredTask, Source, TaskKey
+from reconciler.tree.desired import FileResult, Problem, is_candidate, parse_file
 
 
 def parse(text: str, path: str = "app/rooms.yaml") -> FileResult:

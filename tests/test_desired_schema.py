@@ -1,6 +1,6 @@
 """The published JSON Schema of a desired file, checked against the loader.
 
-The loader (:func:`reconciler.desired.parse_file`) is the authority; the schema
+The loader (:func:`reconciler.tree.desired.parse_file`) is the authority; the schema
 exists so editors can flag mistakes while typing. Over a table of cases and
 over documents hypothesis generates, the two must agree wherever a schema can
 decide. Where it cannot, the case is a known gap (``GAPS``): the test asserts
@@ -34,9 +34,9 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from reconciler.desired import parse_file
-from reconciler.schema import desired_schema, desired_schema_text
-from reconciler.task import IDENTITY_FIELDS, TASK_KEYS
+from reconciler.core.task import IDENTITY_FIELDS, TASK_KEYS
+from reconciler.tree.desired import parse_file
+from reconciler.tree.schema import desired_schema, desired_schema_text
 from tests.conftest import REPO, run_cli
 
 SCHEMA = desired_schema()
@@ -56,7 +56,7 @@ def schema_accepts(path: str, text: str) -> bool:
 
 
 def test_the_schema_is_package_data_and_a_2020_12_schema() -> None:
-    shipped = resources.files("reconciler.schema").joinpath("desired.schema.json")
+    shipped = resources.files("reconciler.tree.schema").joinpath("desired.schema.json")
     assert shipped.is_file()
     schema = json.loads(shipped.read_text(encoding="utf-8"))
     assert schema == SCHEMA
@@ -100,7 +100,7 @@ def test_the_wheel_ships_the_schema(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     (wheel,) = dist.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        shipped = zf.read("reconciler/schema/desired.schema.json").decode("utf-8")
+        shipped = zf.read("reconciler/tree/schema/desired.schema.json").decode("utf-8")
     assert shipped == desired_schema_text()
 
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.desired import (
+from reconciler.core.task import DesiredTask, Source, TaskKey
+from reconciler.tree.desired import (
     DesiredIndex,
     FileResult,
     Problem,
@@ -18,7 +19,6 @@ from reconciler.desired import (
     parse_file,
     read_file,
 )
-from reconciler.task import DesiredTask, Source, TaskKey
 
 SAMPLE = Path(__file__).resolve().parent.parent / "desired"
 

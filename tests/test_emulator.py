@@ -20,7 +20,9 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler.credentials import Credentials
+from reconciler.api.credentials import Credentials
+from reconciler.api.signing import sign, x_date
+from reconciler.core.task import TaskKey
 from reconciler.emulator import (
     LAST_BODIES,
     ApiError,
@@ -32,8 +34,6 @@ from reconciler.emulator import (
     running_emulator,
     serve,
 )
-from reconciler.signing import sign, x_date
-from reconciler.task import TaskKey
 
 AK, SK = "AKLTtestkey", "sk-Very-Secret-0123456789"
 CRED = Credentials(AK, SK)

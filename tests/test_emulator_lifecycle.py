@@ -3,7 +3,7 @@
 A closed-loop controller observes tasks with GetSegmentTask and must cope with
 what the service (or another client) does on its own. These tests drive the
 emulator's admin API over loopback HTTP (and its thread-safe handle), then
-check through :class:`~reconciler.client.RtcClient` what a reader sees: the
+check through :class:`~reconciler.api.client.RtcClient` what a reader sees: the
 full ``SegmentTask`` shape, ended tasks, new incarnations, foreign changes,
 the 72 h read window, and the 60 QPS read limit. The task table's rules are
 also checked directly with explicit times.
@@ -29,8 +29,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from reconciler.client import CallResult, ClientConfig, RtcClient
-from reconciler.credentials import Credentials
+from reconciler.api.client import CallResult, ClientConfig, RtcClient
+from reconciler.api.credentials import Credentials
+from reconciler.api.ratelimit import RateLimits
+from reconciler.api.signing import sign
+from reconciler.core.errors import NotRunningError, RetryableError
+from reconciler.core.task import TaskKey
 from reconciler.emulator import (
     READ_WINDOW_MS,
     ApiError,
@@ -44,10 +48,6 @@ from reconciler.emulator import (
     parse_start,
     running_emulator,
 )
-from reconciler.errors import NotRunningError, RetryableError
-from reconciler.ratelimit import RateLimits
-from reconciler.signing import sign
-from reconciler.task import TaskKey
 
 AK, SK = "AKLTlifecycleKey", "c2VjcmV0LWxpZmVjeWNsZS1vbmx5LWZvci10ZXN0cw=="
 CREDS = Credentials(AK, SK)

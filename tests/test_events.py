@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from reconciler import events
+from reconciler.eventlog import setup as events
 
 
 def test_subscribers_see_redacted_events_and_a_failing_one_breaks_nothing() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.core.task import Source, SyncStatus, TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.state import StateStore
-from reconciler.task import Source, SyncStatus, TaskKey
+from reconciler.store.base import StateStore
 from tests.conftest import cli_env, reconciler_cmd, run_cli, tasks_yaml, wait_for, write
 from tests.harness import BlackHole, DaemonProcess
 

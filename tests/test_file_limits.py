@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from reconciler.desired import FileLimits, load_tree, parse_file
 from reconciler.emulator import EmulatorHandle
+from reconciler.tree.desired import FileLimits, load_tree, parse_file
 from tests.conftest import cli_env, reconciler_cmd, tasks_yaml, write
 from tests.harness import DaemonProcess
 from tests.test_daemon_stop import free_port

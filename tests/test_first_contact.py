@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
 from reconciler.emulator.tasks import LiveTask
-from reconciler.task import TaskKey
 from tests.conftest import run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.core.guard import ForgetLimit, check_forgets, parse_max_forget
+from reconciler.core.plan import Forget, Plan
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.guard import ForgetLimit, check_forgets, parse_max_forget
-from reconciler.plan import Forget, Plan
-from reconciler.state import StateStore
-from reconciler.task import TaskKey
+from reconciler.store.base import StateStore
 from tests.conftest import run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 

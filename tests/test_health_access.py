@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from reconciler.health import HealthAccess
+from reconciler.serve.health import HealthAccess
 from tests.conftest import run_cli, tasks_yaml, write
 from tests.harness import DaemonProcess
 

@@ -1,4 +1,4 @@
-"""Leader election against a real PostgreSQL server (no mocks): :mod:`reconciler.leader`.
+"""Leader election against a real PostgreSQL server (no mocks): :mod:`reconciler.store.leader`.
 
 Each test gets a fresh database (``postgres_url``, tests/postgres.py); two
 :class:`Leadership` objects in one process are two sessions, which is all an
@@ -15,10 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from reconciler.leader import LOCK_KEY, Leadership, read_leader
-from reconciler.state import FencedError, StateStore
-from reconciler.state_postgres import SCHEMA
-from reconciler.task import Source, TaskKey
+from reconciler.core.task import Source, TaskKey
+from reconciler.store.base import FencedError, StateStore
+from reconciler.store.leader import LOCK_KEY, Leadership, read_leader
+from reconciler.store.postgres import SCHEMA
 
 FAST: dict[str, Any] = {
     "retry_s": 0.2,
@@ -282,7 +282,7 @@ def test_a_paused_event_loop_lapses_the_lease_until_a_keepalive_renews_it(
 
 
 def test_the_password_is_registered_as_a_secret() -> None:
-    from reconciler import events
+    from reconciler.eventlog import setup as events
 
     Leadership("postgresql://reconciler:s3cr3t-pw-value@127.0.0.1:1/db", replica="x")
     event = events._redact(None, "", {"error": "connect to s3cr3t-pw-value failed"})

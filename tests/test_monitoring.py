@@ -31,8 +31,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorConfig, running_emulator
-from reconciler.task import TaskKey
 from tests.conftest import ACCESS_KEY, REPO, SECRET_KEY, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 

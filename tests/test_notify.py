@@ -27,11 +27,12 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from reconciler import events
-from reconciler.cli import main
+from reconciler.cli.commands import main
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.metrics import Metrics
-from reconciler.notify import (
+from reconciler.engine.metrics import Metrics
+from reconciler.eventlog import setup as events
+from reconciler.serve.notify import (
     Notice,
     NoticeFilter,
     Notifier,
@@ -42,7 +43,6 @@ from reconciler.notify import (
     render,
     retry_delay,
 )
-from reconciler.task import TaskKey
 from tests.conftest import tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 

@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
+from reconciler.core.plan import SETTLE_S
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.observe import ObserveSchedule, sweep_seconds
-from reconciler.plan import SETTLE_S
-from reconciler.task import TaskKey
+from reconciler.engine.observe import ObserveSchedule, sweep_seconds
 from tests.conftest import run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 

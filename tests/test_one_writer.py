@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from reconciler.emulator import EmulatorHandle
-from reconciler.state import PostgresURL, StateError, StateStore
-from reconciler.storelock import PostgresWriter, StoreInUse, WriterLock, lock_path
+from reconciler.store.base import PostgresURL, StateError, StateStore
+from reconciler.store.lock import PostgresWriter, StoreInUse, WriterLock, lock_path
 from tests.conftest import ACCESS_KEY, SECRET_KEY, run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 
@@ -132,7 +132,7 @@ def test_a_refused_writer_never_touches_the_store(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from reconciler.state import StateStore\n"
+         "from reconciler.store.base import StateStore\n"
          f"s = StateStore.open({str(db)!r}, command='holder')\n"
          "print('open', flush=True)\n"
          "time.sleep(60)\n"],
@@ -162,7 +162,7 @@ def test_the_lock_is_shared_within_a_process_and_goes_with_the_last_handle(
 ) -> None:
     db = tmp_path / "state.db"
     probe = [sys.executable, "-c",
-             "from reconciler.state import StateStore, StateError\n"
+             "from reconciler.store.base import StateStore, StateError\n"
              f"try:\n    StateStore.open({str(db)!r}).close()\nexcept StateError as e:\n"
              "    print(e)\n    raise SystemExit(3)\n"]  # fmt: skip
     one = StateStore.open(db)

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.plan import Plan, compute_plan, records_from_tree
-from reconciler.task import (
+from reconciler.core.plan import Plan, compute_plan, records_from_tree
+from reconciler.core.task import (
     MANAGED_FIELDS,
     AppliedRecord,
     DesiredTask,
@@ -317,8 +317,8 @@ def test_bodies_carry_identity_and_only_changed_fields(
 
 def test_applied_index_counts_confirmed_records_as_they_change() -> None:
     """The daemon's share base for --max-change, kept without walking the store."""
-    from reconciler.rollout import applied_tasks
-    from reconciler.task import AppliedIndex
+    from reconciler.core.rollout import applied_tasks
+    from reconciler.core.task import AppliedIndex
 
     index = AppliedIndex({K1: rec(fields={"Duration": 30}), K2: rec(K2, None)})
     assert index.confirmed == 1 == applied_tasks(dict(index))

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.live import LiveState, Observation, from_segment_task, not_found
-from reconciler.plan import SETTLE_S, compute_plan
-from reconciler.task import AppliedRecord, DesiredTask, FieldValue, Source, TaskKey
+from reconciler.core.live import LiveState, Observation, from_segment_task, not_found
+from reconciler.core.plan import SETTLE_S, compute_plan
+from reconciler.core.task import AppliedRecord, DesiredTask, FieldValue, Source, TaskKey
 
 K = TaskKey("app1", "room1", "seg")
 APPLIED_AT = 1_700_000_000.0

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from reconciler.desired import load_tree
-from reconciler.plan import compute_plan, records_from_tree
-from reconciler.render import MARKDOWN_FOLD_ROWS, MARKDOWN_LIMIT, md, plan_markdown
+from reconciler.cli.views.render import MARKDOWN_FOLD_ROWS, MARKDOWN_LIMIT, md, plan_markdown
+from reconciler.core.plan import compute_plan, records_from_tree
+from reconciler.tree.desired import load_tree
 from tests.conftest import run_cli, tasks_yaml, write
 
 APP = "661e4a7b9c0d1e2f"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from reconciler.ratelimit import RateLimiter, RateLimits, SlidingWindowLimiter
+from reconciler.api.ratelimit import RateLimiter, RateLimits, SlidingWindowLimiter
 
 WINDOW = 0.2
 

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reconciler import savedplan
+from reconciler.core.live import LiveState, Observation
+from reconciler.core.plan import SETTLE_S, compute_plan
+from reconciler.core.task import DesiredTask, Source, TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.live import LiveState, Observation
-from reconciler.plan import SETTLE_S, compute_plan
-from reconciler.savedplan import StoreStamp, TreeDigest
-from reconciler.state import StateStore
-from reconciler.task import DesiredTask, Source, TaskKey
+from reconciler.engine import savedplan
+from reconciler.engine.savedplan import StoreStamp, TreeDigest
+from reconciler.store.base import StateStore
 from tests.conftest import run_cli, tasks_yaml, write
 
 APP = "661e4a7b9c0d1e2f"

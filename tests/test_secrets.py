@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from reconciler.credentials import Credentials, CredentialsError, load_credentials
+from reconciler.api.credentials import Credentials, CredentialsError, load_credentials
 from reconciler.emulator import EmulatorConfig, EmulatorHandle
 from tests.conftest import ACCESS_KEY, SECRET_KEY, run_cli, tasks_yaml, write
 from tests.harness import DaemonProcess

@@ -2,7 +2,7 @@
 
 A daemon replica asks it right before each request is written: every attempt
 (retries too), every action (reads too). A closed gate withdraws the request
-unsent (:class:`~reconciler.errors.CallWithdrawn`); the emulator then counts
+unsent (:class:`~reconciler.core.errors.CallWithdrawn`); the emulator then counts
 nothing for the client's key. The gate is asked once more right before the
 body of a POST, which is written apart from its headers: a request cut there
 never reaches the server as a request.
@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from reconciler.client import CallEvent, ClientConfig, RtcClient
-from reconciler.credentials import Credentials
+from reconciler.api.client import CallEvent, ClientConfig, RtcClient
+from reconciler.api.credentials import Credentials
+from reconciler.core.errors import CallWithdrawn
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorConfig, EmulatorHandle, running_emulator
-from reconciler.errors import CallWithdrawn
-from reconciler.task import TaskKey
 
 AK, SK = "AKLTgatetestkey000001", "c2VjcmV0LWZvci10aGUtZ2F0ZS10ZXN0cw=="
 KEY = TaskKey("app1", "room1", "task1")

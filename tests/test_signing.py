@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from reconciler.credentials import Credentials
-from reconciler.signing import sign
+from reconciler.api.credentials import Credentials
+from reconciler.api.signing import sign
 
 VECTORS = Path(__file__).parent / "data" / "signing-vectors.json"
 

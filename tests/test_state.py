@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.errors import NotRunningError
-from reconciler.live import LiveState, Observation
-from reconciler.reconcile import Recorder
-from reconciler.state import (
+from reconciler.core.errors import NotRunningError
+from reconciler.core.live import LiveState, Observation
+from reconciler.core.task import AppliedRecord, DesiredTask, FieldValue, Source, SyncStatus, TaskKey
+from reconciler.store.base import (
     SCHEMA_VERSION,
     PostgresURL,
     StateError,
@@ -33,8 +33,8 @@ from reconciler.state import (
     TaskState,
     heal_reason,
 )
-from reconciler.state_sqlite import APPLICATION_ID, SqliteConnection
-from reconciler.task import AppliedRecord, DesiredTask, FieldValue, Source, SyncStatus, TaskKey
+from reconciler.store.recorder import Recorder
+from reconciler.store.sqlite import APPLICATION_ID, SqliteConnection
 from tests.postgres import PostgresServer
 
 KEY = TaskKey("app1", "room1", "task1")
@@ -500,8 +500,8 @@ def test_a_killed_process_loses_no_recorded_result(db: Path) -> None:
     writer = f"""
 import sys
 from pathlib import Path
-from reconciler.state import StateStore
-from reconciler.task import Source, TaskKey
+from reconciler.store.base import StateStore
+from reconciler.core.task import Source, TaskKey
 store = StateStore.open(Path({str(db)!r}))
 src = Source("a.yaml", 1, 1)
 i = 0

@@ -17,9 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from reconciler.core.live import LiveState, Observation
+from reconciler.core.task import FieldValue, Source, SyncStatus, TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.live import LiveState, Observation
-from reconciler.state import (
+from reconciler.store.base import (
     SCHEMA_VERSION,
     FencedError,
     PostgresURL,
@@ -27,8 +28,7 @@ from reconciler.state import (
     StateStore,
     TaskQuery,
 )
-from reconciler.state_postgres import MIGRATIONS, SCHEMA, Cursor, open_postgres
-from reconciler.task import FieldValue, Source, SyncStatus, TaskKey
+from reconciler.store.postgres import MIGRATIONS, SCHEMA, Cursor, open_postgres
 from tests.conftest import run_cli, tasks_yaml, write
 from tests.harness import DaemonProcess
 from tests.postgres import PostgresServer

@@ -19,12 +19,12 @@ from typing import Any
 
 import click
 
+from reconciler.cli.views.render import status_table
+from reconciler.core.live import LiveState, Observation
+from reconciler.core.task import Source, TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.live import LiveState, Observation
-from reconciler.render import status_table
-from reconciler.state import StateStore
-from reconciler.status import build_report, report_statuses
-from reconciler.task import Source, TaskKey
+from reconciler.serve.status import build_report, report_statuses
+from reconciler.store.base import StateStore
 from tests.conftest import CliResult, run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 

@@ -24,16 +24,17 @@ from typing import Any
 
 import pytest
 
-from reconciler.apply import apply_plan
-from reconciler.client import ClientConfig, RtcClient
-from reconciler.credentials import Credentials
-from reconciler.desired import load_tree
+from reconciler.api.client import ClientConfig, RtcClient
+from reconciler.api.credentials import Credentials
+from reconciler.core.plan import compute_plan
+from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.plan import compute_plan
-from reconciler.reconcile import Recorder, TaskReconciler
-from reconciler.state import StateStore
-from reconciler.state_sqlite import SqliteConnection
-from reconciler.task import TaskKey
+from reconciler.engine.apply import apply_plan
+from reconciler.engine.reconcile import TaskReconciler
+from reconciler.store.base import StateStore
+from reconciler.store.recorder import Recorder
+from reconciler.store.sqlite import SqliteConnection
+from reconciler.tree.desired import load_tree
 from tests.conftest import ACCESS_KEY, SECRET_KEY, CliResult, run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 
@@ -204,8 +205,8 @@ def write_store(db: Path, names: list[str], *, exit_abruptly: bool) -> None:
     without closing (as a kill would), leaving the commits in the ``-wal``."""
     script = (
         "import os, sys\n"
-        "from reconciler.state import StateStore\n"
-        "from reconciler.task import Source, TaskKey\n"
+        "from reconciler.store.base import StateStore\n"
+        "from reconciler.core.task import Source, TaskKey\n"
         f"store = StateStore.open({str(db)!r})\n"
         f"for room in {names!r}:\n"
         f"    store.record_success(TaskKey({APP!r}, room, 'seg'), fields={{'Duration': 60}},\n"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.console import ConsoleRenderer
 from reconciler.emulator import EmulatorHandle
+from reconciler.eventlog.console import ConsoleRenderer
 from tests.conftest import REPO, run_cli, tasks_yaml, write
 from tests.terminal import TerminalRun
 

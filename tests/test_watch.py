@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from reconciler.watch import Settler, TreeChange, watch_tree
+from reconciler.tree.watch import Settler, TreeChange, watch_tree
 
 
 def change(*paths: str, rescan: bool = False) -> TreeChange:

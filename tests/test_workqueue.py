@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from reconciler.workqueue import WorkQueue
+from reconciler.engine.workqueue import WorkQueue
 
 
 def run(coro: object) -> object:

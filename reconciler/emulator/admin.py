@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from reconciler.core.task import IDENTITY_FIELDS, TaskKey
 from reconciler.emulator.config import FAULT_FIELDS
 from reconciler.emulator.errors import ApiError, invalid
 from reconciler.emulator.params import JsonObject, parse_body, parse_key
@@ -44,7 +45,6 @@ from reconciler.emulator.tasks import (
     TaskNotRunningError,
     UnknownTaskError,
 )
-from reconciler.task import IDENTITY_FIELDS, TaskKey
 
 if TYPE_CHECKING:
     from reconciler.emulator.server import Emulator

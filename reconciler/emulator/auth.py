@@ -1,7 +1,7 @@
 """The V4 (HMAC-SHA256) signature check, as a pure function of the request.
 
 :func:`verify_signature` re-derives the signature with
-:func:`reconciler.signing.compute_signature`, the very kernel the client signs
+:func:`reconciler.api.signing.compute_signature`, the very kernel the client signs
 with, so the emulator and the client cannot drift apart on canonicalisation;
 ``tests/test_signing.py`` pins that kernel to the official SDK's vectors. The
 checks run in the order the real gateway reports them (missing header, unknown
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from reconciler import signing
+from reconciler.api import signing
 from reconciler.emulator.errors import ApiError
 
 __all__ = ["CLOCK_SKEW", "Authorization", "parse_authorization", "verify_signature"]

@@ -1,6 +1,6 @@
 """The emulated server's refusals: what ends up in ``ResponseMetadata.Error``.
 
-Not to be confused with :mod:`reconciler.errors`, the *client's* view of a
+Not to be confused with :mod:`reconciler.core.errors`, the *client's* view of a
 failed call. Here an :class:`ApiError` is raised anywhere along the request
 pipeline (routing, signature, parameters, the task table) and turned into the
 API's documented error answer in one place, :meth:`reconciler.emulator.server.Emulator`'s
@@ -10,7 +10,7 @@ its whole answer where it is checked.
 
 from __future__ import annotations
 
-from reconciler.task import TaskKey
+from reconciler.core.task import TaskKey
 
 __all__ = ["NOT_RUNNING_CODE", "ApiError", "invalid", "not_running"]
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from reconciler.core.task import DURATION_MAX, DURATION_MIN, TaskKey
 from reconciler.emulator.errors import ApiError, invalid
-from reconciler.task import DURATION_MAX, DURATION_MIN, TaskKey
 
 __all__ = [
     "DURATION_DEFAULT",

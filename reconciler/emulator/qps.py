@@ -8,7 +8,7 @@ action: each action has its own budget, as the API documents (GetSegmentTask 60,
 UpdateSegment 150, ...).
 
 This is the server's side; the client's own pacing is
-:mod:`reconciler.ratelimit`, which must keep under these limits.
+:mod:`reconciler.api.ratelimit`, which must keep under these limits.
 """
 
 from __future__ import annotations

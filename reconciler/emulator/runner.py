@@ -23,11 +23,11 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TypeVar
 
+from reconciler.core.task import TaskKey
 from reconciler.emulator.config import EmulatorConfig
 from reconciler.emulator.params import DURATION_DEFAULT, MAX_IDLE_DEFAULT, JsonObject
 from reconciler.emulator.server import Emulator
 from reconciler.emulator.tasks import DEFAULT_STOP_REASON, LiveTask
-from reconciler.task import TaskKey
 
 __all__ = ["EmulatorHandle", "running_emulator", "serve"]
 

@@ -37,6 +37,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from reconciler.core.task import TaskKey
 from reconciler.emulator import admin, faults
 from reconciler.emulator.auth import verify_signature
 from reconciler.emulator.config import ACTIONS, FAULT_FIELDS, VERSIONS, EmulatorConfig
@@ -53,8 +54,7 @@ from reconciler.emulator.params import (
 from reconciler.emulator.qps import SlidingWindowLimiter
 from reconciler.emulator.stats import EmulatorStats
 from reconciler.emulator.tasks import DEFAULT_STOP_REASON, LiveTask, TaskTable, UnknownTaskError
-from reconciler.events import get_logger
-from reconciler.task import TaskKey
+from reconciler.eventlog.setup import get_logger
 
 __all__ = ["Emulator"]
 

@@ -43,10 +43,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from reconciler.core.task import TaskKey
 from reconciler.emulator.config import IDEMPOTENT_START_VERSIONS
 from reconciler.emulator.errors import ApiError, not_running
 from reconciler.emulator.params import JsonObject, StartParams, UpdateParams
-from reconciler.task import TaskKey
 
 __all__ = [
     "DEFAULT_STOP_REASON",

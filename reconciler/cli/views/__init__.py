@@ -1,0 +1,1 @@
+"""Views: how plans, problems, statuses and progress are printed."""

@@ -1,0 +1,1 @@
+"""The desired tree: find, parse and check the files, the JSON Schema, the watcher."""
