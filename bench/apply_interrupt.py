@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, EmulatorProcess, generate
 from reconciler.core.task import SyncStatus
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from tests.conftest import cli_env, reconciler_cmd
 
 
@@ -60,7 +60,7 @@ def one_round(
         code = proc.wait(120)
         exited = time.monotonic() - signalled
     accepted = applied(emulator) - before
-    with StateStore.open(store, create=False, read_only=True) as s:
+    with Store.open(store, create=False, read_only=True) as s:
         counts = s.counts()
     return {
         "at_s": at,

@@ -58,7 +58,7 @@ from reconciler.api.credentials import Credentials
 from reconciler.engine.apply import apply_plan
 from reconciler.engine.reconcile import Outcome, TaskReconciler
 from reconciler.eventlog.setup import configure
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from tests.conftest import ACCESS_KEY, SECRET_KEY
 
 BUDGET = 150
@@ -120,7 +120,7 @@ class Applied:
     latencies_ms: list[float]
 
 
-async def timed_apply(tree: Path, store: StateStore, url: str, *, probe_call: bool) -> Applied:
+async def timed_apply(tree: Path, store: Store, url: str, *, probe_call: bool) -> Applied:
     """Apply the tree's plan as the CLI does, watching the client's in-flight limit.
 
     As ``apply`` by default, a read comes first (its targeted refresh reads
@@ -170,7 +170,7 @@ def run_at(tree: Path, workdir: Path, *, latency_ms: float, probe_call: bool) ->
         EmulatorProcess(
             workdir, tasks=tree, latency_ms=latency_ms, extra=["--update-qps", str(BUDGET)]
         ) as emulator,
-        StateStore.open(workdir / "state.db") as store,
+        Store.open(workdir / "state.db") as store,
     ):
         applied = asyncio.run(timed_apply(tree, store, emulator.url, probe_call=probe_call))
         arrivals = [t for row in emulator.tasks_of(APP) for t in row["UpdateTimes"]]

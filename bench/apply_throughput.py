@@ -49,7 +49,7 @@ from reconciler.core.task import SyncStatus
 from reconciler.engine.apply import apply_plan
 from reconciler.engine.reconcile import Outcome, TaskReconciler
 from reconciler.eventlog.setup import configure
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.store.recorder import Recorder
 from reconciler.tree.desired import load_tree
 
@@ -114,7 +114,7 @@ class EmulatorProcess:
         self.proc.wait(10)
 
 
-def fresh_plan(tree: Path, store: StateStore) -> tuple[Plan, Recorder]:
+def fresh_plan(tree: Path, store: Store) -> tuple[Plan, Recorder]:
     index = load_tree(tree)
     recorder = Recorder(store)
     return compute_plan(index.tasks, recorder.applied), recorder
@@ -146,12 +146,12 @@ def update_counts(stats: dict[str, Any]) -> dict[str, int]:
 
 
 @contextmanager
-def sqlite_store() -> Iterator[StateStore]:
-    with tempfile.TemporaryDirectory() as tmp, StateStore.open(Path(tmp) / "s.db") as store:
+def sqlite_store() -> Iterator[Store]:
+    with tempfile.TemporaryDirectory() as tmp, Store.open(Path(tmp) / "s.db") as store:
         yield store
 
 
-Stores = list[tuple[str, Callable[[], AbstractContextManager[StateStore]]]]
+Stores = list[tuple[str, Callable[[], AbstractContextManager[Store]]]]
 
 
 def throughput(tree: Path, n: int, *, skip_sequential: bool, stores: Stores) -> None:
@@ -185,7 +185,7 @@ def faults(tree: Path, n: int) -> None:
         tree, "--error-rate", "0.1", "--drop-rate", "0.03", "--drop-phase", "after", "--seed", "1"
     )
     try:
-        with tempfile.TemporaryDirectory() as tmp, StateStore.open(Path(tmp) / "s.db") as store:
+        with tempfile.TemporaryDirectory() as tmp, Store.open(Path(tmp) / "s.db") as store:
             plan, recorder = fresh_plan(tree, store)
             seconds, report = asyncio.run(concurrent_apply(plan, recorder, emulator.url))
             stats = emulator.stats()
@@ -232,7 +232,7 @@ def main() -> None:
                     stack.callback(server.stop)
                     url = server.create_database()
                 if url:
-                    stores.append(("PostgreSQL", lambda: StateStore.open(url)))
+                    stores.append(("PostgreSQL", lambda: Store.open(url)))
                 throughput(tree, args.tasks, skip_sequential=args.skip_sequential, stores=stores)
         if args.only in (None, "faults"):
             faults(tree, args.tasks)

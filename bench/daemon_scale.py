@@ -15,7 +15,7 @@ Targets, for the daemon process (``reconciler run``):
 
 No initial rollout is made (11 minutes at 150/s): the bench loads the tree
 itself, writes every task into the state store as Synced at its desired
-values (``StateStore.bulk`` + ``record_in_sync``), and starts the same tasks
+values (``Store.bulk`` + ``record_in_sync``), and starts the same tasks
 in an emulator process with those values (admin API, in chunks). The
 emulator runs in its own process so the daemon's CPU and memory are its own.
 The changed files are all the files of a few apps, so the emulator's admin
@@ -64,7 +64,7 @@ from bench._common import (
     wait_until,
 )
 from reconciler.eventlog import setup as events
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.tree.desired import load_tree
 
 QPS = 150
@@ -118,7 +118,7 @@ def prepare(work: Path, emulator: EmulatorProcess, args: argparse.Namespace) -> 
     index = load_tree(root)
     if index.problems:
         raise RuntimeError(f"generated tree is invalid: {index.problems[:3]}")
-    with StateStore.open(work / "state.db") as store, store.bulk():
+    with Store.open(work / "state.db") as store, store.bulk():
         for key, task in index.tasks.items():
             store.record_in_sync(
                 key, business_id=task.business_id, source=task.source, fields=task.fields

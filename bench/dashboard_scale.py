@@ -46,7 +46,7 @@ from bench._common import (
 )
 from bench.daemon_scale import prepare
 from reconciler.eventlog import setup as events
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.tree.desired import load_tree
 
 TARGET_MS = 200.0
@@ -77,7 +77,7 @@ def main() -> None:
 def fail_some(work: Path) -> None:
     """Record every 100th task Failed, refused as bad input (its spec is blocked)."""
     index = load_tree(work / "desired")
-    with StateStore.open(work / "state.db") as store, store.bulk():
+    with Store.open(work / "state.db") as store, store.bulk():
         for i, (key, task) in enumerate(sorted(index.tasks.items())):
             if i % 100 == 7 and i // 100 < FAILED:
                 store.record_failure(

@@ -23,7 +23,7 @@ process (per-action QPS enforced: GetSegmentTask 60/s, UpdateSegment 150/s):
    tree's values, ``apply --read-qps 60``: wall time, reads, calls (target 0)
    and the limit ``N / 60`` s (about 28 minutes for 100,000).
 3. **plan**: a ``--plan-tasks`` (100,000) tree already applied (the store
-   filled through :class:`~reconciler.store.base.StateStore` with records equal to
+   filled through :class:`~reconciler.store.base.Store` with records equal to
    the tree, the emulator running the same values), then ``--plan-changed``
    (10) tasks get a new Duration in the tree: the reads the emulator saw for a
    default ``plan`` (targeted refresh; target: one per changed task) and its
@@ -68,7 +68,7 @@ from bench._common import (
 from reconciler.core.plan import SETTLE_S
 from reconciler.core.task import DesiredTask, FieldValue, TaskKey
 from reconciler.eventlog import setup as events
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.tree.desired import load_tree
 from tests.conftest import cli_env, reconciler_cmd
 
@@ -426,7 +426,7 @@ def mixed_apply(work: Path, emulator: EmulatorProcess, args: argparse.Namespace)
     stats = emulator.stats()
     if code != 0:
         print(tail(work / "apply.log"), flush=True)
-    with StateStore.open(work / "state.db") as store:
+    with Store.open(work / "state.db") as store:
         counts = {str(k): v for k, v in store.counts().items()}
     figure("store after apply", json.dumps(counts))
     return {"_stats": stats, "seconds": round(seconds, 3), "exit_code": code, "store": counts}
@@ -602,7 +602,7 @@ def large(args: argparse.Namespace) -> dict[str, Any]:
             stats = emulator.stats()
             if code != 0:
                 print(tail(work / "apply.log"), flush=True)
-        with StateStore.open(work / "state.db") as store:
+        with Store.open(work / "state.db") as store:
             counts = {str(k): v for k, v in store.counts().items()}
     reads = counts_delta(stats, base, "GetSegmentTask")
     writes = counts_delta(stats, base, "UpdateSegment")
@@ -657,7 +657,7 @@ def routine_plan(args: argparse.Namespace) -> dict[str, Any]:
         with start_emulator(work, args.latency_ms) as emulator:
             emulator.seed(seed_rows(tasks, {k: dict(t.fields) for k, t in tasks.items()}))
             time.sleep(0.05)  # applied strictly after these incarnations started
-            with StateStore.open(work / "state.db") as store:
+            with Store.open(work / "state.db") as store:
                 with store.bulk():
                     for key, task in tasks.items():
                         store.record_success(

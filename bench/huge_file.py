@@ -2,7 +2,7 @@
 
 The daemon (``reconciler run``, a subprocess at its defaults) runs on a small
 tree (``--base-tasks``, 1,000 in files of 100) that is already in sync: the
-store holds every task as Synced (``StateStore.record_in_sync``) and the
+store holds every task as Synced (``Store.record_in_sync``) and the
 emulator (its own process) runs them with the tree's values, so it is ready
 at once. With ``/healthz`` and ``/readyz`` polled every 50 ms from processes
 of their own (a request that times out, after 5 s, counts as 5 s and as a
@@ -65,7 +65,7 @@ from bench._common import (
     memory_mb,
 )
 from reconciler.eventlog import setup as events
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.tree.desired import load_tree
 
 PER_FILE: Final = 100
@@ -114,7 +114,7 @@ def prepare(work: Path, emulator: EmulatorProcess, base_tasks: int) -> None:
     index = load_tree(root)
     if index.problems or len(index.tasks) != base_tasks:
         raise RuntimeError(f"generated tree is wrong: {len(index.tasks)}, {index.problems}")
-    with StateStore.open(work / "state.db") as store, store.bulk():
+    with Store.open(work / "state.db") as store, store.bulk():
         for key, task in index.tasks.items():
             store.record_in_sync(
                 key, business_id=task.business_id, source=task.source, fields=task.fields

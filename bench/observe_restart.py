@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import Daemon, EmulatorProcess, figure, generate
 from reconciler.core.task import TaskKey
 from reconciler.eventlog import setup as events
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.tree.desired import load_tree
 
 PER_FILE = 100
@@ -49,7 +49,7 @@ def prepare(work: Path, emulator: EmulatorProcess, tasks: int) -> list[TaskKey]:
     rows = [{**key.identity(), **dict(task.fields)} for key, task in index.tasks.items()]
     emulator.seed(rows)
     time.sleep(0.05)  # applied strictly after these incarnations started
-    with StateStore.open(work / "state.db") as store, store.bulk():
+    with Store.open(work / "state.db") as store, store.bulk():
         for key, task in index.tasks.items():
             store.record_success(
                 key,

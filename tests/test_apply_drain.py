@@ -16,7 +16,7 @@ from pathlib import Path
 
 from reconciler.core.task import SyncStatus, TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from tests.conftest import cli_env, reconciler_cmd, run_cli, tasks_yaml, wait_for, write
 
 APP = "661e4a7b9c0d1e2f"
@@ -48,7 +48,7 @@ def applied(h: EmulatorHandle) -> int:
 
 
 def recorded(tmp_path: Path) -> dict[SyncStatus, int]:
-    with StateStore.open(tmp_path / "state.db", create=False, read_only=True) as store:
+    with Store.open(tmp_path / "state.db", create=False, read_only=True) as store:
         return store.counts()
 
 
@@ -130,7 +130,7 @@ def test_an_unreachable_endpoint_during_the_reads_stops_after_one_probe(tmp_path
     reason = f"cannot reach {url}: connection refused (after 2 attempts)"
     assert f"error: cannot read live tasks: {reason}; nothing was planned or sent" in err
     assert "--no-refresh" in err, "says how to plan without reading"
-    with StateStore.open(tmp_path / "state.db", create=False, read_only=True) as store:
+    with Store.open(tmp_path / "state.db", create=False, read_only=True) as store:
         assert store.counts()[SyncStatus.PENDING] == 0 and not store.applied()
     plan = run_cli("plan", "desired", "--state", "state.db", "--endpoint", url, cwd=tmp_path)
     assert plan.returncode == 1 and f"cannot read live tasks: {reason}" in plan.stderr

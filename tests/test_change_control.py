@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from reconciler.api.client import ClientConfig, RtcClient
 from reconciler.api.credentials import Credentials
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.plan import compute_plan
 from reconciler.core.rollout import (
     CanaryState,
@@ -50,7 +50,7 @@ from reconciler.emulator import EmulatorHandle
 from reconciler.engine.daemon import Daemon, DaemonConfig
 from reconciler.engine.metrics import Metrics
 from reconciler.engine.reconcile import TaskReconciler
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.store.recorder import Recorder
 from tests.conftest import (
     ACCESS_KEY,
@@ -259,7 +259,7 @@ def test_canaries_pass_only_when_read_back_after_the_settle_window() -> None:
     spec = task.spec_hash()
     record = applied("c", 90, applied_at=100.0)
 
-    def obs(at: float, duration: int = 90, state: LiveState = LiveState.RUNNING) -> Observation:
+    def obs(at: float, duration: int = 90, state: LiveStatus = LiveStatus.RUNNING) -> Observation:
         return Observation(task.key, at, state, start_time_ms=1, fields={"Duration": duration})
 
     def check(**kw: object) -> CanaryState:
@@ -270,7 +270,7 @@ def test_canaries_pass_only_when_read_back_after_the_settle_window() -> None:
     assert check() is CanaryState.PASSED
     assert check(observation=obs(103.0)) is CanaryState.PENDING, "within the settle window"
     assert check(observation=obs(106.0, duration=30)) is CanaryState.FAILED
-    assert check(observation=obs(106.0, state=LiveState.ENDED)) is CanaryState.FAILED
+    assert check(observation=obs(106.0, state=LiveStatus.ENDED)) is CanaryState.FAILED
     assert check(failure="its call ended failed") is CanaryState.FAILED
     assert check(task=desired("c", 91)) is CanaryState.CHANGED
     assert check(record=applied("c", 60, applied_at=100.0)) is CanaryState.PENDING
@@ -383,7 +383,7 @@ def run_daemon(
     """The daemon in-process against the emulator over loopback, with a short settle window."""
 
     async def main() -> None:
-        with StateStore.open(tmp_path / "s.db", create=True) as store:
+        with Store.open(tmp_path / "s.db", create=True) as store:
             recorder = Recorder(store)
             config = ClientConfig(endpoint=emulator.url, trust_env=False)
             async with RtcClient(Credentials(ACCESS_KEY, SECRET_KEY), config=config) as client:

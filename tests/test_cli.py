@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from reconciler.core.task import Source, TaskKey
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from tests.conftest import (
     REPO,
     CliResult,
@@ -88,7 +88,7 @@ def test_plan_exit_codes_and_no_state_written(tmp_path: Path) -> None:
     r = run_cli(*offline, cwd=tmp_path)
     assert r.returncode == 0, "without --detailed-exitcode pending calls still exit 0"
 
-    with StateStore.open(tmp_path / "s.db") as store:
+    with Store.open(tmp_path / "s.db") as store:
         store.record_success(
             KEY,
             fields={"Duration": 30},
@@ -106,7 +106,7 @@ def test_plan_exit_codes_and_no_state_written(tmp_path: Path) -> None:
 
 def test_plan_json_shows_old_and_new_values(tmp_path: Path) -> None:
     one_task(tmp_path / "desired", Duration=45, Handle=True)
-    with StateStore.open(tmp_path / "s.db") as store:
+    with Store.open(tmp_path / "s.db") as store:
         store.record_success(
             KEY,
             fields={"Duration": 30, "Handle": True},
@@ -160,7 +160,7 @@ def test_options_come_from_the_environment(tmp_path: Path) -> None:
 def test_status_shows_each_task_and_json_shape(tmp_path: Path) -> None:
     r = run_cli("status", "--state", "s.db", cwd=tmp_path)
     assert r.returncode == 1 and "state store s.db does not exist" in r.stderr
-    with StateStore.open(tmp_path / "s.db") as store:
+    with Store.open(tmp_path / "s.db") as store:
         store.record_success(
             KEY,
             fields={"Duration": 30},
@@ -332,7 +332,7 @@ def deprecation_warnings(stderr: str) -> dict[str, str]:
 
 def stored_task(tmp_path: Path) -> None:
     one_task(tmp_path / "desired", Duration=30)
-    with StateStore.open(tmp_path / ".reconciler" / "state.db") as store:
+    with Store.open(tmp_path / ".reconciler" / "state.db") as store:
         store.record_success(
             KEY,
             fields={"Duration": 30},

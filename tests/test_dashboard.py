@@ -28,7 +28,7 @@ import aiohttp
 import httpx
 import pytest
 
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.task import Source, TaskKey
 from reconciler.emulator import EmulatorConfig, EmulatorHandle, running_emulator
 from reconciler.serve.dashboard import (
@@ -40,7 +40,7 @@ from reconciler.serve.dashboard import (
     stale_tasks,
 )
 from reconciler.serve.recent_events import RecentEvents, activity_kind
-from reconciler.store.base import StateStore, TaskQuery
+from reconciler.store.base import Store, TaskQuery
 from tests.conftest import ACCESS_KEY, SECRET_KEY, run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 
@@ -546,11 +546,11 @@ def test_merge_page_interleaves_new_tasks_by_key(tmp_path: Path) -> None:
     """Every page of (rows ∪ New keys), at any size, is that slice of the sorted union."""
     recorded = [TaskKey(APP, f"r{i:03d}", "seg") for i in range(0, 120, 2)]
     new = [TaskKey(APP, f"r{i:03d}", "seg") for i in range(1, 130, 4)]
-    with StateStore.open(tmp_path / "s.db") as store, store.bulk():
+    with Store.open(tmp_path / "s.db") as store, store.bulk():
         for k in recorded:
             store.record_in_sync(k, business_id=None, source=Source("a.yaml", 1, 1), fields={})
     union = sorted({*recorded, *new})
-    with StateStore.open(tmp_path / "s.db", read_only=True) as store:
+    with Store.open(tmp_path / "s.db", read_only=True) as store:
         for limit in (1, 7, 50):
             for offset in range(0, len(union) + 3, limit):
                 rows, fresh = merge_page(store, TaskQuery(), new, offset=offset, limit=limit)
@@ -570,14 +570,14 @@ def test_glob_is_sqlites_glob_for_new_tasks_too() -> None:
 
 def test_stale_reads_and_filter_parameters() -> None:
     keys = [TaskKey(APP, f"r{i}", "seg") for i in range(5)]
-    obs = {k: Observation(k, 1000.0 - i * 100, LiveState.RUNNING) for i, k in enumerate(keys[:4])}
+    obs = {k: Observation(k, 1000.0 - i * 100, LiveStatus.RUNNING) for i, k in enumerate(keys[:4])}
     count, oldest = stale_tasks(keys, obs, now=1000.0, started=900.0, after_s=150, limit=2)
     assert count == 2 and [(s.key.room_id, s.age_s) for s in oldest] == [("r3", 300), ("r2", 200)]
     # The one never read counts from the daemon's start: stale only after the limit.
     count, _ = stale_tasks(keys, obs, now=1000.0, started=800.0, after_s=150, limit=9)
     assert count == 3
     f = parse_filters({"status": ["failed,notrunning"], "live": ["not-found"], "app": ["a, b"]})
-    assert f.statuses == {"Failed", "NotRunning"} and f.lives == {LiveState.NOT_FOUND}
+    assert f.statuses == {"Failed", "NotRunning"} and f.lives == {LiveStatus.NOT_FOUND}
     assert f.apps == {"a", "b"} and f.refresh
     assert f.href(page=2) == "/?status=Failed&status=NotRunning&live=not_found&app=a%2Cb&page=2"
     assert Filters(refresh=False).href() == "/?refresh=0"

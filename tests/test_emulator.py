@@ -25,7 +25,7 @@ from reconciler.api.signing import sign, x_date
 from reconciler.core.task import TaskKey
 from reconciler.emulator import (
     LAST_BODIES,
-    ApiError,
+    ApiFault,
     EmulatorConfig,
     EmulatorHandle,
     SlidingWindowLimiter,
@@ -388,10 +388,10 @@ def test_parameter_normalisation_rules() -> None:
     update = parse_update(_ident(Handle=False))
     assert (update.duration, update.handle, update.identifier) == (None, False, None)
     assert parse_update(_ident(Duration=0)).duration == 20
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(ApiFault) as info:
         parse_update(_ident(Duration=-1))
     assert info.value.code == "InvalidParameter"
-    with pytest.raises(ApiError):
+    with pytest.raises(ApiFault):
         parse_start(_ident(TargetStreams={"StreamList": [{}] * 18}))
 
 

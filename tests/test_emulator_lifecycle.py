@@ -37,7 +37,7 @@ from reconciler.core.errors import NotRunningError, RetryableError
 from reconciler.core.task import TaskKey
 from reconciler.emulator import (
     READ_WINDOW_MS,
-    ApiError,
+    ApiFault,
     Emulator,
     EmulatorConfig,
     EmulatorHandle,
@@ -380,7 +380,7 @@ def test_read_window_boundary_in_the_task_table() -> None:
     assert table.segment_task(key, now_ms=1_000 + READ_WINDOW_MS)["StartTime"] == 1_000
     live = table.live(key, now_ms=1_001 + READ_WINDOW_MS)
     assert live is not None and not live.visible
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(ApiFault) as caught:
         table.segment_task(key, now_ms=1_001 + READ_WINDOW_MS)
     assert caught.value.code == "InvalidParameter.ErrorActiveTaskNotFound"
     # A new incarnation at the same instant still gets a later StartTime.

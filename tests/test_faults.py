@@ -17,7 +17,7 @@ import pytest
 
 from reconciler.core.task import Source, SyncStatus, TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from tests.conftest import cli_env, reconciler_cmd, run_cli, tasks_yaml, wait_for, write
 from tests.harness import BlackHole, DaemonProcess
 
@@ -69,7 +69,7 @@ def test_apply_stops_at_a_black_hole_within_two_timeouts(
     assert "call(s) not made" in errors[0]
     assert black_hole.requests <= 2, "no further sends once it is known"
     assert len(r.stderr.splitlines()) < 20, "a few lines, not one per task"
-    with StateStore.open(tmp_path / "state.db", create=False, read_only=True) as store:
+    with Store.open(tmp_path / "state.db", create=False, read_only=True) as store:
         pending = store.counts()[SyncStatus.PENDING]
     assert pending == 1, "the call in doubt stays Pending: the next run reads it first"
 
@@ -127,7 +127,7 @@ def test_a_task_left_pending_is_read_before_it_is_sent_again(
     emulator.set_task(landed, duration=30)  # the call in flight had landed
     declare(tmp_path / "desired", [landed, lost], duration=30)
     src = Source("a.yaml", 3, 5)
-    with StateStore.open(tmp_path / "state.db", create=True) as store:
+    with Store.open(tmp_path / "state.db", create=True) as store:
         for k in (landed, lost):
             store.record_success(
                 k, fields={"Duration": 20}, business_id=None, request_id="r0", source=src
@@ -142,7 +142,7 @@ def test_a_task_left_pending_is_read_before_it_is_sent_again(
     land, lose = emulator.live(landed), emulator.live(lost)
     assert land is not None and land.update_calls == 0, "it had landed: not sent again"
     assert lose is not None and lose.update_calls == 1 and lose.duration == 30
-    with StateStore.open(tmp_path / "state.db", create=False, read_only=True) as store:
+    with Store.open(tmp_path / "state.db", create=False, read_only=True) as store:
         assert {store.get(k).status for k in (landed, lost)} == {SyncStatus.SYNCED}  # type: ignore[union-attr]
 
 
@@ -155,7 +155,7 @@ def test_a_failed_task_whose_live_values_match_becomes_synced(
     declare(tmp_path / "desired", [k], duration=30)
     args = ("apply", "desired", "--state", "state.db", "--endpoint", h.url)
     assert run_cli(*args, "--no-refresh", cwd=tmp_path).returncode == 1
-    with StateStore.open(tmp_path / "state.db", create=False, read_only=True) as store:
+    with Store.open(tmp_path / "state.db", create=False, read_only=True) as store:
         assert store.get(k).status is SyncStatus.FAILED  # type: ignore[union-attr]
     h.set_faults(error_rate=0.0)
     h.set_task(k, duration=30)  # it reached the desired values another way
@@ -163,7 +163,7 @@ def test_a_failed_task_whose_live_values_match_becomes_synced(
     assert r.returncode == 0, r.stderr
     live = h.live(k)
     assert live is not None and live.update_calls == 0
-    with StateStore.open(tmp_path / "state.db", create=False, read_only=True) as store:
+    with Store.open(tmp_path / "state.db", create=False, read_only=True) as store:
         assert store.get(k).status is SyncStatus.SYNCED  # type: ignore[union-attr]
 
 
@@ -206,7 +206,7 @@ def test_sighup_makes_run_reread_the_tree_and_apply_drain(
     assert proc.returncode == 1 and "SIGHUP: no new calls" in err
     assert "every answer received was recorded" in err
     applied = updates(slow)
-    with StateStore.open(tmp_path / "s2.db", create=False, read_only=True) as store:
+    with Store.open(tmp_path / "s2.db", create=False, read_only=True) as store:
         counts = store.counts()
     assert counts[SyncStatus.SYNCED] == applied and counts[SyncStatus.PENDING] == 0
     assert f"Apply: {applied} synced" in out, "the summary is printed"

@@ -17,7 +17,7 @@ from reconciler.core.guard import ForgetLimit, check_forgets, parse_max_forget
 from reconciler.core.plan import Forget, Plan
 from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from tests.conftest import run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 
@@ -36,7 +36,7 @@ def start(h: EmulatorHandle, keys: list[TaskKey]) -> None:
 
 
 def recorded(tmp_path: Path) -> tuple[str | None, set[TaskKey]]:
-    with StateStore.open(tmp_path / "state.db", create=False, read_only=True) as store:
+    with Store.open(tmp_path / "state.db", create=False, read_only=True) as store:
         return store.tree_root(), set(store.applied())
 
 

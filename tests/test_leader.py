@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from reconciler.core.task import Source, TaskKey
-from reconciler.store.base import FencedError, StateStore
+from reconciler.store.base import FencedError, Store
 from reconciler.store.leader import LOCK_KEY, Leadership, read_leader
 from reconciler.store.postgres import SCHEMA
 
@@ -155,12 +155,12 @@ def test_the_store_refuses_a_deposed_leaders_result(postgres_url: str) -> None:
 
     async def scenario() -> None:
         # The store first: it makes the schema the leader row then joins.
-        StateStore.open(postgres_url, create=True).close()
+        Store.open(postgres_url, create=True).close()
         a = Replica(postgres_url, "a", schema=SCHEMA)
         await until(lambda: a.elected)
         b = Replica(postgres_url, "b", schema=SCHEMA)
         await until(lambda: b.lead.leader is not None)
-        with StateStore.open(postgres_url, fencing=a.lead) as store:
+        with Store.open(postgres_url, fencing=a.lead) as store:
             store.record_success(
                 key, fields={"Duration": 30}, business_id=None, request_id="r1", source=where
             )
@@ -171,7 +171,7 @@ def test_the_store_refuses_a_deposed_leaders_result(postgres_url: str) -> None:
                 store.record_success(
                     key, fields={"Duration": 60}, business_id=None, request_id="r2", source=where
                 )
-        with StateStore.open(postgres_url, fencing=b.lead) as store:
+        with Store.open(postgres_url, fencing=b.lead) as store:
             record = store.get(key)
             assert record is not None and record.request_id == "r1"
             store.record_success(
@@ -218,7 +218,7 @@ def test_a_stale_leader_is_taken_over_once_its_lease_surely_ended(postgres_url: 
     than the margin after the frozen one's lease ended, and ends those sessions."""
 
     async def scenario() -> None:
-        StateStore.open(postgres_url, create=True).close()
+        Store.open(postgres_url, create=True).close()
         a = Replica(postgres_url, "a", schema=SCHEMA)
         await until(lambda: a.elected)
         b = Replica(postgres_url, "b", schema=SCHEMA)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from reconciler.emulator import EmulatorHandle
-from reconciler.store.base import PostgresURL, StateError, StateStore
+from reconciler.store.base import PostgresURL, Store, StoreError
 from reconciler.store.lock import PostgresWriter, StoreInUse, WriterLock, lock_path
 from tests.conftest import ACCESS_KEY, SECRET_KEY, run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
@@ -132,8 +132,8 @@ def test_a_refused_writer_never_touches_the_store(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from reconciler.store.base import StateStore\n"
-         f"s = StateStore.open({str(db)!r}, command='holder')\n"
+         "from reconciler.store.base import Store\n"
+         f"s = Store.open({str(db)!r}, command='holder')\n"
          "print('open', flush=True)\n"
          "time.sleep(60)\n"],
         stdout=subprocess.PIPE, text=True,
@@ -143,17 +143,17 @@ def test_a_refused_writer_never_touches_the_store(tmp_path: Path) -> None:
         assert "open\n" in iter(holder.stdout.readline, ""), "the holder opened the store"
         before = db.read_bytes()
         with pytest.raises(StoreInUse, match=rf"holder \(pid {holder.pid} on ") as refused:
-            StateStore.open(db)
+            Store.open(db)
         assert refused.value.holder is not None and refused.value.holder.pid == holder.pid
         with pytest.raises(StoreInUse):
-            StateStore.open(tmp_path / "state.db", create=False)
-        with StateStore.open(db, read_only=True) as reader:  # a reader is welcome
+            Store.open(tmp_path / "state.db", create=False)
+        with Store.open(db, read_only=True) as reader:  # a reader is welcome
             assert reader.all() == []
         assert db.read_bytes() == before
     finally:
         holder.kill()
         holder.wait()
-    with StateStore.open(db) as store:  # the holder died: its lock went with it
+    with Store.open(db) as store:  # the holder died: its lock went with it
         assert store.all() == []
 
 
@@ -162,11 +162,11 @@ def test_the_lock_is_shared_within_a_process_and_goes_with_the_last_handle(
 ) -> None:
     db = tmp_path / "state.db"
     probe = [sys.executable, "-c",
-             "from reconciler.store.base import StateStore, StateError\n"
-             f"try:\n    StateStore.open({str(db)!r}).close()\nexcept StateError as e:\n"
+             "from reconciler.store.base import Store, StoreError\n"
+             f"try:\n    Store.open({str(db)!r}).close()\nexcept StoreError as e:\n"
              "    print(e)\n    raise SystemExit(3)\n"]  # fmt: skip
-    one = StateStore.open(db)
-    two = StateStore.open(db)  # the same process: one writer still
+    one = Store.open(db)
+    two = Store.open(db)  # the same process: one writer still
     one.close()
     assert subprocess.run(probe, capture_output=True, check=False).returncode == 3
     two.close()
@@ -179,7 +179,7 @@ def test_the_lock_is_shared_within_a_process_and_goes_with_the_last_handle(
 def test_a_stale_lock_file_is_no_holder(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     lock_path(db).write_text('{"pid": 1, "host": "elsewhere", "since": "x", "command": "run"}')
-    with StateStore.open(db) as store:
+    with Store.open(db) as store:
         assert store.opened_schema == 0
         assert f'"pid": {os.getpid()}' in lock_path(db).read_text()
 
@@ -228,7 +228,7 @@ def test_apply_is_refused_while_a_replica_leads_and_goes_with_the_override(
 
 def test_apply_holds_the_election_lock_while_it_runs(postgres_url: str) -> None:
     url = PostgresURL(postgres_url)
-    with StateStore.open(url):
+    with Store.open(url):
         pass
     first = PostgresWriter.claim(url, command="reconciler apply")
     try:
@@ -252,6 +252,6 @@ def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     url = PostgresURL(f"postgresql://u:hunter2@127.0.0.1:{port}/db?connect_timeout=1")
     started = time.monotonic()
-    with pytest.raises(StateError, match="cannot connect") as refused:
+    with pytest.raises(StoreError, match="cannot connect") as refused:
         PostgresWriter.claim(url, command="reconciler apply")
     assert "hunter2" not in str(refused.value) and time.monotonic() - started < 10

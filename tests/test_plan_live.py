@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.core.live import LiveState, Observation, from_segment_task, not_found
+from reconciler.core.live import LiveStatus, Observation, from_segment_task, not_found
 from reconciler.core.plan import SETTLE_S, compute_plan
 from reconciler.core.task import AppliedRecord, DesiredTask, FieldValue, Source, TaskKey
 
@@ -121,14 +121,14 @@ def test_an_ended_task_costs_no_call_until_a_new_incarnation_runs() -> None:
     plan = compute_plan(desired(**wanted), applied(WANTED), observations=ended)
     assert plan.calls == ()
     (e,) = plan.ended
-    assert e.observation.stop_reason == "IdleTimeOut" and e.observation.state is LiveState.ENDED
+    assert e.observation.stop_reason == "IdleTimeOut" and e.observation.state is LiveStatus.ENDED
 
 
 def test_a_task_out_of_sight_falls_back_to_last_applied() -> None:
     long_ago = int((APPLIED_AT - 80 * 3600) * 1000)
     seen = live(after=0, start=long_ago)[K]  # started 80 h before this read
     unknown = not_found(K, observed_at=APPLIED_AT + 60, last=seen)
-    assert unknown.state is LiveState.UNKNOWN, "started > 72 h ago: not visible, not ended"
+    assert unknown.state is LiveStatus.UNKNOWN, "started > 72 h ago: not visible, not ended"
     plan = compute_plan(desired(**WANTED), applied(WANTED), observations={K: unknown})
     assert plan.calls == () and plan.ended == () and plan.observed == 0
     changed = compute_plan(
@@ -141,7 +141,7 @@ def test_a_task_out_of_sight_falls_back_to_last_applied() -> None:
 def test_a_task_seen_recently_and_now_gone_is_not_running() -> None:
     seen = live(after=0, start=int((APPLIED_AT - 3600) * 1000))[K]
     gone = not_found(K, observed_at=APPLIED_AT + 60, last=seen)
-    assert gone.state is LiveState.NOT_FOUND
+    assert gone.state is LiveStatus.NOT_FOUND
 
 
 def test_a_first_sync_seen_live_sends_only_what_differs() -> None:

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.plan import SETTLE_S, compute_plan
 from reconciler.core.task import DesiredTask, Source, TaskKey
 from reconciler.emulator import EmulatorHandle
 from reconciler.engine import savedplan
 from reconciler.engine.savedplan import StoreStamp, TreeDigest
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from tests.conftest import run_cli, tasks_yaml, write
 
 APP = "661e4a7b9c0d1e2f"
@@ -224,11 +224,11 @@ def test_a_saved_read_never_replaces_a_newer_one_in_the_store(
     args = ("--state", "s.db", "--refresh")
     assert cli(tmp_path, emulator, "plan", "desired", *args, "--save", "p.json")[0] == 0
     assert cli(tmp_path, emulator, "apply", "desired", *args)[0] == 0  # reads again, sends nothing
-    with StateStore.open(tmp_path / "s.db", read_only=True) as store:
+    with Store.open(tmp_path / "s.db", read_only=True) as store:
         newer = store.observations()
     code, _, err = cli(tmp_path, emulator, "apply", "p.json", "--state", "s.db")
     assert code == 0, err
-    with StateStore.open(tmp_path / "s.db", read_only=True) as store:
+    with Store.open(tmp_path / "s.db", read_only=True) as store:
         assert store.observations() == newer
     saved = json.loads((tmp_path / "p.json").read_text())["observations"]
     assert all(o["observed_at"] < newer[A].observed_at for o in saved)
@@ -237,7 +237,7 @@ def test_a_saved_read_never_replaces_a_newer_one_in_the_store(
 def test_round_trip_and_staleness_are_pure() -> None:
     task = DesiredTask(A, None, {"Duration": 45}, Source(FILE, 3, 5))
     obs = Observation(
-        A, 1.5e9, LiveState.RUNNING, start_time_ms=7, status=2, fields={"Duration": 9}
+        A, 1.5e9, LiveStatus.RUNNING, start_time_ms=7, status=2, fields={"Duration": 9}
     )
     plan = compute_plan({A: task}, {}, observations={A: obs})
     digest = TreeDigest({FILE: "ab" * 32})

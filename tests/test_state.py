@@ -21,16 +21,16 @@ from pathlib import Path
 import pytest
 
 from reconciler.core.errors import NotRunningError
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.task import AppliedRecord, DesiredTask, FieldValue, Source, SyncStatus, TaskKey
 from reconciler.store.base import (
     SCHEMA_VERSION,
     PostgresURL,
-    StateError,
-    StateStore,
+    Store,
+    StoredTask,
+    StoreError,
     StoreLocation,
     StoreWriteError,
-    TaskState,
     heal_reason,
 )
 from reconciler.store.recorder import Recorder
@@ -60,13 +60,13 @@ def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> StoreLocation:
     return PostgresURL(server.create_database())
 
 
-def open_store(path: StoreLocation) -> StateStore:
-    return StateStore.open(path)
+def open_store(path: StoreLocation) -> Store:
+    return Store.open(path)
 
 
-def reopened(path: StoreLocation, key: TaskKey = KEY) -> TaskState:
+def reopened(path: StoreLocation, key: TaskKey = KEY) -> StoredTask:
     """The row as a fresh process would see it: proves the write was committed."""
-    with StateStore.open(path, create=False) as store:
+    with Store.open(path, create=False) as store:
         state = store.get(key)
     assert state is not None
     return state
@@ -107,32 +107,32 @@ def test_existing_parent_directory_keeps_its_mode(tmp_path: Path) -> None:
 
 
 def test_create_false_refuses_a_missing_store(db: Path) -> None:
-    with pytest.raises(StateError, match=f"state store {db} does not exist"):
-        StateStore.open(db, create=False)
+    with pytest.raises(StoreError, match=f"state store {db} does not exist"):
+        Store.open(db, create=False)
     assert not db.exists()
     assert not db.parent.exists()
 
 
 def test_directory_in_place_of_the_file_is_a_clear_error(db: Path) -> None:
     db.mkdir(parents=True)
-    with pytest.raises(StateError, match=f"state store {db} is a directory"):
-        StateStore.open(db)
+    with pytest.raises(StoreError, match=f"state store {db} is a directory"):
+        Store.open(db)
 
 
 def test_parent_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("not a folder")
     path = tmp_path / "state" / "state.db"
-    with pytest.raises(StateError, match=f"state store {path}: cannot create"):
-        StateStore.open(path)
+    with pytest.raises(StoreError, match=f"state store {path}: cannot create"):
+        Store.open(path)
 
 
 def test_closed_store_refuses_use(store_at: StoreLocation) -> None:
     store = open_store(store_at)
     store.close()
     store.close()  # idempotent
-    with pytest.raises(StateError, match="is closed"):
+    with pytest.raises(StoreError, match="is closed"):
         store.applied()
-    with pytest.raises(StateError, match="is closed"):
+    with pytest.raises(StoreError, match="is closed"):
         store.forget(KEY)
 
 
@@ -297,10 +297,10 @@ def test_record_release_drops_fields(store_at: StoreLocation) -> None:
 
 def test_record_release_refuses_values_never_applied(store_at: StoreLocation) -> None:
     with open_store(store_at) as store:
-        with pytest.raises(StateError, match="no last-applied values"):
+        with pytest.raises(StoreError, match="no last-applied values"):
             store.record_release(KEY, fields={})
         store.mark_pending(KEY, source=SRC, business_id=None)
-        with pytest.raises(StateError, match="no last-applied values"):
+        with pytest.raises(StoreError, match="no last-applied values"):
             store.record_release(KEY, fields={})
         store.record_success(
             KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, at=T0
@@ -317,7 +317,7 @@ def test_null_fields_differ_from_empty_fields(store_at: StoreLocation) -> None:
     with open_store(store_at) as store:
         store.mark_pending(never, source=SRC, business_id=None)
         store.record_in_sync(empty, business_id=None, source=SRC, fields={})
-    with StateStore.open(store_at) as store:
+    with Store.open(store_at) as store:
         applied = store.applied()
     assert applied[never].fields is None
     assert applied[empty].fields == {}
@@ -366,7 +366,7 @@ def test_forget_removes_the_row(store_at: StoreLocation) -> None:
         store.forget(KEY)
         store.forget(KEY)  # already gone: fine
         assert store.get(KEY) is None
-    with StateStore.open(store_at) as store:
+    with Store.open(store_at) as store:
         assert store.applied() == {}
 
 
@@ -465,14 +465,14 @@ def test_each_writer_commits_before_returning(store_at: StoreLocation) -> None:
     with open_store(store_at) as store:
         store.mark_pending(KEY, source=SRC, business_id=None)
         # A second connection (another process, e.g. `status`) already sees it.
-        with StateStore.open(store_at, create=False) as reader:
+        with Store.open(store_at, create=False) as reader:
             state = reader.get(KEY)
         assert state is not None and state.status is SyncStatus.PENDING
 
 
 def test_bulk_is_one_transaction(store_at: StoreLocation) -> None:
     keys = [TaskKey("a", "r", f"t{i}") for i in range(50)]
-    with open_store(store_at) as store, StateStore.open(store_at) as reader:
+    with open_store(store_at) as store, Store.open(store_at) as reader:
         with store.bulk():
             for key in keys:
                 store.record_in_sync(key, business_id=None, source=SRC, fields={})
@@ -500,9 +500,9 @@ def test_a_killed_process_loses_no_recorded_result(db: Path) -> None:
     writer = f"""
 import sys
 from pathlib import Path
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.core.task import Source, TaskKey
-store = StateStore.open(Path({str(db)!r}))
+store = Store.open(Path({str(db)!r}))
 src = Source("a.yaml", 1, 1)
 i = 0
 while True:
@@ -537,7 +537,7 @@ while True:
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert done == list(range(40))
-    with StateStore.open(db, create=False) as store:
+    with Store.open(db, create=False) as store:
         applied = store.applied()
         for i in done:
             key = TaskKey("app", "room", f"t{i:05d}")
@@ -674,7 +674,7 @@ def test_new_store_is_at_the_current_schema(db: Path) -> None:
 def test_v1_store_is_migrated_forward(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     write_v1_store(path)
-    with StateStore.open(path, create=False) as store:
+    with Store.open(path, create=False) as store:
         applied = store.applied()
         conn = sqlite3.connect(path)
         (stamp,) = conn.execute(
@@ -709,7 +709,7 @@ def test_v1_store_is_migrated_forward(tmp_path: Path) -> None:
         assert store.applied()[KEY].failed_spec == "feed"
     assert user_version(path) == SCHEMA_VERSION
     # Opening again applies nothing more and keeps the data.
-    with StateStore.open(path) as store:
+    with Store.open(path) as store:
         assert store.applied()[KEY].fields == FIELDS
 
 
@@ -724,8 +724,8 @@ def test_store_from_a_newer_reconciler_is_refused(db: Path) -> None:
         f"state store {db} was written by a newer reconciler "
         f"(schema {SCHEMA_VERSION + 1}, this one knows up to {SCHEMA_VERSION})"
     )
-    with pytest.raises(StateError) as err:
-        StateStore.open(db)
+    with pytest.raises(StoreError) as err:
+        Store.open(db)
     assert str(err.value) == expected
     assert user_version(db) == SCHEMA_VERSION + 1  # untouched
 
@@ -734,8 +734,8 @@ def test_garbage_file_is_refused_not_reset(db: Path) -> None:
     db.parent.mkdir()
     garbage = b"this is not sqlite at all\x00\xff" * 200
     db.write_bytes(garbage)
-    with pytest.raises(StateError) as err:
-        StateStore.open(db)
+    with pytest.raises(StoreError) as err:
+        Store.open(db)
     message = str(err.value)
     assert str(db) in message
     assert "not a usable SQLite database" in message
@@ -758,8 +758,8 @@ def test_damaged_pages_are_reported_as_corrupt(db: Path) -> None:
         for page in range(2, 8):
             f.seek(page * page_size)
             f.write(b"\xa5" * page_size)
-    with pytest.raises(StateError) as err:
-        StateStore.open(db)
+    with pytest.raises(StoreError) as err:
+        Store.open(db)
     assert str(err.value).startswith(f"state store {db} is corrupt: ")
     assert "\n" not in str(err.value)
 
@@ -770,8 +770,8 @@ def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
     conn.execute("CREATE TABLE accounts (id INTEGER)")
     conn.commit()
     conn.close()
-    with pytest.raises(StateError, match="SQLite database of something else"):
-        StateStore.open(other)
+    with pytest.raises(StoreError, match="SQLite database of something else"):
+        Store.open(other)
 
     versioned = tmp_path / "versioned.db"
     conn = sqlite3.connect(versioned)
@@ -779,8 +779,8 @@ def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
-    with pytest.raises(StateError, match="application id 0x0"):
-        StateStore.open(versioned)
+    with pytest.raises(StoreError, match="application id 0x0"):
+        Store.open(versioned)
 
 
 def test_read_only_open_never_writes_the_file(tmp_path: Path) -> None:
@@ -788,7 +788,7 @@ def test_read_only_open_never_writes_the_file(tmp_path: Path) -> None:
     write_v1_store(old)
     old.chmod(0o644)
     before = old.read_bytes()
-    with StateStore.open(old, create=False, read_only=True) as store:
+    with Store.open(old, create=False, read_only=True) as store:
         applied = store.applied()
         row = store.get(TaskKey("app1", "room1", "task1"))
     assert row is not None and row.source_path == "rooms/a.yaml", "migrated in memory"
@@ -802,11 +802,11 @@ def test_read_only_open_never_writes_the_file(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty.db"
     empty.touch()
-    with pytest.raises(StateError, match="empty file"):  # not a store: refused, not read as one
-        StateStore.open(empty, create=False, read_only=True)
+    with pytest.raises(StoreError, match="empty file"):  # not a store: refused, not read as one
+        Store.open(empty, create=False, read_only=True)
     assert empty.stat().st_size == 0
 
-    with StateStore.open(old) as store:  # a writer upgrades and tightens it
+    with Store.open(old) as store:  # a writer upgrades and tightens it
         pass
     assert user_version(old) == SCHEMA_VERSION and mode(old) == 0o600
 
@@ -842,7 +842,7 @@ def write_v2_store(path: Path) -> None:
 def test_v2_store_is_migrated_to_since_times_and_a_meta_table(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
     write_v2_store(path)
-    with StateStore.open(path, create=False) as store:
+    with Store.open(path, create=False) as store:
         state = store.get(KEY)
         assert state is not None
         # No history in v2: the row's last write is the best since-time there is.
@@ -856,7 +856,7 @@ def test_v2_store_is_migrated_to_since_times_and_a_meta_table(tmp_path: Path) ->
         )
         assert store.get(KEY).status_since == T0  # type: ignore[union-attr]
     assert user_version(path) == SCHEMA_VERSION
-    with StateStore.open(path, create=False, read_only=True) as store:
+    with Store.open(path, create=False, read_only=True) as store:
         assert store.tree_root() == "/srv/config/desired"
 
 
@@ -864,7 +864,7 @@ def test_read_only_open_migrates_a_v2_store_in_memory_only(tmp_path: Path) -> No
     path = tmp_path / "v2.db"
     write_v2_store(path)
     before = path.read_bytes()
-    with StateStore.open(path, create=False, read_only=True) as store:
+    with Store.open(path, create=False, read_only=True) as store:
         assert store.tree_root() is None
         (row,) = store.all()
         assert row.status_since == T0 and row.next_retry_at is None
@@ -884,7 +884,7 @@ def test_generation_counts_changes_to_what_the_planner_reads_and_reads_do_not(
         )
         assert store.generation() == 2
         store.record_observation(
-            Observation(key=KEY, observed_at=T2.timestamp(), state=LiveState.UNKNOWN)
+            Observation(key=KEY, observed_at=T2.timestamp(), state=LiveStatus.UNKNOWN)
         )
         assert store.generation() == 2, "a read changes nothing a plan depends on"
         with store.bulk():  # one transaction, one bump
@@ -895,26 +895,26 @@ def test_generation_counts_changes_to_what_the_planner_reads_and_reads_do_not(
             store.forget(KEY)
             raise RuntimeError("rolled back")
         assert store.generation() == 3 and store.get(KEY) is not None
-    with StateStore.open(store_at, create=False, read_only=True) as store:
+    with Store.open(store_at, create=False, read_only=True) as store:
         assert (store.lineage(), store.generation(), store.opened_schema) == (
             lineage,
             3,
             SCHEMA_VERSION,
         )
-    with StateStore.open(store_at, create=False) as store:
+    with Store.open(store_at, create=False) as store:
         assert store.lineage() == lineage, "the lineage is made once, with the store"
 
 
 def test_an_older_store_gets_its_lineage_when_the_file_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
     write_v2_store(path)
-    with StateStore.open(path, create=False, read_only=True) as store:
+    with Store.open(path, create=False, read_only=True) as store:
         # Migrated in memory only: an id made now would not be the file's.
         assert store.lineage() is None and store.generation() == 0 and store.opened_schema == 2
-    with StateStore.open(path, create=False) as store:
+    with Store.open(path, create=False) as store:
         assert store.opened_schema == 2 and store.lineage() is not None
         lineage = store.lineage()
-    with StateStore.open(path, create=False, read_only=True) as store:
+    with Store.open(path, create=False, read_only=True) as store:
         assert store.lineage() == lineage
 
 
@@ -1039,7 +1039,7 @@ def test_tree_root_is_kept_as_given_and_must_be_absolute(
         store.record_tree_root(str(link))  # recording it again is fine
         with pytest.raises(ValueError, match="not an absolute path"):
             store.record_tree_root("desired")
-    with StateStore.open(store_at, create=False) as store:
+    with Store.open(store_at, create=False) as store:
         assert store.tree_root() == str(link), "the link, not today's target"
 
 
@@ -1087,7 +1087,7 @@ def test_a_heal_is_kept_until_the_next_one_whatever_comes_between(
             at=T3,
         )
         snapshot = store.snapshot()
-    with StateStore.open(tmp_path / "copy.db") as copy:
+    with Store.open(tmp_path / "copy.db") as copy:
         copy.restore(snapshot)
         row = copy.get(KEY)
     assert row is not None and (row.last_heal_at, row.last_heal_reason) == (
@@ -1147,22 +1147,22 @@ def test_a_corrupt_row_is_an_error_naming_the_task_and_the_store(store_at: Store
         for key in (KEY, other):
             store.record_success(key, fields=FIELDS, business_id=None, request_id="r", source=SRC)
             store.record_observation(
-                Observation(key, 1.0, LiveState.RUNNING, 5, None, None, 2, {"Duration": 30})
+                Observation(key, 1.0, LiveStatus.RUNNING, 5, None, None, 2, {"Duration": 30})
             )
     where = "app_id = ? AND room_id = ? AND task_id = ?"
     raw_execute(store_at, f"UPDATE tasks SET applied_fields = '{{\"Dur' WHERE {where}", KEY)
     with open_store(store_at) as store:
         for read in (store.applied, store.all, lambda: store.get(KEY)):
-            with pytest.raises(StateError) as refused:
+            with pytest.raises(StoreError) as refused:
                 read()
             assert str(refused.value).startswith(f"state store {store_at}: the row of task {KEY}")
             assert "last-applied fields cannot be read" in str(refused.value)
         assert store.get(other) is not None, "the other rows read as ever"
-        with pytest.raises(StateError, match="last-applied fields cannot be read"):
+        with pytest.raises(StoreError, match="last-applied fields cannot be read"):
             store.record_release(KEY, fields={})
     raw_execute(store_at, f"UPDATE tasks SET applied_fields = NULL WHERE {where}", KEY)
     raw_execute(store_at, f"UPDATE observations SET fields = '42' WHERE {where}", KEY)
-    with open_store(store_at) as store, pytest.raises(StateError) as refused:
+    with open_store(store_at) as store, pytest.raises(StoreError) as refused:
         store.observations()
     assert f"task {KEY} is corrupt: its latest observation cannot be read" in str(refused.value)
 

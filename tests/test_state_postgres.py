@@ -17,15 +17,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.task import FieldValue, Source, SyncStatus, TaskKey
 from reconciler.emulator import EmulatorHandle
 from reconciler.store.base import (
     SCHEMA_VERSION,
     FencedError,
     PostgresURL,
-    StateError,
-    StateStore,
+    Store,
+    StoreError,
     TaskQuery,
 )
 from reconciler.store.postgres import MIGRATIONS, SCHEMA, Cursor, open_postgres
@@ -53,7 +53,7 @@ def test_a_new_store_is_a_versioned_schema_of_its_own(postgres_url: str) -> None
     with admin(postgres_url) as conn:  # someone else's table in the shared database
         conn.execute("CREATE TABLE public.other (x int)")
         conn.execute("INSERT INTO public.other VALUES (42)")
-    with StateStore.open(postgres_url) as store:
+    with Store.open(postgres_url) as store:
         assert store.opened_schema == 0 and store.lineage() is not None
         store.record_success(KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC)
     assert version_row(postgres_url) == ("rtc-segment-reconciler", SCHEMA_VERSION)
@@ -70,13 +70,13 @@ def test_a_new_store_is_a_versioned_schema_of_its_own(postgres_url: str) -> None
         (SCHEMA, "schema_version"),
         (SCHEMA, "tasks"),
     ]
-    with StateStore.open(postgres_url, create=False) as store:
+    with Store.open(postgres_url, create=False) as store:
         assert store.opened_schema == SCHEMA_VERSION and store.get(KEY) is not None
 
 
 def test_forward_steps_apply_once_and_a_newer_schema_is_refused(postgres_url: str) -> None:
     url = PostgresURL(postgres_url)
-    with StateStore.open(url) as store:
+    with Store.open(url) as store:
         store.record_success(KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC)
         lineage = store.lineage()
 
@@ -96,8 +96,8 @@ def test_forward_steps_apply_once_and_a_newer_schema_is_refused(postgres_url: st
         ]
     for read_only in (False, True):
         newer = rf"written by a newer reconciler \(schema {SCHEMA_VERSION + 1}, this one"
-        with pytest.raises(StateError, match=newer):
-            StateStore.open(url, read_only=read_only)
+        with pytest.raises(StoreError, match=newer):
+            Store.open(url, read_only=read_only)
     assert version_row(postgres_url) == ("rtc-segment-reconciler", SCHEMA_VERSION + 1)
     with admin(postgres_url) as c:
         (meta,) = c.execute("SELECT value FROM reconciler.meta WHERE key = 'lineage'").fetchall()
@@ -106,13 +106,13 @@ def test_forward_steps_apply_once_and_a_newer_schema_is_refused(postgres_url: st
 
 def test_a_failed_step_leaves_the_store_as_it_was(postgres_url: str) -> None:
     url = PostgresURL(postgres_url)
-    StateStore.open(url).close()
+    Store.open(url).close()
 
     def broken(cur: Cursor) -> None:
         cur.execute("ALTER TABLE reconciler.tasks ADD COLUMN half TEXT")
         cur.execute("SELECT no_such_function()")
 
-    with pytest.raises(StateError, match="no_such_function"):
+    with pytest.raises(StoreError, match="no_such_function"):
         steps = {**MIGRATIONS, SCHEMA_VERSION: (SCHEMA_VERSION + 1, broken)}
         open_postgres(url, create=True, read_only=False, steps=steps)
     assert version_row(postgres_url) == ("rtc-segment-reconciler", SCHEMA_VERSION)
@@ -137,9 +137,9 @@ def test_a_schema_6_store_gets_the_last_heal_columns(postgres_url: str) -> None:
             " '2024-05-01T12:00:00.000000Z')"
         )
     assert version_row(postgres_url) == ("rtc-segment-reconciler", 6)
-    with pytest.raises(StateError, match="cannot upgrade it"):
-        StateStore.open(url, read_only=True)
-    with StateStore.open(url) as store:
+    with pytest.raises(StoreError, match="cannot upgrade it"):
+        Store.open(url, read_only=True)
+    with Store.open(url) as store:
         assert store.opened_schema == 6
         row = store.get(KEY)
         assert row is not None and row.fields == {"Duration": 30}
@@ -148,7 +148,7 @@ def test_a_schema_6_store_gets_the_last_heal_columns(postgres_url: str) -> None:
             KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC, heal="restart"
         )
     assert version_row(postgres_url) == ("rtc-segment-reconciler", SCHEMA_VERSION)
-    with StateStore.open(url, read_only=True) as store:
+    with Store.open(url, read_only=True) as store:
         row = store.get(KEY)
         assert row is not None and row.last_heal_reason == "restart" and row.last_heal_at
 
@@ -172,8 +172,8 @@ def test_a_foreign_database_is_refused_not_reset(
         for statement in setup.split("; "):
             conn.execute(statement)
     for read_only in (False, True):
-        with pytest.raises(StateError, match=f"is not a reconciler database: .*{message}"):
-            StateStore.open(postgres_url, read_only=read_only)
+        with pytest.raises(StoreError, match=f"is not a reconciler database: .*{message}"):
+            Store.open(postgres_url, read_only=read_only)
     with admin(postgres_url) as conn:
         tables = conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'reconciler'"
@@ -186,29 +186,29 @@ def test_other_tables_in_the_schema_are_left_alone(postgres_url: str) -> None:
     with admin(postgres_url) as conn:
         conn.execute("CREATE SCHEMA reconciler")
         conn.execute("CREATE TABLE reconciler.leader (epoch int)")
-    with StateStore.open(postgres_url) as store:
+    with Store.open(postgres_url) as store:
         assert store.opened_schema == 0
 
 
 def test_read_only_writes_nothing(postgres_url: str) -> None:
-    with pytest.raises(StateError, match="does not exist"):
-        StateStore.open(postgres_url, read_only=True)
-    with pytest.raises(StateError, match="does not exist"):
-        StateStore.open(postgres_url, create=False)
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.open(postgres_url, read_only=True)
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.open(postgres_url, create=False)
     assert version_row(postgres_url) is None, "no schema made by a dry run"
-    with StateStore.open(postgres_url) as store:
+    with Store.open(postgres_url) as store:
         store.record_success(KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC)
         generation = store.generation()
-    with StateStore.open(postgres_url, read_only=True) as store:
+    with Store.open(postgres_url, read_only=True) as store:
         assert store.read_only and store.get(KEY) is not None
-        with pytest.raises(StateError, match="read-only transaction"):
+        with pytest.raises(StoreError, match="read-only transaction"):
             store.forget(KEY)
-        with pytest.raises(StateError, match="read-only transaction"):
+        with pytest.raises(StoreError, match="read-only transaction"):
             store.record_tree_root("/srv/desired")
-        with pytest.raises(StateError, match="read-only transaction"), store.bulk():
+        with pytest.raises(StoreError, match="read-only transaction"), store.bulk():
             store.mark_pending(KEY, source=SRC, business_id=None)
         assert store.generation() == generation
-    with StateStore.open(postgres_url) as store:
+    with Store.open(postgres_url) as store:
         assert store.generation() == generation and store.tree_root() is None
         assert store.get(KEY) is not None
 
@@ -246,9 +246,9 @@ def test_the_fence_is_checked_in_every_write_transaction_before_its_writes(
         conn.execute("CREATE TABLE public.lease (epoch int NOT NULL)")
         conn.execute("INSERT INTO public.lease VALUES (1)")
     with pytest.raises(ValueError, match="PostgreSQL"):
-        StateStore.open(Path("x.db"), fencing=EpochFence(1))
+        Store.open(Path("x.db"), fencing=EpochFence(1))
     fence = EpochFence(1)
-    with StateStore.open(postgres_url, fencing=fence) as store:
+    with Store.open(postgres_url, fencing=fence) as store:
         assert fence.checks == [], "opening is not fenced"
         store.mark_pending(KEY, source=SRC, business_id=None)
         store.record_success(KEY, fields=FIELDS, business_id=None, request_id="r", source=SRC)
@@ -256,7 +256,7 @@ def test_the_fence_is_checked_in_every_write_transaction_before_its_writes(
             for n in range(5):
                 store.record_in_sync(TaskKey("a", "r", f"t{n}"), business_id=None, source=SRC,
                                      fields={})  # fmt: skip
-        store.record_observation(Observation(key=KEY, observed_at=1.0, state=LiveState.RUNNING))
+        store.record_observation(Observation(key=KEY, observed_at=1.0, state=LiveStatus.RUNNING))
         store.applied(), store.all(), store.generation()  # reads are not fenced
         assert len(fence.checks) == 4, "one check per transaction"
         ((pid,),) = store._query("SELECT pg_backend_pid()")
@@ -296,23 +296,23 @@ def test_passwords_never_reach_repr_errors_or_events(
         PostgresURL("postgresql://someone:pw-Sec%zzret@127.0.0.1/db"),  # libpq quotes it
         PostgresURL("postgresql://u@127.0.0.1:1/db?password=pw-Secret&bogus=1"),
     ):
-        with pytest.raises(StateError) as info:
-            StateStore.open(bad)
+        with pytest.raises(StoreError) as info:
+            Store.open(bad)
         messages.append(str(info.value))
         assert info.value.__cause__ is None, "no driver error chained: it may quote the URL"
-        with pytest.raises(StateError) as info:
+        with pytest.raises(StoreError) as info:
             bad.exists()
         messages.append(str(info.value))
     assert all("cannot connect" in m for m in messages), messages
     for text in [*messages, capsys.readouterr().err]:
         assert "Sec" not in text, text
     url_ok = PostgresURL(postgres_server.create_database())
-    with StateStore.open(url_ok) as store:
+    with Store.open(url_ok) as store:
         assert postgres_server.password not in repr(store) + str(store.path)
 
 
 def test_a_connection_lost_between_writes_is_opened_again(postgres_url: str) -> None:
-    with StateStore.open(postgres_url) as store:
+    with Store.open(postgres_url) as store:
         store.mark_pending(KEY, source=SRC, business_id=None)
         ((pid,),) = store._query("SELECT pg_backend_pid()")
         with admin(postgres_url) as conn:
@@ -323,7 +323,7 @@ def test_a_connection_lost_between_writes_is_opened_again(postgres_url: str) -> 
         assert again != pid and store.counts()[SyncStatus.SYNCED] == 1
 
 
-def fill(store: StateStore) -> None:
+def fill(store: Store) -> None:
     with store.bulk():
         for n in range(30):
             at = datetime(2024, 5, 1, 12, n % 4, tzinfo=UTC)
@@ -354,7 +354,7 @@ def fill(store: StateStore) -> None:
                     at=at,
                 )
             if n % 3 == 0:
-                state = LiveState.RUNNING if n % 2 else LiveState.ENDED
+                state = LiveStatus.RUNNING if n % 2 else LiveStatus.ENDED
                 store.record_observation(
                     Observation(key=key, observed_at=1e9 + n / 7, state=state, start_time_ms=n)
                 )
@@ -376,7 +376,7 @@ QUERIES = [
 def test_both_backends_answer_the_same_and_a_store_copies_across(
     tmp_path: Path, postgres_url: str, postgres_server: PostgresServer
 ) -> None:
-    with StateStore.open(tmp_path / "s.db") as lite, StateStore.open(postgres_url) as pg:
+    with Store.open(tmp_path / "s.db") as lite, Store.open(postgres_url) as pg:
         fill(lite)
         fill(pg)
         for q in QUERIES:
@@ -389,9 +389,9 @@ def test_both_backends_answer_the_same_and_a_store_copies_across(
         assert pg.latest_in_status(statuses, limit=5) == lite.latest_in_status(statuses, limit=5)
         assert pg.counts() == lite.counts() and pg.generation() == lite.generation()
         snapshot = lite.snapshot()
-        with pytest.raises(StateError, match=r"is not empty .*30 tasks.* nothing was copied"):
+        with pytest.raises(StoreError, match=r"is not empty .*30 tasks.* nothing was copied"):
             pg.restore(snapshot)
-    with StateStore.open(postgres_server.create_database()) as store:
+    with Store.open(postgres_server.create_database()) as store:
         store.restore(snapshot)
         assert store.snapshot().digest() == snapshot.digest()
         assert store.lineage() == snapshot.meta["lineage"]
@@ -405,7 +405,7 @@ def test_state_migrate_moves_every_record_and_refuses_a_non_empty_target(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
     db = tmp_path / "state.db"
-    with StateStore.open(db) as store:
+    with Store.open(db) as store:
         fill(store)
         snapshot = store.snapshot()
     url = postgres_server.create_database()
@@ -414,7 +414,7 @@ def test_state_migrate_moves_every_record_and_refuses_a_non_empty_target(
     assert "migrated 30 task(s), 10 observation(s)" in r.stdout
     assert f"generation {snapshot.meta['generation']}, tree root /srv/desired" in r.stdout
     assert snapshot.digest() in r.stdout and postgres_server.password not in r.stdout + r.stderr
-    with StateStore.open(url, read_only=True) as store:
+    with Store.open(url, read_only=True) as store:
         assert store.snapshot().digest() == snapshot.digest()
         generation = store.generation()
         healed = {t.key.task_id: t.last_heal_reason for t in store.all() if t.last_heal_at}
@@ -423,7 +423,7 @@ def test_state_migrate_moves_every_record_and_refuses_a_non_empty_target(
     again = run_cli("state", "migrate", "--from", db, "--to", url, cwd=tmp_path)
     assert again.returncode == 1 and "is not empty (30 tasks" in again.stderr
     assert postgres_server.password not in again.stdout + again.stderr
-    with StateStore.open(url, read_only=True) as store:
+    with Store.open(url, read_only=True) as store:
         assert store.generation() == generation and store.snapshot().digest() == snapshot.digest()
 
 
@@ -529,7 +529,7 @@ def test_the_password_can_stay_out_of_the_command_line(
         assert "carries a password" not in r.stderr and pw not in r.stdout + r.stderr, args
         made = {p.name for p in tmp_path.iterdir()} - {"desired", "pgpass", "pg_service.conf"}
         assert not made, f"{args}: the database, not a file"
-    with StateStore.open(url, read_only=True) as store:
+    with Store.open(url, read_only=True) as store:
         assert [t.status for t in store.all()] == [SyncStatus.SYNCED]
 
     # The daemon as ps sees it: the URL in its environment only.
@@ -566,7 +566,7 @@ def test_a_location_like_a_url_or_connection_string_is_refused_not_made_a_file(
     assert error.startswith("Error: Invalid value for '--state'") and says in error, error
     assert "S3cr3t" not in r.stdout + r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["desired"]
-    with pytest.raises(StateError) as refused:
-        StateStore.open(tmp_path / "POSTGRESQL:" / "u:S3cr3tPw@" / "db")  # //, folded by Path
+    with pytest.raises(StoreError) as refused:
+        Store.open(tmp_path / "POSTGRESQL:" / "u:S3cr3tPw@" / "db")  # //, folded by Path
     assert "S3cr3t" not in str(refused.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["desired"]

@@ -20,11 +20,11 @@ from typing import Any
 import click
 
 from reconciler.cli.views.render import status_table
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.task import Source, TaskKey
 from reconciler.emulator import EmulatorHandle
 from reconciler.serve.status import build_report, report_statuses
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from tests.conftest import CliResult, run_cli, tasks_yaml, wait_for, write
 from tests.harness import DaemonProcess
 
@@ -142,7 +142,7 @@ def test_filters_by_status_and_app(tmp_path: Path) -> None:
         tasks_yaml("otherapp", [{"RoomId": "r9", "TaskId": "seg", "Duration": 30}]),
     )
     src = Source("a.yaml", 3, 5)
-    with StateStore.open(tmp_path / "state.db") as store:
+    with Store.open(tmp_path / "state.db") as store:
         store.record_success(
             key("r1"), fields={"Duration": 30}, business_id=None, request_id="q", source=src
         )
@@ -177,7 +177,7 @@ def test_the_table_fits_120_columns_with_long_ids(tmp_path: Path) -> None:
     desired = tmp_path / "desired"
     rows = [{"RoomId": r, "TaskId": task, "Duration": 30} for r in rooms]
     write(desired, "long/" + "n" * 90 + ".yaml", tasks_yaml(app, rows))
-    with StateStore.open(tmp_path / "state.db") as store:
+    with Store.open(tmp_path / "state.db") as store:
         store.record_not_running(
             TaskKey(app, rooms[0], task),
             message="the task is not running: " + "detail " * 40,
@@ -190,7 +190,7 @@ def test_the_table_fits_120_columns_with_long_ids(tmp_path: Path) -> None:
             Observation(
                 TaskKey(app, rooms[0], task),
                 time.time() - 150,
-                LiveState.ENDED,
+                LiveStatus.ENDED,
                 start_time_ms=int((time.time() - 7200) * 1000),
                 end_time_ms=int((time.time() - 600) * 1000),
                 stop_reason="UnknownStopReason",
@@ -221,7 +221,7 @@ def test_a_missing_store_or_tree_is_said_plainly(tmp_path: Path) -> None:
         r = status(tmp_path, *args)
         assert r.returncode == 1 and r.stdout == ""
         assert "state store state.db does not exist" in r.stderr
-    with StateStore.open(tmp_path / "state.db") as store:
+    with Store.open(tmp_path / "state.db") as store:
         store.record_in_sync(key("r1"), business_id=None, source=Source("a.yaml", 1, 1), fields={})
         store.record_tree_root(str(tmp_path / "elsewhere"))
 
@@ -302,7 +302,7 @@ def observed_store(path: Path, now: datetime) -> dict[str, TaskKey]:
     def ago(**before: float) -> float:
         return (now - timedelta(**before)).timestamp()
 
-    with StateStore.open(path) as store:
+    with Store.open(path) as store:
         for k in tasks.values():
             store.record_success(
                 k, fields={"Duration": 30}, business_id=None, request_id="q", source=src,
@@ -318,14 +318,14 @@ def observed_store(path: Path, now: datetime) -> dict[str, TaskKey]:
         )  # fmt: skip
         store.record_observation(
             Observation(
-                tasks["running"], ago(seconds=8), LiveState.RUNNING,
+                tasks["running"], ago(seconds=8), LiveStatus.RUNNING,
                 start_time_ms=_ms(now - timedelta(hours=5)), status=2,
                 fields={"Identifier": "edu-r1", "Handle": True, "Duration": 30},
             )
         )  # fmt: skip
         store.record_observation(
             Observation(
-                tasks["ended"], ago(minutes=3), LiveState.ENDED,
+                tasks["ended"], ago(minutes=3), LiveStatus.ENDED,
                 start_time_ms=_ms(now - timedelta(hours=6)),
                 end_time_ms=_ms(now - timedelta(hours=1)),
                 stop_reason="IdleTimeOut", status=3, fields={"Duration": 30},
@@ -333,14 +333,14 @@ def observed_store(path: Path, now: datetime) -> dict[str, TaskKey]:
         )  # fmt: skip
         store.record_observation(
             Observation(
-                tasks["gone"], ago(hours=2), LiveState.NOT_FOUND,
+                tasks["gone"], ago(hours=2), LiveStatus.NOT_FOUND,
                 start_time_ms=_ms(now - timedelta(hours=9)),
             )
         )  # fmt: skip
-        store.record_observation(Observation(tasks["hidden"], ago(seconds=40), LiveState.UNKNOWN))
+        store.record_observation(Observation(tasks["hidden"], ago(seconds=40), LiveStatus.UNKNOWN))
         store.record_observation(
             Observation(
-                tasks["drifted"], ago(seconds=12), LiveState.RUNNING,
+                tasks["drifted"], ago(seconds=12), LiveStatus.RUNNING,
                 start_time_ms=_ms(now - timedelta(hours=5)), status=2, fields={"Duration": 45},
             )
         )  # fmt: skip
@@ -349,7 +349,7 @@ def observed_store(path: Path, now: datetime) -> dict[str, TaskKey]:
 
 def report_of(path: Path, now: datetime, **filters: Any) -> Any:
     """The pure core on a real store's rows and observations, read as ``status`` reads them."""
-    with StateStore.open(path, create=False, read_only=True) as store:
+    with Store.open(path, create=False, read_only=True) as store:
         rows, observations = store.all(), store.observations()
     return build_report(rows, index=None, now=now, observations=observations, **filters)
 
@@ -406,7 +406,7 @@ def test_the_json_live_object_for_each_state(tmp_path: Path) -> None:
     assert ages[tasks["running"].room_id] == 68.0 and ages[tasks["never"].room_id] is None
 
     picked = report_of(
-        tmp_path / "state.db", NOW, lives={LiveState.ENDED, LiveState.NOT_FOUND}
+        tmp_path / "state.db", NOW, lives={LiveStatus.ENDED, LiveStatus.NOT_FOUND}
     ).to_json()
     assert {t["room_id"] for t in picked["tasks"]} == {"r2", "r3"}
     assert picked["filters"]["live"] == ["ended", "not_found"] and picked["total"] == 6
@@ -458,7 +458,7 @@ def test_the_last_heal_of_each_task_with_its_reason_latest_first(tmp_path: Path)
             "Handle false → true, Duration 20 → 30",
         ),
     }
-    with StateStore.open(db) as store:
+    with Store.open(db) as store:
         for k in (key("r0"), *healed):
             store.record_success(
                 k, fields={"Duration": 30}, business_id=None, request_id="q", source=src,

@@ -31,7 +31,7 @@ from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
 from reconciler.engine.apply import apply_plan
 from reconciler.engine.reconcile import TaskReconciler
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 from reconciler.store.recorder import Recorder
 from reconciler.store.sqlite import SqliteConnection
 from reconciler.tree.desired import load_tree
@@ -66,7 +66,7 @@ def live_durations(h: EmulatorHandle) -> dict[str, int]:
 
 def rows_of(db: Path) -> dict[str, str]:
     """Each task's recorded status, by room (read-only: the store is not touched)."""
-    with StateStore.open(db, create=False, read_only=True) as store:
+    with Store.open(db, create=False, read_only=True) as store:
         return {r.key.room_id: str(r.status) for r in store.all()}
 
 
@@ -205,9 +205,9 @@ def write_store(db: Path, names: list[str], *, exit_abruptly: bool) -> None:
     without closing (as a kill would), leaving the commits in the ``-wal``."""
     script = (
         "import os, sys\n"
-        "from reconciler.store.base import StateStore\n"
+        "from reconciler.store.base import Store\n"
         "from reconciler.core.task import Source, TaskKey\n"
-        f"store = StateStore.open({str(db)!r})\n"
+        f"store = Store.open({str(db)!r})\n"
         f"for room in {names!r}:\n"
         f"    store.record_success(TaskKey({APP!r}, room, 'seg'), fields={{'Duration': 60}},\n"
         "        business_id=None, request_id='r', source=Source('a.yaml', 1, 1))\n"
@@ -345,7 +345,7 @@ def test_apply_stops_where_sqlite_refuses_a_write(
     declare(tmp_path, names, 60)
     db = tmp_path / "state.db"
     index = load_tree(tmp_path / "desired")
-    with StateStore.open(db) as store:
+    with Store.open(db) as store:
         backend = store._backend
         assert isinstance(backend, SqliteConnection)
         (pages,) = backend.conn.execute("PRAGMA page_count").fetchone()

@@ -48,7 +48,7 @@ from reconciler.core.guard import (
     parse_share,
     tree_root,
 )
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.plan import (
     DriftPolicy,
     Plan,
@@ -69,8 +69,8 @@ from reconciler.store.base import (
     SCHEMA_VERSION,
     Fencing,
     PostgresURL,
-    StateError,
-    StateStore,
+    Store,
+    StoreError,
     StoreLocation,
     StoreWriteError,
     parse_location,
@@ -337,13 +337,13 @@ def open_store(
     read_only: bool = False,
     fencing: Fencing | None = None,
     command: str = "reconciler",
-) -> StateStore:
+) -> Store:
     """Open the store or end the command; a writer (``command``) holds it alone."""
     try:
-        return StateStore.open(
+        return Store.open(
             path, create=create, read_only=read_only, fencing=fencing, command=command
         )
-    except StateError as exc:
+    except StoreError as exc:
         fail(str(exc))
 
 
@@ -370,7 +370,7 @@ def one_writer_or_fail(
 
     try:
         writer = PostgresWriter.claim(location, command=command, force=force)
-    except StateError as exc:
+    except StoreError as exc:
         fail(str(exc))
     try:
         yield
@@ -383,7 +383,7 @@ def store_exists(location: StoreLocation) -> bool:
     unreachable server ends the command)."""
     try:
         return location.exists()
-    except StateError as exc:
+    except StoreError as exc:
         fail(str(exc))
 
 
@@ -739,13 +739,13 @@ def check_tree_root(
     )
 
 
-def record_tree_root(store: StateStore, directory: Path) -> None:
+def record_tree_root(store: Store, directory: Path) -> None:
     """``apply`` and ``run`` record the tree they reconcile, the first time or when moved."""
     root, previous = tree_root(directory), store.tree_root()
     if root != previous:
         try:
             store.record_tree_root(root)
-        except StateError as exc:
+        except StoreError as exc:
             fail(str(exc))
         events.get_logger().info(
             "state.tree_root_recorded", path=str(store.path), root=root, previous_root=previous
@@ -1075,7 +1075,7 @@ def _check_statuses(
 
 def _check_live_states(
     _: click.Context, param: click.Parameter, values: tuple[str, ...]
-) -> frozenset[LiveState]:
+) -> frozenset[LiveStatus]:
     try:
         return parse_live_states(values)
     except ValueError as exc:
@@ -1119,7 +1119,7 @@ def status(
     directory: Path,
     state: StoreLocation,
     statuses: frozenset[str],
-    lives: frozenset[LiveState],
+    lives: frozenset[LiveStatus],
     apps: tuple[str, ...],
     output: str,
 ) -> None:
@@ -2434,7 +2434,7 @@ async def _run_daemon(
     daemon_config: DaemonConfig,
     creds: Credentials,
     config: ClientConfig,
-    store: StateStore,
+    store: Store,
     *,
     embedded: bool,
     emulator_port: int,
@@ -2612,7 +2612,7 @@ def state_migrate(source: StoreLocation, target: StoreLocation) -> None:
     with open_store(target, create=True, command="reconciler state migrate") as store:
         try:
             store.restore(snapshot)
-        except StateError as exc:
+        except StoreError as exc:
             fail(str(exc))
     with open_store(source, create=False, read_only=True) as store:
         generation = store.generation()
@@ -2759,6 +2759,6 @@ def entry_point() -> None:
             raise KeyboardInterrupt from None
         click.echo("Aborted.", err=True)
         sys.exit(1)
-    except StateError as exc:  # a store that fails while read or written: one line, no traceback
+    except StoreError as exc:  # a store that fails while read or written: one line, no traceback
         fail(str(exc))
     sys.exit(status if isinstance(status, int) else 0)

@@ -5,7 +5,7 @@ plain value, like the rest of the functional core, so the planner can compare
 desired values with live ones without any I/O, and the store can keep the
 latest one per task.
 
-How an answer maps to a :class:`LiveState`:
+How an answer maps to a :class:`LiveStatus`:
 
 - ``Status`` 2 (running) → ``RUNNING``, with the live managed values and the
   incarnation (``StartTime``): a task started again under the same TaskId has a
@@ -37,7 +37,7 @@ VISIBILITY_S: Final = 72 * 3600
 STATUS_RUNNING: Final = 2
 
 
-class LiveState(StrEnum):
+class LiveStatus(StrEnum):
     RUNNING = "running"
     ENDED = "ended"
     NOT_FOUND = "not_found"
@@ -49,7 +49,7 @@ class Observation:
     key: TaskKey
     #: Wall clock (epoch seconds) when the read was sent.
     observed_at: float
-    state: LiveState
+    state: LiveStatus
     #: The incarnation: StartTime in ms (``None`` when not found or unknown).
     start_time_ms: int | None = None
     end_time_ms: int | None = None
@@ -61,11 +61,11 @@ class Observation:
 
     @property
     def running(self) -> bool:
-        return self.state is LiveState.RUNNING
+        return self.state is LiveStatus.RUNNING
 
     @property
     def not_running(self) -> bool:
-        return self.state in (LiveState.ENDED, LiveState.NOT_FOUND)
+        return self.state in (LiveStatus.ENDED, LiveStatus.NOT_FOUND)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,7 +92,7 @@ def from_segment_task(key: TaskKey, task: Mapping[str, Any], *, observed_at: flo
     return Observation(
         key=key,
         observed_at=observed_at,
-        state=LiveState.RUNNING if running else LiveState.ENDED,
+        state=LiveStatus.RUNNING if running else LiveStatus.ENDED,
         start_time_ms=int(task["StartTime"]),
         end_time_ms=end or None,
         stop_reason=None if running else (task.get("StopReason") or "UnknownStopReason"),
@@ -112,5 +112,5 @@ def not_found(key: TaskKey, *, observed_at: float, last: Observation | None) -> 
     """
     start = None if last is None else last.start_time_ms
     if start is not None and observed_at - start / 1000 < VISIBILITY_S:
-        return Observation(key, observed_at, LiveState.NOT_FOUND, start_time_ms=start)
-    return Observation(key, observed_at, LiveState.UNKNOWN, start_time_ms=start)
+        return Observation(key, observed_at, LiveStatus.NOT_FOUND, start_time_ms=start)
+    return Observation(key, observed_at, LiveStatus.UNKNOWN, start_time_ms=start)

@@ -57,7 +57,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.task import (
     MANAGED_FIELDS,
     AppliedRecord,
@@ -465,7 +465,7 @@ def compute_plan(
             unread.append(key)
             continue
         if obs is not None and not _counts(obs, record, settle_s):
-            settling += obs.state is not LiveState.UNKNOWN
+            settling += obs.state is not LiveStatus.UNKNOWN
             obs = None
         if obs is not None:
             observed += 1
@@ -538,7 +538,7 @@ def compute_plan(
                     unread=None
                     if compare is not None
                     else "unreadable"
-                    if raw is not None and raw.state is LiveState.UNKNOWN
+                    if raw is not None and raw.state is LiveStatus.UNKNOWN
                     else "not_read",
                 )
             )
@@ -603,7 +603,7 @@ def _must_read(
 
 def _counts(obs: Observation, record: AppliedRecord | None, settle_s: float) -> bool:
     """Whether an observation may stand in for last-applied (see the module docstring)."""
-    if obs.state is LiveState.UNKNOWN:
+    if obs.state is LiveStatus.UNKNOWN:
         return False
     if record is None or record.applied_at is None:
         return True

@@ -44,7 +44,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from reconciler.core.guard import allowed_at_once, format_fraction
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.plan import SETTLE_S, Call, Plan
 from reconciler.core.task import AppliedIndex, AppliedRecord, DesiredTask, TaskKey
 from reconciler.core.windows import NO_WINDOWS, SyncWindow, SyncWindows, WindowVerdict
@@ -406,7 +406,7 @@ def choose_canaries(
 
     def order(key: TaskKey) -> tuple[bool, TaskKey]:
         obs = seen.get(key)
-        return (obs is None or obs.state is not LiveState.RUNNING, key)
+        return (obs is None or obs.state is not LiveStatus.RUNNING, key)
 
     return tuple(sorted(set(keys), key=order)[: max(0, k)])
 
@@ -457,7 +457,7 @@ def check_canary(
         or observation.observed_at <= record.applied_at + settle_s
     ):
         return CanaryCheck(key, CanaryState.PENDING, "not read since the settle window")
-    if observation.state is LiveState.UNKNOWN:
+    if observation.state is LiveStatus.UNKNOWN:
         return CanaryCheck(
             key,
             CanaryState.FAILED,

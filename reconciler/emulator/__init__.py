@@ -6,7 +6,7 @@ daemon can be exercised end to end without the real service.
 
 Design: a functional core and an imperative shell, one job per module.
 
-* :mod:`.errors` — :class:`ApiError`, a refusal with its code, message and HTTP status.
+* :mod:`.errors` — :class:`ApiFault`, a refusal with its code, message and HTTP status.
 * :mod:`.config` — :class:`EmulatorConfig`, the actions, versions and QPS defaults.
 * :mod:`.auth` — the V4 signature check, a pure function of the request.
 * :mod:`.params` — validation and normalisation of request bodies.
@@ -31,7 +31,7 @@ from reconciler.emulator.auth import (
     verify_signature,
 )
 from reconciler.emulator.config import ACTIONS, DEFAULT_QPS, VERSIONS, EmulatorConfig
-from reconciler.emulator.errors import ApiError
+from reconciler.emulator.errors import ApiFault
 from reconciler.emulator.params import (
     DURATION_DEFAULT,
     MAX_IDLE_DEFAULT,
@@ -68,7 +68,7 @@ __all__ = [
     "READ_WINDOW_MS",
     "STOP_REASONS",
     "VERSIONS",
-    "ApiError",
+    "ApiFault",
     "Authorization",
     "Emulator",
     "EmulatorConfig",

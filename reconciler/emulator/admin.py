@@ -37,7 +37,7 @@ from aiohttp import web
 
 from reconciler.core.task import IDENTITY_FIELDS, TaskKey
 from reconciler.emulator.config import FAULT_FIELDS
-from reconciler.emulator.errors import ApiError, invalid
+from reconciler.emulator.errors import ApiFault, invalid
 from reconciler.emulator.params import JsonObject, parse_body, parse_key
 from reconciler.emulator.tasks import (
     DEFAULT_STOP_REASON,
@@ -149,7 +149,7 @@ async def _seed(emulator: Emulator, request: web.Request) -> web.Response:
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise invalid("'tasks' must be a list of objects")
         started = emulator.seed_tasks(rows)
-    except ApiError as exc:
+    except ApiFault as exc:
         return _error(exc.message)
     return web.json_response({"started": started})
 
@@ -157,7 +157,7 @@ async def _seed(emulator: Emulator, request: web.Request) -> web.Response:
 async def _stop(emulator: Emulator, request: web.Request) -> web.Response:
     try:
         key = parse_key(request.rel_url.query)
-    except ApiError as exc:
+    except ApiFault as exc:
         return _error(exc.message)
     if not emulator.stop_task(key):
         return _error(f"task {key} is not running", status=404)
@@ -176,7 +176,7 @@ async def _reset_stats(emulator: Emulator, request: web.Request) -> web.Response
 async def _faults(emulator: Emulator, request: web.Request) -> web.Response:
     try:
         doc = parse_body(await request.read())
-    except ApiError as exc:
+    except ApiFault as exc:
         return _error(exc.message)
     unknown = set(doc) - {*FAULT_FIELDS, "qps"}
     if unknown:
@@ -208,7 +208,7 @@ async def _task_op(
         if unknown:
             raise invalid(f"unknown fields {sorted(unknown)}; this route takes {sorted(fields)}")
         key = parse_key(doc)
-    except ApiError as exc:
+    except ApiFault as exc:
         return _error(exc.message)
     try:
         live = op(key, doc)

@@ -6,7 +6,7 @@ with, so the emulator and the client cannot drift apart on canonicalisation;
 ``tests/test_signing.py`` pins that kernel to the official SDK's vectors. The
 checks run in the order the real gateway reports them (missing header, unknown
 key, clock skew, scope, session token, signed headers, body hash, signature),
-and each raises the API's documented error as an :class:`~reconciler.emulator.errors.ApiError`.
+and each raises the API's documented error as an :class:`~reconciler.emulator.errors.ApiFault`.
 
 Messages never echo the secret key, the session token or the canonical request
 (which would carry the token); the token is compared in constant time.
@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from reconciler.api import signing
-from reconciler.emulator.errors import ApiError
+from reconciler.emulator.errors import ApiFault
 
 __all__ = ["CLOCK_SKEW", "Authorization", "parse_authorization", "verify_signature"]
 
@@ -51,10 +51,10 @@ class Authorization:
 def parse_authorization(value: str) -> Authorization:
     """Split ``HMAC-SHA256 Credential=AK/scope, SignedHeaders=..., Signature=...``."""
     if "Signature=" not in value:
-        raise ApiError("MissingSignature", "The request is missing signature.", status=401)
+        raise ApiFault("MissingSignature", "The request is missing signature.", status=401)
     match = _AUTH_RE.match(value.strip())
     if match is None:
-        raise ApiError(
+        raise ApiFault(
             "MissingRequestInfo",
             "The Authorization header is malformed (expected HMAC-SHA256 "
             "Credential=AK/date/region/service/request, SignedHeaders=..., Signature=...).",
@@ -62,7 +62,7 @@ def parse_authorization(value: str) -> Authorization:
         )
     parts = match["cred"].split("/")
     if len(parts) != 5 or not all(parts):
-        raise ApiError(
+        raise ApiFault(
             "MissingRequestInfo",
             "The credential must be AK/date/region/service/request.",
             status=400,
@@ -79,8 +79,8 @@ def parse_authorization(value: str) -> Authorization:
     )
 
 
-def _signature_mismatch(detail: str) -> ApiError:
-    return ApiError(
+def _signature_mismatch(detail: str) -> ApiFault:
+    return ApiFault(
         "SignatureDoesNotMatch",
         "The request signature we calculated does not match the signature you provided. "
         f"Check your Secret Access Key and signing method. ({detail})",
@@ -101,7 +101,7 @@ def verify_signature(
     service: str,
     now: datetime,
 ) -> str:
-    """Check a request's V4 signature; return its access key or raise :class:`ApiError`.
+    """Check a request's V4 signature; return its access key or raise :class:`ApiFault`.
 
     ``headers`` is looked up case-insensitively (pass the request's own
     multidict or a lower-cased dict); ``Host`` is taken as signed, without a
@@ -110,13 +110,13 @@ def verify_signature(
     lowered = {k.lower(): v for k, v in headers.items()}
     raw = lowered.get("authorization")
     if not raw:
-        raise ApiError(
+        raise ApiFault(
             "MissingAuthenticationToken", "Request is missing Authentication Token.", status=401
         )
     auth = parse_authorization(raw)
     secret = credentials.get(auth.access_key)
     if secret is None:
-        raise ApiError(
+        raise ApiFault(
             "InvalidAccessKey",
             f"The accesskey [{auth.access_key}] included in the request is invalid.",
             status=401,
@@ -125,11 +125,11 @@ def verify_signature(
     try:
         signed_at = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     except ValueError:
-        raise ApiError(
+        raise ApiFault(
             "InvalidTimestamp", "X-Date is missing or not YYYYMMDD'T'HHMMSS'Z'.", status=400
         ) from None
     if abs(now - signed_at) > CLOCK_SKEW:
-        raise ApiError("InvalidTimestamp", "The signature of the request is expired.", status=400)
+        raise ApiFault("InvalidTimestamp", "The signature of the request is expired.", status=400)
     scope = (auth.date, auth.region, auth.service, auth.terminator)
     if scope != (stamp[:8], region, service, "request"):
         raise _signature_mismatch(
@@ -139,7 +139,7 @@ def verify_signature(
     if token is not None:
         sent = lowered.get("x-security-token", "")
         if not hmac.compare_digest(sent.encode(), token.encode()):
-            raise ApiError(
+            raise ApiFault(
                 "InvalidSecurityToken",
                 "The security token included in the request is missing or invalid.",
                 status=401,

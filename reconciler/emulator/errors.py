@@ -1,7 +1,7 @@
 """The emulated server's refusals: what ends up in ``ResponseMetadata.Error``.
 
 Not to be confused with :mod:`reconciler.core.errors`, the *client's* view of a
-failed call. Here an :class:`ApiError` is raised anywhere along the request
+failed call. Here an :class:`ApiFault` is raised anywhere along the request
 pipeline (routing, signature, parameters, the task table) and turned into the
 API's documented error answer in one place, :meth:`reconciler.emulator.server.Emulator`'s
 handler. Keeping code, message and HTTP status together means each rule states
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from reconciler.core.task import TaskKey
 
-__all__ = ["NOT_RUNNING_CODE", "ApiError", "invalid", "not_running"]
+__all__ = ["NOT_RUNNING_CODE", "ApiFault", "invalid", "not_running"]
 
 NOT_RUNNING_CODE = "InvalidParameter.ErrorActiveTaskNotFound"
 
 
-class ApiError(Exception):
+class ApiFault(Exception):
     """A request the server refuses: answered with ``ResponseMetadata.Error``."""
 
     def __init__(self, code: str, message: str, *, status: int) -> None:
@@ -27,14 +27,14 @@ class ApiError(Exception):
         self.status = status
 
 
-def invalid(message: str) -> ApiError:
+def invalid(message: str) -> ApiFault:
     """A bad parameter; the message names it."""
-    return ApiError("InvalidParameter", message, status=400)
+    return ApiFault("InvalidParameter", message, status=400)
 
 
-def not_running(key: TaskKey) -> ApiError:
+def not_running(key: TaskKey) -> ApiFault:
     """The API's answer for a task that never ran, has ended, or is out of sight."""
-    return ApiError(
+    return ApiFault(
         NOT_RUNNING_CODE,
         f"task {key} does not exist or has already stopped",
         status=400,

@@ -22,7 +22,7 @@ import random
 from enum import Enum
 
 from reconciler.emulator.config import EmulatorConfig
-from reconciler.emulator.errors import ApiError
+from reconciler.emulator.errors import ApiFault
 
 __all__ = ["Fate", "draw_delay", "draw_fate", "injected_error"]
 
@@ -48,9 +48,9 @@ def draw_fate(rng: random.Random, config: EmulatorConfig) -> Fate:
     return Fate.ANSWER
 
 
-def injected_error() -> ApiError:
+def injected_error() -> ApiFault:
     """The 5xx an ``ERROR`` fate answers with."""
-    return ApiError(
+    return ApiFault(
         "InternalError",
         "The service encountered an internal error; the request was not applied.",
         status=500,

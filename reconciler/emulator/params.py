@@ -1,7 +1,7 @@
 """Validation and normalisation of request parameters, as pure functions.
 
 Each parser takes the decoded JSON object (or the query mapping) and returns a
-frozen value or raises :class:`~reconciler.emulator.errors.ApiError` whose
+frozen value or raises :class:`~reconciler.emulator.errors.ApiFault` whose
 message names the field, the way the real server answers
 ``InvalidParameter``. Like the Go server, an absent, null or empty-string field
 is "not set". Out-of-range ``Duration`` and ``MaxIdleTime`` are not errors:
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from reconciler.core.task import DURATION_MAX, DURATION_MIN, TaskKey
-from reconciler.emulator.errors import ApiError, invalid
+from reconciler.emulator.errors import ApiFault, invalid
 
 __all__ = [
     "DURATION_DEFAULT",
@@ -77,15 +77,15 @@ class UpdateParams:
 def parse_body(raw: bytes) -> JsonObject:
     """The JSON object of a POST body, or the server's body errors."""
     if not raw.strip():
-        raise ApiError("InvalidParameter.BodyIsEmpty", "Request content is empty.", status=400)
+        raise ApiFault("InvalidParameter.BodyIsEmpty", "Request content is empty.", status=400)
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(
+        raise ApiFault(
             "InvalidParameter.Unmarshal", "Request parsing failed: body is not JSON.", status=400
         ) from None
     if not isinstance(doc, dict):
-        raise ApiError(
+        raise ApiFault(
             "InvalidParameter.Unmarshal",
             "Request parsing failed: body is not a JSON object.",
             status=400,

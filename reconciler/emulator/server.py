@@ -41,7 +41,7 @@ from reconciler.core.task import TaskKey
 from reconciler.emulator import admin, faults
 from reconciler.emulator.auth import verify_signature
 from reconciler.emulator.config import ACTIONS, FAULT_FIELDS, VERSIONS, EmulatorConfig
-from reconciler.emulator.errors import ApiError
+from reconciler.emulator.errors import ApiFault
 from reconciler.emulator.params import (
     DURATION_DEFAULT,
     MAX_IDLE_DEFAULT,
@@ -76,7 +76,7 @@ def _checked(parse: Callable[[JsonObject], _P], body: JsonObject) -> _P:
     """``parse(body)``; the server's refusal becomes a :class:`ValueError` for in-process use."""
     try:
         return parse(body)
-    except ApiError as exc:
+    except ApiFault as exc:
         raise ValueError(exc.message) from None
 
 
@@ -171,7 +171,7 @@ class Emulator:
     def seed_tasks(self, rows: list[JsonObject]) -> int:
         """Start tasks from StartSegment bodies, all or none; return how many.
 
-        Raises :class:`ApiError` (nothing started) if any row is refused.
+        Raises :class:`ApiFault` (nothing started) if any row is refused.
         """
         # Validate all first so a bad row starts nothing.
         params = [parse_start(row) for row in rows]
@@ -184,7 +184,7 @@ class Emulator:
         """Stop a running task as StopSegment would; False if it was not running."""
         try:
             self._tasks.stop(key, now_ms=_now_ms())
-        except ApiError:
+        except ApiFault:
             return False
         return True
 
@@ -358,7 +358,7 @@ class Emulator:
             self.stats.record_key(access_key, action, time.time())
             if not self._limiters[action].admit(self._clock()):
                 self.stats.throttled += 1
-                raise ApiError(
+                raise ApiFault(
                     "FlowLimitExceeded.QPSOverLimit",
                     f"QPS of {action} exceeded the limit of {self._limiters[action].limit}.",
                     status=429,
@@ -370,7 +370,7 @@ class Emulator:
                 raise _Dropped
             result = self._apply(action, version, body=body, query=query)
             status, payload, outcome = 200, {"ResponseMetadata": meta, "Result": result}, "ok"
-        except ApiError as exc:
+        except ApiFault as exc:
             meta["Error"] = {"Code": exc.code, "Message": exc.message}
             status, payload, outcome = exc.status, {"ResponseMetadata": meta}, exc.code
         except _Dropped:
@@ -404,17 +404,17 @@ class Emulator:
     def _route(action: str, version: str, method: str) -> None:
         if not action or not version:
             missing = "Action" if not action else "Version"
-            raise ApiError(
+            raise ApiFault(
                 "MissingParameter", f"The request is missing {missing} parameter.", status=400
             )
         if action not in ACTIONS or version not in VERSIONS:
-            raise ApiError(
+            raise ApiFault(
                 "InvalidActionOrVersion",
                 f"Could not find operation {action} for version {version}.",
                 status=404,
             )
         if method != ACTIONS[action]:
-            raise ApiError(
+            raise ApiFault(
                 "InvalidActionOrVersion",
                 f"Operation {action} is served over {ACTIONS[action]}, not {method}.",
                 status=404,
@@ -439,7 +439,7 @@ class Emulator:
     def _check_app(self, key: TaskKey) -> None:
         apps = self._config.app_ids
         if apps is not None and key.app_id not in apps:
-            raise ApiError(
+            raise ApiFault(
                 "InvalidParameter.NotExistAppId",
                 f"AppId {key.app_id} does not exist in this account",
                 status=400,

@@ -30,7 +30,7 @@ Model:
   another client would (:meth:`TaskTable.set_fields`), so "the reconciler sent
   N calls" stays readable while something else also changes the task.
 
-API methods raise :class:`~reconciler.emulator.errors.ApiError` with the
+API methods raise :class:`~reconciler.emulator.errors.ApiFault` with the
 server's answer; the admin's methods raise :class:`UnknownTaskError` or
 :class:`TaskNotRunningError`, which the admin API turns into 404 and 409.
 """
@@ -45,7 +45,7 @@ from typing import Final
 
 from reconciler.core.task import TaskKey
 from reconciler.emulator.config import IDEMPOTENT_START_VERSIONS
-from reconciler.emulator.errors import ApiError, not_running
+from reconciler.emulator.errors import ApiFault, not_running
 from reconciler.emulator.params import JsonObject, StartParams, UpdateParams
 
 __all__ = [
@@ -276,7 +276,7 @@ class TaskTable:
         if task is not None and task.run.running and version is not None:
             if version in IDEMPOTENT_START_VERSIONS:
                 return
-            raise ApiError(
+            raise ApiFault(
                 "InvalidParameter.TaskAlreadyExists",
                 f"task {params.key} is already running",
                 status=400,

@@ -127,7 +127,7 @@ from reconciler.engine.observe import GET_ACTION, ObserveSchedule, sweep_seconds
 from reconciler.engine.reconcile import Outcome, Result, TaskReconciler
 from reconciler.engine.workqueue import WorkQueue
 from reconciler.eventlog import setup as events
-from reconciler.store.base import FencedError, ResultNotRecorded, StateError, StoreWriteError
+from reconciler.store.base import FencedError, ResultNotRecorded, StoreError, StoreWriteError
 from reconciler.store.recorder import Recorder
 from reconciler.tree.desired import (
     DEFAULT_LIMITS,
@@ -1429,7 +1429,7 @@ class Daemon:
                 return
             try:
                 recorded = self._record_again()
-            except StateError as exc:
+            except StoreError as exc:
                 pause = min(self.config.store_retry_cap, pause * 2)
                 self.log.debug("daemon.store_probe_failed", error=str(exc), retry_in_s=pause)
                 continue

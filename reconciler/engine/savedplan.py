@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.plan import DriftPolicy, Plan
 from reconciler.core.task import TaskKey
 
@@ -314,7 +314,7 @@ def _observation(doc: Mapping[str, Any]) -> tuple[TaskKey, Observation]:
     return key, Observation(
         key=key,
         observed_at=float(doc["observed_at"]),
-        state=LiveState(doc["state"]),
+        state=LiveStatus(doc["state"]),
         start_time_ms=_opt_int(doc["start_time_ms"]),
         end_time_ms=_opt_int(doc["end_time_ms"]),
         stop_reason=None if doc["stop_reason"] is None else str(doc["stop_reason"]),

@@ -20,7 +20,7 @@ Three layers, like the rest of the reconciler:
   the event loop, where the daemon mutates it, so it is consistent. The
   store is read on a read-only connection of its own in a worker thread
   (SQLite releases the GIL), so paging and counting 100k rows never holds
-  the loop. Tasks are paged in SQL (:meth:`StateStore.page_tasks`); tasks
+  the loop. Tasks are paged in SQL (:meth:`Store.page_tasks`); tasks
   the tree declares and the store has never seen (``New``) are in memory
   only, sorted, and merged into the key order by rank (:func:`merge_page`).
 - **Joining**: the page's rows and the tree's declarations for those keys go
@@ -55,7 +55,7 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.task import (
     MANAGED_FIELDS,
     DesiredTask,
@@ -77,11 +77,11 @@ from reconciler.serve.status import (
     report_statuses,
 )
 from reconciler.store.base import (
-    StateError,
-    StateStore,
+    Store,
+    StoredTask,
+    StoreError,
     StoreLocation,
     TaskQuery,
-    TaskState,
     format_time,
     heal_reason,
 )
@@ -120,7 +120,7 @@ class Filters:
     """What the task list is narrowed to, and which page of it; the form's GET parameters."""
 
     statuses: frozenset[str] = frozenset()
-    lives: frozenset[LiveState] = frozenset()
+    lives: frozenset[LiveStatus] = frozenset()
     apps: frozenset[str] = frozenset()
     path: str = ""
     text: str = ""
@@ -155,7 +155,7 @@ class Filters:
         if self.apps and task.key.app_id not in self.apps:
             return False
         if self.lives:
-            state = LiveState.UNKNOWN if observation is None else observation.state
+            state = LiveStatus.UNKNOWN if observation is None else observation.state
             if state not in self.lives:
                 return False
         if self.path and not glob_match(task.source.path, self.path):
@@ -170,7 +170,7 @@ class Filters:
         """These filters as GET parameters (defaults left out), with ``changes`` applied."""
         values: dict[str, object] = {
             "status": sorted(self.statuses),
-            "live": [s.value for s in LiveState if s in self.lives],
+            "live": [s.value for s in LiveStatus if s in self.lives],
             "app": ",".join(sorted(self.apps)),
             "path": self.path,
             "q": self.text,
@@ -271,7 +271,7 @@ class Overview:
     filters: Filters
     #: Every task by sync status (``New`` included), unfiltered.
     counts: Mapping[str, int]
-    live_counts: Mapping[LiveState, int]
+    live_counts: Mapping[LiveStatus, int]
     total: int
     readiness: str | None
     degraded: tuple[str, ...]
@@ -319,15 +319,15 @@ def live_counts(
     desired: Collection[TaskKey],
     recorded: Collection[TaskKey],
     total: int,
-) -> dict[LiveState, int]:
+) -> dict[LiveStatus, int]:
     """Tasks by live state; of ``total`` known tasks, those never read are ``unknown``.
 
     Observations of keys neither ``desired`` nor ``recorded`` (a task just
     forgotten) do not count.
     """
-    out = dict.fromkeys(LiveState, 0)
+    out = dict.fromkeys(LiveStatus, 0)
     out.update(Counter(o.state for k, o in observations.items() if k in desired or k in recorded))
-    out[LiveState.UNKNOWN] += max(0, total - sum(out.values()))
+    out[LiveStatus.UNKNOWN] += max(0, total - sum(out.values()))
     return out
 
 
@@ -408,13 +408,13 @@ def page_index(
 
 
 def merge_page(
-    store: StateStore,
+    store: Store,
     query: TaskQuery | None,
     new_keys: Sequence[TaskKey],
     *,
     offset: int,
     limit: int,
-) -> tuple[list[TaskState], list[TaskKey]]:
+) -> tuple[list[StoredTask], list[TaskKey]]:
     """The rows and the ``New`` keys at ``offset`` of the key-sorted union of both.
 
     ``query`` ``None``: no row matches. ``new_keys`` is sorted. The number of
@@ -599,12 +599,12 @@ def status_css(status: str) -> str:
     }.get(status, "")
 
 
-def live_css(state: LiveState) -> str:
+def live_css(state: LiveStatus) -> str:
     return {
-        LiveState.RUNNING: "ok",
-        LiveState.ENDED: "warn",
-        LiveState.NOT_FOUND: "warn",
-        LiveState.UNKNOWN: "dim",
+        LiveStatus.RUNNING: "ok",
+        LiveStatus.ENDED: "warn",
+        LiveStatus.NOT_FOUND: "warn",
+        LiveStatus.UNKNOWN: "dim",
     }[state]
 
 
@@ -850,7 +850,7 @@ def index_page(o: Overview) -> IndexPage:
             live_css(s),
             f.lives == {s},
         )
-        for s in LiveState
+        for s in LiveStatus
     )
     more = []
     for s in ATTENTION_STATUSES:
@@ -885,7 +885,7 @@ def index_page(o: Overview) -> IndexPage:
         activity=tuple(activity_row(e, o.now, refresh=f.refresh) for e in o.activity),
         status_choices=tuple(Choice("status", s, s, s in f.statuses) for s in report_statuses()),
         live_choices=tuple(
-            Choice("live", s.value, s.value.replace("_", " "), s in f.lives) for s in LiveState
+            Choice("live", s.value, s.value.replace("_", " "), s in f.lives) for s in LiveStatus
         ),
         app=",".join(sorted(f.apps)),
         path=f.path,
@@ -1102,7 +1102,7 @@ class Dashboard:
         self._store_path = store_path
         self._events = RecentEvents() if events is None else events
         self._unsubscribe: Callable[[], None] | None = None
-        self._store: StateStore | None = None
+        self._store: Store | None = None
         # One request at a time on the read connection (and a bound on the work).
         self._reading = asyncio.Lock()
         self._templates = environment()
@@ -1124,13 +1124,13 @@ class Dashboard:
             self._store.close()
             self._store = None
 
-    def _read_store(self) -> StateStore:
+    def _read_store(self) -> Store:
         """The read-only connection, opened on first use (in the worker thread)."""
         if self._store is None:
-            self._store = StateStore.open(self._store_path, read_only=True)
+            self._store = Store.open(self._store_path, read_only=True)
         return self._store
 
-    async def _in_thread(self, work: Callable[[StateStore], Any]) -> Any:
+    async def _in_thread(self, work: Callable[[Store], Any]) -> Any:
         async with self._reading:
             return await asyncio.to_thread(lambda: work(self._read_store()))
 
@@ -1151,7 +1151,7 @@ class Dashboard:
 
     def _report(
         self,
-        rows: Sequence[TaskState],
+        rows: Sequence[StoredTask],
         keys: Iterable[TaskKey],
         invalid: Mapping[str, Sequence[Problem]],
         now: datetime,
@@ -1205,7 +1205,7 @@ class Dashboard:
 
         query = filters.store_query() if filters.wants_recorded else None
 
-        def read(store: StateStore) -> tuple[Any, ...]:
+        def read(store: Store) -> tuple[Any, ...]:
             counts = store.counts()
             if query is None:
                 recorded = 0
@@ -1317,7 +1317,7 @@ class Dashboard:
             return self._error(timing, 400, str(exc))
         try:
             overview = await self.overview(filters, timing)
-        except StateError as exc:
+        except StoreError as exc:
             return self._error(timing, 503, str(exc))
         return self._html("index.html", timing, page=index_page(overview))
 
@@ -1330,7 +1330,7 @@ class Dashboard:
         refresh = q.get("refresh", "") not in ("0", "false", "no", "off")
         try:
             detail = await self.detail(TaskKey(app, room, task), refresh=refresh, timing=timing)
-        except StateError as exc:
+        except StoreError as exc:
             return self._error(timing, 503, str(exc))
         if detail is None:
             return self._error(timing, 404, f"no task {app}/{room}/{task} in the tree or the store")

@@ -43,10 +43,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.plan import Call, compute_plan
 from reconciler.core.task import AppliedRecord, DesiredTask, SyncStatus, TaskKey
-from reconciler.store.base import TaskState, format_time
+from reconciler.store.base import StoredTask, format_time
 from reconciler.tree.desired import DesiredIndex, Problem
 
 if TYPE_CHECKING:  # psycopg is imported only for a PostgreSQL store
@@ -68,7 +68,7 @@ def report_statuses() -> tuple[str, ...]:
     return (*(s.value for s in SyncStatus), NEW)
 
 
-class TreeState(StrEnum):
+class TreeStatus(StrEnum):
     IN_TREE = "in_tree"
     HELD = "held"
     NOT_IN_TREE = "not_in_tree"
@@ -105,22 +105,22 @@ def parse_statuses(values: Iterable[str]) -> frozenset[str]:
     return frozenset(chosen)
 
 
-def parse_live_states(values: Iterable[str]) -> frozenset[LiveState]:
+def parse_live_states(values: Iterable[str]) -> frozenset[LiveStatus]:
     """``["running,not-found", "Ended"]`` → the live states, matched case-insensitively.
 
     ``not-found`` and ``not_found`` are both accepted (the option and the JSON
     spell it differently). An unknown name is a :class:`ValueError` listing the valid ones.
     """
-    chosen: set[LiveState] = set()
+    chosen: set[LiveStatus] = set()
     for value in values:
         for part in value.split(","):
             name = part.strip().lower().replace("-", "_")
             if not name:
                 continue
             try:
-                chosen.add(LiveState(name))
+                chosen.add(LiveStatus(name))
             except ValueError:
-                valid = ", ".join(s.value.replace("_", "-") for s in LiveState)
+                valid = ", ".join(s.value.replace("_", "-") for s in LiveStatus)
                 raise ValueError(f"unknown live state {part.strip()!r}; valid: {valid}") from None
     return frozenset(chosen)
 
@@ -140,9 +140,9 @@ class LiveView:
     age_s: float | None = None
 
     @property
-    def state(self) -> LiveState:
+    def state(self) -> LiveStatus:
         """A task never read is ``unknown``: it may be running or not."""
-        return LiveState.UNKNOWN if self.observation is None else self.observation.state
+        return LiveStatus.UNKNOWN if self.observation is None else self.observation.state
 
     @property
     def never_read(self) -> bool:
@@ -152,7 +152,7 @@ class LiveView:
         o = self.observation
         if o is None:
             return {
-                "state": str(LiveState.UNKNOWN),
+                "state": str(LiveStatus.UNKNOWN),
                 "observed_at": None,
                 "age_s": None,
                 "start_time": None,
@@ -211,10 +211,10 @@ class TaskStatus:
     #: A :class:`~reconciler.core.task.SyncStatus` value, or :data:`NEW`.
     status: str
     #: ``None`` when no tree was read.
-    tree: TreeState | None
+    tree: TreeStatus | None
     next_action: NextAction | None
     #: The store's row; ``None`` for a ``New`` task.
-    record: TaskState | None
+    record: StoredTask | None
     #: The tree's declaration; ``None`` unless the task is in the tree.
     desired: DesiredTask | None
     #: The pending call of ``next_action`` ``call``.
@@ -320,7 +320,7 @@ class StatusReport:
     total: int
     status_filter: frozenset[str] = frozenset()
     app_filter: frozenset[str] = frozenset()
-    live_filter: frozenset[LiveState] = frozenset()
+    live_filter: frozenset[LiveStatus] = frozenset()
     #: Who leads the replicas sharing a PostgreSQL store (``None``: a SQLite store,
     #: one replica, no election; or no replica has run on the database yet).
     leader: LeaderRow | None = None
@@ -349,9 +349,9 @@ class StatusReport:
             out[t.status] = out.get(t.status, 0) + 1
         return out
 
-    def live_counts(self) -> dict[LiveState, int]:
+    def live_counts(self) -> dict[LiveStatus, int]:
         """Shown tasks by live state; every state present, zero or not."""
-        out = dict.fromkeys(LiveState, 0)
+        out = dict.fromkeys(LiveStatus, 0)
         for t in self.tasks:
             out[t.live.state] += 1
         return out
@@ -371,8 +371,8 @@ class StatusReport:
         done.sort(key=lambda pair: (-pair[0].timestamp(), pair[1].key))
         return [t for _, t in done]
 
-    def tree_counts(self) -> dict[TreeState, int]:
-        out = dict.fromkeys(TreeState, 0)
+    def tree_counts(self) -> dict[TreeStatus, int]:
+        out = dict.fromkeys(TreeStatus, 0)
         for t in self.tasks:
             if t.tree is not None:
                 out[t.tree] += 1
@@ -411,7 +411,7 @@ class StatusReport:
             "filters": {
                 "status": sorted(self.status_filter),
                 "app": sorted(self.app_filter),
-                "live": [s.value for s in LiveState if s in self.live_filter],
+                "live": [s.value for s in LiveStatus if s in self.live_filter],
             },
             "total": self.total,
             "counts": self.counts(),
@@ -422,12 +422,12 @@ class StatusReport:
         }
 
 
-def _record(row: TaskState) -> AppliedRecord:
+def _record(row: StoredTask) -> AppliedRecord:
     return AppliedRecord(row.key, row.business_id, row.fields, row.source_path, row.failed_spec)
 
 
 def build_report(
-    rows: Sequence[TaskState],
+    rows: Sequence[StoredTask],
     *,
     index: DesiredIndex | None,
     now: datetime,
@@ -437,7 +437,7 @@ def build_report(
     recorded_root: str | None = None,
     statuses: Collection[str] = frozenset(),
     apps: Collection[str] = frozenset(),
-    lives: Collection[LiveState] = frozenset(),
+    lives: Collection[LiveStatus] = frozenset(),
 ) -> StatusReport:
     """Join the store's ``rows`` and ``observations`` with the tree ``index``.
 
@@ -481,14 +481,14 @@ def build_report(
                     else NextAction.NONE
                 )
                 entries.append(
-                    TaskStatus(key, status, TreeState.IN_TREE, action, row, task, call, live=live)
+                    TaskStatus(key, status, TreeStatus.IN_TREE, action, row, task, call, live=live)
                 )
             elif key in held:
                 entries.append(
                     TaskStatus(
                         key,
                         status,
-                        TreeState.HELD,
+                        TreeStatus.HELD,
                         NextAction.HOLD,
                         row,
                         None,
@@ -499,7 +499,7 @@ def build_report(
             else:
                 entries.append(
                     TaskStatus(
-                        key, status, TreeState.NOT_IN_TREE, NextAction.FORGET, row, None, live=live
+                        key, status, TreeStatus.NOT_IN_TREE, NextAction.FORGET, row, None, live=live
                     )
                 )
         firsts: dict[str, Problem] = {}

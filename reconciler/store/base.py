@@ -18,7 +18,7 @@ that the store it was made from is still the store, unchanged.
 Backends. A store is a SQLite file (``--state PATH``,
 :mod:`reconciler.store.sqlite`) or a PostgreSQL database (``--state
 postgresql://...``, :mod:`reconciler.store.postgres`, its tables in a schema
-of their own so the database can be shared). :class:`StateStore` is the one
+of their own so the database can be shared). :class:`Store` is the one
 interface: its methods, the SQL of every read and write, the generation
 bookkeeping and the transactions live here, written once in SQLite's
 dialect. A backend is a small connection object (:class:`Backend`) that
@@ -26,27 +26,27 @@ opens, checks and migrates its store; PostgreSQL's translates the few
 spellings that differ (placeholders, ``IS NOT``), and :class:`Dialect` those
 of the dashboard's filters. The column types keep values alike on both sides
 (times as ISO-8601 text, ids in byte order), so rows, their order and a
-digest of them do not depend on the backend; :meth:`StateStore.snapshot` and
-:meth:`StateStore.restore` move a store from one to the other
+digest of them do not depend on the backend; :meth:`Store.snapshot` and
+:meth:`Store.restore` move a store from one to the other
 (``reconciler state migrate``).
 
 Durability. Every writer is one transaction, committed before it returns, so
 a process killed mid-run loses nothing already recorded.
-:meth:`StateStore.bulk` groups many writes into one transaction when that
+:meth:`Store.bulk` groups many writes into one transaction when that
 matters for speed (a first sync of 100k in-sync tasks). A write the database
 refuses (a full disk, a read-only file system, a lost connection) rolls back
 and is a :class:`StoreWriteError`: callers send no call they could not
 record (:class:`ResultNotRecorded` is the answer to a call already made that
-could not be recorded; :meth:`StateStore.check_writable` probes).
+could not be recorded; :meth:`Store.check_writable` probes).
 
 Schema. Each backend keeps a schema version and forward steps up to
 :data:`SCHEMA_VERSION`, each applied in its own transaction together with
 the version bump. A store written by a newer reconciler, or something that
-is not a store (a foreign database, a corrupt file), is a :class:`StateError`
+is not a store (a foreign database, a corrupt file), is a :class:`StoreError`
 naming the store and what is wrong: the store is never silently reset or
 re-created. A read-only open (``plan``, ``status``) never writes the store.
 A row that cannot be read back (fields or an observation that are not a JSON
-object) is a :class:`StateError` naming the store and the task.
+object) is a :class:`StoreError` naming the store and the task.
 
 Secrets. No column holds headers, raw requests or credentials. A PostgreSQL
 store is named by a :class:`PostgresURL` (a URL, or a libpq connection
@@ -61,7 +61,7 @@ write transaction calls its ``check(cursor)`` first, on the store's own
 connection, so a replica that lost the leadership records nothing
 (:class:`FencedError`).
 
-Concurrency. A :class:`StateStore` keeps one connection and is meant for one
+Concurrency. A :class:`Store` keeps one connection and is meant for one
 asyncio program: callers make one call at a time (it may come from a worker
 thread). The calls are synchronous and short. Other processes may read
 concurrently (``status`` while the daemon runs); one process writes
@@ -86,7 +86,7 @@ from typing import Any, Final, Protocol
 from urllib.parse import unquote
 
 from reconciler.core.errors import OUTCOME_UNKNOWN_CODES
-from reconciler.core.live import LiveState, Observation
+from reconciler.core.live import LiveStatus, Observation
 from reconciler.core.task import (
     MANAGED_FIELDS,
     AppliedRecord,
@@ -133,19 +133,19 @@ class Backends:
 BACKENDS: Final = Backends()
 
 
-class StateError(Exception):
+class StoreError(Exception):
     """The state store cannot be used: missing, unreadable, corrupt, too new, closed."""
 
 
-def newer_schema(store: object, version: int, known: int = SCHEMA_VERSION) -> StateError:
+def newer_schema(store: object, version: int, known: int = SCHEMA_VERSION) -> StoreError:
     """The refusal of a store written by a newer reconciler (never migrated back)."""
-    return StateError(
+    return StoreError(
         f"state store {store} was written by a newer reconciler "
         f"(schema {version}, this one knows up to {known})"
     )
 
 
-class StoreWriteError(StateError):
+class StoreWriteError(StoreError):
     """A write the store could not make (a full disk, a read-only file system, an
     I/O error, a lost connection): its transaction was rolled back, nothing of it
     was recorded."""
@@ -160,7 +160,7 @@ class StoreWriteError(StateError):
 class ResultNotRecorded(StoreWriteError):
     """A call went out and was answered, but its result could not be recorded.
 
-    The task stays as :meth:`StateStore.mark_pending` left it before the call
+    The task stays as :meth:`Store.mark_pending` left it before the call
     (Pending), so the store still says a call was made whose outcome it does
     not know. ``record`` makes the same write again (the daemon does once the
     store takes writes again).
@@ -172,7 +172,7 @@ class ResultNotRecorded(StoreWriteError):
         self.record = record
 
 
-class FencedError(StateError):
+class FencedError(StoreError):
     """A write refused because this replica no longer leads (another one took over).
 
     Raised by a :class:`Fencing` check inside the write's own transaction, so
@@ -277,7 +277,7 @@ class PostgresURL:
 
     def exists(self) -> bool:
         """Whether the database holds a state store (its schema); connects to find
-        out, so a database that cannot be reached is a :class:`StateError`."""
+        out, so a database that cannot be reached is a :class:`StoreError`."""
         return BACKENDS.postgres_exists(self)
 
 
@@ -418,12 +418,12 @@ POSTGRES: Final = Dialect("postgresql", "TRUE", "~", _glob_to_regex, "strpos")
 
 
 class Backend(Protocol):
-    """A store's connection, as :class:`StateStore` uses it (one per backend module).
+    """A store's connection, as :class:`Store` uses it (one per backend module).
 
     ``query`` and ``execute`` take SQLite's spelling (``?`` placeholders); a
     backend translates what its database spells otherwise. Errors are the
     driver's own (:attr:`errors`); the store turns them into
-    :class:`StateError` with :meth:`describe`.
+    :class:`StoreError` with :meth:`describe`.
     """
 
     @property
@@ -435,7 +435,7 @@ class Backend(Protocol):
 
     @property
     def errors(self) -> tuple[type[Exception], ...]:
-        """The driver's errors, which the store reports as :class:`StateError`."""
+        """The driver's errors, which the store reports as :class:`StoreError`."""
 
     def query(self, sql: str, params: Sequence[object]) -> list[Any]: ...
 
@@ -461,7 +461,7 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class TaskState:
+class StoredTask:
     """One task's row, as ``reconciler status`` shows it."""
 
     key: TaskKey
@@ -591,16 +591,16 @@ def _decode_fields(text: str) -> dict[str, FieldValue]:
     return fields
 
 
-def corrupt_row(store: object, key: TaskKey, what: str, exc: Exception) -> StateError:
+def corrupt_row(store: object, key: TaskKey, what: str, exc: Exception) -> StoreError:
     """The refusal of a row that cannot be read back: it names the store and the task."""
     why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-    return StateError(
+    return StoreError(
         f"state store {store}: the row of task {key} is corrupt: {what} cannot be read "
         f"({why}); fix or delete that row (the store is never reset)"
     )
 
 
-def _row_to_state(row: Sequence[Any], store: object) -> TaskState:
+def _row_to_state(row: Sequence[Any], store: object) -> StoredTask:
     try:
         return _row_values(row)
     except (ValueError, TypeError) as exc:
@@ -612,8 +612,8 @@ def _row_to_state(row: Sequence[Any], store: object) -> TaskState:
         raise corrupt_row(store, key, "a column", exc) from None
 
 
-def _row_values(row: Sequence[Any]) -> TaskState:
-    return TaskState(
+def _row_values(row: Sequence[Any]) -> StoredTask:
+    return StoredTask(
         key=TaskKey(row[0], row[1], row[2]),
         status=SyncStatus(row[3]),
         business_id=row[4],
@@ -768,7 +768,7 @@ class TaskQuery:
 
     statuses: frozenset[str] = frozenset()
     apps: frozenset[str] = frozenset()
-    #: :class:`~reconciler.core.live.LiveState` values; a task never read is ``unknown``.
+    #: :class:`~reconciler.core.live.LiveStatus` values; a task never read is ``unknown``.
     lives: frozenset[str] = frozenset()
     path_glob: str | None = None
     text: str | None = None
@@ -812,7 +812,7 @@ class TaskQuery:
         return " AND ".join(parts) or dialect.true, params
 
 
-class StateStore:
+class Store:
     """The state store at :attr:`path`, a SQLite file or a PostgreSQL database;
     open with :meth:`open`."""
 
@@ -829,7 +829,7 @@ class StateStore:
         opened_schema: int = SCHEMA_VERSION,
         read_only: bool = False,
     ) -> None:
-        # Use StateStore.open: the backend prepares the file or database and its schema.
+        # Use Store.open: the backend prepares the file or database and its schema.
         self.path = backend.location
         self.opened_schema = opened_schema
         self._read_only = read_only
@@ -840,7 +840,7 @@ class StateStore:
         self._changed = False
 
     def __repr__(self) -> str:
-        return f"StateStore(path={str(self.path)!r})"
+        return f"Store(path={str(self.path)!r})"
 
     # -- opening -------------------------------------------------------------
 
@@ -853,12 +853,12 @@ class StateStore:
         read_only: bool = False,
         fencing: Fencing | None = None,
         command: str = "reconciler",
-    ) -> StateStore:
+    ) -> Store:
         """Open (and, with ``create``, create) the store, migrating it forward.
 
         ``location`` is a file path (SQLite) or a :class:`PostgresURL` (text
         is parsed with :func:`parse_location`). With ``create=False`` a
-        missing store is a :class:`StateError` (``status`` reports on a store,
+        missing store is a :class:`StoreError` (``status`` reports on a store,
         it never makes one). ``read_only`` (``plan``, ``status``) never writes
         the store: SQLite migrates an older schema in a private in-memory
         copy, so a newer CLI's dry run cannot upgrade a store that a running
@@ -874,7 +874,7 @@ class StateStore:
             try:
                 location = parse_location(location)
             except ValueError as exc:
-                raise StateError(f"state store: {exc}") from None
+                raise StoreError(f"state store: {exc}") from None
         backend: Backend
         if isinstance(location, PostgresURL):
             backend, opened_schema = BACKENDS.open_postgres(
@@ -889,12 +889,12 @@ class StateStore:
         return cls(backend, opened_schema=opened_schema, read_only=read_only)
 
     def close(self) -> None:
-        """Close the connection; further use is a :class:`StateError`. Idempotent."""
+        """Close the connection; further use is a :class:`StoreError`. Idempotent."""
         if self._open:
             self._open = False
             self._backend.close()
 
-    def __enter__(self) -> StateStore:
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(
@@ -966,14 +966,14 @@ class StateStore:
                 for app_id, room_id, task_id, at, state, status, start, end, reason, text in rows:
                     key = TaskKey(app_id, room_id, task_id)
                     out[key] = Observation(
-                        key, at, LiveState(state), start, end, reason, status, _decode_fields(text)
+                        key, at, LiveStatus(state), start, end, reason, status, _decode_fields(text)
                     )
         except (ValueError, TypeError) as exc:
             assert key is not None
             raise corrupt_row(self.path, key, "its latest observation", exc) from None
         return out
 
-    def get(self, key: TaskKey) -> TaskState | None:
+    def get(self, key: TaskKey) -> StoredTask | None:
         """The row of ``key``, if any."""
         rows = self._query(
             f"SELECT {_COLUMNS} FROM tasks WHERE app_id = ? AND room_id = ? AND task_id = ?",
@@ -981,7 +981,7 @@ class StateStore:
         )
         return _row_to_state(rows[0], self.path) if rows else None
 
-    def all(self) -> list[TaskState]:
+    def all(self) -> list[StoredTask]:
         """Every row, sorted by key."""
         rows = self._query(f"SELECT {_COLUMNS} FROM tasks ORDER BY app_id, room_id, task_id")
         with _gc_paused():
@@ -1007,7 +1007,7 @@ class StateStore:
         ((n,),) = self._query(f"SELECT COUNT(*) FROM tasks WHERE {where}", params)
         return int(n)
 
-    def page_tasks(self, query: TaskQuery, *, offset: int, limit: int) -> list[TaskState]:
+    def page_tasks(self, query: TaskQuery, *, offset: int, limit: int) -> list[StoredTask]:
         """The rows ``query`` matches, sorted by key, from ``offset``: at most ``limit``."""
         where, params = query.where(dialect=self._backend.dialect)
         rows = self._query(
@@ -1017,7 +1017,7 @@ class StateStore:
         )
         return [_row_to_state(row, self.path) for row in rows]
 
-    def latest_in_status(self, statuses: Sequence[SyncStatus], *, limit: int) -> list[TaskState]:
+    def latest_in_status(self, statuses: Sequence[SyncStatus], *, limit: int) -> list[StoredTask]:
         """Up to ``limit`` rows in ``statuses``, the latest to enter its status first."""
         marks = ", ".join("?" * len(statuses))
         rows = self._query(
@@ -1060,7 +1060,7 @@ class StateStore:
             finally:
                 conn.rollback()  # a read: nothing to commit
         except conn.errors as exc:
-            raise StateError(f"state store {self.path}: cannot read: {conn.describe(exc)}") from exc
+            raise StoreError(f"state store {self.path}: cannot read: {conn.describe(exc)}") from exc
         return snap
 
     @staticmethod
@@ -1112,7 +1112,7 @@ class StateStore:
         One transaction: the rows are read back in it and must have the
         snapshot's digest, or nothing is written. A store that holds any
         task, observation, tree root or recorded result is refused
-        (:class:`StateError`), and nothing is written either.
+        (:class:`StoreError`), and nothing is written either.
         """
         with self._transaction("copy the store into", changes_plan=False) as conn:
             ((tasks,),) = conn.query("SELECT COUNT(*) FROM tasks", ())
@@ -1120,7 +1120,7 @@ class StateStore:
             meta = dict(conn.query("SELECT key, value FROM meta", ()))
             generation = int(meta.get(GENERATION_KEY) or 0)
             if tasks or observations or generation or TREE_ROOT_KEY in meta:
-                raise StateError(
+                raise StoreError(
                     f"state store {self.path} is not empty ({tasks} tasks, {observations} "
                     f"observations, generation {generation}): nothing was copied into it"
                 )
@@ -1137,7 +1137,7 @@ class StateStore:
             )
             copied = self._read_snapshot(conn)
             if copied.digest() != snapshot.digest():
-                raise StateError(
+                raise StoreError(
                     f"state store {self.path}: the copied rows differ from the source's "
                     f"({copied.counts()} against {snapshot.counts()}): nothing was copied"
                 )
@@ -1276,7 +1276,7 @@ class StateStore:
         No call was made, so ``fields`` must be part of the current last-applied
         values (a :class:`ValueError` otherwise: recording values the server
         never confirmed would hide a needed call). A task with no last-applied
-        record has nothing to release: :class:`StateError`.
+        record has nothing to release: :class:`StoreError`.
         """
         text = _encode_fields(fields)
         now = _stamp(at)
@@ -1287,7 +1287,7 @@ class StateStore:
             )
             row = rows[0] if rows else None
             if row is None or row[0] is None:
-                raise StateError(f"task {key} has no last-applied values to release from")
+                raise StoreError(f"task {key} has no last-applied values to release from")
             try:
                 current = _decode_fields(row[0])
             except (ValueError, TypeError) as exc:
@@ -1414,7 +1414,7 @@ class StateStore:
 
     def _connection(self) -> Backend:
         if not self._open:
-            raise StateError(f"state store {self.path} is closed")
+            raise StoreError(f"state store {self.path} is closed")
         return self._backend
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
@@ -1422,7 +1422,7 @@ class StateStore:
         try:
             return conn.query(sql, params)
         except conn.errors as exc:
-            raise StateError(f"state store {self.path}: cannot read: {conn.describe(exc)}") from exc
+            raise StoreError(f"state store {self.path}: cannot read: {conn.describe(exc)}") from exc
 
     def _execute(
         self, what: str, sql: str, params: Sequence[object], *, changes_plan: bool = True
@@ -1436,7 +1436,7 @@ class StateStore:
 
         ``changes_plan``: the writes change what the planner reads, so the
         commit bumps the generation (once per transaction, in it). A
-        :class:`StateError` from the backend's start (a fence) rolls back and
+        :class:`StoreError` from the backend's start (a fence) rolls back and
         reaches the caller as it is.
         """
         conn = self._connection()
@@ -1469,11 +1469,11 @@ class StateStore:
 
 
 _MISSING: Final = object()
-#: ``meta`` key that :meth:`StateStore.check_writable` writes and removes in one transaction.
+#: ``meta`` key that :meth:`Store.check_writable` writes and removes in one transaction.
 _PROBE_KEY: Final = "write_probe"
 
 _KEY: Final = "app_id, room_id, task_id"
-#: Every column, for copying a store whole (:meth:`StateStore.snapshot`).
+#: Every column, for copying a store whole (:meth:`Store.snapshot`).
 _TASK_ROW: Final = (
     "app_id, room_id, task_id, business_id, applied_fields, applied_at, request_id, status,"
     " attempts, last_call_at, last_error, last_error_code, source, updated_at, source_path,"

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 from reconciler.eventlog.setup import get_logger
-from reconciler.store.base import PostgresURL, StateError, format_time
+from reconciler.store.base import PostgresURL, StoreError, format_time
 
 #: What the lock file's name adds to the store's.
 LOCK_SUFFIX: Final = ".lock"
@@ -105,7 +105,7 @@ class Holder:
         return f"{self.command or 'a reconciler process'} ({', '.join(where)})"
 
 
-class StoreInUse(StateError):
+class StoreInUse(StoreError):
     """Another process writes the store: a second writer is refused, nothing is written."""
 
     def __init__(self, message: str, holder: Holder | None = None) -> None:
@@ -133,7 +133,7 @@ class WriterLock:
     def acquire(cls, store: Path, *, command: str) -> WriterLock:
         """Take the lock of ``store`` (its folder must exist), or raise :class:`StoreInUse`
         naming the holder; a lock file that cannot be made is a
-        :class:`~reconciler.store.base.StateError`."""
+        :class:`~reconciler.store.base.StoreError`."""
         path = lock_path(store)
         key = os.path.realpath(path)
         with cls._guard:
@@ -144,7 +144,7 @@ class WriterLock:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as exc:
-                raise StateError(
+                raise StoreError(
                     f"state store {store}: cannot open its writer lock {path}: "
                     f"{exc.strerror or exc}"
                 ) from exc
@@ -155,7 +155,7 @@ class WriterLock:
                 holder = _read_holder(fd) if held else None
                 os.close(fd)
                 if not held:
-                    raise StateError(
+                    raise StoreError(
                         f"state store {store}: cannot lock {path}: {exc.strerror or exc}"
                     ) from exc
                 who = holder.describe() if holder else "another process (it does not say which)"
@@ -243,7 +243,7 @@ class PostgresWriter:
             )
             conn = psycopg.connect(make_conninfo("", **params), autocommit=True)
         except psycopg.Error as exc:
-            raise StateError(f"state store {url}: cannot connect: {url.scrub(str(exc))}") from None
+            raise StoreError(f"state store {url}: cannot connect: {url.scrub(str(exc))}") from None
         try:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
             if row is not None and row[0]:
@@ -251,7 +251,7 @@ class PostgresWriter:
             who = _describe_pg_holder(conn)
         except psycopg.Error as exc:
             conn.close()
-            raise StateError(
+            raise StoreError(
                 f"state store {url}: cannot take the writer lock: {url.scrub(str(exc))}"
             ) from None
         conn.close()

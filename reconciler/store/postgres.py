@@ -1,6 +1,6 @@
 """The PostgreSQL backend of the state store (psycopg 3), for a store that outlives a pod.
 
-:class:`~reconciler.store.base.StateStore` holds the logic and the SQL both
+:class:`~reconciler.store.base.Store` holds the logic and the SQL both
 backends share; this module connects, keeps the schema right, and translates
 SQLite's spelling of the shared SQL (``?`` placeholders, ``IS NOT`` as a
 null-safe comparison) into PostgreSQL's.
@@ -18,7 +18,7 @@ one transaction with the version bump, under an advisory lock, so two
 replicas opening an old store at once cannot both apply it (PostgreSQL's
 DDL is transactional: a failed step leaves nothing). A ``reconciler`` schema
 without our version row, another application's row, or a newer version is a
-:class:`~reconciler.store.base.StateError`: never reset.
+:class:`~reconciler.store.base.StoreError`: never reset.
 
 Connection. One connection, in autocommit: a read outside a transaction is
 one statement, and every write is an explicit ``BEGIN`` ... ``COMMIT``; the
@@ -62,7 +62,7 @@ from reconciler.store.base import (
     Dialect,
     Fencing,
     PostgresURL,
-    StateError,
+    StoreError,
     newer_schema,
 )
 
@@ -182,7 +182,7 @@ def translate(sql: str) -> str:
 
 
 class PostgresConnection:
-    """The PostgreSQL side of :class:`~reconciler.store.base.StateStore`: one connection."""
+    """The PostgreSQL side of :class:`~reconciler.store.base.Store`: one connection."""
 
     dialect: Dialect = POSTGRES
     errors: tuple[type[Exception], ...] = (psycopg.Error,)
@@ -320,7 +320,7 @@ def open_postgres(
         if read_only or not create:
             version = _version(cur, url)
             if version == 0:
-                raise StateError(
+                raise StoreError(
                     f"state store {url} does not exist (the database has no {SCHEMA} "
                     "schema: nothing has been applied with it)"
                 )
@@ -328,7 +328,7 @@ def open_postgres(
             if version > _latest(steps):
                 raise _newer(url, version, steps)
             if version < _latest(steps):
-                raise StateError(
+                raise StoreError(
                     f"state store {url} has schema {version}, older than this reconciler's "
                     f"{_latest(steps)}: a read-only command cannot upgrade it; run apply or "
                     "run (which migrate it) first"
@@ -338,7 +338,7 @@ def open_postgres(
             opened = _migrate(cur, url, steps)
     except psycopg.Error as exc:
         conn.close()
-        raise StateError(f"state store {url}: {url.scrub(' '.join(str(exc).split()))}") from exc
+        raise StoreError(f"state store {url}: {url.scrub(' '.join(str(exc).split()))}") from exc
     except BaseException:
         conn.close()
         raise
@@ -351,7 +351,7 @@ def store_exists(url: PostgresURL) -> bool:
     try:
         return _version(conn.cursor(), url) > 0
     except psycopg.Error as exc:
-        raise StateError(f"state store {url}: {url.scrub(' '.join(str(exc).split()))}") from exc
+        raise StoreError(f"state store {url}: {url.scrub(' '.join(str(exc).split()))}") from exc
     finally:
         conn.close()
 
@@ -370,7 +370,7 @@ def _connect(url: PostgresURL, *, read_only: bool) -> psycopg.Connection[Any]:
     except psycopg.Error as exc:
         # Not chained: libpq may quote the connection string it could not use.
         message = url.scrub(" ".join(str(exc).split()))
-        raise StateError(f"state store {url}: cannot connect: {message}") from None
+        raise StoreError(f"state store {url}: cannot connect: {message}") from None
     try:
         # The shared SQL names tables bare; pg_catalog stays first, implicitly.
         conn.execute(f"SET search_path TO {SCHEMA}")
@@ -387,7 +387,7 @@ def _connect(url: PostgresURL, *, read_only: bool) -> psycopg.Connection[Any]:
             conn.execute("SET default_transaction_read_only = on")
     except psycopg.Error as exc:
         conn.close()
-        raise StateError(f"state store {url}: {url.scrub(' '.join(str(exc).split()))}") from exc
+        raise StoreError(f"state store {url}: {url.scrub(' '.join(str(exc).split()))}") from exc
     return conn
 
 
@@ -406,7 +406,7 @@ def _version(cur: Cursor, url: PostgresURL) -> int:
     has_version, ours = row
     if not has_version:
         if ours:
-            raise StateError(
+            raise StoreError(
                 f"state store {url} is not a reconciler database: its {SCHEMA!r} schema "
                 f"has tables named {', '.join(ours)} but no reconciler schema version"
             )
@@ -415,14 +415,14 @@ def _version(cur: Cursor, url: PostgresURL) -> int:
     rows = cur.fetchall()
     if len(rows) != 1 or rows[0][0] != APPLICATION:
         found = ", ".join(repr(r[0]) for r in rows) or "no row"
-        raise StateError(
+        raise StoreError(
             f"state store {url} is not a reconciler database: its {SCHEMA}.schema_version "
             f"names {found}, expected {APPLICATION!r}"
         )
     return int(rows[0][1])
 
 
-def _newer(url: PostgresURL, version: int, steps: Mapping[int, tuple[int, Step]]) -> StateError:
+def _newer(url: PostgresURL, version: int, steps: Mapping[int, tuple[int, Step]]) -> StoreError:
     return newer_schema(url, version, _latest(steps))
 
 
@@ -444,7 +444,7 @@ def _migrate(cur: Cursor, url: PostgresURL, steps: Mapping[int, tuple[int, Step]
                 cur.execute("COMMIT")
                 break
             if version not in steps:
-                raise StateError(f"state store {url} has schema {version}, which no step upgrades")
+                raise StoreError(f"state store {url} has schema {version}, which no step upgrades")
             to, step = steps[version]
             if version == 0:
                 cur.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")

@@ -26,13 +26,13 @@ from reconciler.core.task import (
     task_fields,
 )
 from reconciler.eventlog import setup as events
-from reconciler.store.base import StateStore
+from reconciler.store.base import Store
 
 
 class Recorder:
     """Writes results to the store and mirrors them in :attr:`applied`."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.applied = AppliedIndex(store.applied())
         self.observations: dict[TaskKey, Observation] = store.observations()

@@ -1,6 +1,6 @@
 """The SQLite backend of the state store: a file, its pragmas, its schema steps.
 
-:class:`~reconciler.store.base.StateStore` holds the logic and the SQL both
+:class:`~reconciler.store.base.Store` holds the logic and the SQL both
 backends share; this module only opens the file and keeps it right.
 
 Files. The store and its ``-wal``/``-shm`` companions are created owner-only
@@ -56,7 +56,7 @@ from reconciler.store.base import (
     SCHEMA_VERSION,
     SQLITE,
     Dialect,
-    StateError,
+    StoreError,
     newer_schema,
 )
 from reconciler.store.lock import WriterLock
@@ -145,7 +145,7 @@ def _v4_live_observations(conn: sqlite3.Connection) -> None:
         "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'tasks'"
     ).fetchone()
     if _STATUS_CHECK_V1 not in sql:
-        raise StateError("the tasks table does not have the status check this step widens")
+        raise StoreError("the tasks table does not have the status check this step widens")
     wider = sql.replace("CREATE TABLE tasks", "CREATE TABLE tasks_v4", 1).replace(
         _STATUS_CHECK_V1, "'NotRunning', 'Failed', 'OutOfSync')"
     )
@@ -213,7 +213,7 @@ assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step belongs to every backen
 
 
 class SqliteConnection:
-    """The SQLite side of :class:`~reconciler.store.base.StateStore`: one connection to one file."""
+    """The SQLite side of :class:`~reconciler.store.base.Store`: one connection to one file."""
 
     dialect: Dialect = SQLITE
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
@@ -281,7 +281,7 @@ def open_sqlite(
         if create:
             _make_parent(path)
         elif not (path.exists() or path.is_symlink()):
-            raise StateError(f"state store {path} does not exist")
+            raise StoreError(f"state store {path} does not exist")
         lock = WriterLock.acquire(path, command=command)
         try:
             created = _prepare_file(path, create=create)
@@ -304,7 +304,7 @@ def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise StateError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
+        raise StoreError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
 
 
 def _prepare_file(path: Path, *, create: bool) -> bool:
@@ -317,10 +317,10 @@ def _prepare_file(path: Path, *, create: bool) -> bool:
         if path.exists() or path.is_symlink():
             if not path.is_file():
                 kind = "a directory" if path.is_dir() else "not a regular file"
-                raise StateError(f"state store {path} is {kind}")
+                raise StoreError(f"state store {path} is {kind}")
             st = path.stat()
             if st.st_size == 0:
-                raise StateError(
+                raise StoreError(
                     f"state store {path} is an empty file (0 bytes), not a state store; "
                     "it is never reset: if nothing should be recorded there, delete it"
                 )
@@ -328,11 +328,11 @@ def _prepare_file(path: Path, *, create: bool) -> bool:
                 path.chmod(0o600)  # a store made by other means: owner-only, as ours are
             return False
         if not create:
-            raise StateError(f"state store {path} does not exist")
+            raise StoreError(f"state store {path} does not exist")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return _build(path)
     except OSError as exc:
-        raise StateError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
+        raise StoreError(f"state store {path}: cannot create: {exc.strerror or exc}") from exc
 
 
 def _build(path: Path) -> bool:
@@ -351,7 +351,7 @@ def _build(path: Path) -> bool:
             finally:
                 conn.close()  # the last connection: the log is checkpointed into the file
         except sqlite3.Error as exc:
-            raise StateError(f"state store {path}: cannot create: {exc}") from exc
+            raise StoreError(f"state store {path}: cannot create: {exc}") from exc
         try:
             os.link(aside, path)
         except FileExistsError:
@@ -386,14 +386,14 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, int]:
             path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
     except sqlite3.Error as exc:
-        raise StateError(f"state store {path}: cannot open: {exc}") from exc
+        raise StoreError(f"state store {path}: cannot open: {exc}") from exc
     try:
         _configure(conn, path)
         opened_schema = _migrate(conn, path)
         _check_integrity(conn, path)
     except sqlite3.Error as exc:
         conn.close()
-        raise StateError(f"state store {path} {_describe(exc)}") from exc
+        raise StoreError(f"state store {path} {_describe(exc)}") from exc
     except BaseException:
         conn.close()
         raise
@@ -419,7 +419,7 @@ def _connect_read_only(path: Path) -> tuple[sqlite3.Connection, int]:
         return memory, version
     except sqlite3.Error as exc:
         conn.close()
-        raise StateError(f"state store {path} {_describe(exc)}") from exc
+        raise StoreError(f"state store {path} {_describe(exc)}") from exc
     except BaseException:
         conn.close()
         raise
@@ -458,7 +458,7 @@ def _reader(path: Path) -> sqlite3.Connection:
         if not name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")) or not os.access(
             path, os.R_OK
         ):
-            raise StateError(f"state store {path} {_describe(exc)}") from exc
+            raise StoreError(f"state store {path} {_describe(exc)}") from exc
         first = exc
     wal = Path(f"{path}-wal")
     try:
@@ -476,7 +476,7 @@ def _reader(path: Path) -> sqlite3.Connection:
                 source.close()
             return memory
     except (sqlite3.Error, OSError) as exc:
-        raise StateError(
+        raise StoreError(
             f"state store {path}: cannot open read-only ({first}), nor read a copy: {exc}"
         ) from exc
 
@@ -495,7 +495,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if str(mode).lower() != "wal":
-        raise StateError(
+        raise StoreError(
             f"state store {path}: the file system does not support WAL mode (got {mode})"
         )
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -543,12 +543,12 @@ def _check_identity(
     if version == 0:
         (objects,) = conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
         if objects:
-            raise StateError(
+            raise StoreError(
                 f"state store {path} is a SQLite database of something else "
                 "(it has tables but no reconciler schema version)"
             )
         if not new:
-            raise StateError(
+            raise StoreError(
                 f"state store {path} is an empty SQLite database (no tables, no reconciler "
                 "schema version), not a state store; it is never reset: if nothing should "
                 "be recorded there, delete it"
@@ -556,7 +556,7 @@ def _check_identity(
         return
     (app_id,) = conn.execute("PRAGMA application_id").fetchone()
     if app_id != APPLICATION_ID:
-        raise StateError(
+        raise StoreError(
             f"state store {path} is a SQLite database of something else "
             f"(application id {app_id:#x}, expected {APPLICATION_ID:#x})"
         )
@@ -566,4 +566,4 @@ def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
     problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
     if problems != ["ok"]:
         details = "; ".join(problems).replace("\n", "; ")
-        raise StateError(f"state store {path} is corrupt: {details}")
+        raise StoreError(f"state store {path} is corrupt: {details}")

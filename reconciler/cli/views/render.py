@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from reconciler.core.live import LiveState
+from reconciler.core.live import LiveStatus
 from reconciler.core.plan import SETTLE_S, Plan
 from reconciler.core.printable import printable
 from reconciler.core.task import FieldValue, SyncStatus, TaskKey
-from reconciler.serve.status import NEW, LiveView, NextAction, StatusReport, TaskStatus, TreeState
+from reconciler.serve.status import NEW, LiveView, NextAction, StatusReport, TaskStatus, TreeStatus
 from reconciler.tree.desired import DesiredIndex, Problem
 
 if TYPE_CHECKING:
@@ -46,11 +46,11 @@ _STATUS_COLOURS: dict[str, str] = {
     SyncStatus.OUT_OF_SYNC: "yellow",
 }
 
-_LIVE_COLOURS: dict[LiveState, str] = {
-    LiveState.RUNNING: "green",
-    LiveState.ENDED: "magenta",
-    LiveState.NOT_FOUND: "magenta",
-    LiveState.UNKNOWN: "yellow",
+_LIVE_COLOURS: dict[LiveStatus, str] = {
+    LiveStatus.RUNNING: "green",
+    LiveStatus.ENDED: "magenta",
+    LiveStatus.NOT_FOUND: "magenta",
+    LiveStatus.UNKNOWN: "yellow",
 }
 
 
@@ -376,16 +376,16 @@ def live_texts(view: LiveView) -> tuple[str, str, str]:
     o = view.observation
     if o is None:
         return ("Unknown", "Unknown", "Unknown")  # READ says "never"
-    if o.state is LiveState.RUNNING:
+    if o.state is LiveStatus.RUNNING:
         if o.start_time_ms is None:
             return ("Running", "Running", "Running")
         at = _clock(o.start_time_ms)
         return (f"Running since {at}", f"Running {at}", "Running")
-    if o.state is LiveState.ENDED:
+    if o.state is LiveStatus.ENDED:
         why = f"Ended: {printable(o.stop_reason)}" if o.stop_reason else "Ended"
         full = why if o.end_time_ms is None else f"{why} at {_clock(o.end_time_ms)}"
         return (full, why, "Ended")
-    if o.state is LiveState.NOT_FOUND:
+    if o.state is LiveStatus.NOT_FOUND:
         return ("Not found", "Not found", "Not found")
     # GetSegmentTask sees only tasks started within 72 h: this one may well run.
     return ("Unknown: not visible", "Unknown: not visible", "Unknown")
@@ -409,16 +409,16 @@ def _retry(t: TaskStatus, now: datetime) -> str:
 
 
 def _tree(t: TaskStatus) -> str:
-    if t.tree is TreeState.HELD:
+    if t.tree is TreeStatus.HELD:
         return f"held: {printable(t.held_by)}"  # the invalid files are listed below the table
-    if t.tree is TreeState.NOT_IN_TREE:
+    if t.tree is TreeStatus.NOT_IN_TREE:
         return "not in tree: to forget"
     if t.next_action is NextAction.CALL and t.call is not None:
         fields = ", ".join(t.call.fields)
         return f"first call: {fields}" if t.call.first else f"call: {fields}"
     if t.next_action is NextAction.BLOCKED:
         return "blocked: change the spec"
-    return "in tree" if t.tree is TreeState.IN_TREE else "-"
+    return "in tree" if t.tree is TreeStatus.IN_TREE else "-"
 
 
 def _short_path(path: str, width: int) -> str:
@@ -588,7 +588,7 @@ def status_table(report: StatusReport, *, root: str = "", width: int = 120) -> s
     if show_tree:
         trees = report.tree_counts()
         summary = summary[:-1] + (
-            f"; {trees[TreeState.HELD]} held, {trees[TreeState.NOT_IN_TREE]} not in tree."
+            f"; {trees[TreeStatus.HELD]} held, {trees[TreeStatus.NOT_IN_TREE]} not in tree."
         )
     lines.append("")
     lines.append(summary)
