@@ -153,7 +153,8 @@ def parse_help(text: str) -> Help:
     for line in text.splitlines():
         if re.match(r"^[A-Z][\w ]*:$", line):
             section = line[:-1]
-        elif section == "Options" and re.match(r"^  -", line):
+        elif section not in ("", "Commands") and re.match(r"^  -", line):
+            # Options come under "Options:" and the command's own headings (API:, Budget: ...).
             declared = re.split(r"\s{2,}", line.strip())[0]
             metavar = re.sub(r"(?<![\w-])-{1,2}[\w-]+|[,/]", "", declared).strip()
             for name in re.findall(r"(?<![\w-])--[\w-]+", declared):
