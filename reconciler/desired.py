@@ -1384,8 +1384,10 @@ class DesiredIndex:
             involved.update(p for p, _ in self._by_key.get(key, ()))
             if n % STEP == 0:
                 yield
-        for identifier in identifiers:
+        for n, identifier in enumerate(identifiers, 1):
             involved.update(p for p, _ in self._by_identifier.get(identifier, ()))
+            if n % STEP == 0:
+                yield
         counted_before = {p: self._counts(p) for p in involved}
         yield
 
@@ -1428,18 +1430,25 @@ class DesiredIndex:
         now: dict[TaskKey, DesiredTask] = {}
         for p in involved:
             counted = counts_after(p)
+            moves: list[tuple[dict[TaskKey, DesiredTask], tuple[DesiredTask, ...]]] = []
             if p == path:
                 if counted_before[p]:
-                    was.update((t.key, t) for t in old_tasks)
+                    moves.append((was, old_tasks))
                 if counted:
-                    now.update((t.key, t) for t in new_tasks)
+                    moves.append((now, new_tasks))
             elif counted != counted_before[p]:
-                tasks = self._files[p].tasks
-                (now if counted else was).update((t.key, t) for t in tasks)
-            yield
-        gone = was.keys() - now.keys()
-        changed = {k for k in was.keys() | now.keys() if was.get(k) != now.get(k)}
-        yield
+                moves.append((now if counted else was, self._files[p].tasks))
+            for into, tasks in moves:
+                for start in range(0, len(tasks), STEP):
+                    into.update((t.key, t) for t in tasks[start : start + STEP])
+                    yield
+        gone = [k for k in was if k not in now]
+        changed: set[TaskKey] = set()
+        for n, k in enumerate((*was, *now), 1):
+            if was.get(k) != now.get(k):
+                changed.add(k)
+            if n % STEP == 0:
+                yield
 
         # Commit, all at once: the views change here and nowhere else.
         if new is None:
