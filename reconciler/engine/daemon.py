@@ -438,9 +438,12 @@ class Daemon:
         rescan = False
         loaded = 0
         for start in range(0, len(rels), _FILES_PER_HOP):
-            for rel, sig, result in await off_loop(
+            batch = await off_loop(
                 functools.partial(self._read, rels[start : start + _FILES_PER_HOP])
-            ):
+            )
+            # What was just parsed lives as long as the index: out of the collector's sight.
+            _settle_heap(sum(len(r.tasks) for _, _, r in batch if r is not None))
+            for rel, sig, result in batch:
                 if sig == "dir":
                     # A folder whose name looks like a file: its contents are found by a rescan.
                     rescan = True
@@ -502,7 +505,7 @@ class Daemon:
             affected |= await self.scan(skip=change.settling)
         return affected
 
-    def _report_files(self) -> None:
+    async def _report_files(self) -> None:
         invalid = self.index.invalid_files
         new = invalid - self._reported_invalid
         if new:
@@ -536,7 +539,7 @@ class Daemon:
             self.log.error("desired.refused_path", path=p.source.path, message=p.message)
         self._reported_invalid = invalid
         if self.config.observe and self._background:
-            self._track_desired()
+            await self._track_desired()
         self.metrics.invalid_files.set(len(invalid) + len(self._scan_problems))
         self.metrics.desired_tasks.set(len(self.index.tasks))
 
@@ -1072,7 +1075,7 @@ class Daemon:
                 rescan=change.rescan,
                 tasks=len(affected),
             )
-            self._report_files()
+            await self._report_files()
             if affected and self._leading.is_set():  # a standby only keeps its index warm
                 await self.replan(affected, reason="file_changed")
 
@@ -1099,7 +1102,7 @@ class Daemon:
         ``None`` when this replica does not lead."""
         async with self._tree_lock:
             changed = await self.scan()
-            self._report_files()
+            await self._report_files()
             if not self._leading.is_set():
                 return None
             plan = await self.replan(None, reason=reason)
@@ -1146,18 +1149,25 @@ class Daemon:
             len(self.index.tasks), interval=cfg.observe_interval, read_qps=cfg.read_qps
         )
 
-    def _track_desired(self) -> None:
-        """Keep the read schedule in line with the desired index and the held tasks."""
+    async def _track_desired(self) -> None:
+        """Keep the read schedule in line with the desired index and the held tasks
+        (new keys in steps of :data:`STEP`: a big file adds hundreds of thousands)."""
         wanted = self.index.tasks.keys() | self.held_keys()
         tracked = self.schedule.keys()
         self.schedule.untrack(tracked - wanted)
         now_wall, now = time.time(), time.monotonic()
         observations = self.recorder.observations
-        for key in wanted - tracked:
-            obs = observations.get(key)
-            # A task read before (an earlier run) waits for its turn, oldest first.
-            due = now if obs is None else now + obs.observed_at - now_wall + self.schedule.interval
-            self.schedule.track([key], first_due=due)
+        new = list(wanted - tracked)
+        for start in range(0, len(new), STEP):
+            if start:
+                await asyncio.sleep(0)
+            for key in new[start : start + STEP]:
+                obs = observations.get(key)
+                # A task read before (an earlier run) waits for its turn, oldest first.
+                due = now
+                if obs is not None:
+                    due += obs.observed_at - now_wall + self.schedule.interval
+                self.schedule.track([key], first_due=due)
 
     async def _observe(self, stop: asyncio.Event) -> None:
         """Readers that take due keys from the schedule; paced by the client's read budget."""
@@ -1473,8 +1483,7 @@ class Daemon:
         self._out_of_sync = set(self.recorder.store.keys_with_status(SyncStatus.OUT_OF_SYNC))
         if self.config.observe:
             # Due again by the reads the store holds: the last leader's, oldest first.
-            self.schedule.untrack(self.schedule.keys())
-            self._track_desired()
+            self.schedule.untrack(self.schedule.keys())  # tracked again as the term plans
         # Calls of this term wait for a slot only while the term lasts.
         self._term = asyncio.Event()
         self.reconciler.stop = self._term
@@ -1489,7 +1498,7 @@ class Daemon:
         started = time.monotonic()
         async with self._tree_lock:
             await self.scan()
-            self._report_files()
+            await self._report_files()
             self.log.info(
                 "desired.loaded",
                 root=str(self.config.root),
@@ -1509,7 +1518,7 @@ class Daemon:
         try:
             async with self._tree_lock:
                 await self.scan()
-                self._report_files()
+                await self._report_files()
                 if not self._leading.is_set():
                     return  # lost again meanwhile: the next term plans
                 plan = await self.replan(None, reason="elected")
@@ -1657,13 +1666,19 @@ def _settle_heap(changed: int) -> None:
 
 
 async def _stepped(steps: Generator[None, None, set[TaskKey]]) -> set[TaskKey]:
-    """Run an index update, letting the loop run between its steps."""
+    """Run an index update, letting the loop run between its steps. A large one
+    (more than a few steps) keeps what it built out of the collector's full
+    passes as it goes (:func:`_settle_heap`)."""
+    taken = 0
     while True:
         try:
             next(steps)
         except StopIteration as done:
             result: set[TaskKey] = done.value
             return result
+        taken += 1
+        if taken > 8:
+            gc.freeze()
         await asyncio.sleep(0)
 
 

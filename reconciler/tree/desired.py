@@ -1370,18 +1370,24 @@ class DesiredIndex:
         _ = self.problems
         old_tasks = self._declared(path)
         new_tasks = new.tasks if new is not None and not new.problems else ()
-        keys = {t.key for t in old_tasks}
-        keys.update(t.key for t in new_tasks)
-        identifiers = {i for t in (*old_tasks, *new_tasks) if (i := _identifier(t)) is not None}
-        yield
+        keys: set[TaskKey] = set()
+        identifiers: set[str] = set()
+        for n, task in enumerate((*old_tasks, *new_tasks), 1):
+            keys.add(task.key)
+            if (i := _identifier(task)) is not None:
+                identifiers.add(i)
+            if n % STEP == 0:
+                yield
         # Files sharing a key or an Identifier with this one may flip validity.
         involved = {path}
         for n, key in enumerate(keys, 1):
             involved.update(p for p, _ in self._by_key.get(key, ()))
             if n % STEP == 0:
                 yield
-        for identifier in identifiers:
+        for n, identifier in enumerate(identifiers, 1):
             involved.update(p for p, _ in self._by_identifier.get(identifier, ()))
+            if n % STEP == 0:
+                yield
         counted_before = {p: self._counts(p) for p in involved}
         yield
 
@@ -1397,43 +1403,66 @@ class DesiredIndex:
                 self._by_identifier.setdefault(named, []).append((path, task))
             if n % STEP == 0:
                 yield
-        for key in keys:
+        for n, key in enumerate(keys, 1):
             _mark(self._dup_keys, key, len(self._by_key.get(key, ())) > 1)
-        for identifier in identifiers:
+            if n % STEP == 0:
+                yield
+        for n, identifier in enumerate(identifiers, 1):
             _mark(
                 self._dup_identifiers, identifier, len(self._by_identifier.get(identifier, ())) > 1
             )
-        yield
-        conflicted = {p: self._in_conflict(p, replaced=path, new=new_tasks) for p in involved}
-        yield
+            if n % STEP == 0:
+                yield
+        conflicted: dict[str, bool] = {}
+        for p in involved:
+            conflicted[p] = yield from self._in_conflict(p, replaced=path, new=new_tasks)
+
+        # What the views will hold, worked out before they change.
+        local_invalid = new is not None and bool(new.problems)
+
+        def counts_after(p: str) -> bool:
+            if p == path:
+                return new is not None and not local_invalid and not conflicted[p]
+            return p not in self._local_invalid and not conflicted[p]
+
+        # Withdraw first, then add: two counted files never share a key.
+        was: dict[TaskKey, DesiredTask] = {}
+        now: dict[TaskKey, DesiredTask] = {}
+        for p in involved:
+            counted = counts_after(p)
+            moves: list[tuple[dict[TaskKey, DesiredTask], tuple[DesiredTask, ...]]] = []
+            if p == path:
+                if counted_before[p]:
+                    moves.append((was, old_tasks))
+                if counted:
+                    moves.append((now, new_tasks))
+            elif counted != counted_before[p]:
+                moves.append((now if counted else was, self._files[p].tasks))
+            for into, tasks in moves:
+                for start in range(0, len(tasks), STEP):
+                    into.update((t.key, t) for t in tasks[start : start + STEP])
+                    yield
+        gone = [k for k in was if k not in now]
+        changed: set[TaskKey] = set()
+        for n, k in enumerate((*was, *now), 1):
+            if was.get(k) != now.get(k):
+                changed.add(k)
+            if n % STEP == 0:
+                yield
 
         # Commit, all at once: the views change here and nowhere else.
         if new is None:
             del self._files[path]
         else:
             self._files[path] = new
-        _mark(self._local_invalid, path, new is not None and bool(new.problems))
+        _mark(self._local_invalid, path, local_invalid)
         for p, flag in conflicted.items():
             _mark(self._conflicted, p, flag)
         self._problems = None
-
-        # Withdraw first, then add: two counted files never share a key.
-        was: dict[TaskKey, DesiredTask] = {}
-        now: dict[TaskKey, DesiredTask] = {}
-        for p in involved:
-            counted = self._counts(p)
-            if p == path:
-                if counted_before[p]:
-                    was.update((t.key, t) for t in old_tasks)
-                if counted:
-                    now.update((t.key, t) for t in new_tasks)
-            elif counted != counted_before[p]:
-                tasks = self._files[p].tasks
-                (now if counted else was).update((t.key, t) for t in tasks)
-        for key in was.keys() - now.keys():
+        for key in gone:
             del self._tasks[key]
         self._tasks.update(now)
-        return {k for k in was.keys() | now.keys() if was.get(k) != now.get(k)}
+        return changed
 
     def _declared(self, path: str) -> tuple[DesiredTask, ...]:
         result = self._files.get(path)
@@ -1445,16 +1474,20 @@ class DesiredIndex:
             path in self._files and path not in self._local_invalid and path not in self._conflicted
         )
 
-    def _in_conflict(self, path: str, *, replaced: str, new: tuple[DesiredTask, ...]) -> bool:
+    def _in_conflict(
+        self, path: str, *, replaced: str, new: tuple[DesiredTask, ...]
+    ) -> Generator[None, None, bool]:
         """Whether ``path`` clashes with another file, once ``replaced`` declares ``new``
         (its tables are updated already; its entry in ``_files`` is not yet)."""
         declared = new if path == replaced else self._declared(path)
-        for task in declared:
+        for n, task in enumerate(declared, 1):
             if task.key in self._dup_keys:
                 return True
             identifier = _identifier(task)
             if identifier is not None and identifier in self._dup_identifiers:
                 return True
+            if n % STEP == 0:
+                yield
         return False
 
     # -- views -------------------------------------------------------------------
