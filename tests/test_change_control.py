@@ -425,14 +425,14 @@ def test_the_daemon_sends_a_change_when_its_deny_window_closes(
     windows = load_windows(open_now_for(2), path="w.yaml")
 
     def scenario(d: Daemon) -> None:
-        wait_for(lambda: d.waiting_counts()["window"] == 1, timeout=5)
-        (held,) = d._waiting.values()
+        wait_for(lambda: d.admission.waiting_counts()["window"] == 1, timeout=5)
+        (held,) = d.admission.waiting.values()
         assert held.reason is Reason.WINDOW and held.until is not None
         assert 'reconciler_waiting_tasks{reason="window"} 1.0' in d.metrics.render().decode()
         assert durations(emulator)["d1"] != 45
         wait_for(lambda: durations(emulator)["d1"] == 45, timeout=10)
         assert datetime.now(UTC) >= held.until, "sent once the window closed, not before"
-        assert d.waiting_counts()["window"] == 0
+        assert d.admission.waiting_counts()["window"] == 0
 
     run_daemon(tmp_path, emulator, ChangeControl(windows=windows), scenario)
 
@@ -452,7 +452,7 @@ def test_the_daemon_canaries_a_rollout_and_holds_it_when_a_canary_fails(
 
     def scenario(d: Daemon) -> None:
         wait_for(lambda: set(durations(emulator).values()) == {30}, timeout=10)
-        wait_for(lambda: d._rollout is None and not d._waiting, timeout=10)
+        wait_for(lambda: d.admission.rollout is None and not d.admission.waiting, timeout=10)
         declare(45)
         wait_for(lambda: durations(emulator)["k0"] == 45, timeout=10)
         assert durations(emulator)["k1"] == 30, "the rest wait for the canary's read-back"
@@ -460,10 +460,13 @@ def test_the_daemon_canaries_a_rollout_and_holds_it_when_a_canary_fails(
         # The canary ends before its next change: the rest are held.
         emulator.end_task(TaskKey(APP, "k0", "seg"))
         declare(50)
-        wait_for(lambda: d._rollout is not None and d._rollout.failed is not None, timeout=10)
-        assert "not_running" in (d._rollout.failed or "") if d._rollout else False
+        wait_for(
+            lambda: d.admission.rollout is not None and d.admission.rollout.failed is not None,
+            timeout=10,
+        )
+        assert "not_running" in (d.admission.rollout.failed or "") if d.admission.rollout else False
         assert any("canary failed" in r for r in d.degraded())
-        assert d.waiting_counts()["canary_failed"] == 3
+        assert d.admission.waiting_counts()["canary_failed"] == 3
         time.sleep(0.5)
         assert durations(emulator)["k1"] == 45, "held, not sent"
 
@@ -490,13 +493,13 @@ def test_the_daemon_holds_a_mass_change_and_lets_it_go_once_within_the_limit(
     def scenario(d: Daemon) -> None:
         wait_for(lambda: set(durations(emulator).values()) == {30}, timeout=10)
         declare(8)
-        wait_for(lambda: d._mass is not None, timeout=10)
+        wait_for(lambda: d.admission.mass is not None, timeout=10)
         assert any("refusing to change 8 of 10" in r for r in d.degraded())
-        wait_for(lambda: d.waiting_counts()["mass_change"] == 8, timeout=10)
+        wait_for(lambda: d.admission.waiting_counts()["mass_change"] == 8, timeout=10)
         assert set(durations(emulator).values()) == {30}
         declare(3)
         wait_for(lambda: sorted(durations(emulator).values()) == [30] * 7 + [45] * 3, timeout=10)
-        assert d._mass is None and d.waiting_counts()["mass_change"] == 0
+        assert d.admission.mass is None and d.admission.waiting_counts()["mass_change"] == 0
 
     run_daemon(tmp_path, emulator, ChangeControl(), scenario)
 
@@ -595,8 +598,8 @@ def test_the_daemon_picks_canaries_among_the_calls_that_may_go(
 
     def scenario(d: Daemon) -> None:
         wait_for(lambda: durations(emulator)["b0"] == durations(emulator)["b1"] == 30, timeout=10)
-        assert d.waiting_counts()["window"] == 1 and durations(emulator)["a0"] != 30
-        assert d.waiting_counts()["canary"] == 0
+        assert d.admission.waiting_counts()["window"] == 1 and durations(emulator)["a0"] != 30
+        assert d.admission.waiting_counts()["canary"] == 0
 
     run_daemon(tmp_path, emulator, ChangeControl(windows=windows, canary=1), scenario)
 
@@ -616,10 +619,10 @@ def test_first_syncs_go_while_a_mass_change_is_held_even_with_a_canary(
 
     def scenario(d: Daemon) -> None:
         wait_for(lambda: {durations(emulator)[r] for r in rooms} == {30}, timeout=10)
-        wait_for(lambda: d._rollout is None and not d._waiting, timeout=10)
+        wait_for(lambda: d.admission.rollout is None and not d.admission.waiting, timeout=10)
         declare([*rooms, "n0", "n1"], 45)  # 6 of 6 applied tasks change: held
         wait_for(lambda: durations(emulator)["n0"] == durations(emulator)["n1"] == 45, timeout=10)
-        assert d._mass is not None and d.waiting_counts()["mass_change"] == 6
+        assert d.admission.mass is not None and d.admission.waiting_counts()["mass_change"] == 6
         assert {durations(emulator)[r] for r in rooms} == {30}
 
     run_daemon(tmp_path, emulator, ChangeControl(canary=1), scenario)
@@ -650,12 +653,12 @@ def test_the_daemon_and_plan_count_a_mass_change_of_the_confirmed_tasks(
         wait_for(lambda: set(durations(h).values()) == {30}, timeout=10)
         wait_for(lambda: len(d.recorder.applied) == 8, timeout=10)
         declare(3)  # 3 of 4 confirmed tasks (8 records): over 50 %
-        wait_for(lambda: d._mass is not None, timeout=10)
-        assert str(d._mass).startswith("refusing to change 3 of 4 applied tasks")
+        wait_for(lambda: d.admission.mass is not None, timeout=10)
+        assert str(d.admission.mass).startswith("refusing to change 3 of 4 applied tasks")
         plan = compute_plan(d.index.tasks, d.recorder.applied)
         control = ChangeControl(max_change=limit)
         gate = gate_plan(plan, applied=d.recorder.applied, control=control, now=T0)
-        assert gate.mass_change == d._mass, "plan/apply and the daemon judge alike"
+        assert gate.mass_change == d.admission.mass, "plan/apply and the daemon judge alike"
 
     run_daemon(tmp_path, h, ChangeControl(max_change=limit), scenario)
 

@@ -28,6 +28,11 @@ Pieces, each a thin shell around the functional core:
   could not be recorded are recorded (their calls are not sent again), the
   planner's view is read back from the store, ``daemon.store_writable`` is
   logged, and everything is planned afresh.
+- **Change control** (:class:`~reconciler.engine.admission.Admission`): each
+  worker's call is admitted or kept waiting (a sync window, the mass-change
+  gate, the rate cap, the canary); what it decides from lives there, and it
+  wakes waiting tasks through the queue. A worker's story is
+  :meth:`Daemon._process`: plan, admit, reconcile, act on the result.
 - **Forget guard**: a change that would forget more tasks than
   ``--max-forget`` allows (an emptied tree, a wrong git-sync revision) is
   not carried out. The records are *withheld*: kept as they are, re-decided
@@ -45,7 +50,8 @@ Pieces, each a thin shell around the functional core:
 - **Shutdown**: stop watching, stop taking keys, let in-flight calls finish
   within the drain deadline (each result is recorded as it lands), exit.
 - **Leadership** (a PostgreSQL store shared by replicas,
-  :class:`~reconciler.store.leader.Leadership`): the daemon starts as a standby. It
+  :class:`~reconciler.store.leader.Leadership`, gated by
+  :class:`~reconciler.engine.lead.Lead`): the daemon starts as a standby. It
   loads and watches the tree (the index stays warm) but plans nothing,
   writes nothing and makes no request, reads included (the observer is held
   like the workers: its reads would spend the account's read budget for a
@@ -76,6 +82,9 @@ lock, so two of them never interleave. After a large load or plan the heap is
 frozen out of the cyclic collector's sight (see :func:`_settle_heap`). What
 one file may cost is bounded by :class:`~reconciler.tree.desired.FileLimits`.
 
+Time comes from the :class:`~reconciler.engine.clock.Clock` the daemon is
+given (the real clocks by default), never from a global, so tests move it.
+
 Crash safety comes from ordering: desired state lives in files, and a
 result is recorded only after the server confirmed it, so a restart re-plans
 and re-sends at most the calls that were in flight.
@@ -92,10 +101,9 @@ import gc
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -103,25 +111,11 @@ from reconciler.core.errors import ApiError, BadInputError, CallWithdrawn, Fatal
 from reconciler.core.guard import ForgetLimit, MassForget, check_forgets
 from reconciler.core.live import Observation
 from reconciler.core.plan import SETTLE_S, Call, DriftPolicy, Plan, compute_plan
-from reconciler.core.rollout import (
-    CanaryState,
-    ChangeControl,
-    ChangeKind,
-    MassChange,
-    Reason,
-    Rollout,
-    TokenBucket,
-    Waiting,
-    applied_tasks,
-    check_canary,
-    classifier,
-    judge,
-    mass_change_of,
-    may_go,
-    repick_canary,
-    start_rollout,
-)
+from reconciler.core.rollout import ChangeControl
 from reconciler.core.task import SyncStatus, TaskKey, task_fields
+from reconciler.engine.admission import Admission
+from reconciler.engine.clock import REAL_CLOCK, Clock
+from reconciler.engine.lead import Lead
 from reconciler.engine.metrics import Metrics
 from reconciler.engine.observe import GET_ACTION, ObserveSchedule, sweep_seconds
 from reconciler.engine.reconcile import Outcome, Result, TaskReconciler
@@ -186,20 +180,23 @@ class Daemon:
         metrics: Metrics,
         leadership: Leadership | None = None,
         on_elected: Callable[[], None] = lambda: None,
+        clock: Clock = REAL_CLOCK,
     ) -> None:
         """``leadership``: elect a leader among replicas sharing the store (a
         PostgreSQL store); ``None``: the only replica, leading from the start.
         ``on_elected``: the first thing a new leader does (a standby writes nothing,
-        so e.g. the tree root is recorded then)."""
+        so e.g. the tree root is recorded then). ``clock``: where every reading of
+        the time comes from (the real clocks by default)."""
         self.config = config
         self.leadership = leadership
+        self.clock = clock
         self._on_elected = on_elected
         self.reconciler = reconciler
         self.recorder = recorder
         self.metrics = metrics
         self.index = DesiredIndex()
         self.queue: WorkQueue[TaskKey] = WorkQueue(
-            backoff_base=config.retry_base, backoff_cap=config.retry_cap
+            backoff_base=config.retry_base, backoff_cap=config.retry_cap, clock=clock.monotonic
         )
         self.log = events.get_logger()
         self._signatures: dict[str, tuple[int, int, int]] = {}
@@ -216,17 +213,17 @@ class Daemon:
         self._sweep_started = 0.0
         self._running = asyncio.Event()
         self._running.set()
-        # Leading (always, without leadership); ``_go``: running and leading, or
-        # stopping (so that held workers see the stop): what calls and reads wait for.
-        self._leading = asyncio.Event()
-        self._go = asyncio.Event()
-        if leadership is None:
-            self._leading.set()
-            self._go.set()
+        self._stop = asyncio.Event()
+        # What calls and reads wait for: leading on a lease that holds, not paused,
+        # the store taking writes; or stopping, so that held workers see the stop.
+        self.lead = Lead(
+            leadership,
+            stopping=lambda: self._stop.is_set(),
+            held=lambda: not self._running.is_set() or self._store_problem is not None,
+            new_term=self._new_term,
+            log=self.log,
+        )
         self._leader_task: asyncio.Task[None] | None = None
-        # Set when this replica's term as leader ends (or it stops): its calls
-        # still waiting for a QPS slot are withdrawn (TaskReconciler.stop).
-        self._term = asyncio.Event()
         reconciler.may_send = self._may_send
         # Why the store refuses writes (``None``: it takes them); the calls whose
         # answers it did not take, to record once it does; failed writes this streak.
@@ -234,9 +231,6 @@ class Daemon:
         self._unrecorded: dict[TaskKey, ResultNotRecorded] = {}
         self._store_failures = 0
         self._store_probe: asyncio.Task[None] | None = None
-        # Whether the lease holds (a leader whose lease lapsed holds its calls
-        # until a keepalive renews it).
-        self._lease_ok = True
         if leadership is not None:
             # The lease is checked again by the client right before each request of
             # any kind is written: every attempt, reads included.
@@ -244,7 +238,6 @@ class Daemon:
         self._paused_reason: str | None = None
         self._fatal_pauses = 0
         self._root_missing = False
-        self._stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         # One-off work (a reload, a new term's planning), cancelled on shutdown.
         self._jobs: set[asyncio.Task[None]] = set()
@@ -257,12 +250,12 @@ class Daemon:
         # daemon's backoff will try the task again, in the result's transaction.
         recorder.retry_at = self._retry_at
         metrics.watch_daemon(held_tasks=self.held_tasks, forget_refused=lambda: len(self._withheld))
-        self.schedule = ObserveSchedule(interval=config.observe_interval)
+        self.schedule = ObserveSchedule(interval=config.observe_interval, clock=clock.monotonic)
         # Read before write: tasks that get no call until a read newer than the
         # given wall time shows what live holds (a hold just lifted; first
         # contact needs no entry: the planner lists it as unread).
         self._read_first: dict[TaskKey, float] = {}
-        self._started_wall = time.time()
+        self._started_wall = clock.wall()
         # Tasks marked OutOfSync (drift reported, not healed), to clear when it ends.
         self._out_of_sync: set[TaskKey] = set(
             recorder.store.keys_with_status(SyncStatus.OUT_OF_SYNC)
@@ -272,24 +265,22 @@ class Daemon:
             ready=lambda: self.readiness() is None, paused=lambda: self._paused_reason is not None
         )
         self._announced: dict[tuple[TaskKey, str], object] = {}
-        # Change control, decided by rollout.py from these (see "change control" below).
-        self._pending: dict[TaskKey, tuple[ChangeKind, str]] = {}
-        self._pending_changes = 0
-        # Keys a worker or a read planned during a whole replan (its view is newer).
-        self._touched: set[TaskKey] = set()
         # Tree updates and whole replans, one at a time.
         self._tree_lock = asyncio.Lock()
-        self._waiting: dict[TaskKey, Waiting] = {}
-        self._wait_told: dict[TaskKey, object] = {}
-        self._mass: MassChange | None = None
-        self._rollout: Rollout | None = None
-        self._canary_failures: dict[TaskKey, str] = {}
-        cap = config.control.max_changes_per_minute
-        self._bucket = TokenBucket(cap) if cap else None
+        self.admission = Admission(
+            control=config.control,
+            desired=lambda: self.index.tasks,
+            records=recorder,
+            log=self.log,
+            wake=self._wake,
+            wake_after=self.queue.add_after,
+            settle_s=config.settle_s,
+            root=str(config.root),
+        )
         metrics.watch_change_control(
-            waiting=self.waiting_counts,
-            mass_change_held=lambda: 0 if self._mass is None else self._pending_changes,
-            canary_failed=lambda: self._rollout is not None and self._rollout.failed is not None,
+            waiting=self.admission.waiting_counts,
+            mass_change_held=self.admission.mass_change_held,
+            canary_failed=self.admission.canary_failed,
         )
 
     # --- what the dashboard reads ---------------------------------------------------
@@ -318,7 +309,7 @@ class Daemon:
             return dead
         if self._store_problem is not None:
             return self._store_problem
-        if self.leadership is not None and not self._leading.is_set():
+        if self.leadership is not None and not self.lead.leading:
             # A warm standby is ready (to take over) while it can reach the store.
             return self.leadership.problem
         if self._paused_reason is not None:
@@ -330,11 +321,11 @@ class Daemon:
     @property
     def leading(self) -> bool:
         """Whether this replica leads (always, without leadership)."""
-        return self._leading.is_set()
+        return self.lead.leading
 
     def standby(self) -> str | None:
         """``standby: leader is ...`` while another replica leads (``None``: we lead)."""
-        if self.leadership is None or self._leading.is_set():
+        if self.leadership is None or self.lead.leading:
             return None
         return self.leadership.standby_reason()
 
@@ -347,14 +338,7 @@ class Daemon:
             out.append(f"{_count(invalid, 'invalid file')} holding {_count(held, 'task')}")
         if self._refusal is not None:
             out.append(f"{self._refusal}; their records are kept")
-        if self._mass is not None:
-            out.append(f"{self._mass}; the changes are held until fewer are pending")
-        if self._rollout is not None and self._rollout.failed is not None:
-            held = sum(1 for w in self._waiting.values() if w.reason is Reason.CANARY_FAILED)
-            out.append(
-                f"rollout stopped: canary failed: {self._rollout.failed}; "
-                f"{_count(held, 'change')} held until the desired spec changes"
-            )
+        out += self.admission.degraded()
         return out
 
     def held_tasks(self) -> int:
@@ -383,7 +367,7 @@ class Daemon:
         }
 
     def _retry_at(self, key: TaskKey) -> datetime:
-        return datetime.now(UTC) + timedelta(seconds=self.queue.next_delay(key))
+        return self.clock.utcnow() + timedelta(seconds=self.queue.next_delay(key))
 
     # --- the tree ----------------------------------------------------------------
 
@@ -530,7 +514,7 @@ class Daemon:
             if self.config.observe:
                 # Held, its tasks may have been restarted or changed meanwhile:
                 # nothing is sent to them before a read taken from now on.
-                now = time.time()
+                now = self.clock.wall()
                 for task in self.index.tasks_of(path):
                     if task.key in self.recorder.applied:
                         self._read_first[task.key] = now
@@ -598,14 +582,14 @@ class Daemon:
         # Every key, taken on the loop in one C-level step, so the planner's thread
         # never walks a dict a worker may be adding to.
         keys = set(only) if only is not None else self.index.tasks.keys() | self.recorder.applied
-        self._touched = set()
+        self.admission.replanning()
         if len(keys) > STEP:
             plan = await off_loop(functools.partial(self._plan, keys))
         else:
             plan = self._plan(keys)
         plan = self._guard(plan)
         await self._bookkeeping(plan)
-        await self._note_all(plan, only)
+        await self.admission.note_all(plan, only, clock=self.clock.now)
         self._read_unread(plan)
         for w in plan.warnings:
             self.log.warning("plan.warning", code=w.code, message=w.message, **task_fields(w.key))
@@ -634,7 +618,7 @@ class Daemon:
         # First-contact tasks count too: the pass ends once each was read, and
         # called if live differs.
         self._pass = {c.key for c in plan.calls} | set(plan.unread)
-        self._pass_started = time.monotonic()
+        self._pass_started = self.clock.monotonic()
         self._first_contact = {"read_first": len(plan.unread), "already_matching": 0}
         self.log.info("reconcile.started", reason=reason, calls=len(plan.calls), **plan.summary())
         self._maybe_finish_pass()
@@ -659,10 +643,10 @@ class Daemon:
         if self._pass:
             return
         if self._pass_started:
-            self.metrics.last_reconcile.set(time.time())
+            self.metrics.last_reconcile.set(self.clock.wall())
             self.log.info(
                 "reconcile.completed",
-                seconds=round(time.monotonic() - self._pass_started, 3),
+                seconds=round(self.clock.monotonic() - self._pass_started, 3),
                 desired_tasks=len(self.index.tasks),
                 invalid_files=len(self.index.invalid_files),
                 **self._first_contact,
@@ -676,7 +660,7 @@ class Daemon:
         while (key := await self.queue.get()) is not None:
             handled = False
             try:
-                await self._go.wait()
+                await self.lead.wait()
                 if self._stop.is_set():
                     return  # shutting down: take no new call, even one already dequeued
                 self.metrics.in_flight.inc()
@@ -703,14 +687,10 @@ class Daemon:
                     self._maybe_finish_pass()
 
     async def _process(self, key: TaskKey) -> bool:
-        """Reconcile one key; ``False`` if a credentials error left it unhandled."""
-        plan = self._plan([key])
-        if plan.forgotten and self._refusal is not None:
-            # Orphaned while forgets are refused: kept with the others.
-            self._withheld |= {key}
-            plan = dataclasses.replace(plan, forgotten=())
-        self.recorder.bookkeeping(plan)
-        self._note(plan, [key])
+        """Plan one key, admit its call, make it, and act on what came of it (as
+        controller-runtime's reconcileHandler does); ``False`` if it was left
+        unhandled (live not read yet, the call withdrawn, a credentials error)."""
+        plan = self._plan_one(key)
         if plan.unread or self._must_read(key):
             # Not before live was read: the observation re-plans and queues it.
             self._read_unread(plan, key)
@@ -719,42 +699,67 @@ class Daemon:
         if not plan.calls:
             self.queue.forget(key)
             return True
-        if (wait := self._admit(plan)) is not None:
-            self._hold(wait)
-            return True
-        self._release(key)
+        if self.admission.admit(plan, self.clock.now()) is not None:
+            return True  # waits: change control queues it again when its gate can open
+        match await self._call(plan.calls[0]):
+            case CallWithdrawn():
+                # Stopping, or the lead was lost: it waited for a slot and was never sent.
+                if not self._stop.is_set():
+                    self.queue.add(key)  # planned afresh if this replica leads again
+                return False
+            case FatalError() as exc:
+                self.queue.add(key)
+                await self._pause(exc)
+                return False
+            case Result(requeue_after=None) as result:
+                self._landed(result)
+                self.queue.forget(key)
+            case Result() as result:
+                self._landed(result)
+                delay = self.queue.add_rate_limited(key)
+                self.log.info(
+                    "task.requeued",
+                    outcome=result.outcome.value,
+                    after_s=delay,
+                    **task_fields(key),
+                )
+        return True
+
+    def _plan_one(self, key: TaskKey) -> Plan:
+        """``key``'s plan, its bookkeeping recorded and its change noted."""
+        plan = self._plan([key])
+        if plan.forgotten and self._refusal is not None:
+            # Orphaned while forgets are refused: kept with the others.
+            self._withheld |= {key}
+            plan = dataclasses.replace(plan, forgotten=())
+        self.recorder.bookkeeping(plan)
+        self.admission.note(plan, [key], self.clock.now())
+        return plan
+
+    async def _call(self, call: Call) -> Result | CallWithdrawn | FatalError:
+        """Make ``call``; a withdrawal or a credentials error is returned, not raised."""
         try:
-            result = await self.reconciler.reconcile(plan.calls[0])
-        except CallWithdrawn:
-            # Stopping, or the lead was lost: it waited for a slot and was never sent.
-            if not self._stop.is_set():
-                self.queue.add(key)  # planned afresh if this replica leads again
-            return False
-        except FatalError as exc:
-            self.queue.add(key)
-            await self._pause(exc)
-            return False
+            return await self.reconciler.reconcile(call)
+        except (CallWithdrawn, FatalError) as exc:
+            return exc
+
+    def _landed(self, result: Result) -> None:
+        """A call was answered: the pause streak ends, change control hears of it, and
+        the task is read again soon."""
         self._fatal_pauses = 0
-        self._after_call(plan, result)
+        self.admission.after_call(result, self.clock.now())
+        key = result.key
         if self.config.observe and key in self.index.tasks:
             # Read-after-write: confirm soon, but after the settle window, so the
             # read that counts shows our call (a stale one never causes another).
             after = self.config.settle_s + 0.5 if result.outcome is Outcome.SYNCED else 0.0
             self.schedule.soon(key, after)
-        if result.requeue_after is None:
-            self.queue.forget(key)
-        else:
-            delay = self.queue.add_rate_limited(key)
-            self.log.info(
-                "task.requeued", outcome=result.outcome.value, after_s=delay, **task_fields(key)
-            )
-        return True
 
     async def _pause(self, exc: FatalError) -> None:
         if not self._running.is_set():
             return
         self._running.clear()
-        self._sync_go()
+        self.lead.sync()
         pause = min(self.config.fatal_pause_cap, self.config.fatal_pause * 2**self._fatal_pauses)
         self._fatal_pauses += 1
         self._paused_reason = f"calls paused: {exc}"
@@ -763,291 +768,15 @@ class Daemon:
             await asyncio.wait_for(self._stop.wait(), pause)
         self._paused_reason = None
         self._running.set()
-        self._sync_go()
+        self.lead.sync()
         if not self._stop.is_set():
             self.log.info("daemon.resumed")
 
-    # --- change control ------------------------------------------------------------
-    #
-    # Level-based: ``_pending`` mirrors the non-heal calls the latest plans hold
-    # (key -> kind and desired spec), updated wherever a plan is made. The
-    # decisions are rollout.py's pure functions of it, the recorded and observed
-    # state and the clock; a waiting task is queued again when its gate can open
-    # (a window's opening, the next token), or when the hold is lifted
-    # (the mass change clears, the canaries pass or the rollout ends).
-
-    def waiting_counts(self) -> dict[str, int]:
-        """Tasks waiting by reason (every reason, zeros included)."""
-        counts = {str(r): 0 for r in Reason}
-        for w in self._waiting.values():
-            counts[str(w.reason)] += 1
-        return counts
-
-    def _note(self, plan: Plan, keys: Sequence[TaskKey]) -> None:
-        """Bring the mirror of pending changes in line with the plan of a few ``keys``
-        (a worker's, a read's)."""
-        self._touched.update(keys)
-        calls = {c.key: c for c in plan.calls}
-        self._note_keys(keys, calls, classifier(plan, self.recorder.applied))
-        self._judged()
-
-    async def _note_all(self, plan: Plan, only: Iterable[TaskKey] | None) -> None:
-        """:meth:`_note` for a whole replan (of ``only``, or all), in steps; keys a
-        worker or a read planned meanwhile keep their newer note."""
-        calls = {c.key: c for c in plan.calls}
-        scope = list(self._pending.keys() | calls.keys() if only is None else only)
-        kind_of = classifier(plan, self.recorder.applied)
-        for start in range(0, len(scope), STEP):
-            chunk = [k for k in scope[start : start + STEP] if k not in self._touched]
-            self._note_keys(chunk, calls, kind_of)
-            if start + STEP < len(scope):
-                await asyncio.sleep(0)
-        self._judged()
-
-    def _note_keys(
-        self,
-        keys: Iterable[TaskKey],
-        calls: dict[TaskKey, Call],
-        kind_of: Callable[[Call], ChangeKind],
-    ) -> None:
+    def _wake(self, keys: Sequence[TaskKey]) -> None:
+        """Queue tasks change control held, now that their hold is lifted."""
         for key in keys:
-            call = calls.get(key)
-            old = self._pending.pop(key, None)
-            if old is not None and old[0] is ChangeKind.CHANGE:
-                self._pending_changes -= 1
-            if call is None:
-                self._release(key)
-                continue
-            kind = kind_of(call)
-            if kind is ChangeKind.HEAL:
-                continue
-            self._pending[key] = (kind, call.task.spec_hash())
-            self._pending_changes += kind is ChangeKind.CHANGE
-
-    def _judged(self) -> None:
-        self._judge_mass()
-        if self._rollout is not None:
-            self._judge_rollout()
-
-    def _judge_mass(self) -> None:
-        # From counts kept as the plans and records change: walking every pending
-        # change and every record for each task handled made a first sync quadratic.
-        refusal = mass_change_of(
-            self._pending_changes,
-            known=applied_tasks(self.recorder.applied),
-            control=self.config.control,
-        )
-        if refusal is not None and self._mass is None:
-            self.log.error(
-                "plan.mass_change_held",
-                root=str(self.config.root),
-                changes=refusal.changes,
-                known=refusal.known,
-                allowed=refusal.allowed,
-                max_change=str(refusal.limit),
-            )
-        elif refusal is None and self._mass is not None:
-            self.log.info("plan.mass_change_cleared", changes=self._pending_changes)
-            self._requeue(Reason.MASS_CHANGE)
-        self._mass = refusal
-
-    def _admit(self, plan: Plan) -> Waiting | None:
-        """``None`` if the plan's one call may go now, else why it waits."""
-        call, control = plan.calls[0], self.config.control
-        key = call.key
-        kind = classifier(plan, self.recorder.applied)(call)
-        now = datetime.now(UTC)
-        held = may_go(key, call.source.path, kind, control=control, mass=self._mass, now=now)
-        if held is not None:
-            self._canary_held(key, now)
-            return held
-        if kind is ChangeKind.HEAL:
-            return None
-        spec = call.task.spec_hash()
-        if control.canary:
-            rollout = self._current_rollout(now)
-            if rollout is not None and (held := rollout.admits(key, spec)) is not None:
-                return held
-        if self._bucket is not None:
-            bucket, wait = self._bucket.take(time.monotonic())
-            if wait:
-                ahead = sum(1 for w in self._waiting.values() if w.reason is Reason.CAP)
-                wait += ahead * bucket.interval if key not in self._waiting else 0.0
-                return Waiting(
-                    key,
-                    Reason.CAP,
-                    f"waiting for the rate cap ({control.max_changes_per_minute} changes a minute)",
-                    until=now + timedelta(seconds=wait),
-                )
-            self._bucket = bucket
-        return None
-
-    def _hold(self, wait: Waiting) -> None:
-        """Keep a waiting task, tell it once per window (or hold), and wake it when due."""
-        key = wait.key
-        self._waiting[key] = wait
-        # Once per task and window opening (or hold); a cap wait once until the call goes.
-        told: object = (wait.reason, tuple(w.source for w in wait.windows), wait.until)
-        if wait.reason is Reason.CAP:
-            told = wait.reason
-        if self._wait_told.get(key) != told:
-            self._wait_told[key] = told
-            self.log.info(
-                "task.waiting",
-                **task_fields(key),
-                reason=str(wait.reason),
-                message=wait.message,
-                until=None if wait.until is None else wait.until.isoformat(),
-                windows=[w.label for w in wait.windows],
-            )
-        if wait.until is not None:
-            delay = (wait.until - datetime.now(UTC)).total_seconds()
-            self.queue.add_after(key, max(0.05, delay + 0.05))
-
-    def _release(self, key: TaskKey) -> None:
-        self._waiting.pop(key, None)
-        self._wait_told.pop(key, None)
-
-    def _requeue(self, *reasons: Reason) -> None:
-        for key, w in list(self._waiting.items()):
-            if w.reason in reasons:
-                self.queue.add(key)
+            self.queue.add(key)
         self.metrics.queue_depth.set(len(self.queue))
-
-    def _may_go_now(self, now: datetime) -> set[TaskKey]:
-        """The pending changes no window or mass-change hold keeps back at ``now``."""
-        tasks, control = self.index.tasks, self.config.control
-        return {
-            k
-            for k, (kind, _) in self._pending.items()
-            if (t := tasks.get(k)) is not None
-            and may_go(k, t.source.path, kind, control=control, mass=self._mass, now=now) is None
-        }
-
-    def _canary_held(self, key: TaskKey, now: datetime) -> None:
-        """A canary not yet sent that a window or mass change now holds: pick another."""
-        rollout = self._rollout
-        if (
-            rollout is None
-            or rollout.promoted
-            or rollout.failed is not None
-            or key not in rollout.canaries
-        ):
-            return
-        again = repick_canary(
-            rollout,
-            key,
-            k=self.config.control.canary,
-            eligible=self._may_go_now(now),
-            observations=self.recorder.observations,
-        )
-        self._rollout = again
-        self._canary_failures.pop(key, None)
-        if again is None:
-            self.log.info("rollout.cleared", canaries=[str(k) for k in rollout.canaries])
-        else:
-            self.log.info(
-                "rollout.canaries_changed",
-                held=str(key),
-                canaries=[str(k) for k in again.canaries],
-            )
-        self._requeue(Reason.CANARY)
-
-    def _current_rollout(self, now: datetime) -> Rollout | None:
-        if self._rollout is None:
-            pending = {k: spec for k, (_, spec) in self._pending.items()}
-            if not pending:
-                return None
-            self._rollout = start_rollout(
-                pending,
-                k=self.config.control.canary,
-                observations=self.recorder.observations,
-                eligible=self._may_go_now(now),
-            )
-            self._canary_failures = {}
-            self.log.info(
-                "rollout.started",
-                canaries=[str(k) for k in self._rollout.canaries],
-                changes=len(pending),
-            )
-        return self._rollout
-
-    def _after_call(self, plan: Plan, result: Result) -> None:
-        rollout = self._rollout
-        if rollout is None or result.key not in rollout.canaries:
-            return
-        if result.outcome in (Outcome.FAILED, Outcome.NOT_RUNNING):
-            detail = f": {result.error}" if result.error is not None else ""
-            self._canary_failures[result.key] = f"its call ended {result.outcome.value}{detail}"
-        self._judge_rollout()
-
-    def _judge_rollout(self) -> None:
-        """Promote, fail, end or drop the rollout from what is recorded and observed."""
-        rollout = self._rollout
-        if rollout is None:
-            return
-        desired = self.index.tasks
-        if rollout.failed is not None or rollout.promoted:
-            changed = any(
-                (t := desired.get(k)) is None or t.spec_hash() != spec
-                for k, spec in rollout.members.items()
-                if rollout.failed is not None
-            )
-            # Members a window or a mass change holds do not keep it open: held, they
-            # would keep every later change waiting; released, they get a canary anew.
-            free = self._may_go_now(datetime.now(UTC)) if rollout.promoted else set()
-            live = any(
-                self._pending.get(k, (None, None))[1] == s
-                for k, s in rollout.members.items()
-                if k in free
-            )
-            if changed or (rollout.promoted and not live):
-                self.log.info(
-                    "rollout.completed" if rollout.promoted else "rollout.cleared",
-                    canaries=[str(k) for k in rollout.canaries],
-                )
-                self._rollout = None
-                self._requeue(Reason.CANARY, Reason.CANARY_FAILED)
-            return
-        checks = [
-            check_canary(
-                key,
-                spec,
-                task=desired.get(key),
-                record=self.recorder.applied.get(key),
-                observation=self.recorder.observations.get(key),
-                failure=self._canary_failures.get(key),
-                settle_s=self.config.settle_s,
-            )
-            for key, spec in rollout.canaries.items()
-        ]
-        state, why = judge(checks)
-        if state is CanaryState.CHANGED:
-            self.log.info("rollout.cleared", canaries=[str(k) for k in rollout.canaries])
-            self._rollout = None
-            self._requeue(Reason.CANARY, Reason.CANARY_FAILED)
-        elif state is CanaryState.FAILED:
-            self._rollout = dataclasses.replace(rollout, failed=why)
-            held = [k for k in rollout.members if k not in rollout.canaries]
-            self.log.error(
-                "rollout.canary_failed",
-                canaries=[str(k) for k in rollout.canaries],
-                reason=why,
-                held=len(held),
-            )
-            for key, w in list(self._waiting.items()):
-                if w.reason is Reason.CANARY:
-                    self._waiting[key] = Waiting(
-                        key, Reason.CANARY_FAILED, f"held: canary failed: {why}"
-                    )
-        elif state is CanaryState.PASSED:
-            self._rollout = dataclasses.replace(rollout, promoted=True)
-            self.log.info(
-                "rollout.promoted",
-                canaries=[str(k) for k in rollout.canaries],
-                changes=len(rollout.members) - len(rollout.canaries),
-            )
-            self._requeue(Reason.CANARY)
 
     # --- the loop -----------------------------------------------------------------
 
@@ -1076,7 +805,7 @@ class Daemon:
                 tasks=len(affected),
             )
             await self._report_files()
-            if affected and self._leading.is_set():  # a standby only keeps its index warm
+            if affected and self.lead.leading:  # a standby only keeps its index warm
                 await self.replan(affected, reason="file_changed")
 
     def reload(self) -> None:
@@ -1103,7 +832,7 @@ class Daemon:
         async with self._tree_lock:
             changed = await self.scan()
             await self._report_files()
-            if not self._leading.is_set():
+            if not self.lead.leading:
                 return None
             plan = await self.replan(None, reason=reason)
             if not self._pass:
@@ -1131,14 +860,14 @@ class Daemon:
     def oldest_observation_age(self) -> float | None:
         """Seconds since the least recently read desired task was read (``None``: off,
         or a standby, which reads nothing: the leader's gauge is the one to watch)."""
-        if not self.config.observe or not self.index.tasks or not self._leading.is_set():
+        if not self.config.observe or not self.index.tasks or not self.lead.leading:
             return None
         observations = self.recorder.observations
         oldest = min(
             (o.observed_at if (o := observations.get(k)) else self._started_wall)
             for k in self.index.tasks
         )
-        return max(0.0, time.time() - oldest)
+        return max(0.0, self.clock.wall() - oldest)
 
     def sweep_seconds(self) -> float:
         """Seconds one full sweep of reads should take now (0: not observing)."""
@@ -1155,7 +884,7 @@ class Daemon:
         wanted = self.index.tasks.keys() | self.held_keys()
         tracked = self.schedule.keys()
         self.schedule.untrack(tracked - wanted)
-        now_wall, now = time.time(), time.monotonic()
+        now_wall, now = self.clock.wall(), self.clock.monotonic()
         observations = self.recorder.observations
         new = list(wanted - tracked)
         for start in range(0, len(new), STEP):
@@ -1202,17 +931,17 @@ class Daemon:
         reading: set[asyncio.Task[None]] = set()
         burst = max(1, cfg.read_qps // 2)
         period = burst / cfg.read_qps
-        window, released = time.monotonic(), 0
+        window, released = self.clock.monotonic(), 0
         try:
             while (key := await self.schedule.take(stop)) is not None:
                 if released >= burst:
-                    await asyncio.sleep(window + period - time.monotonic())
-                    window, released = max(window + period, time.monotonic()), 0
+                    await asyncio.sleep(window + period - self.clock.monotonic())
+                    window, released = max(window + period, self.clock.monotonic()), 0
                 released += 1
                 await slots.acquire()
                 # Last, right before the read: a pause (credentials error), or the
                 # lead lost, while this one waited for its turn holds it back too.
-                await self._go.wait()
+                await self.lead.wait()
                 if stop.is_set():
                     break
                 read = asyncio.create_task(self._read_in_slot(key, slots))
@@ -1273,7 +1002,7 @@ class Daemon:
         counts and duration, and whatever a read found has a line of its own.
         """
         if not self._sweep:
-            self._sweep_started = time.monotonic()
+            self._sweep_started = self.clock.monotonic()
         self._sweep[outcome] += 1
         tracked = len(self.schedule)
         reads = self._sweep.total()
@@ -1283,7 +1012,7 @@ class Daemon:
             "observe.swept",
             tasks=tracked,
             reads=reads,
-            seconds=round(time.monotonic() - self._sweep_started, 1),
+            seconds=round(self.clock.monotonic() - self._sweep_started, 1),
             **dict(sorted(self._sweep.items())),
         )
         self._sweep.clear()
@@ -1374,9 +1103,9 @@ class Daemon:
                 end_time=obs.end_time_ms,
             )
         self.recorder.bookkeeping(plan)
-        self._note(plan, [key])
-        if self._rollout is not None and key in self._rollout.canaries:
-            self._judge_rollout()
+        now = self.clock.now()
+        self.admission.note(plan, [key], now)
+        self.admission.after_read(key, now)
         if plan.unread:
             # A call in doubt, read too soon after it to tell: read again once it counts.
             self.schedule.soon(key, self.config.settle_s + 0.5)
@@ -1395,17 +1124,6 @@ class Daemon:
             self._pass.discard(key)
             self._maybe_finish_pass()
 
-    # --- leadership -------------------------------------------------------------------
-
-    def _sync_go(self) -> None:
-        leading = self._leading.is_set() and self._lease_ok
-        if self._stop.is_set() or (
-            self._running.is_set() and leading and self._store_problem is None
-        ):
-            self._go.set()
-        else:
-            self._go.clear()
-
     # --- a store that refuses writes ---------------------------------------------------
 
     def _store_failed(self, exc: StoreWriteError) -> None:
@@ -1417,7 +1135,7 @@ class Daemon:
         if self._store_problem is not None:
             return
         self._store_problem = f"cannot write the state store {exc.store}: {exc.reason}"
-        self._sync_go()
+        self.lead.sync()
         self.log.error(
             "daemon.store_unwritable",
             store=exc.store,
@@ -1430,7 +1148,7 @@ class Daemon:
         )
 
     async def _recover_store(self) -> None:
-        started = time.monotonic()
+        started = self.clock.monotonic()
         pause = self.config.store_retry
         while True:
             with contextlib.suppress(TimeoutError):
@@ -1446,13 +1164,13 @@ class Daemon:
             break
         self.log.info(
             "daemon.store_writable",
-            seconds=round(time.monotonic() - started, 1),
+            seconds=round(self.clock.monotonic() - started, 1),
             failed_writes=self._store_failures,
             results_recorded=recorded,
         )
         self._store_problem, self._store_failures = None, 0
-        self._sync_go()
-        if self._leading.is_set():
+        self.lead.sync()
+        if self.lead.leading:
             try:
                 async with self._tree_lock:
                     plan = await self.replan(None, reason="store_writable")
@@ -1484,18 +1202,13 @@ class Daemon:
         if self.config.observe:
             # Due again by the reads the store holds: the last leader's, oldest first.
             self.schedule.untrack(self.schedule.keys())  # tracked again as the term plans
-        # Calls of this term wait for a slot only while the term lasts.
-        self._term = asyncio.Event()
-        self.reconciler.stop = self._term
         self._first_pass_done = False
-        self._lease_ok = True
-        self._leading.set()
-        self._sync_go()
+        self.lead.elected()
         self._spawn(self._plan_term(epoch), name="elected")
 
     async def _start(self) -> None:
         """Load the tree, then (the only replica) plan every task."""
-        started = time.monotonic()
+        started = self.clock.monotonic()
         async with self._tree_lock:
             await self.scan()
             await self._report_files()
@@ -1505,7 +1218,7 @@ class Daemon:
                 files=len(self.index.paths),
                 tasks=len(self.index.tasks),
                 invalid_files=len(self.index.invalid_files),
-                seconds=round(time.monotonic() - started, 3),
+                seconds=round(self.clock.monotonic() - started, 3),
             )
             self._loaded.set()
             if self.leadership is None:  # else planned once elected (_elected)
@@ -1519,7 +1232,7 @@ class Daemon:
             async with self._tree_lock:
                 await self.scan()
                 await self._report_files()
-                if not self._leading.is_set():
+                if not self.lead.leading:
                     return  # lost again meanwhile: the next term plans
                 plan = await self.replan(None, reason="elected")
                 self._start_pass(plan, reason="elected")
@@ -1527,45 +1240,19 @@ class Daemon:
             self.log.exception("resync.failed", error=repr(exc), epoch=epoch)
 
     def _lost(self, why: str) -> None:
-        """Stop calling at once: hold workers and reads, withdraw calls waiting for a slot."""
-        if not self._leading.is_set() or self.leadership is None:
-            return
-        self._leading.clear()
-        self._sync_go()
-        self._term.set()
-        self._pass = set()
-        self._first_pass_done = False
-        if self.leadership.leading:  # the fence noticed first: the keepalive will follow
-            self.log.error("leader.fenced", why=why)
+        """Stop calling at once (:meth:`Lead.lost`); the pass starts over once elected."""
+        if self.lead.lost(why):
+            self._pass = set()
+            self._first_pass_done = False
 
-    def _lapsed(self, why: str) -> None:
-        """The lease is in doubt (a pause, a late keepalive), the lead not lost: hold the
-        workers and reads, withdraw calls waiting for a slot, until it is renewed."""
-        if not self._leading.is_set() or not self._lease_ok:
-            return
-        self._lease_ok = False
-        self._sync_go()
-        self._term.set()
-
-    def _renewed(self) -> None:
-        """A keepalive sent after the lapse succeeded: the same term goes on."""
-        if not self._leading.is_set() or self._lease_ok:
-            return
-        if not self._stop.is_set():  # draining: calls waiting for a slot stay withdrawn
-            self._term = asyncio.Event()
-            self.reconciler.stop = self._term
-        self._lease_ok = True
-        self._sync_go()
+    def _new_term(self, term: asyncio.Event) -> None:
+        # Calls of this term wait for a slot only while the term lasts.
+        self.reconciler.stop = term
 
     def _may_send(self) -> bool:
-        """Whether a request may go out now: the store takes writes, and leading on a
-        lease that holds (the gate of the reconciler and the client). A lease found in
-        doubt lapses (``_lapsed``)."""
-        if self._store_problem is not None:
-            return False
-        return self.leadership is None or (
-            self._leading.is_set() and self._lease_ok and self.leadership.may_send()
-        )
+        """Whether a request may go out now: the store takes writes, and the lead allows
+        it (the gate of the reconciler and the client)."""
+        return self._store_problem is None and self.lead.may_send()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain."""
@@ -1586,15 +1273,15 @@ class Daemon:
                 self.leadership.run(
                     on_elected=self._elected,
                     on_lost=self._lost,
-                    on_lapsed=self._lapsed,
-                    on_renewed=self._renewed,
+                    on_lapsed=self.lead.lapsed,
+                    on_renewed=self.lead.renewed,
                 ),
                 name="leadership",
             )
             self._background.append(self._leader_task)
         await stop.wait()
-        self._term.set()  # withdraw calls waiting for a slot (without leadership: stop itself)
-        self._sync_go()  # held workers and readers see the stop
+        self.lead.end_term()  # withdraw calls waiting for a slot (without leadership: stop itself)
+        self.lead.sync()  # held workers and readers see the stop
 
         self.log.info("daemon.draining", in_flight=self.queue.processing, queued=len(self.queue))
         # The lead is kept (alive) while in-flight calls drain, and let go after.
