@@ -31,7 +31,7 @@ from reconciler.engine.operations.common import (
     record_tree_root,
 )
 from reconciler.eventlog import setup as events
-from reconciler.serve.health import HealthAccess
+from reconciler.serve.health import HealthAccess, HealthServer
 from reconciler.store.base import PostgresURL, Store, StoreLocation
 from reconciler.tree.desired import DesiredIndex, FileLimits, load_tree
 
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from reconciler.api.client import ClientConfig
     from reconciler.core.rollout import ChangeControl
     from reconciler.emulator import Emulator
-    from reconciler.engine.daemon import DaemonConfig
+    from reconciler.engine.daemon import Daemon, DaemonConfig
+    from reconciler.engine.metrics import Metrics
     from reconciler.store.leader import Leadership
 
 
@@ -153,12 +154,9 @@ async def serve(
     on_elected: Callable[[], None] = lambda: None,
 ) -> None:
     from reconciler.api.client import RtcClient
-    from reconciler.emulator import Emulator, EmulatorConfig
     from reconciler.engine.daemon import Daemon
     from reconciler.engine.metrics import Metrics
     from reconciler.engine.reconcile import TaskReconciler
-    from reconciler.serve.dashboard import Dashboard
-    from reconciler.serve.health import HealthServer
     from reconciler.store.recorder import Recorder
 
     log = events.get_logger()
@@ -180,18 +178,9 @@ async def serve(
 
     emulator: Emulator | None = None
     if embedded:
-        emulator = Emulator(EmulatorConfig(credentials={creds.access_key: creds.secret_key}))
-        url = await listen(
-            emulator.start(host="127.0.0.1", port=emulator_port),
-            what="the embedded emulator (--emulator-port)",
-            host="127.0.0.1",
-            port=emulator_port,
+        emulator, config = await start_embedded(
+            creds, config, port=emulator_port, root=daemon_config.root
         )
-        started, matching = start_tree_tasks(
-            emulator, load_tree(daemon_config.root), matching_every=DEMO_MATCHING_EVERY
-        )
-        config = dataclasses.replace(config, endpoint=url)
-        log.info("emulator.embedded", url=url, running_tasks=started, matching_tree=matching)
 
     metrics = Metrics()
     recorder = Recorder(store)
@@ -223,20 +212,8 @@ async def serve(
                     leading=lambda: daemon.leading,
                     epoch=lambda: lead.epoch or (lead.leader.epoch if lead.leader else None),
                 )
-            server = HealthServer(
-                metrics=metrics,
-                readiness=daemon.readiness,
-                liveness=daemon.liveness,
-                degraded=daemon.degraded,
-                standby=daemon.standby,
-                dashboard=Dashboard(daemon=daemon, store_path=store.path),
-                access=access,
-            )
-            health_url = await listen(
-                server.start(host=health[0], port=health[1]),
-                what="health and metrics (--health-port)",
-                host=health[0],
-                port=health[1],
+            server, health_url = await start_health(
+                daemon, metrics=metrics, store=store, access=access, address=health
             )
             log.info(
                 "daemon.started",
@@ -257,6 +234,59 @@ async def serve(
             await notifier.close()  # bounded: a hanging webhook cannot hold the exit
         if emulator is not None:
             await emulator.stop()
+
+
+async def start_health(
+    daemon: Daemon,
+    *,
+    metrics: Metrics,
+    store: Store,
+    access: HealthAccess,
+    address: tuple[str, int],
+) -> tuple[HealthServer, str]:
+    """The probes, /metrics and the dashboard, listening at ``address``; and their URL."""
+    from reconciler.serve.dashboard import Dashboard
+
+    server = HealthServer(
+        metrics=metrics,
+        readiness=daemon.readiness,
+        liveness=daemon.liveness,
+        degraded=daemon.degraded,
+        standby=daemon.standby,
+        dashboard=Dashboard(daemon=daemon, store_path=store.path),
+        access=access,
+    )
+    host, port = address
+    url = await listen(
+        server.start(host=host, port=port),
+        what="health and metrics (--health-port)",
+        host=host,
+        port=port,
+    )
+    return server, url
+
+
+async def start_embedded(
+    creds: Credentials, config: ClientConfig, *, port: int, root: Path
+) -> tuple[Emulator, ClientConfig]:
+    """``run --emulator``: an emulator in-process with the tree's tasks running, and the
+    client's configuration pointed at it."""
+    from reconciler.emulator import Emulator, EmulatorConfig
+
+    emulator = Emulator(EmulatorConfig(credentials={creds.access_key: creds.secret_key}))
+    url = await listen(
+        emulator.start(host="127.0.0.1", port=port),
+        what="the embedded emulator (--emulator-port)",
+        host="127.0.0.1",
+        port=port,
+    )
+    started, matching = start_tree_tasks(
+        emulator, load_tree(root), matching_every=DEMO_MATCHING_EVERY
+    )
+    events.get_logger().info(
+        "emulator.embedded", url=url, running_tasks=started, matching_tree=matching
+    )
+    return emulator, dataclasses.replace(config, endpoint=url)
 
 
 def stop_on_signal(

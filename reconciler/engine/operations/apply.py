@@ -50,7 +50,7 @@ from reconciler.engine.operations.common import (
 from reconciler.engine.operations.plan import refresh_mode
 from reconciler.engine.savedplan import SavedPlan, StoreStamp
 from reconciler.eventlog import setup as events
-from reconciler.store.base import SCHEMA_VERSION, StoreLocation
+from reconciler.store.base import SCHEMA_VERSION, Store, StoreLocation
 from reconciler.tree.desired import DesiredIndex, FileLimits
 
 if TYPE_CHECKING:
@@ -134,36 +134,9 @@ def apply(args: ApplyArgs, *, view: ApplyView) -> ApplyOutcome:
     :class:`~.common.OperationError` before any call is made."""
     from reconciler.store.recorder import Recorder
 
-    state = args.state
-    target = Path(args.target)
-    saved = None
-    if target.is_file():
-        try:
-            saved = savedplan.load(target)
-        except savedplan.SavedPlanError as exc:
-            raise OperationError(str(exc)) from exc
-        tree = Path(saved.root)
-        if not tree.is_dir():
-            raise OperationError(
-                f"the tree of plan {args.target}, {saved.root}, is not here: a saved plan's tree "
-                "is taken from the folder apply runs in; run it where plan ran"
-                + (f" ({saved.made_in})" if saved.made_in else "")
-            )
-        digest = digest_before_load(tree)
-    else:
-        tree = target
-    index = load_valid_tree(tree, limits=args.limits)
-    if saved is not None:
-        # Before the store is opened: a refused plan must not create one either.
-        stale = savedplan.tree_staleness(saved, digest_loaded_tree(tree, index, before=digest))
-        if not stale and saved.store.lineage is not None and not store_exists(state):
-            stale = [
-                f"there is no state store at {state}; the plan was made from {saved.store.path}"
-            ]
-        if stale:
-            raise StalePlan(args.target, stale)
+    state, guards = args.state, args.guards
+    tree, index, saved = load_target(args)
     creds = load_checked_credentials(notices=view)
-    guards = args.guards
     with (
         one_writer(state, command="reconciler apply", force=args.force_while_leading),
         open_store(state, create=True, command="reconciler apply") as store,
@@ -173,58 +146,13 @@ def apply(args: ApplyArgs, *, view: ApplyView) -> ApplyOutcome:
             store.tree_root(), tree, store=state, allow=guards.allow_root_change, notices=view
         )
         recorder = Recorder(store)
-        observations: dict[TaskKey, Observation] | None = None
-        basis: Refresh | None = None
-        read_failures: dict[TaskKey, ApiError] = {}
-        refused: list[TaskKey] = []
         if saved is not None:
-            stale = savedplan.store_staleness(
-                saved,
-                StoreStamp(str(state), store.lineage(), store.generation()),
-                store_is_new=store.opened_schema < SCHEMA_VERSION,
-            )
-            if saved.observations is not None:
-                observations = dict(saved.observations)
-            basis = saved_refresh(saved)
-            the_plan = make_plan(
-                index,
-                recorder.applied,
-                observations=observations,
-                drift=saved.drift,
-                refresh=basis,
-            )
-            if not stale and (differ := savedplan.different_calls(saved, the_plan)):
-                differences = savedplan.listing(differ, shown=3, sep="; ")
-                stale = [f"it no longer computes the same calls: {differences}"]
-            if stale:
-                raise StalePlan(args.target, stale)
-            for obs in (observations or {}).values():
-                known = recorder.observations.get(obs.key)
-                if known is None or known.observed_at < obs.observed_at:
-                    recorder.observed(obs)  # never over a newer read
+            planned = replan_saved(saved, args, index=index, store=store, recorder=recorder)
         else:
-            # A mass forget is refused whatever live holds: before any read.
-            probe = probe_plan(index.tasks, recorder.applied, held_files=index.invalid_files)
-            refusal = check_forgets(probe, known=len(recorder.applied), limit=guards.max_forget)
-            if refusal is not None and not guards.allow_mass_forget:
-                mass_forget_refused(refusal, directory=tree, what="nothing was applied")
-            observations, basis = read_live(
-                index,
-                recorder.applied,
-                mode=refresh_mode(args.refresh),
-                config=args.client,
-                creds=creds,
-                notices=view,
-                last=recorder.observations,
-                failures=read_failures,
-                probe=probe,
+            planned = plan_tree(
+                args, tree=tree, index=index, recorder=recorder, creds=creds, view=view
             )
-            for obs in (observations or {}).values():
-                recorder.observed(obs)
-            refused = record_refused_reads(read_failures, recorder, index)
-            the_plan = make_plan(
-                index, recorder.applied, observations=observations, drift=args.drift, refresh=basis
-            )
+        the_plan, basis = planned.plan, planned.basis
         if basis is not None and basis.mode == "none":
             view.basis(basis)
         refusal = check_forgets(the_plan, known=len(recorder.applied), limit=guards.max_forget)
@@ -248,8 +176,8 @@ def apply(args: ApplyArgs, *, view: ApplyView) -> ApplyOutcome:
                 plan=the_plan,
                 gate=gate,
                 report=None,
-                refused=refused,
-                read_failures=read_failures,
+                refused=planned.refused,
+                read_failures=planned.read_failures,
             )
         view.waiting(gate, used_up=saved is not None)
         view.applying(gate, qps=args.client.limits.update)
@@ -277,8 +205,118 @@ def apply(args: ApplyArgs, *, view: ApplyView) -> ApplyOutcome:
                 "Pending and are planned again next time (their answers were not recorded)"
             ) from None
     return ApplyOutcome(
-        plan=the_plan, gate=gate, report=report, refused=refused, read_failures=read_failures
+        plan=the_plan,
+        gate=gate,
+        report=report,
+        refused=planned.refused,
+        read_failures=planned.read_failures,
     )
+
+
+def load_target(args: ApplyArgs) -> tuple[Path, DesiredIndex, SavedPlan | None]:
+    """The tree to apply, loaded, and the saved plan if one was given. A saved plan
+    whose tree changed, or whose store is gone, is refused before the store is
+    opened: a refused plan must not create one either."""
+    target = Path(args.target)
+    if not target.is_file():
+        return target, load_valid_tree(target, limits=args.limits), None
+    try:
+        saved = savedplan.load(target)
+    except savedplan.SavedPlanError as exc:
+        raise OperationError(str(exc)) from exc
+    tree = Path(saved.root)
+    if not tree.is_dir():
+        raise OperationError(
+            f"the tree of plan {args.target}, {saved.root}, is not here: a saved plan's tree "
+            "is taken from the folder apply runs in; run it where plan ran"
+            + (f" ({saved.made_in})" if saved.made_in else "")
+        )
+    digest = digest_before_load(tree)
+    index = load_valid_tree(tree, limits=args.limits)
+    stale = savedplan.tree_staleness(saved, digest_loaded_tree(tree, index, before=digest))
+    if not stale and saved.store.lineage is not None and not store_exists(args.state):
+        stale = [
+            f"there is no state store at {args.state}; the plan was made from {saved.store.path}"
+        ]
+    if stale:
+        raise StalePlan(args.target, stale)
+    return tree, index, saved
+
+
+@dataclass(frozen=True, kw_only=True)
+class Planned:
+    """The plan to apply and what it stood on."""
+
+    plan: Plan
+    #: What live state it was planned against (``None``: a plan saved before plans said).
+    basis: Refresh | None
+    refused: Sequence[TaskKey] = ()
+    read_failures: Mapping[TaskKey, ApiError] = field(default_factory=dict)
+
+
+def replan_saved(
+    saved: SavedPlan, args: ApplyArgs, *, index: DesiredIndex, store: Store, recorder: Recorder
+) -> Planned:
+    """Plan again from what the saved plan stood on; refused as stale unless the store
+    is the one it was made from and the same calls come out. Its reads are recorded
+    (never over a newer one)."""
+    stale = savedplan.store_staleness(
+        saved,
+        StoreStamp(str(args.state), store.lineage(), store.generation()),
+        store_is_new=store.opened_schema < SCHEMA_VERSION,
+    )
+    observations = dict(saved.observations) if saved.observations is not None else None
+    basis = saved_refresh(saved)
+    plan = make_plan(
+        index, recorder.applied, observations=observations, drift=saved.drift, refresh=basis
+    )
+    if not stale and (differ := savedplan.different_calls(saved, plan)):
+        differences = savedplan.listing(differ, shown=3, sep="; ")
+        stale = [f"it no longer computes the same calls: {differences}"]
+    if stale:
+        raise StalePlan(args.target, stale)
+    for obs in (observations or {}).values():
+        known = recorder.observations.get(obs.key)
+        if known is None or known.observed_at < obs.observed_at:
+            recorder.observed(obs)  # never over a newer read
+    return Planned(plan=plan, basis=basis)
+
+
+def plan_tree(
+    args: ApplyArgs,
+    *,
+    tree: Path,
+    index: DesiredIndex,
+    recorder: Recorder,
+    creds: Credentials,
+    view: ApplyView,
+) -> Planned:
+    """Read what the plan needs and plan; a mass forget is refused whatever live holds,
+    so before any read."""
+    guards = args.guards
+    probe = probe_plan(index.tasks, recorder.applied, held_files=index.invalid_files)
+    refusal = check_forgets(probe, known=len(recorder.applied), limit=guards.max_forget)
+    if refusal is not None and not guards.allow_mass_forget:
+        mass_forget_refused(refusal, directory=tree, what="nothing was applied")
+    read_failures: dict[TaskKey, ApiError] = {}
+    observations, basis = read_live(
+        index,
+        recorder.applied,
+        mode=refresh_mode(args.refresh),
+        config=args.client,
+        creds=creds,
+        notices=view,
+        last=recorder.observations,
+        failures=read_failures,
+        probe=probe,
+    )
+    for obs in (observations or {}).values():
+        recorder.observed(obs)
+    refused = record_refused_reads(read_failures, recorder, index)
+    plan = make_plan(
+        index, recorder.applied, observations=observations, drift=args.drift, refresh=basis
+    )
+    return Planned(plan=plan, basis=basis, refused=refused, read_failures=read_failures)
 
 
 def saved_refresh(saved: SavedPlan) -> Refresh | None:
