@@ -513,7 +513,10 @@ from datetime import datetime
 import reconciler.cli.apply as apply_command
 from reconciler.cli.app import entry_point
 flag, before, after = sys.argv[1:4]
-apply_command.wall_clock = lambda: datetime.fromisoformat(after if os.path.exists(flag) else before)
+from reconciler.engine.clock import Clock
+apply_command.REAL_CLOCK = Clock(
+    wall=lambda: datetime.fromisoformat(after if os.path.exists(flag) else before).timestamp()
+)
 sys.argv = ["reconciler", *sys.argv[4:]]
 entry_point()
 """

@@ -23,6 +23,7 @@ from reconciler.core.task import SyncStatus, TaskKey
 from reconciler.core.windows import load_windows_file
 from reconciler.emulator import EmulatorHandle
 from reconciler.engine import savedplan
+from reconciler.engine.clock import Clock
 from reconciler.engine.operations.apply import ApplyArgs, apply
 from reconciler.engine.operations.common import (
     Guards,
@@ -213,16 +214,20 @@ def test_the_clock_is_an_argument_a_window_holds_calls_at_the_time_given(
     )
     control = ChangeControl(windows=load_windows_file(tmp_path / "w.yaml"))
 
-    def at(hour: int) -> datetime:
-        return datetime(2026, 12, 1, hour, 30, tzinfo=UTC)
+    def at(hour: int) -> float:
+        return datetime(2026, 12, 1, hour, 30, tzinfo=UTC).timestamp()
 
     view = RecordingView()
-    held = apply(apply_args(tmp_path, emulator, control=control, clock=lambda: at(4)), view=view)
+    held = apply(
+        apply_args(tmp_path, emulator, control=control, clock=Clock(wall=lambda: at(4))), view=view
+    )
     assert held.report is None
     assert "plan 2 call(s), 2 waiting" in view.shown
     assert updates(emulator) == 0
 
-    sent = apply(apply_args(tmp_path, emulator, control=control, clock=lambda: at(5)), view=view)
+    sent = apply(
+        apply_args(tmp_path, emulator, control=control, clock=Clock(wall=lambda: at(5))), view=view
+    )
     assert sent.report is not None and sent.report.count(Outcome.SYNCED) == 2
 
 

@@ -14,7 +14,7 @@ import sys
 import click
 
 from reconciler.cli import apply, completion, emulator, plan, run, schema, state, status, validate
-from reconciler.cli.options import LOG_FORMATS, LOG_LEVELS, ReconcilerGroup, _option
+from reconciler.cli.options import LOG_FORMATS, LOG_LEVELS, ReconcilerGroup, env_option
 from reconciler.cli.shell import configure_events, fail
 from reconciler.eventlog import setup as events
 from reconciler.store.base import StoreError
@@ -28,7 +28,7 @@ DISTRIBUTION = "rtc-segment-reconciler"
     cls=ReconcilerGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@_option(
+@env_option(
     "--log-format",
     env="LOG_FORMAT",
     type=LOG_FORMATS,
@@ -38,7 +38,7 @@ DISTRIBUTION = "rtc-segment-reconciler"
     "(stderr; stdout for run) is a terminal. "
     "Also accepted after the command.",
 )
-@_option(
+@env_option(
     "--log-level",
     env="LOG_LEVEL",
     type=LOG_LEVELS,

@@ -15,13 +15,13 @@ import click
 
 from reconciler.cli.options import (
     SectionedCommand,
-    _option,
     api_options,
     change_control,
     change_control_options,
     client_config,
     drain_option,
     drift_option,
+    env_option,
     file_limits,
     guard_options,
     limit_options,
@@ -33,9 +33,10 @@ from reconciler.cli.shell import console_shows, fail, operation_errors, quiet
 from reconciler.cli.views import apply as view
 from reconciler.core.guard import ForgetLimit
 from reconciler.core.plan import DriftPolicy
+from reconciler.engine.clock import REAL_CLOCK
 from reconciler.engine.operations.apply import ApplyArgs, ApplyOutcome
 from reconciler.engine.operations.apply import apply as apply_operation
-from reconciler.engine.operations.common import Guards, wall_clock
+from reconciler.engine.operations.common import Guards
 from reconciler.store.base import StoreLocation
 
 
@@ -48,7 +49,7 @@ from reconciler.store.base import StoreLocation
 @change_control_options(pacing=True, override=True)
 @refresh_option
 @drift_option
-@_option(
+@env_option(
     "--force-while-leading",
     env="FORCE_WHILE_LEADING",
     is_flag=True,
@@ -102,7 +103,7 @@ def apply(
         control=change_control(),
         client=client_config(),
         limits=file_limits(),
-        clock=wall_clock,
+        clock=REAL_CLOCK,
     )
     with operation_errors():
         outcome = apply_operation(args, view=view.ApplyConsole(quiet=quiet()))

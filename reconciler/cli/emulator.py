@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from reconciler.cli.options import SectionedCommand, _emulator_option, _option
+from reconciler.cli.options import SectionedCommand, emulator_option, env_option
 from reconciler.cli.shell import operation_errors
 from reconciler.cli.views.notices import ConsoleNotices
 from reconciler.engine.operations.common import listen, load_checked_credentials, load_valid_tree
@@ -18,8 +18,8 @@ from reconciler.tree.desired import DEFAULT_LIMITS
 
 
 @click.command("emulator", cls=SectionedCommand)
-@_emulator_option("--host", default="127.0.0.1", show_default=True)
-@_emulator_option(
+@emulator_option("--host", default="127.0.0.1", show_default=True)
+@emulator_option(
     "--port",
     type=click.IntRange(0, 65535),
     default=8780,
@@ -28,54 +28,54 @@ from reconciler.tree.desired import DEFAULT_LIMITS
     help="Port to listen on (0: any free port); the same variable as run's --emulator-port.",
 )
 # Shared with apply and run: the region requests are signed for, which the emulator checks.
-@_option("--region", env="REGION", default="cn-north-1", show_default=True)
-@_emulator_option(
+@env_option("--region", env="REGION", default="cn-north-1", show_default=True)
+@emulator_option(
     "--tasks",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Start every task of this desired tree, as if StartSegment ran.",
 )
-@_emulator_option(
+@emulator_option(
     "--latency-ms",
     type=click.FloatRange(0),
     default=0.0,
     show_default=True,
 )
-@_emulator_option(
+@emulator_option(
     "--jitter-ms",
     type=click.FloatRange(0),
     default=0.0,
     show_default=True,
 )
-@_emulator_option(
+@emulator_option(
     "--error-rate",
     type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
     help="Fraction of calls answered HTTP 500 InternalError.",
 )
-@_emulator_option(
+@emulator_option(
     "--drop-rate",
     type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
     help="Fraction of calls whose connection is closed unanswered.",
 )
-@_emulator_option(
+@emulator_option(
     "--drop-phase",
     type=click.Choice(["before", "after"]),
     default="after",
     show_default=True,
     help="Drop before or after applying the call.",
 )
-@_emulator_option(
+@emulator_option(
     "--update-qps",
     type=click.IntRange(0),
     default=150,
     show_default=True,
     help="UpdateSegment limit over any one-second window (0: none).",
 )
-@_emulator_option(
+@emulator_option(
     "--seed",
     type=int,
     default=None,

@@ -92,7 +92,7 @@ class EnvOption(click.Option):
         return f"{__name__}.deprecated_envvar.{id(self)}"
 
 
-def _option(
+def env_option(
     *names: str, env: str, deprecated_env: str | None = None, **kwargs: Any
 ) -> Callable[[F], F]:
     """``RECONCILER_{env}``; ``deprecated_env``: the variable's old name, still read."""
@@ -167,7 +167,7 @@ class StoreLocationType(click.ParamType[StoreLocation]):
 
 
 def state_option(f: F) -> F:
-    return _option(
+    return env_option(
         "--state",
         env="STATE",
         type=StoreLocationType(),
@@ -211,7 +211,7 @@ def output_option(
     one command must not change what another prints."""
     if not isinstance(command, str):
         raise TypeError("output_option needs the command's name: @output_option('plan')")
-    return _option(
+    return env_option(
         "--output",
         "-o",
         env=f"{command.upper()}_OUTPUT",
@@ -224,7 +224,7 @@ def output_option(
     )
 
 
-def _deprecated_alias(ctx: click.Context, value: Any, *, old: str, new: str) -> Any:
+def deprecated_alias(ctx: click.Context, value: Any, *, old: str, new: str) -> Any:
     """An option's old name: still works, with a warning naming the new one."""
     if value is not None and not ctx.resilient_parsing:
         click.echo(
@@ -252,14 +252,14 @@ def _check_max_forget(_: click.Context, param: click.Parameter, value: str) -> F
 def guard_options(f: F) -> F:
     """The guards against a wrong or emptied tree, shared by ``plan``, ``apply`` and ``run``."""
     decorators = [
-        _option(
+        env_option(
             "--allow-root-change",
             env="ALLOW_ROOT_CHANGE",
             is_flag=True,
             help="Accept a tree other than the one the state store was applied from "
             "(apply and run then record the new one).",
         ),
-        _option(
+        env_option(
             "--max-forget",
             env="MAX_FORGET",
             metavar="SHARE",
@@ -269,7 +269,7 @@ def guard_options(f: F) -> F:
             help="The most of the known tasks one plan may forget, as a percentage (10%) or "
             f"a fraction (0.1); up to {FORGET_FLOOR} tasks at once are always allowed.",
         ),
-        _option(
+        env_option(
             "--allow-mass-forget",
             env="ALLOW_MASS_FORGET",
             is_flag=True,
@@ -314,7 +314,7 @@ def change_control_options(*, pacing: bool = False, override: bool = False) -> C
 
     common: dict[str, Any] = {"expose_value": False, "callback": _remember_control}
     decorators = [
-        _option(
+        env_option(
             "--sync-windows",
             env="SYNC_WINDOWS",
             metavar="FILE",
@@ -324,7 +324,7 @@ def change_control_options(*, pacing: bool = False, override: bool = False) -> C
             callback=_load_sync_windows,
             help="YAML file of sync windows: when calls may go out (docs/change-control.md).",
         ),
-        _option(
+        env_option(
             "--max-change",
             env="MAX_CHANGE",
             metavar="SHARE",
@@ -335,7 +335,7 @@ def change_control_options(*, pacing: bool = False, override: bool = False) -> C
             help="The most of the known tasks one plan may change, as a percentage or a "
             f"fraction; up to {CHANGE_FLOOR} at once are always allowed.",
         ),
-        _option(
+        env_option(
             "--allow-mass-change",
             env="ALLOW_MASS_CHANGE",
             is_flag=True,
@@ -345,7 +345,7 @@ def change_control_options(*, pacing: bool = False, override: bool = False) -> C
     ]
     if pacing:
         decorators += [
-            _option(
+            env_option(
                 "--max-changes-per-minute",
                 env="MAX_CHANGES_PER_MINUTE",
                 metavar="N",
@@ -354,7 +354,7 @@ def change_control_options(*, pacing: bool = False, override: bool = False) -> C
                 help="Pace changes (not heals) to at most N a minute, evenly spaced.",
                 **common,
             ),
-            _option(
+            env_option(
                 "--canary",
                 env="CANARY",
                 metavar="K",
@@ -368,7 +368,7 @@ def change_control_options(*, pacing: bool = False, override: bool = False) -> C
         ]
     if override:
         decorators.append(
-            _option(
+            env_option(
                 "--override-window",
                 env="OVERRIDE_WINDOW",
                 is_flag=True,
@@ -437,7 +437,7 @@ def limit_options(f: F) -> F:
     default = DEFAULT_LIMITS
     common: dict[str, Any] = {"expose_value": False, "callback": _remember_limit}
     decorators = [
-        _option(
+        env_option(
             "--max-file-bytes",
             env="MAX_FILE_BYTES",
             metavar="SIZE",
@@ -446,7 +446,7 @@ def limit_options(f: F) -> F:
             help="Refuse a larger file, unread (its tasks are held).",
             **common,
         ),
-        _option(
+        env_option(
             "--max-file-tasks",
             env="MAX_FILE_TASKS",
             type=click.IntRange(min=1),
@@ -456,7 +456,7 @@ def limit_options(f: F) -> F:
             help="Refuse a file of more tasks.",
             **common,
         ),
-        _option(
+        env_option(
             "--max-file-problems",
             env="MAX_FILE_PROBLEMS",
             type=click.IntRange(min=1),
@@ -515,7 +515,7 @@ def api_options(f: F) -> F:
     """Options for talking to the API, shared by ``plan``, ``apply`` and ``run``: read
     back by :func:`client_config`."""
     decorators = [
-        _option(
+        env_option(
             "--endpoint",
             env="ENDPOINT",
             default=DEFAULT_ENDPOINT,
@@ -524,7 +524,7 @@ def api_options(f: F) -> F:
             callback=_remember_api(_check_endpoint),
             help="OpenAPI endpoint URL.",
         ),
-        _option(
+        env_option(
             "--region",
             env="REGION",
             default="cn-north-1",
@@ -532,7 +532,7 @@ def api_options(f: F) -> F:
             expose_value=False,
             callback=_remember_api(_not_empty),
         ),
-        _option(
+        env_option(
             "--service",
             env="SERVICE",
             default="rtc",
@@ -540,7 +540,7 @@ def api_options(f: F) -> F:
             expose_value=False,
             callback=_remember_api(_not_empty),
         ),
-        _option(
+        env_option(
             "--api-version",
             env="API_VERSION",
             default="2022-06-01",
@@ -548,7 +548,7 @@ def api_options(f: F) -> F:
             expose_value=False,
             callback=_remember_api(_not_empty),
         ),
-        _option(
+        env_option(
             "--qps",
             expose_value=False,
             callback=_remember_api(),
@@ -559,7 +559,7 @@ def api_options(f: F) -> F:
             help="UpdateSegment calls per second (any one-second window); lower it when "
             "other clients share the account.",
         ),
-        _option(
+        env_option(
             "--max-in-flight",
             expose_value=False,
             callback=_remember_api(),
@@ -570,7 +570,7 @@ def api_options(f: F) -> F:
             help="Ceiling on concurrent requests; the limit itself follows the server's "
             "latency (QPS budget x latency, with headroom).",
         ),
-        _option(
+        env_option(
             "--timeout",
             expose_value=False,
             callback=_remember_api(),
@@ -580,7 +580,7 @@ def api_options(f: F) -> F:
             show_default=True,
             help="Seconds to wait for an answer.",
         ),
-        _option(
+        env_option(
             "--read-qps",
             expose_value=False,
             callback=_remember_api(),
@@ -612,7 +612,7 @@ def client_config() -> ClientConfig:
 
 
 def drift_option(f: F) -> F:
-    return _option(
+    return env_option(
         "--drift",
         env="DRIFT",
         type=click.Choice(["heal", "report"]),
@@ -624,7 +624,7 @@ def drift_option(f: F) -> F:
 
 
 def refresh_option(f: F) -> F:
-    return _option(
+    return env_option(
         "--refresh/--no-refresh",
         env="REFRESH",
         default=None,
@@ -636,7 +636,7 @@ def refresh_option(f: F) -> F:
 
 
 def drain_option(f: F) -> F:
-    return _option(
+    return env_option(
         "--drain-timeout",
         env="DRAIN_TIMEOUT",
         type=click.FloatRange(0, 3600),
@@ -668,7 +668,7 @@ def health_access_options(f: F) -> F:
     file = click.Path(exists=True, dir_okay=False, path_type=Path)
     common: dict[str, Any] = {"expose_value": False, "callback": _remember_access}
     decorators = [
-        _option(
+        env_option(
             "--health-allowed-host",
             env="HEALTH_ALLOWED_HOST",
             metavar="NAME",
@@ -677,7 +677,7 @@ def health_access_options(f: F) -> F:
             "--health-host, localhost and IP addresses (repeatable; * any); others get 403.",
             **common,
         ),
-        _option(
+        env_option(
             "--health-token-file",
             env="HEALTH_TOKEN_FILE",
             type=file,
@@ -685,7 +685,7 @@ def health_access_options(f: F) -> F:
             "/metrics; /healthz and /readyz stay open to probes.",
             **common,
         ),
-        _option(
+        env_option(
             "--health-basic-auth-file",
             env="HEALTH_BASIC_AUTH_FILE",
             type=file,
@@ -714,7 +714,7 @@ def health_access() -> HealthAccess:
     )
 
 
-def _check_notify(
+def check_notify(
     _: click.Context, param: click.Parameter, value: tuple[str, ...]
 ) -> tuple[str, ...]:
     from reconciler.serve.notify import check_url, redact_url
@@ -725,7 +725,7 @@ def _check_notify(
     return value
 
 
-def _emulator_option(name: str, **kwargs: Any) -> Callable[[F], F]:
+def emulator_option(name: str, **kwargs: Any) -> Callable[[F], F]:
     """An option of ``reconciler emulator``, from ``RECONCILER_EMULATOR_<OPTION>``.
 
     The bare ``RECONCILER_<OPTION>`` it was read from before (``RECONCILER_PORT``)
@@ -733,7 +733,7 @@ def _emulator_option(name: str, **kwargs: Any) -> Callable[[F], F]:
     command; it still works, deprecated.
     """
     bare = name.removeprefix("--").replace("-", "_").upper()
-    return _option(name, env=f"EMULATOR_{bare}", deprecated_env=bare, **kwargs)
+    return env_option(name, env=f"EMULATOR_{bare}", deprecated_env=bare, **kwargs)
 
 
 LOG_LEVELS = click.Choice(list(events.LEVELS))

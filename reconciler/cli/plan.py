@@ -13,14 +13,14 @@ import click
 
 from reconciler.cli.options import (
     SectionedCommand,
-    _deprecated_alias,
-    _option,
     api_options,
     change_control,
     change_control_options,
     client_config,
+    deprecated_alias,
     dir_argument,
     drift_option,
+    env_option,
     file_limits,
     guard_options,
     limit_options,
@@ -33,7 +33,7 @@ from reconciler.cli.views.notices import ConsoleNotices
 from reconciler.cli.views.plan import print_plan
 from reconciler.core.guard import ForgetLimit
 from reconciler.core.plan import DriftPolicy
-from reconciler.engine.operations.common import Guards, wall_clock
+from reconciler.engine.operations.common import Guards
 from reconciler.engine.operations.plan import PlanArgs, conclude, make_plan_report
 from reconciler.store.base import StoreLocation
 
@@ -41,7 +41,7 @@ from reconciler.store.base import StoreLocation
 @click.command(cls=SectionedCommand)
 @dir_argument
 @state_option
-@_option(
+@env_option(
     "--base",
     env="BASE",
     type=click.Path(file_okay=False, path_type=Path),
@@ -49,7 +49,7 @@ from reconciler.store.base import StoreLocation
     help="Compare against another tree taken as fully applied, instead of the state store.",
 )
 @output_option("plan", formats=("text", "json", "markdown"), file_option="--save")
-@_option(
+@env_option(
     "--save",
     env="PLAN_SAVE",
     deprecated_env="PLAN_OUT",
@@ -65,9 +65,9 @@ from reconciler.store.base import StoreLocation
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
     default=None,
     hidden=True,
-    callback=lambda ctx, _, value: _deprecated_alias(ctx, value, old="--out", new="--save"),
+    callback=lambda ctx, _, value: deprecated_alias(ctx, value, old="--out", new="--save"),
 )
-@_option(
+@env_option(
     "--detailed-exitcode",
     env="DETAILED_EXITCODE",
     is_flag=True,
@@ -120,7 +120,6 @@ def plan(
         control=change_control(),
         client=client_config(),
         limits=file_limits(),
-        clock=wall_clock,
     )
     notices = ConsoleNotices(quiet=quiet())
     with operation_errors():

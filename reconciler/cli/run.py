@@ -10,15 +10,15 @@ import click
 
 from reconciler.cli.options import (
     SectionedCommand,
-    _check_notify,
-    _option,
     api_options,
     change_control,
     change_control_options,
+    check_notify,
     client_config,
     dir_argument,
     drain_option,
     drift_option,
+    env_option,
     file_limits,
     guard_options,
     health_access,
@@ -38,7 +38,7 @@ from reconciler.store.base import StoreLocation
 @dir_argument
 @state_option
 @api_options
-@_option(
+@env_option(
     "--emulator",
     "embedded",
     env="EMULATOR",
@@ -46,7 +46,7 @@ from reconciler.store.base import StoreLocation
     help="Start the emulator in-process with every task of the tree running, and talk to "
     "it instead of the real API (no cloud account needed).",
 )
-@_option(
+@env_option(
     "--emulator-port",
     env="EMULATOR_PORT",
     type=click.IntRange(0, 65535),
@@ -54,14 +54,14 @@ from reconciler.store.base import StoreLocation
     show_default=True,
     help="Port of the embedded emulator (0: any free port).",
 )
-@_option(
+@env_option(
     "--health-host",
     env="HEALTH_HOST",
     default="127.0.0.1",
     show_default=True,
     help="Address for /healthz, /readyz and /metrics (0.0.0.0 in a container).",
 )
-@_option(
+@env_option(
     "--health-port",
     env="HEALTH_PORT",
     type=click.IntRange(0, 65535),
@@ -70,7 +70,7 @@ from reconciler.store.base import StoreLocation
     help="Port for /healthz, /readyz and /metrics (0: any free port).",
 )
 @health_access_options
-@_option(
+@env_option(
     "--resync",
     env="RESYNC",
     type=click.FloatRange(1, 86400),
@@ -78,7 +78,7 @@ from reconciler.store.base import StoreLocation
     show_default=True,
     help="Seconds between full re-plans of the whole tree.",
 )
-@_option(
+@env_option(
     "--retry-delay",
     env="RETRY_DELAY",
     type=click.FloatRange(0.01, 3600),
@@ -91,7 +91,7 @@ from reconciler.store.base import StoreLocation
 @guard_options
 @change_control_options(pacing=True)
 @drift_option
-@_option(
+@env_option(
     "--observe-interval",
     env="OBSERVE_INTERVAL",
     type=click.FloatRange(1, 86400),
@@ -100,7 +100,7 @@ from reconciler.store.base import StoreLocation
     help="Read each live task at most this often (seconds); with N tasks a full sweep "
     "takes max(interval, N / --read-qps).",
 )
-@_option(
+@env_option(
     "--observe/--no-observe",
     env="OBSERVE",
     default=True,
@@ -108,22 +108,22 @@ from reconciler.store.base import StoreLocation
     help="Read live tasks (GetSegmentTask) and plan against them; --no-observe compares "
     "with last-applied only.",
 )
-@_option(
+@env_option(
     "--notify",
     env="NOTIFY",
     metavar="URL",
     multiple=True,
-    callback=_check_notify,
+    callback=check_notify,
     help="Slack-compatible webhook told of failures, heals, pauses and held forgets "
     "(repeatable; the variable takes URLs separated by spaces).",
 )
-@_option(
+@env_option(
     "--allow-open-credentials",
     env="ALLOW_OPEN_CREDENTIALS",
     is_flag=True,
     help="Start even though others may read ~/.volc/credentials (chmod 600 it instead).",
 )
-@_option(
+@env_option(
     "--replica",
     env="REPLICA",
     default=None,

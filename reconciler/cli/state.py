@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from reconciler.cli.options import ReconcilerGroup, StoreLocationType, _option
+from reconciler.cli.options import ReconcilerGroup, StoreLocationType, env_option
 from reconciler.cli.shell import configure_events, fail, operation_errors
 from reconciler.engine.operations.common import open_store, store_exists
 from reconciler.store.base import StoreError, StoreLocation
@@ -16,7 +16,7 @@ def state_group() -> None:
 
 
 @state_group.command("migrate")
-@_option(
+@env_option(
     "--from",
     "source",
     env="STATE_MIGRATE_FROM",
@@ -24,7 +24,7 @@ def state_group() -> None:
     required=True,
     help="The store to copy (usually the SQLite file); only read, so a daemon may run on it.",
 )
-@_option(
+@env_option(
     "--to",
     "target",
     env="STATE_MIGRATE_TO",

@@ -12,8 +12,8 @@ import click
 
 from reconciler.cli.options import (
     SectionedCommand,
-    _option,
     dir_argument,
+    env_option,
     file_limits,
     limit_options,
     output_option,
@@ -54,7 +54,7 @@ def _check_live_states(
 @click.command(cls=SectionedCommand)
 @dir_argument
 @state_option
-@_option(
+@env_option(
     "--status",
     "statuses",
     env="STATUS",
@@ -64,7 +64,7 @@ def _check_live_states(
     help=f"Only tasks in this sync status: {', '.join(report_statuses())} (any case; "
     "repeat it or give a comma list).",
 )
-@_option(
+@env_option(
     "--live",
     "lives",
     env="LIVE",
@@ -74,7 +74,7 @@ def _check_live_states(
     help="Only tasks whose latest read found them running, ended, not-found or unknown "
     "(never read included; repeat it or give a comma list).",
 )
-@_option(
+@env_option(
     "--app",
     "apps",
     env="APP",

@@ -25,8 +25,8 @@ from reconciler.core.live import Observation
 from reconciler.core.plan import DriftPolicy, Plan, Refresh, probe_plan
 from reconciler.core.task import DesiredTask, SyncStatus, TaskKey
 from reconciler.engine import savedplan
+from reconciler.engine.clock import REAL_CLOCK, Clock
 from reconciler.engine.operations.common import (
-    Clock,
     Guards,
     Notices,
     OperationError,
@@ -45,7 +45,6 @@ from reconciler.engine.operations.common import (
     read_live,
     record_tree_root,
     store_exists,
-    wall_clock,
 )
 from reconciler.engine.operations.plan import refresh_mode
 from reconciler.engine.savedplan import SavedPlan, StoreStamp
@@ -77,7 +76,8 @@ class ApplyArgs:
     control: ChangeControl
     client: ClientConfig
     limits: FileLimits
-    clock: Clock = wall_clock
+    #: Change control's time: the plan is gated, and each paced call held, by it.
+    clock: Clock = REAL_CLOCK
 
 
 class ApplyDisplay(Protocol):
@@ -376,7 +376,7 @@ async def make_calls(
     drain_timeout: float,
     gate: Gate,
     control: ChangeControl,
-    clock: Clock = wall_clock,
+    clock: Clock = REAL_CLOCK,
     desired: Mapping[TaskKey, DesiredTask] | None = None,
     credentials_proven: bool = False,
 ) -> ApplyReport:
@@ -425,7 +425,9 @@ async def make_calls(
                 if override:
                     return None
                 kind = kinds.get(call.key, ChangeKind.CHANGE)
-                return window_hold(call.key, call.source.path, kind, windows=windows, now=clock())
+                return window_hold(
+                    call.key, call.source.path, kind, windows=windows, now=clock.utcnow()
+                )
 
             cap = control.max_changes_per_minute
             reconciler = PacedReconciler(

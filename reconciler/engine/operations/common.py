@@ -14,9 +14,8 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn, Protocol, Self
@@ -36,6 +35,7 @@ from reconciler.core.plan import (
 )
 from reconciler.core.task import AppliedRecord, DesiredTask, TaskKey
 from reconciler.engine import savedplan
+from reconciler.engine.clock import Clock
 from reconciler.engine.savedplan import StoreStamp, TreeDigest
 from reconciler.eventlog import setup as events
 from reconciler.store.base import (
@@ -52,13 +52,6 @@ if TYPE_CHECKING:
     # Imported where used: plan starts without httpx and aiohttp.
     from reconciler.api.client import ClientConfig
     from reconciler.core.rollout import ChangeControl, Gate
-
-#: Now, for change control's decisions; an operation takes it as an argument.
-Clock = Callable[[], datetime]
-
-
-def wall_clock() -> datetime:
-    return datetime.now(UTC)
 
 
 class OperationError(Exception):
@@ -382,7 +375,9 @@ def gate_or_refuse(
     """
     from reconciler.core.rollout import gate_plan
 
-    gate = gate_plan(plan, applied=applied, control=control, now=clock(), observations=observations)
+    gate = gate_plan(
+        plan, applied=applied, control=control, now=clock.utcnow(), observations=observations
+    )
     log = events.get_logger()
     if gate.mass_change is not None:
         log_mass_change(gate, root=tree)

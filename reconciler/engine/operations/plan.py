@@ -17,8 +17,8 @@ from reconciler.core.live import Observation
 from reconciler.core.plan import DriftPolicy, Plan, Refresh, RefreshMode, records_from_tree
 from reconciler.core.task import TaskKey
 from reconciler.engine import savedplan
+from reconciler.engine.clock import REAL_CLOCK, Clock
 from reconciler.engine.operations.common import (
-    Clock,
     Guards,
     MassChangeRefused,
     Notices,
@@ -33,7 +33,6 @@ from reconciler.engine.operations.common import (
     mass_forget_refused,
     read_applied,
     read_live,
-    wall_clock,
 )
 from reconciler.engine.savedplan import StoreStamp, TreeDigest
 from reconciler.store.base import StoreLocation
@@ -61,7 +60,8 @@ class PlanArgs:
     control: ChangeControl
     client: ClientConfig
     limits: FileLimits
-    clock: Clock = wall_clock
+    #: Change control judges the plan at this clock's time.
+    clock: Clock = REAL_CLOCK
 
     @property
     def refresh_mode(self) -> RefreshMode:
@@ -148,7 +148,7 @@ def make_plan_report(args: PlanArgs, *, notices: Notices) -> PlanReport:
         result,
         applied=applied,
         control=args.control,
-        now=args.clock(),
+        now=args.clock.utcnow(),
         observations=observations,
     )
     return PlanReport(
