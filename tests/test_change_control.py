@@ -506,15 +506,19 @@ def test_the_daemon_holds_a_mass_change_and_lets_it_go_once_within_the_limit(
 
 # --- change control as each call's turn comes ---------------------------------------------
 
-#: The CLI with its change-control clock set by a file: ``before`` until ``flag`` exists.
+#: The CLI with apply's change-control clock set by a file: ``before`` until ``flag`` exists.
 CLOCKED_CLI = """
 import os, sys
 from datetime import datetime
-import reconciler.cli.commands as cli
+import reconciler.cli.apply as apply_command
+from reconciler.cli.app import entry_point
 flag, before, after = sys.argv[1:4]
-cli.wall_clock = lambda: datetime.fromisoformat(after if os.path.exists(flag) else before)
+from reconciler.engine.clock import Clock
+apply_command.REAL_CLOCK = Clock(
+    wall=lambda: datetime.fromisoformat(after if os.path.exists(flag) else before).timestamp()
+)
 sys.argv = ["reconciler", *sys.argv[4:]]
-cli.entry_point()
+entry_point()
 """
 
 

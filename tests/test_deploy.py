@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from reconciler.api.credentials import load_credentials
-from reconciler.cli.commands import main
+from reconciler.cli.app import main
 from reconciler.engine.metrics import Metrics
 from reconciler.serve.health import PROBES, HealthServer
 from tests.conftest import REPO, tasks_yaml, write
@@ -1218,7 +1218,7 @@ def test_wheel_builds_from_the_image_sources_under_the_project_name(tmp_path: Pa
         names = set(zf.namelist())
     assert f"Name: {PROJECT['name']}\n" in metadata
     assert "reconciler = reconciler.cli.interrupt:main" in entry_points
-    assert {"reconciler/cli/commands.py", "reconciler/__main__.py"} <= names
+    assert {"reconciler/cli/app.py", "reconciler/__main__.py"} <= names
 
 
 # --- make demo ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from reconciler.cli.commands import main
+from reconciler.cli.app import main
 from reconciler.core.task import TaskKey
 from reconciler.emulator import EmulatorHandle
 from reconciler.engine.metrics import Metrics

@@ -37,7 +37,7 @@ def _say_and_exit(_: int = 0, __: FrameType | None = None, *, newline: bool = Tr
 
 def main() -> None:
     try:
-        from reconciler.cli.commands import entry_point
+        from reconciler.cli.app import entry_point
 
         entry_point()
     except KeyboardInterrupt as exc:
