@@ -590,7 +590,10 @@ class Daemon:
         plan = self._guard(plan)
         await self._bookkeeping(plan)
         await self.admission.note_all(plan, only, clock=self.clock.now)
-        self._read_unread(plan)
+        for start in range(0, len(plan.unread), STEP):
+            for key in plan.unread[start : start + STEP]:
+                self.schedule.urgent(key)  # read first, ahead of every other read
+            await asyncio.sleep(0)
         for w in plan.warnings:
             self.log.warning("plan.warning", code=w.code, message=w.message, **task_fields(w.key))
         for n, key in enumerate((c.key for c in plan.calls), 1):
