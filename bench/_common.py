@@ -46,6 +46,14 @@ _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------- trees
 
 
+#: Tasks per generated file (:func:`generate`) in the daemon benches.
+PER_FILE: Final = 100
+#: The daemon's health probes: answered within this at the 99th percentile...
+HEALTH_P99_TARGET_MS: Final = 100.0
+#: ...and a probe that takes longer than this counts as failed (and as this long).
+HEALTH_TIMEOUT_S: Final = 5.0
+
+
 def app_of(file_no: int) -> str:
     return f"benchapp{file_no % 20:02d}"
 

@@ -50,6 +50,9 @@ from typing import Any, Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (
+    HEALTH_P99_TARGET_MS,
+    HEALTH_TIMEOUT_S,
+    PER_FILE,
     Daemon,
     EmulatorProcess,
     EventTail,
@@ -64,15 +67,12 @@ from bench._common import (
 )
 from reconciler.tree.desired import load_tree
 
-PER_FILE: Final = 100
 #: UpdateSegment's QPS budget (the daemon's --qps default and maximum).
 WRITE_QPS: Final = 150
 DESIRED_DURATION: Final = 30  # what bench._common.file_text writes
 LIVE_DURATION: Final = 45
 #: The target: CPU per 1,000 tasks of the largest size within this of the smallest's.
 CPU_RATIO_TARGET: Final = 1.5
-HEALTH_P99_TARGET_MS: Final = 100.0
-HEALTH_TIMEOUT_S: Final = 5.0
 
 
 def seed_rows(root: Path, n: int) -> list[dict[str, Any]]:

@@ -52,6 +52,9 @@ from typing import Any, Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (
+    HEALTH_P99_TARGET_MS,
+    HEALTH_TIMEOUT_S,
+    PER_FILE,
     Daemon,
     EmulatorProcess,
     EventTail,
@@ -68,12 +71,9 @@ from reconciler.eventlog import setup as events
 from reconciler.store.base import Store
 from reconciler.tree.desired import load_tree
 
-PER_FILE: Final = 100
 HUGE_REL: Final = "team-0/huge.yaml"
 DRAIN_TIMEOUT_S: Final = 20.0  # the daemon's --drain-timeout default
 EXIT_MARGIN_S: Final = 10.0
-HEALTH_P99_TARGET_MS: Final = 100.0
-HEALTH_TIMEOUT_S: Final = 5.0
 TARGET_HWM_MB: Final = 500.0
 #: Events printed as they are seen (with the time since the drop).
 WATCHED: Final = (

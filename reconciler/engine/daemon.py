@@ -79,7 +79,7 @@ change control, the queue) yields every :data:`~reconciler.tree.desired.STEP`
 tasks. A worker or a read that plans a task meanwhile plans it itself, and
 its newer view is kept. Tree updates and whole replans are serialised by one
 lock, so two of them never interleave. After a large load or plan the heap is
-frozen out of the cyclic collector's sight (see :func:`_settle_heap`). What
+frozen out of the cyclic collector's sight (:mod:`reconciler.core.heap`). What
 one file may cost is bounded by :class:`~reconciler.tree.desired.FileLimits`.
 
 Time comes from the :class:`~reconciler.engine.clock.Clock` the daemon is
@@ -107,6 +107,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from reconciler.core import heap
 from reconciler.core.errors import ApiError, BadInputError, CallWithdrawn, FatalError
 from reconciler.core.guard import ForgetLimit, MassForget, check_forgets
 from reconciler.core.live import Observation
@@ -399,9 +400,7 @@ class Daemon:
         """
         root, limits = self.config.root, self.config.limits
         out: list[_Read] = []
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with heap.gc_paused():
             for rel in rels:
                 st = self._stat(rel)
                 if st is None:
@@ -411,41 +410,31 @@ class Daemon:
                 else:
                     sig = (st.st_mtime_ns, st.st_size, st.st_ino)
                     out.append((rel, sig, read_file(root, rel, limits=limits)))
-        finally:
-            if was_enabled:
-                gc.enable()
         return out
 
     async def _reload(self, rels: Sequence[str]) -> set[TaskKey]:
         """Read ``rels`` again (a batch per thread hop) and put them in the index."""
         affected: set[TaskKey] = set()
         rescan = False
-        loaded = 0
         for start in range(0, len(rels), _FILES_PER_HOP):
             batch = await off_loop(
                 functools.partial(self._read, rels[start : start + _FILES_PER_HOP])
             )
             # What was just parsed lives as long as the index: out of the collector's sight.
-            _settle_heap(sum(len(r.tasks) for _, _, r in batch if r is not None))
+            heap.settle(sum(len(r.tasks) for _, _, r in batch if r is not None))
             for rel, sig, result in batch:
                 if sig == "dir":
                     # A folder whose name looks like a file: its contents are found by a rescan.
                     rescan = True
                 elif sig is None:
                     self._signatures.pop(rel, None)
-                    if rel in self.index.paths:
-                        affected |= await _stepped(self.index.remove_steps(rel))
+                    affected |= await _stepped(self.index.remove_steps(rel))
                 else:
                     assert result is not None and not isinstance(sig, str)
                     self._signatures[rel] = sig
                     affected |= await _stepped(self.index.put_steps(result))
-                    loaded += len(result.tasks)
-            if loaded > STEP:
-                _settle_heap(loaded)
-                loaded = 0
         if rescan:
             affected |= await self.scan()
-        _settle_heap(loaded)
         return affected
 
     async def scan(self, *, skip: frozenset[str] = frozenset()) -> set[TaskKey]:
@@ -604,7 +593,7 @@ class Daemon:
             self.queue.add(key)
             self.log.debug("task.queued", reason=reason, **task_fields(key))
         self.metrics.queue_depth.set(len(self.queue))
-        _settle_heap(len(keys))
+        heap.settle(len(keys))
         return plan
 
     async def _bookkeeping(self, plan: Plan) -> None:
@@ -1260,7 +1249,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain."""
         self._stop = stop
-        gc.freeze()  # the records loaded from the store live as long (_settle_heap)
+        gc.freeze()  # the records loaded from the store live as long (heap.settle)
         workers = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
         # Loading and the first plan run as a task of their own: a SIGTERM while
         # a huge tree loads stops the daemon within the drain timeout.
@@ -1346,19 +1335,10 @@ async def off_loop(work: Callable[[], _T]) -> _T:
     return await future
 
 
-def _settle_heap(changed: int) -> None:
-    """After a large load or plan, move what is alive now out of the cyclic
-    collector's sight (``gc.freeze``): the index and the records are acyclic
-    and long-lived, and each full collection walks them all while the loop
-    stands still (0.4 s at 100,000 tasks). Reference counting still frees them."""
-    if changed > STEP:
-        gc.freeze()
-
-
 async def _stepped(steps: Generator[None, None, set[TaskKey]]) -> set[TaskKey]:
     """Run an index update, letting the loop run between its steps. A large one
     (more than a few steps) keeps what it built out of the collector's full
-    passes as it goes (:func:`_settle_heap`)."""
+    passes as it goes (:func:`~reconciler.core.heap.settle`)."""
     taken = 0
     while True:
         try:

@@ -65,15 +65,13 @@ are held.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import difflib
-import gc
 import json
 import os
 import re
 import stat
 import types
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -81,6 +79,7 @@ from typing import Any, Final
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from reconciler.core.heap import gc_paused
 from reconciler.core.task import (
     DURATION_MAX,
     DURATION_MIN,
@@ -1193,7 +1192,7 @@ def load_tree(root: Path, *, limits: FileLimits = DEFAULT_LIMITS) -> DesiredInde
     paths, problems = _discover(base)
     # discover() refused every symlink leading out, so the files need no second check.
     results = (_read(base, rel, contained=True, limits=limits) for rel in paths)
-    with _gc_paused():
+    with gc_paused():
         return DesiredIndex.build(results, scan_problems=problems, max_problems=limits.max_problems)
 
 
@@ -1210,24 +1209,6 @@ def load_file(path: str, *, limits: FileLimits = DEFAULT_LIMITS) -> DesiredIndex
     return DesiredIndex.build(
         [_read_at(path, path, limits=limits)], max_problems=limits.max_problems
     )
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold the cyclic collector off during a bulk load.
-
-    Loading a large tree allocates millions of short-lived nodes and keeps
-    hundreds of thousands of task objects, none of them cyclic; left on, the
-    collector rescans the growing heap again and again and takes about as long
-    as the parsing itself. Reference counting still frees every node at once.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 # --------------------------------------------------------------------------
